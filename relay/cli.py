@@ -1,0 +1,149 @@
+"""The `relay` command: one function per subcommand, each calling the core or a service.
+
+Heavy modules are imported inside the subcommand that needs them, so `relay instrument` (run once per message
+by scripts) starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+
+from relay import config as config_module
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.service import serve
+
+    return serve(args.config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_module.load(args.config)
+    except config_module.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    problems = []
+    try:
+        from relay.sign import check_keys
+
+        problems += check_keys(cfg.dkim)
+    except ImportError:
+        pass
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.config}: ok ({len(cfg.configuration_sets)} configuration sets)")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("Password: ")
+    if not password:
+        print("error: empty password", file=sys.stderr)
+        return 1
+    print(config_module.hash_password(password))
+    return 0
+
+
+def cmd_instrument(args: argparse.Namespace) -> int:
+    from relay.instrument import dry_run
+
+    return dry_run(args)
+
+
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from relay.sign import dkim_command
+
+    return dkim_command(args)
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from relay.tracking import track_command
+
+    return track_command(args)
+
+
+def cmd_tracking_domain(args: argparse.Namespace) -> int:
+    from relay.tracking import tracking_domain_command
+
+    return tracking_domain_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the SMTP listener, delivery and the tracking listener")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="validate a configuration file")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("passwd", help="hash an SMTP password (read from standard input) for smtp.users")
+    p.set_defaults(func=cmd_passwd)
+
+    p = sub.add_parser("instrument", help="dry run: instrument a message from stdin as relay would deliver it")
+    p.add_argument("--config", required=True)
+    p.add_argument("--config-set", required=True)
+    p.add_argument("--recipient", required=True)
+    p.add_argument("--report-json", help="write the instrumentation report here")
+    p.add_argument("--message-id", help="relay message id to sign into tracking URLs (default: a new one)")
+    p.set_defaults(func=cmd_instrument)
+
+    p = sub.add_parser("dkim", help="DKIM keys: keygen, check")
+    dkim_sub = p.add_subparsers(dest="dkim_command", required=True)
+    k = dkim_sub.add_parser("keygen", help="write a private key and print the DNS TXT record")
+    k.add_argument("--domain", required=True)
+    k.add_argument("--selector", required=True)
+    k.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    k.add_argument("--bits", type=int, default=2048)
+    k.add_argument("--out", help="private key file (default: ./<domain>.<selector>.pem)")
+    k = dkim_sub.add_parser("check", help="compare the published DNS record with the configured key")
+    k.add_argument("--config", required=True)
+    k.add_argument("--domain", required=True)
+    k.add_argument("--selector")
+    k.add_argument("--nameserver")
+    k.add_argument("--port", type=int, default=53)
+    p.set_defaults(func=cmd_dkim)
+
+    p = sub.add_parser("track", help="run only the tracking listener (pixel and click redirects)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("tracking-domain", help="tracking domains: verify")
+    td_sub = p.add_subparsers(dest="tracking_domain_command", required=True)
+    v = td_sub.add_parser("verify", help="prove that DOMAIN reaches this tracking listener")
+    v.add_argument("domain")
+    v.add_argument("--config", required=True)
+    v.add_argument("--nameserver")
+    v.add_argument("--port", type=int, default=53)
+    p.set_defaults(func=cmd_tracking_domain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except config_module.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

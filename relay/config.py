@@ -1,0 +1,457 @@
+"""TOML configuration → typed settings, with validation messages that name the key.
+
+`load(path)` returns a `Config` or raises `ConfigError` carrying every problem found (not just the first), so
+`relay check` can list them all. Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.core.headers import CONFIG_SET_RE
+from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, TrackingSettings
+from relay.core.tokens import Keyring, SigningKey
+
+UPSTREAM_TYPES = ("capture", "smtp")
+UPSTREAM_TLS = ("none", "opportunistic", "starttls", "implicit")
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_RE = re.compile(rf"^(?=.{{1,253}}(?::\d+)?$){_LABEL}(?:\.{_LABEL})*(?::\d{{1,5}})?$")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class SmtpUser:
+    username: str
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2525
+    max_message_size: int = 40 * 1024 * 1024
+    max_recipients: int = 50
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    users: tuple[SmtpUser, ...] = ()
+    auth_fail_limit: int = 5
+    auth_fail_window: float = 300.0
+    timeout: float = 300.0
+    add_received_header: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    type: str = "capture"
+    capture_dir: Path = Path("relay-data/delivered")
+    host: str = ""
+    port: int = 25
+    tls: str = "opportunistic"
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+    username: str = ""
+    password: str = ""
+    timeout: float = 60.0
+    connections: int = 8
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    concurrency: int = 32
+    max_age: float = 86400.0
+    retry_initial: float = 60.0
+    retry_max: float = 3600.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    default_host: str = "localhost:8080"
+    https_policy: str = "OPTIONAL"
+    pixel_position: str = "bottom"
+    keys_file: Path = Path("relay-data/tracking-keys")
+    max_link_age: float = 0.0  # seconds; 0 = links never expire
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    private_key_file: Path
+    algorithm: str = "rsa-sha256"
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    keys: tuple[DkimKey, ...] = ()
+    keep_broken_signatures: bool = False
+
+
+@dataclass(frozen=True)
+class ConfigurationSet:
+    name: str
+    open_tracking: bool | None = None
+    click_tracking: bool | None = None
+    custom_redirect_domain: str | None = None
+    https_policy: str | None = None
+    pixel_position: str | None = None
+    dkim_fallback_domain: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    data_dir: Path = Path("relay-data")
+    hostname: str = "relay.localhost"
+    account_id: str = "000000000000"
+    region: str = "local"
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    configuration_sets: dict[str, ConfigurationSet] = field(default_factory=dict)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "relay.sqlite3"
+
+    def tracking_settings(self, set_name: str | None) -> TrackingSettings:
+        """Effective tracking settings for a configuration set (none: relayed, not instrumented)."""
+        t = self.tracking
+        hosts = frozenset(
+            [t.default_host.lower()]
+            + [s.custom_redirect_domain.lower() for s in self.configuration_sets.values() if s.custom_redirect_domain]
+        )
+        cs = self.configuration_sets.get(set_name) if set_name else None
+        if cs is None:
+            return TrackingSettings(host=t.default_host, tracking_hosts=hosts)
+        return TrackingSettings(
+            open_tracking=bool(cs.open_tracking),
+            click_tracking=bool(cs.click_tracking),
+            host=cs.custom_redirect_domain or t.default_host,
+            https_policy=cs.https_policy or t.https_policy,
+            pixel_position=cs.pixel_position or t.pixel_position,
+            tracking_hosts=hosts,
+        )
+
+    def keyring(self) -> Keyring:
+        return load_or_create_keyring(self.tracking.keys_file)
+
+
+# --- passwords ---------------------------------------------------------------------------------------------
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """`scrypt$N$r$p$salt$hash` (base64); never store a password in clear."""
+    salt = salt or secrets.token_bytes(16)
+    n, r, p = 2**14, 8, 1
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${n}${r}${p}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        got = hashlib.scrypt(
+            password.encode("utf-8"), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+        return hmac.compare_digest(got, base64.b64decode(digest))
+    except (ValueError, TypeError):
+        return False
+
+
+# --- tracking keys -----------------------------------------------------------------------------------------
+
+def load_or_create_keyring(path: Path) -> Keyring:
+    """Tracking keys, one `kid secret-hex` per line, newest first. Created with one random key when absent.
+
+    Every relay and tracking node that serves the same links must share this file.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kid = "k" + secrets.token_hex(3)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# relay tracking keys: `key-id secret-hex`, newest (signing) key first.\n")
+            f.write(f"{kid} {secrets.token_hex(32)}\n")
+    keys = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            kid, secret = line.split()
+            keys.append(SigningKey(kid, bytes.fromhex(secret)))
+        except ValueError as exc:
+            raise ConfigError([f"{path}:{lineno}: expected `key-id secret-hex` ({exc})"]) from exc
+    if not keys:
+        raise ConfigError([f"{path}: no tracking keys"])
+    return Keyring(tuple(keys))
+
+
+# --- parsing -----------------------------------------------------------------------------------------------
+
+class _Reader:
+    """Reads one TOML table, remembering problems with their dotted key names."""
+
+    def __init__(self, table: dict, prefix: str, problems: list[str], base: Path):
+        self.table, self.prefix, self.problems, self.base = table, prefix, problems, base
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default):
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            self.problems.append(f"{self.key(name)}: expected {names}, got {type(value).__name__}")
+            return default
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str | None):
+        value = self.get(name, str, default)
+        if value is not None and value not in choices:
+            self.problems.append(f"{self.key(name)}: {value!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+    def path(self, name: str, default: Path | None) -> Path | None:
+        value = self.get(name, str, None)
+        if value is None or value == "":
+            return default if value is None else None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def duration(self, name: str, default: float) -> float:
+        value = self.get(name, (int, float, str), None)
+        if value is None:
+            return default
+        if isinstance(value, (int, float)):
+            return float(value)
+        m = _DURATION.match(value)
+        if not m:
+            self.problems.append(f"{self.key(name)}: {value!r} is not a duration like 30s, 15m, 24h or 7d")
+            return default
+        return float(m.group(1)) * _UNITS[m.group(2)]
+
+    def positive(self, name: str, default: int) -> int:
+        value = self.get(name, int, default)
+        if value <= 0:
+            self.problems.append(f"{self.key(name)}: must be a positive number")
+            return default
+        return value
+
+    def listen(self, name: str, default_host: str, default_port: int) -> tuple[str, int]:
+        value = self.get(name, str, None)
+        if value is None:
+            return default_host, default_port
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            self.problems.append(f"{self.key(name)}: {value!r} is not host:port")
+            return default_host, default_port
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+    def sub(self, name: str) -> _Reader:
+        table = self.get(name, dict, {})
+        return _Reader(table, self.key(name), self.problems, self.base)
+
+    def finish(self) -> None:
+        for name in self.table:
+            if name not in self.used:
+                self.problems.append(f"{self.key(name)}: unknown key")
+
+
+def parse(data: dict, base: Path, path: Path | None = None) -> Config:
+    problems: list[str] = []
+    top = _Reader(data, "", problems, base)
+    r = top.sub("relay")
+    data_dir = r.path("data_dir", base / "relay-data")
+    assert data_dir is not None
+    relay_kw = dict(
+        hostname=r.get("hostname", str, "relay.localhost"),
+        account_id=r.get("account_id", str, "000000000000"),
+        region=r.get("region", str, "local"),
+    )
+    r.finish()
+    smtp = _parse_smtp(top.sub("smtp"), problems)
+    upstream = _parse_upstream(top.sub("upstream"), data_dir, problems)
+    d = top.sub("delivery")
+    delivery = DeliverySettings(
+        concurrency=d.positive("concurrency", 32),
+        max_age=d.duration("max_age", 86400.0),
+        retry_initial=d.duration("retry_initial", 60.0),
+        retry_max=d.duration("retry_max", 3600.0),
+    )
+    d.finish()
+    tracking = _parse_tracking(top.sub("tracking"), data_dir, problems)
+    dkim = _parse_dkim(top.sub("dkim"), problems)
+    sets = _parse_sets(top.sub("configuration_sets"), problems)
+    top.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
+                  tracking=tracking, dkim=dkim, configuration_sets=sets, **relay_kw)
+
+
+def _parse_smtp(s: _Reader, problems: list[str]) -> SmtpSettings:
+    host, port = s.listen("listen", "127.0.0.1", 2525)
+    networks = []
+    for i, net in enumerate(s.get("trusted_networks", list, ["127.0.0.0/8", "::1/128"])):
+        try:
+            networks.append(ipaddress.ip_network(str(net), strict=False))
+        except ValueError:
+            problems.append(f"smtp.trusted_networks[{i}]: {net!r} is not a network like 10.0.0.0/8")
+    users = []
+    for i, u in enumerate(s.get("users", list, [])):
+        ur = _Reader(u if isinstance(u, dict) else {}, f"smtp.users[{i}]", problems, s.base)
+        name, pw = ur.get("username", str, ""), ur.get("password_hash", str, "")
+        if not name:
+            problems.append(f"smtp.users[{i}].username: required")
+        if not pw.startswith("scrypt$"):
+            problems.append(f"smtp.users[{i}].password_hash: expected a hash from `relay passwd`, not a password")
+        ur.finish()
+        users.append(SmtpUser(name, pw))
+    cert, key = s.path("tls_certificate", None), s.path("tls_key", None)
+    for name, p in (("tls_certificate", cert), ("tls_key", key)):
+        if p is not None and not p.is_file():
+            problems.append(f"smtp.{name}: {p} does not exist")
+    if (cert is None) != (key is None):
+        problems.append("smtp.tls_certificate / smtp.tls_key: give both or neither")
+    settings = SmtpSettings(
+        listen_host=host, listen_port=port,
+        max_message_size=s.positive("max_message_size", 40 * 1024 * 1024),
+        max_recipients=s.positive("max_recipients", 50),
+        trusted_networks=tuple(networks), tls_certificate=cert, tls_key=key, users=tuple(users),
+        auth_fail_limit=s.positive("auth_fail_limit", 5),
+        auth_fail_window=s.duration("auth_fail_window", 300.0),
+        timeout=s.duration("timeout", 300.0),
+        add_received_header=s.get("add_received_header", bool, True),
+    )
+    s.finish()
+    return settings
+
+
+def _parse_upstream(u: _Reader, data_dir: Path, problems: list[str]) -> UpstreamSettings:
+    kind = u.choice("type", UPSTREAM_TYPES, "capture")
+    password = u.get("password", str, "")
+    pw_file = u.path("password_file", None)
+    if pw_file is not None:
+        try:
+            password = pw_file.read_text().strip()
+        except OSError as exc:
+            problems.append(f"upstream.password_file: {exc}")
+    settings = UpstreamSettings(
+        type=kind,
+        capture_dir=u.path("capture_dir", data_dir / "delivered") or data_dir / "delivered",
+        host=u.get("host", str, ""),
+        port=u.get("port", int, 25),
+        tls=u.choice("tls", UPSTREAM_TLS, "opportunistic"),
+        verify_certificate=u.get("verify_certificate", bool, True),
+        ca_file=u.path("ca_file", None),
+        username=u.get("username", str, ""),
+        password=password,
+        timeout=u.duration("timeout", 60.0),
+        connections=u.positive("connections", 8),
+    )
+    if kind == "smtp" and not settings.host:
+        problems.append("upstream.host: required when upstream.type is \"smtp\"")
+    u.finish()
+    return settings
+
+
+def _parse_tracking(t: _Reader, data_dir: Path, problems: list[str]) -> TrackingConfig:
+    host, port = t.listen("listen", "127.0.0.1", 8080)
+    default_host = t.get("default_host", str, f"localhost:{port}")
+    if not HOST_RE.match(default_host):
+        problems.append(f"tracking.default_host: {default_host!r} is not a host name (with optional :port)")
+    settings = TrackingConfig(
+        listen_host=host, listen_port=port, default_host=default_host,
+        https_policy=t.choice("https_policy", HTTPS_POLICIES, "OPTIONAL"),
+        pixel_position=t.choice("pixel_position", PIXEL_POSITIONS, "bottom"),
+        keys_file=t.path("keys_file", data_dir / "tracking-keys") or data_dir / "tracking-keys",
+        max_link_age=t.duration("max_link_age", 0.0),
+    )
+    t.finish()
+    return settings
+
+
+def _parse_dkim(d: _Reader, problems: list[str]) -> DkimSettings:
+    keys = []
+    for i, k in enumerate(d.get("keys", list, [])):
+        kr = _Reader(k if isinstance(k, dict) else {}, f"dkim.keys[{i}]", problems, d.base)
+        domain, selector = kr.get("domain", str, ""), kr.get("selector", str, "")
+        key_file = kr.path("private_key_file", None)
+        for name, value in (("domain", domain), ("selector", selector), ("private_key_file", key_file)):
+            if not value:
+                problems.append(f"dkim.keys[{i}].{name}: required")
+        algorithm = kr.choice("algorithm", DKIM_ALGORITHMS, "rsa-sha256")
+        kr.finish()
+        if domain and selector and key_file:
+            keys.append(DkimKey(domain.lower(), selector, key_file, algorithm or "rsa-sha256"))
+    settings = DkimSettings(tuple(keys), d.get("keep_broken_signatures", bool, False))
+    d.finish()
+    return settings
+
+
+def _parse_sets(c: _Reader, problems: list[str]) -> dict[str, ConfigurationSet]:
+    sets = {}
+    for name in list(c.table):
+        if not CONFIG_SET_RE.match(name):
+            problems.append(f"configuration_sets.{name}: a set name is 1-64 characters from A-Z a-z 0-9 _ -")
+        s = c.sub(name)
+        domain = s.get("custom_redirect_domain", str, "") or None
+        if domain and not HOST_RE.match(domain):
+            problems.append(f"configuration_sets.{name}.custom_redirect_domain: {domain!r} is not a host name")
+        sets[name] = ConfigurationSet(
+            name=name,
+            open_tracking=s.get("open_tracking", bool, None),
+            click_tracking=s.get("click_tracking", bool, None),
+            custom_redirect_domain=domain,
+            https_policy=s.choice("https_policy", HTTPS_POLICIES, None),
+            pixel_position=s.choice("pixel_position", PIXEL_POSITIONS, None),
+            dkim_fallback_domain=s.get("dkim_fallback_domain", str, "") or None,
+        )
+        s.finish()
+    return sets
+
+
+def load(path: str | os.PathLike) -> Config:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"{p}: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
+    return parse(data, p.resolve().parent, p)

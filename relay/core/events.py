@@ -1,0 +1,195 @@
+"""SES event records (`../shared/reference/ses-events/*.json`) as plain data.
+
+Every event of a message shares one `mail` object, built once at acceptance; each event type adds its own
+object. Times are passed in (milliseconds since the epoch) so these functions stay pure.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from relay.core.headers import HeaderField, common_headers
+
+SES_ID_PREFIX = "0100"
+HEADERS_LIMIT = 10 * 1024  # SES truncates mail.headers beyond 10 KB
+
+SEND, REJECT, BOUNCE, COMPLAINT, DELIVERY = "Send", "Reject", "Bounce", "Complaint", "Delivery"
+OPEN, CLICK, RENDERING_FAILURE, DELIVERY_DELAY, SUBSCRIPTION = (
+    "Open", "Click", "Rendering Failure", "DeliveryDelay", "Subscription",
+)
+# eventType -> the key of its own object in the record
+DETAIL_KEY = {
+    SEND: "send", REJECT: "reject", BOUNCE: "bounce", COMPLAINT: "complaint", DELIVERY: "delivery",
+    OPEN: "open", CLICK: "click", RENDERING_FAILURE: "failure", DELIVERY_DELAY: "deliveryDelay",
+    SUBSCRIPTION: "subscription",
+}
+
+
+def mint_message_id(now_ms: int, random_uuid: uuid.UUID | None = None) -> str:
+    """A message id in SES's format: 4-hex prefix, 12-hex Unix milliseconds, a UUID, `-000000`."""
+    return f"{SES_ID_PREFIX}{now_ms & 0xFFFFFFFFFFFF:012x}-{random_uuid or uuid.uuid4()}-000000"
+
+
+def iso_ms(ms: int) -> str:
+    """`2016-10-19T23:20:52.240Z`: SES's timestamp format."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+@dataclass
+class MailFacts:
+    """What relay knows of a message at acceptance; turned into SES's `mail` object."""
+
+    message_id: str
+    timestamp_ms: int
+    source: str
+    destination: list[str]
+    headers: list[HeaderField]  # original order, X-SES-* included
+    configuration_set: str | None = None
+    tags: dict[str, list[str]] = field(default_factory=dict)
+    source_ip: str = ""
+    from_domain: str = ""
+    caller_identity: str = ""
+    account_id: str = "000000000000"
+    region: str = "local"
+
+
+def mail_object(facts: MailFacts) -> dict:
+    headers, size, truncated = [], 0, False
+    for f in facts.headers:
+        value = f.value
+        size += len(f.name) + len(value)
+        if size > HEADERS_LIMIT:
+            truncated = True
+            break
+        headers.append({"name": f.name, "value": value})
+    tags: dict[str, list[str]] = {}
+    if facts.configuration_set:
+        tags["ses:configuration-set"] = [facts.configuration_set]
+    if facts.source_ip:
+        tags["ses:source-ip"] = [facts.source_ip]
+    if facts.from_domain:
+        tags["ses:from-domain"] = [facts.from_domain]
+    if facts.caller_identity:
+        tags["ses:caller-identity"] = [facts.caller_identity]
+    tags["ses:operation"] = ["SendSmtpEmail"]
+    for name, values in facts.tags.items():
+        tags[name] = list(values)
+    identity = facts.from_domain or facts.source.rpartition("@")[2]
+    return {
+        "timestamp": iso_ms(facts.timestamp_ms),
+        "source": facts.source,
+        "sourceArn": f"arn:aws:ses:{facts.region}:{facts.account_id}:identity/{identity}",
+        "sendingAccountId": facts.account_id,
+        "messageId": facts.message_id,
+        "destination": list(facts.destination),
+        "headersTruncated": truncated,
+        "headers": headers,
+        "commonHeaders": common_headers(facts.headers, facts.message_id),
+        "tags": tags,
+    }
+
+
+def record(event_type: str, mail: dict, detail: dict) -> dict:
+    return {"eventType": event_type, "mail": mail, DETAIL_KEY[event_type]: detail}
+
+
+def send_record(mail: dict) -> dict:
+    return record(SEND, mail, {})
+
+
+def reject_record(mail: dict, reason: str = "Bad content") -> dict:
+    return record(REJECT, mail, {"reason": reason})
+
+
+def delivery_record(
+    mail: dict, recipient: str, now_ms: int, smtp_response: str, reporting_mta: str, remote_ip: str = ""
+) -> dict:
+    detail = {
+        "timestamp": iso_ms(now_ms),
+        "processingTimeMillis": max(0, now_ms - _mail_ms(mail)),
+        "recipients": [recipient],
+        "smtpResponse": smtp_response,
+        "reportingMTA": reporting_mta,
+    }
+    if remote_ip:
+        detail["remoteMtaIp"] = remote_ip
+    return record(DELIVERY, mail, detail)
+
+
+def bounce_record(
+    mail: dict,
+    recipient: str,
+    now_ms: int,
+    bounce_type: str,
+    sub_type: str,
+    diagnostic: str,
+    status: str,
+    reporting_mta: str,
+    remote_ip: str = "",
+) -> dict:
+    bounced = {"emailAddress": recipient, "action": "failed", "status": status, "diagnosticCode": diagnostic}
+    detail = {
+        "bounceType": bounce_type,
+        "bounceSubType": sub_type,
+        "bouncedRecipients": [bounced],
+        "timestamp": iso_ms(now_ms),
+        "feedbackId": f"{mail['messageId']}-{now_ms:x}",
+        "reportingMTA": f"dns; {reporting_mta}",
+    }
+    if remote_ip:
+        detail["remoteMtaIp"] = remote_ip
+    return record(BOUNCE, mail, detail)
+
+
+def delay_record(
+    mail: dict,
+    recipient: str,
+    now_ms: int,
+    delay_type: str,
+    status: str,
+    diagnostic: str,
+    expiration_ms: int,
+    reporting_mta: str = "",
+) -> dict:
+    detail = {
+        "timestamp": iso_ms(now_ms),
+        "delayType": delay_type,
+        "expirationTime": iso_ms(expiration_ms),
+        "delayedRecipients": [{"emailAddress": recipient, "status": status, "diagnosticCode": diagnostic}],
+    }
+    if reporting_mta:
+        detail["reportingMTA"] = reporting_mta
+    return record(DELIVERY_DELAY, mail, detail)
+
+
+def open_record(mail: dict, now_ms: int, ip: str, user_agent: str) -> dict:
+    return record(OPEN, mail, {"ipAddress": ip, "timestamp": iso_ms(now_ms), "userAgent": user_agent})
+
+
+def click_record(
+    mail: dict, now_ms: int, ip: str, user_agent: str, link: str, link_tags: dict[str, list[str]]
+) -> dict:
+    detail = {
+        "ipAddress": ip,
+        "timestamp": iso_ms(now_ms),
+        "userAgent": user_agent,
+        "link": link,
+        "linkTags": {k: list(v) for k, v in link_tags.items()},
+    }
+    return record(CLICK, mail, detail)
+
+
+def _mail_ms(mail: dict) -> int:
+    ts = datetime.strptime(mail["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return int(ts.timestamp() * 1000)
+
+
+def smtp_status(code: int, message: str) -> str:
+    """Enhanced status code from an SMTP reply (`5.1.1` from `550 5.1.1 ...`), else derived from the code."""
+    first = message.split(" ", 1)[0] if message else ""
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        return first
+    return f"{code // 100}.0.0"

@@ -1,0 +1,198 @@
+"""Header-block surgery on raw message bytes, and SES's control headers.
+
+Relay never regenerates a message: the header block is split into fields as they appear on the wire (folded
+continuation lines included) so fields can be removed or added without touching any other byte.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from email.utils import getaddresses
+
+CONFIG_SET_HEADER = "x-ses-configuration-set"
+TAGS_HEADER = "x-ses-message-tags"
+CONFIG_SET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TAG_PART_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+RESERVED_TAG_NAMES = ("ses:feedback-id-a", "ses:feedback-id-b")
+MAX_TAGS = 50  # SES documents no limit; ours, so a header cannot carry unbounded data into every event
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+class HeaderError(ValueError):
+    """A control header relay must refuse; the message is the SMTP reply text after the code."""
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    name: str  # as written
+    raw: bytes  # the whole field, continuation lines and final CRLF included
+
+    @property
+    def lname(self) -> str:
+        return self.name.lower()
+
+    @property
+    def value(self) -> str:
+        """Unfolded value text (undecoded encoded-words), as SES puts it in mail.headers."""
+        text = self.raw.decode("utf-8", "replace")
+        value = text.split(":", 1)[1] if ":" in text else ""
+        return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+
+
+@dataclass
+class HeaderBlock:
+    fields: list[HeaderField]
+    body: bytes  # everything after the blank line (empty when the message has no body)
+    separator: bytes = b"\r\n"  # the blank line, or b"" when the message had none
+
+    def get(self, lname: str) -> HeaderField | None:
+        return next((f for f in self.fields if f.lname == lname), None)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(f.raw for f in self.fields) + self.separator + self.body
+
+
+def to_crlf(raw: bytes) -> bytes:
+    """SMTP's line ending everywhere: bare LF becomes CRLF, nothing else changes."""
+    return _BARE_LF.sub(b"\r\n", raw) if b"\n" in raw else raw
+
+
+def split_header_block(raw: bytes) -> HeaderBlock:
+    """Split CRLF message bytes into header fields and body, keeping every byte.
+
+    Lines before the blank line that are not fields (no colon) are kept as part of the previous field, or as a
+    nameless field when first, so that `to_bytes()` always gives back the input.
+    """
+    end = raw.find(b"\r\n\r\n")
+    if raw.startswith(b"\r\n"):
+        return HeaderBlock([], raw[2:], b"\r\n")
+    if end < 0:
+        head, sep, body = raw, b"", b""  # header-only message
+    else:
+        head, sep, body = raw[: end + 2], b"\r\n", raw[end + 4 :]
+    fields: list[HeaderField] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            last = fields[-1]
+            fields[-1] = HeaderField(last.name, last.raw + line)
+            continue
+        m = _FIELD_NAME.match(line)
+        name = m.group(1).decode("ascii") if m else ""
+        if not m and fields:
+            last = fields[-1]
+            fields[-1] = HeaderField(last.name, last.raw + line)
+        else:
+            fields.append(HeaderField(name, line))
+    return HeaderBlock(fields, body, sep)
+
+
+@dataclass
+class SesControl:
+    """What the application asked of SES through X-SES-* headers (first instance of each wins)."""
+
+    configuration_set: str | None = None
+    tags: dict[str, list[str]] = field(default_factory=dict)
+    removed: list[HeaderField] = field(default_factory=list)
+
+
+def parse_message_tags(value: str) -> dict[str, list[str]]:
+    """`a=b, c=d` as SES reads X-SES-MESSAGE-TAGS; raises HeaderError naming the first bad tag."""
+    tags: dict[str, list[str]] = {}
+    items = [item.strip() for item in value.split(",")]
+    for item in items:
+        if not item:
+            continue
+        name, eq, tag_value = (part.strip() for part in item.partition("="))
+        if not eq:
+            raise HeaderError(f"Message rejected: Invalid message tag '{item}': expected name=value.")
+        if not (TAG_PART_RE.match(name) or name in RESERVED_TAG_NAMES):
+            raise HeaderError(
+                f"Message rejected: Invalid message tag name '{name}': use 1-256 characters from A-Z a-z 0-9 _ -."
+            )
+        if not TAG_PART_RE.match(tag_value):
+            raise HeaderError(
+                f"Message rejected: Invalid value '{tag_value}' for message tag '{name}': "
+                "use 1-256 characters from A-Z a-z 0-9 _ -."
+            )
+        tags.setdefault(name, []).append(tag_value)
+    if len(tags) > MAX_TAGS:
+        raise HeaderError(f"Message rejected: More than {MAX_TAGS} message tags.")
+    return tags
+
+
+def extract_ses_control(block: HeaderBlock) -> SesControl:
+    """Remove every X-SES-* field from `block` (in place) and read the ones relay understands."""
+    control = SesControl()
+    kept: list[HeaderField] = []
+    for f in block.fields:
+        if f.lname.startswith("x-ses-"):
+            control.removed.append(f)
+        else:
+            kept.append(f)
+    block.fields = kept
+    seen: set[str] = set()
+    for f in control.removed:
+        if f.lname in seen:
+            continue
+        seen.add(f.lname)
+        if f.lname == CONFIG_SET_HEADER:
+            name = f.value
+            if not CONFIG_SET_RE.match(name):
+                raise HeaderError(f"Configuration Set does not exist: Configuration set <{name}> does not exist.")
+            control.configuration_set = name
+        elif f.lname == TAGS_HEADER:
+            control.tags = parse_message_tags(f.value)
+    return control
+
+
+def decoded(value: str) -> str:
+    try:
+        return str(make_header(decode_header(value)))
+    except (ValueError, LookupError, UnicodeDecodeError):
+        return value
+
+
+def addresses(value: str) -> list[str]:
+    """Address list as SES shows it in commonHeaders: `Name <a@b>` or `a@b`, encoded words decoded."""
+    out = []
+    for name, addr in getaddresses([value]):
+        if not addr:
+            continue
+        name = decoded(name)
+        out.append(f'"{name}" <{addr}>' if name and any(c in name for c in ',;:"') else
+                   f"{name} <{addr}>" if name else addr)
+    return out
+
+
+def common_headers(fields: list[HeaderField], message_id: str) -> dict:
+    """SES's mail.commonHeaders from the original header fields."""
+    first = {}
+    for f in fields:
+        first.setdefault(f.lname, f.value)
+    common: dict = {}
+    for key, lname in (("from", "from"), ("replyTo", "reply-to"), ("to", "to"), ("cc", "cc"), ("bcc", "bcc")):
+        if lname in first:
+            common[key] = addresses(first[lname])
+    if "sender" in first:
+        common["sender"] = first["sender"]
+    if "return-path" in first:
+        common["returnPath"] = first["return-path"]
+    if "date" in first:
+        common["date"] = first["date"]
+    common["messageId"] = first.get("message-id", message_id)
+    if "subject" in first:
+        common["subject"] = decoded(first["subject"])
+    return common
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].strip().strip(">").lower()
+
+
+def from_domain(block: HeaderBlock, fallback: str) -> str:
+    f = block.get("from")
+    addrs = [a for _, a in getaddresses([f.value])] if f else []
+    return domain_of(addrs[0]) if addrs and "@" in addrs[0] else domain_of(fallback)

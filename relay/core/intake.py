@@ -1,0 +1,81 @@
+"""What relay does to a message at acceptance, before it is queued: pure, shared by SMTP and `relay instrument`.
+
+- line ends become CRLF (the SMTP wire form; nothing else in the bytes changes);
+- every X-SES-* field is removed from the header block (SES does the same) but kept for events' mail.headers;
+- X-SES-CONFIGURATION-SET and X-SES-MESSAGE-TAGS are read and validated (HeaderError on bad input);
+- a Message-ID is added only when the client sent none (threading depends on the client's own);
+- optionally a Received trace field is prepended, as every MTA does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.core.events import MailFacts
+from relay.core.headers import (
+    HeaderBlock,
+    HeaderField,
+    SesControl,
+    extract_ses_control,
+    from_domain,
+    split_header_block,
+    to_crlf,
+)
+
+
+@dataclass
+class Intake:
+    raw: bytes  # the message as it will be queued and (before instrumentation) delivered
+    control: SesControl
+    original_headers: list[HeaderField]  # as received, X-SES-* included, for mail.headers
+    block: HeaderBlock
+    from_domain: str
+    message_id_header: str | None
+    subject: str | None
+
+
+def intake(raw: bytes, mail_from: str, relay_message_id: str, hostname: str, received: str | None = None) -> Intake:
+    block = split_header_block(to_crlf(raw))
+    if block.fields and not block.fields[-1].raw.endswith(b"\r\n"):
+        last = block.fields[-1]  # a message that ends inside its header block
+        block.fields[-1] = HeaderField(last.name, last.raw + b"\r\n")
+    original = list(block.fields)
+    control = extract_ses_control(block)
+    mid = block.get("message-id")
+    if mid is None:
+        value = f"<{relay_message_id}@{hostname}>"
+        block.fields.append(HeaderField("Message-ID", f"Message-ID: {value}\r\n".encode("ascii")))
+        original.append(block.fields[-1])
+    if received:
+        block.fields.insert(0, HeaderField("Received", received.encode("utf-8") + b"\r\n"))
+    if not block.separator and not block.body:
+        block.separator = b"\r\n"  # a header-only message still ends its header block
+    subject = block.get("subject")
+    return Intake(
+        raw=block.to_bytes(),
+        control=control,
+        original_headers=original,
+        block=block,
+        from_domain=from_domain(block, mail_from),
+        message_id_header=mid.value if mid else None,
+        subject=subject.value if subject else None,
+    )
+
+
+def mail_facts(item: Intake, *, message_id: str, now_ms: int, mail_from: str, recipients: list[str],
+               source_ip: str = "", caller_identity: str = "", account_id: str = "000000000000",
+               region: str = "local") -> MailFacts:
+    return MailFacts(
+        message_id=message_id,
+        timestamp_ms=now_ms,
+        source=mail_from,
+        destination=list(recipients),
+        headers=item.original_headers,
+        configuration_set=item.control.configuration_set,
+        tags=item.control.tags,
+        source_ip=source_ip,
+        from_domain=item.from_domain,
+        caller_identity=caller_identity,
+        account_id=account_id,
+        region=region,
+    )

@@ -1,0 +1,59 @@
+"""Effective tracking settings for one message, and the tracking URLs they produce.
+
+`TrackingSettings` is what the instrumentation stage needs to know about a message's configuration set after
+every level (account, sending domain, set) has been resolved. It is plain data so a queued message can carry
+a snapshot of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+HTTPS_POLICIES = ("REQUIRE", "REQUIRE_OPEN_ONLY", "OPTIONAL")
+PIXEL_POSITIONS = ("bottom", "top", "auto")
+OPEN_PATH = "/o/"
+CLICK_PATH = "/c/"
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    open_tracking: bool = False
+    click_tracking: bool = False
+    # host[:port] that pixel and redirect URLs point at: the set's custom redirect domain or relay's default.
+    host: str = "localhost:8080"
+    # SES semantics: OPTIONAL keeps each link's own scheme and serves the pixel over http; REQUIRE makes both
+    # https; REQUIRE_OPEN_ONLY makes the pixel https and keeps each link's scheme.
+    https_policy: str = "OPTIONAL"
+    pixel_position: str = "bottom"
+    # Every host relay serves tracking on: links already pointing there are not wrapped a second time.
+    tracking_hosts: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def enabled(self) -> bool:
+        return self.open_tracking or self.click_tracking
+
+    def open_base(self) -> str:
+        scheme = "https" if self.https_policy in ("REQUIRE", "REQUIRE_OPEN_ONLY") else "http"
+        return f"{scheme}://{self.host}{OPEN_PATH}"
+
+    def click_base(self, link_scheme: str) -> str:
+        scheme = "https" if self.https_policy == "REQUIRE" else link_scheme.lower()
+        return f"{scheme}://{self.host}{CLICK_PATH}"
+
+    def is_tracking_host(self, host: str) -> bool:
+        host = host.lower()
+        return host == self.host.lower() or host in self.tracking_hosts
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["tracking_hosts"] = sorted(self.tracking_hosts)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrackingSettings:
+        data = dict(data)
+        data["tracking_hosts"] = frozenset(data.get("tracking_hosts", ()))
+        return cls(**data)
+
+
+NO_TRACKING = TrackingSettings()

@@ -1,0 +1,220 @@
+"""Signed, stateless tracking tokens for the open pixel and wrapped links.
+
+A token carries everything the tracking listener needs to answer without a database: the relay message id,
+the recipient, and for a click the exact destination URL and its link tags. It is signed with HMAC-SHA256
+(truncated to 128 bits) under a key named by a short key id, so keys can rotate: the newest key signs, every
+configured key verifies, and links signed by a retired key keep working for as long as that key is listed.
+
+Layout (before base64url, no padding):
+    version:1 kind:1 kid_len:1 kid issued:4 msgid mlen:1|24 recipient:u16+utf8 [index:u16 url:u16+utf8 tags:u16+utf8]
+    mac:16
+The SES-format message id (`0100018c...-uuid-000000`) packs into 24 bytes; any other id is stored as text.
+Tokens never expire by themselves; `issued` (Unix seconds) lets a listener enforce a maximum age if the
+operator configures one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import re
+import struct
+from dataclasses import dataclass, field
+
+VERSION = 1
+KIND_OPEN = 0x4F  # "O"
+KIND_CLICK = 0x43  # "C"
+MAC_BYTES = 16
+KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+_SES_ID_RE = re.compile(
+    r"^([0-9a-f]{16})-([0-9a-f]{8})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{12})-000000$"
+)
+_PACKED_ID = 0xFF  # msgid length marker meaning "24 packed bytes of an SES-format id"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    secret: bytes
+
+    def __post_init__(self) -> None:
+        if not KID_RE.match(self.kid):
+            raise ValueError(f"tracking key id {self.kid!r} must match {KID_RE.pattern}")
+        if len(self.secret) < 16:
+            raise ValueError(f"tracking key {self.kid!r} is too short: at least 16 bytes of secret")
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """The first key signs; every key verifies."""
+
+    keys: tuple[SigningKey, ...]
+    _by_kid: dict[str, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("a keyring needs at least one key")
+        object.__setattr__(self, "_by_kid", {k.kid: k.secret for k in self.keys})
+
+    @property
+    def signing(self) -> SigningKey:
+        return self.keys[0]
+
+    def secret(self, kid: str) -> bytes | None:
+        return self._by_kid.get(kid)
+
+
+@dataclass(frozen=True)
+class OpenClaims:
+    message_id: str
+    recipient: str
+    issued: int
+
+
+@dataclass(frozen=True)
+class ClickClaims:
+    message_id: str
+    recipient: str
+    issued: int
+    link_index: int
+    url: str
+    tags: dict[str, list[str]]
+
+
+def pack_message_id(message_id: str) -> bytes:
+    m = _SES_ID_RE.match(message_id)
+    if m:
+        return bytes([_PACKED_ID]) + binascii.unhexlify("".join(m.groups()))
+    raw = message_id.encode("utf-8")
+    if len(raw) >= _PACKED_ID:
+        raise ValueError("message id too long for a token")
+    return bytes([len(raw)]) + raw
+
+
+def _unpack_message_id(data: bytes, pos: int) -> tuple[str, int]:
+    n = data[pos]
+    pos += 1
+    if n == _PACKED_ID:
+        h = data[pos : pos + 24].hex()
+        if len(h) != 48:
+            raise ValueError("short message id")
+        return f"{h[:16]}-{h[16:24]}-{h[24:28]}-{h[28:32]}-{h[32:36]}-{h[36:48]}-000000", pos + 24
+    return data[pos : pos + n].decode("utf-8"), pos + n
+
+
+def _u16_text(text: str) -> bytes:
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) > 0xFFFF:
+        raise ValueError("field too long for a token")
+    return struct.pack(">H", len(raw)) + raw
+
+
+def _read_u16_text(data: bytes, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from(">H", data, pos)
+    pos += 2
+    chunk = data[pos : pos + n]
+    if len(chunk) != n:
+        raise ValueError("truncated field")
+    return chunk.decode("utf-8", "surrogatepass"), pos + n
+
+
+def format_tags(tags: dict[str, list[str]]) -> str:
+    return ";".join(f"{k}:{v}" for k, values in tags.items() for v in values)
+
+
+def parse_tags(text: str) -> dict[str, list[str]]:
+    tags: dict[str, list[str]] = {}
+    for item in text.split(";"):
+        if item:
+            key, _, value = item.partition(":")
+            tags.setdefault(key, []).append(value)
+    return tags
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(token: str) -> bytes:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+
+
+def token_prefix(keyring: Keyring, kind: int, message_id: str, recipient: str, issued: int) -> bytes:
+    """The part of a token shared by every link of one recipient's copy (build it once per copy)."""
+    kid = keyring.signing.kid.encode("ascii")
+    return (
+        bytes([VERSION, kind, len(kid)])
+        + kid
+        + struct.pack(">I", issued & 0xFFFFFFFF)
+        + pack_message_id(message_id)
+        + _u16_text(recipient)
+    )
+
+
+def seal(keyring: Keyring, body: bytes) -> str:
+    mac = hmac.digest(keyring.signing.secret, body, "sha256")[:MAC_BYTES]
+    return _b64(body + mac)
+
+
+def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
+    """The per-link part of a click token; `tags` may be pre-formatted with `format_tags`."""
+    tag_text = tags if isinstance(tags, str) else format_tags(tags)
+    return struct.pack(">H", link_index) + _u16_text(url) + _u16_text(tag_text)
+
+
+def sign_open(keyring: Keyring, message_id: str, recipient: str, issued: int) -> str:
+    return seal(keyring, token_prefix(keyring, KIND_OPEN, message_id, recipient, issued))
+
+
+def sign_click(
+    keyring: Keyring,
+    message_id: str,
+    recipient: str,
+    issued: int,
+    link_index: int,
+    url: str,
+    tags: dict[str, list[str]] | None = None,
+) -> str:
+    prefix = token_prefix(keyring, KIND_CLICK, message_id, recipient, issued)
+    return seal(keyring, prefix + click_suffix(link_index, url, tags or {}))
+
+
+def verify(keyring: Keyring, token: str) -> OpenClaims | ClickClaims | None:
+    """The claims of a genuine token, or None for anything forged, altered, truncated or unknown."""
+    try:
+        data = _unb64(token)
+    except (binascii.Error, ValueError):
+        return None
+    if len(data) < 3 + MAC_BYTES + 6 or data[0] != VERSION:
+        return None
+    body, mac = data[:-MAC_BYTES], data[-MAC_BYTES:]
+    kid_len = body[2]
+    try:
+        kid = body[3 : 3 + kid_len].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    secret = keyring.secret(kid)
+    if secret is None or not hmac.compare_digest(hmac.digest(secret, body, "sha256")[:MAC_BYTES], mac):
+        return None
+    try:
+        return _decode_body(body, 3 + kid_len)
+    except (ValueError, struct.error, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _decode_body(body: bytes, pos: int) -> OpenClaims | ClickClaims | None:
+    kind = body[1]
+    (issued,) = struct.unpack_from(">I", body, pos)
+    message_id, pos = _unpack_message_id(body, pos + 4)
+    recipient, pos = _read_u16_text(body, pos)
+    if kind == KIND_OPEN:
+        return OpenClaims(message_id, recipient, issued) if pos == len(body) else None
+    if kind != KIND_CLICK:
+        return None
+    (index,) = struct.unpack_from(">H", body, pos)
+    url, pos = _read_u16_text(body, pos + 2)
+    tag_text, pos = _read_u16_text(body, pos)
+    if pos != len(body):
+        return None
+    return ClickClaims(message_id, recipient, issued, index, url, parse_tags(tag_text))

@@ -1,0 +1,336 @@
+"""The store: schema, group-committed writes and reads. The only module that speaks SQL.
+
+SQLite in WAL mode with synchronous=FULL: a transaction is on disk (fsync'd) when COMMIT returns. One writer
+thread owns the write connection and commits whatever work has queued up since its last commit in a single
+transaction (group commit), so durability costs one fsync per batch, not one per message. Each piece of work
+runs in its own SAVEPOINT, so one failing statement fails only its own caller.
+
+The SQL is kept portable (no SQLite-only syntax beyond the PRAGMAs) so a PostgreSQL store can follow the
+same interface when several relay nodes share one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("relay.store")
+T = TypeVar("T")
+MAX_BATCH = 512
+
+SCHEMA = [
+    # One row per accepted message. mail_json is SES's `mail` object shared by all its events.
+    """CREATE TABLE IF NOT EXISTS messages (
+        id TEXT PRIMARY KEY,
+        received_at TEXT NOT NULL,
+        mail_from TEXT NOT NULL,
+        configuration_set TEXT,
+        subject TEXT,
+        message_id_header TEXT,
+        size INTEGER NOT NULL,
+        client_ip TEXT,
+        auth_user TEXT,
+        mail_json TEXT NOT NULL,
+        settings_json TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at)",
+    # The message as received (CRLF, X-SES-* removed), kept until every recipient is final.
+    """CREATE TABLE IF NOT EXISTS spool (
+        message_id TEXT PRIMARY KEY REFERENCES messages (id),
+        raw BLOB NOT NULL
+    )""",
+    # Delivery state per recipient copy: queued -> delivered | bounced.
+    """CREATE TABLE IF NOT EXISTS recipients (
+        message_id TEXT NOT NULL REFERENCES messages (id),
+        recipient TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT,
+        last_response TEXT,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (message_id, recipient)
+    )""",
+    "CREATE INDEX IF NOT EXISTS recipients_state ON recipients (state, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS recipients_address ON recipients (recipient)",
+    # Every event as SES publishes it: the record column is the event JSON, the other columns index it.
+    """CREATE TABLE IF NOT EXISTS events (
+        id INTEGER PRIMARY KEY,
+        type TEXT NOT NULL,
+        time TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        recipient TEXT,
+        configuration_set TEXT,
+        record TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_message ON events (message_id, id)",
+    "CREATE INDEX IF NOT EXISTS events_type_time ON events (type, time)",
+    "CREATE INDEX IF NOT EXISTS events_recipient ON events (recipient, type)",
+    # Warnings recorded against a message (instrumentation left a part unmodified, no DKIM key, ...).
+    """CREATE TABLE IF NOT EXISTS message_warnings (
+        message_id TEXT NOT NULL,
+        recipient TEXT,
+        time TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        warning TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS message_warnings_message ON message_warnings (message_id)",
+]
+
+
+@dataclass(frozen=True)
+class EventRow:
+    type: str
+    time: str
+    message_id: str
+    recipient: str | None
+    configuration_set: str | None
+    record: dict
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: str
+    received_at: str
+    mail_from: str
+    configuration_set: str | None
+    subject: str | None
+    message_id_header: str | None
+    size: int
+    client_ip: str
+    auth_user: str | None
+    mail: dict
+    settings: dict
+
+
+@dataclass(frozen=True)
+class PendingCopy:
+    message_id: str
+    recipient: str
+    attempts: int
+    next_attempt_at: str | None
+
+
+class StoreClosed(RuntimeError):
+    pass
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.Queue = queue.Queue()
+        self._local = threading.local()
+        conn = connect(self.path)
+        for statement in SCHEMA:
+            conn.execute(statement)
+        self._writer_conn = conn
+        self._closed = False
+        self._thread = threading.Thread(target=self._writer, name="relay-store-writer", daemon=True)
+        self._thread.start()
+
+    # --- the group-commit writer -------------------------------------------------------------------------
+
+    def submit(self, work: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        """Run `work(conn)` in the next batch; the future resolves after the batch's COMMIT is on disk."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(StoreClosed("store is closed"))
+            return future
+        self._queue.put((work, future))
+        return future
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self.submit(work))
+
+    def _writer(self) -> None:
+        conn = self._writer_conn
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
+        results: list[tuple[concurrent.futures.Future, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for work, future in batch:
+                conn.execute("SAVEPOINT work")
+                try:
+                    value = work(conn)
+                    conn.execute("RELEASE work")
+                    results.append((future, True, value))
+                except Exception as exc:  # the caller gets its own error; the batch goes on
+                    conn.execute("ROLLBACK TO work")
+                    conn.execute("RELEASE work")
+                    results.append((future, False, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:  # disk full, I/O error: nothing in the batch is durable
+            log.error("store commit failed: %s", exc)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, ok, value in results:
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def close(self) -> None:
+        """Finish queued writes, then stop the writer."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+
+    # --- reads (a connection per thread; WAL lets them run beside the writer) -----------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path)
+        return conn
+
+    def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        return self._reader().execute(sql, tuple(params)).fetchall()
+
+    # --- messages and the queue ----------------------------------------------------------------------------
+
+    @staticmethod
+    def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list[EventRow]):
+        """The work that makes an accepted message durable: message, spool, recipients, Send events."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO messages (id, received_at, mail_from, configuration_set, subject, message_id_header,"
+                " size, client_ip, auth_user, mail_json, settings_json) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (msg.id, msg.received_at, msg.mail_from, msg.configuration_set, msg.subject,
+                 msg.message_id_header, msg.size, msg.client_ip, msg.auth_user,
+                 json.dumps(msg.mail, separators=(",", ":")), json.dumps(msg.settings, separators=(",", ":"))),
+            )
+            conn.execute("INSERT INTO spool (message_id, raw) VALUES (?, ?)", (msg.id, raw))
+            conn.executemany(
+                "INSERT INTO recipients (message_id, recipient, position, state, updated_at)"
+                " VALUES (?, ?, ?, 'queued', ?)",
+                [(msg.id, r, i, msg.received_at) for i, r in enumerate(recipients)],
+            )
+            _insert_events(conn, events)
+
+        return work
+
+    @staticmethod
+    def events_work(events: list[EventRow]):
+        return lambda conn: _insert_events(conn, events)
+
+    @staticmethod
+    def recipient_work(
+        message_id: str,
+        recipient: str,
+        state: str,
+        attempts: int,
+        next_attempt_at: str | None,
+        last_response: str,
+        now: str,
+        events: list[EventRow],
+        warnings: list[tuple[str, str]] = (),
+    ):
+        """Record a delivery attempt's outcome; drop the spooled body once every recipient is final."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE recipients SET state = ?, attempts = ?, next_attempt_at = ?, last_response = ?,"
+                " updated_at = ? WHERE message_id = ? AND recipient = ?",
+                (state, attempts, next_attempt_at, last_response, now, message_id, recipient),
+            )
+            _insert_events(conn, events)
+            conn.executemany(
+                "INSERT INTO message_warnings (message_id, recipient, time, stage, warning) VALUES (?,?,?,?,?)",
+                [(message_id, recipient, now, stage, text) for stage, text in warnings],
+            )
+            if state != "queued":
+                left = conn.execute(
+                    "SELECT COUNT(*) FROM recipients WHERE message_id = ? AND state = 'queued'", (message_id,)
+                ).fetchone()[0]
+                if left == 0:
+                    conn.execute("DELETE FROM spool WHERE message_id = ?", (message_id,))
+
+        return work
+
+    def pending_copies(self) -> list[PendingCopy]:
+        rows = self.query(
+            "SELECT message_id, recipient, attempts, next_attempt_at FROM recipients WHERE state = 'queued'"
+            " ORDER BY next_attempt_at, message_id, position"
+        )
+        return [PendingCopy(*row) for row in rows]
+
+    def load_message(self, message_id: str) -> tuple[MessageRow, bytes] | None:
+        rows = self.query(
+            "SELECT m.id, m.received_at, m.mail_from, m.configuration_set, m.subject, m.message_id_header,"
+            " m.size, m.client_ip, m.auth_user, m.mail_json, m.settings_json, s.raw"
+            " FROM messages m JOIN spool s ON s.message_id = m.id WHERE m.id = ?",
+            (message_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        msg = MessageRow(*r[:9], mail=json.loads(r[9]), settings=json.loads(r[10]))
+        return msg, bytes(r[11])
+
+    def mail_object(self, message_id: str) -> tuple[dict, str | None] | None:
+        """SES's `mail` object and configuration set of a message, for events recorded later."""
+        rows = self.query("SELECT mail_json, configuration_set FROM messages WHERE id = ?", (message_id,))
+        return (json.loads(rows[0][0]), rows[0][1]) if rows else None
+
+    def events(self, message_id: str | None = None, event_type: str | None = None) -> list[dict]:
+        sql, params = "SELECT record FROM events WHERE 1=1", []
+        if message_id:
+            sql += " AND message_id = ?"
+            params.append(message_id)
+        if event_type:
+            sql += " AND type = ?"
+            params.append(event_type)
+        return [json.loads(r[0]) for r in self.query(sql + " ORDER BY id", params)]
+
+
+def _insert_events(conn: sqlite3.Connection, events: list[EventRow]) -> None:
+    conn.executemany(
+        "INSERT INTO events (type, time, message_id, recipient, configuration_set, record) VALUES (?,?,?,?,?,?)",
+        [(e.type, e.time, e.message_id, e.recipient, e.configuration_set,
+          json.dumps(e.record, separators=(",", ":"))) for e in events],
+    )
