@@ -181,9 +181,14 @@ def click_record(
     return record(CLICK, mail, detail)
 
 
+def ms_from_iso(text: str) -> int:
+    """Inverse of `iso_ms`."""
+    ts = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return round(ts.timestamp() * 1000)
+
+
 def _mail_ms(mail: dict) -> int:
-    ts = datetime.strptime(mail["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    return int(ts.timestamp() * 1000)
+    return ms_from_iso(mail["timestamp"])
 
 
 def smtp_status(code: int, message: str) -> str:

@@ -24,6 +24,8 @@ _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 class HeaderError(ValueError):
     """A control header relay must refuse; the message is the SMTP reply text after the code."""
 
+    configuration_set: str | None = None  # the message's (valid) set, when the refusal is about something else
+
 
 @dataclass(frozen=True)
 class HeaderField:
@@ -133,18 +135,20 @@ def extract_ses_control(block: HeaderBlock) -> SesControl:
         else:
             kept.append(f)
     block.fields = kept
-    seen: set[str] = set()
+    first: dict[str, HeaderField] = {}
     for f in control.removed:
-        if f.lname in seen:
-            continue
-        seen.add(f.lname)
-        if f.lname == CONFIG_SET_HEADER:
-            name = f.value
-            if not CONFIG_SET_RE.match(name):
-                raise HeaderError(f"Configuration Set does not exist: Configuration set <{name}> does not exist.")
-            control.configuration_set = name
-        elif f.lname == TAGS_HEADER:
-            control.tags = parse_message_tags(f.value)
+        first.setdefault(f.lname, f)
+    if CONFIG_SET_HEADER in first:
+        name = first[CONFIG_SET_HEADER].value
+        if not CONFIG_SET_RE.match(name):
+            raise HeaderError(f"Configuration Set does not exist: Configuration set <{name}> does not exist.")
+        control.configuration_set = name
+    if TAGS_HEADER in first:
+        try:
+            control.tags = parse_message_tags(first[TAGS_HEADER].value)
+        except HeaderError as exc:
+            exc.configuration_set = control.configuration_set
+            raise
     return control
 
 

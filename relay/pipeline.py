@@ -1,0 +1,169 @@
+"""The path of one message, top to bottom:
+
+    accept → resolve configuration → queue (durable, then 250) → instrument → sign → deliver → events
+
+`accept` runs inside the SMTP DATA command; everything after the queue runs in the delivery workers, once per
+recipient copy. Instrumentation happens after queueing, at delivery time, because:
+- the spool then holds exactly what the client sent (one copy for all recipients, not one per recipient), so a
+  fault in instrumentation can never damage the only copy of a message that was answered 250;
+- acceptance stays fast: the 250 waits only for the group-committed fsync, not for HTML rewriting;
+- rendering is deterministic for a message, recipient, settings snapshot and key, so a retried copy carries
+  the same links as the first attempt.
+The tracking settings are resolved at acceptance and stored with the message, so a queued message is
+delivered the way it was configured when it was accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from relay.config import Config
+from relay.core import events as ev
+from relay.core.headers import HeaderError
+from relay.core.intake import intake, mail_facts
+from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
+from relay.core.settings import TrackingSettings
+from relay.deliver import Reply
+from relay.store import EventRow, MessageRow, Store
+
+log = logging.getLogger("relay.pipeline")
+
+
+class Refusal(Exception):
+    """An SMTP reply refusing a message; `reply` is the full line, e.g. `554 Configuration Set ...`."""
+
+    def __init__(self, reply: str):
+        super().__init__(reply)
+        self.reply = reply
+
+
+class StorageUnavailable(Exception):
+    """The message could not be made durable; the client must try again (4xx)."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    mail_from: str
+    recipients: list[str]
+    data: bytes
+    client_ip: str
+    helo: str
+    auth_user: str | None
+    tls: bool
+
+
+@dataclass
+class QueuedMessage:
+    id: str
+    mail_from: str
+    raw: bytes
+    mail: dict
+    configuration_set: str | None
+    settings: TrackingSettings
+    received_ms: int
+
+
+class Pipeline:
+    def __init__(self, config: Config, store: Store, instrumenter, signer, upstream,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        self.store = store
+        self.instrumenter = instrumenter
+        self.signer = signer
+        self.upstream = upstream
+        self.clock = clock
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # --- accept, resolve, queue ------------------------------------------------------------------------
+
+    async def accept(self, sub: Submission) -> QueuedMessage:
+        """Make the message durable and return it for delivery; raises Refusal or StorageUnavailable."""
+        now_ms = self.now_ms()
+        message_id = ev.mint_message_id(now_ms)
+        try:
+            item = intake(sub.data, sub.mail_from, message_id, self.config.hostname, self._received(sub, message_id))
+        except HeaderError as exc:
+            raise Refusal(f"554 {exc}") from exc
+        set_name = self.resolve_set(item.control.configuration_set)
+        settings = self.config.tracking_settings(set_name)
+        mail = ev.mail_object(mail_facts(
+            item, message_id=message_id, now_ms=now_ms, mail_from=sub.mail_from, recipients=sub.recipients,
+            source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,
+            region=self.config.region,
+        ))
+        when = ev.iso_ms(now_ms)
+        row = MessageRow(message_id, when, sub.mail_from, set_name, item.subject, item.message_id_header,
+                         len(item.raw), sub.client_ip, sub.auth_user, mail, settings.to_json())
+        sends = [EventRow(ev.SEND, when, message_id, r, set_name, ev.send_record(mail)) for r in sub.recipients]
+        try:
+            await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends))
+        except Exception as exc:  # disk full, I/O error, locked database: never answer 250
+            log.error("could not queue message from %s: %s", sub.client_ip, exc)
+            raise StorageUnavailable(str(exc)) from exc
+        return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms)
+
+    def resolve_set(self, requested: str | None) -> str | None:
+        if requested is None:
+            return None
+        if requested not in self.config.configuration_sets:
+            raise Refusal(f"554 Configuration Set does not exist: Configuration set <{requested}> does not exist.")
+        return requested
+
+    def _received(self, sub: Submission, message_id: str) -> str | None:
+        if not self.config.smtp.add_received_header:
+            return None
+        proto = "ESMTP" + ("S" if sub.tls else "") + ("A" if sub.auth_user else "")
+        helo = "".join(c for c in sub.helo if c.isprintable() and c not in "()\r\n")[:100] or "unknown"
+        rcpt = f"\r\n\tfor <{sub.recipients[0]}>" if len(sub.recipients) == 1 else ""
+        date = format_datetime(datetime.fromtimestamp(self.clock(), UTC))
+        return (f"Received: from {helo} ([{sub.client_ip}])\r\n\tby {self.config.hostname} (relay) with {proto}"
+                f" id {message_id}{rcpt};\r\n\t{date}")
+
+    # --- instrument, sign, deliver, events -------------------------------------------------------------
+
+    async def deliver_copy(self, msg: QueuedMessage, recipient: str, attempts: int) -> Outcome:
+        """One attempt for one recipient; records its events and the recipient's new state."""
+        warnings: list[tuple[str, str]] = []
+        rendered = self.instrumenter.copy(msg.id, msg.raw, msg.settings, recipient, msg.received_ms // 1000)
+        warnings += [("instrument", w) for w in rendered.warnings]
+        fallback = self._fallback_domain(msg.configuration_set)
+        signed = self.signer.sign(rendered.data, original=msg.raw, fallback_domain=fallback)
+        warnings += [("sign", w) for w in signed.warnings]
+        reply: Reply = await self.upstream.send(msg.mail_from, recipient, signed.data, msg.id)
+        now_ms = self.now_ms()
+        outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
+                         self.retry_policy())
+        record = self._event_for(msg, recipient, reply, outcome, now_ms)
+        event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record)
+        next_at = ev.iso_ms(outcome.next_attempt_ms) if outcome.next_attempt_ms else None
+        await self.store.write(Store.recipient_work(
+            msg.id, recipient, outcome.state, attempts, next_at, reply.text, ev.iso_ms(now_ms), [event], warnings,
+        ))
+        log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r", msg.id, recipient, attempts,
+                 outcome.state, reply.text[:200])
+        return outcome
+
+    def retry_policy(self) -> RetryPolicy:
+        d = self.config.delivery
+        return RetryPolicy(d.retry_initial, d.retry_max, d.max_age)
+
+    def _fallback_domain(self, set_name: str | None) -> str | None:
+        cs = self.config.configuration_sets.get(set_name) if set_name else None
+        return cs.dkim_fallback_domain if cs else None
+
+    def _event_for(self, msg: QueuedMessage, recipient: str, reply: Reply, outcome: Outcome, now_ms: int) -> dict:
+        mta = self.config.hostname
+        if outcome.state == DELIVERED:
+            return ev.delivery_record(msg.mail, recipient, now_ms, reply.text, mta, reply.remote_ip)
+        if outcome.state == BOUNCED:
+            return ev.bounce_record(msg.mail, recipient, now_ms, outcome.bounce_type, outcome.bounce_sub_type,
+                                    outcome.diagnostic, outcome.status, mta, reply.remote_ip)
+        return ev.delay_record(msg.mail, recipient, now_ms, outcome.delay_type, outcome.status, outcome.diagnostic,
+                               outcome.expires_ms or now_ms, reply.remote_ip)

@@ -1,0 +1,182 @@
+"""The queue stage: schedules every recipient copy that is durable in the store until it is final.
+
+The store is the truth (recipients with state 'queued'); this module keeps an in-memory schedule of them, runs
+at most `concurrency` deliveries at once, and reloads the schedule from the store at start, so a crash or a
+restart resumes where it stopped. A copy whose delivery was cut off by a crash is delivered again: delivery
+is at-least-once, never at-most-once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from relay.core.events import ms_from_iso
+from relay.core.outcome import QUEUED, Outcome
+from relay.core.settings import TrackingSettings
+from relay.pipeline import QueuedMessage
+from relay.store import Store
+
+log = logging.getLogger("relay.queue")
+CACHE_BYTES = 64 * 1024 * 1024  # queued message bodies kept in memory; the rest are read back from the store
+CRASH_RETRY_S = 30.0
+
+
+class MessageCache:
+    """Queued messages by id, bounded by size; evicted ones are reloaded from the store when due."""
+
+    def __init__(self, store: Store, limit: int = CACHE_BYTES):
+        self.store, self.limit, self.size = store, limit, 0
+        self._items: OrderedDict[str, QueuedMessage] = OrderedDict()
+
+    def put(self, msg: QueuedMessage) -> None:
+        if msg.id in self._items:
+            return
+        self._items[msg.id] = msg
+        self.size += len(msg.raw)
+        while self.size > self.limit and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old.raw)
+
+    def drop(self, message_id: str) -> None:
+        msg = self._items.pop(message_id, None)
+        if msg is not None:
+            self.size -= len(msg.raw)
+
+    async def get(self, message_id: str) -> QueuedMessage | None:
+        msg = self._items.get(message_id)
+        if msg is not None:
+            self._items.move_to_end(message_id)
+            return msg
+        loaded = await asyncio.to_thread(self.store.load_message, message_id)
+        if loaded is None:
+            return None
+        row, raw = loaded
+        msg = QueuedMessage(row.id, row.mail_from, raw, row.mail, row.configuration_set,
+                            TrackingSettings.from_json(row.settings), ms_from_iso(row.received_at))
+        self.put(msg)
+        return msg
+
+
+class DeliveryQueue:
+    def __init__(self, store: Store, deliver: Callable[[QueuedMessage, str, int], Awaitable[Outcome]],
+                 concurrency: int, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.deliver = deliver
+        self.cache = MessageCache(store)
+        self.clock = clock
+        self._heap: list[tuple[float, int, str, str, int]] = []
+        self._seq = itertools.count()
+        self._pending: dict[str, int] = {}  # message id -> copies not yet final
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._dispatcher: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._heap) + len(self._tasks)
+
+    async def start(self) -> None:
+        pending = await asyncio.to_thread(self.store.pending_copies)
+        for copy in pending:
+            due = ms_from_iso(copy.next_attempt_at) / 1000 if copy.next_attempt_at else 0.0
+            self._schedule(due, copy.message_id, copy.recipient, copy.attempts)
+        if pending:
+            log.info("resuming %d queued copies", len(pending))
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="relay-queue")
+
+    def add(self, msg: QueuedMessage, recipients: list[str]) -> None:
+        """A message that is durable in the store; its copies are due now."""
+        self.cache.put(msg)
+        for rcpt in recipients:
+            self._schedule(0.0, msg.id, rcpt, 0)
+
+    def _schedule(self, due: float, message_id: str, recipient: str, attempts: int) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), message_id, recipient, attempts))
+        self._pending[message_id] = self._pending.get(message_id, 0) + 1
+        self._wakeup.set()
+
+    async def _dispatch(self) -> None:
+        while not self._stopping:
+            if not self._heap:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait = self._heap[0][0] - self.clock()
+            if wait > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=min(wait, 60.0))
+                except TimeoutError:
+                    pass
+                continue
+            await self._slots.acquire()
+            if self._stopping or not self._heap:
+                self._slots.release()
+                continue
+            _, _, message_id, recipient, attempts = heapq.heappop(self._heap)
+            task = asyncio.create_task(self._attempt(message_id, recipient, attempts + 1))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, message_id: str, recipient: str, attempts: int) -> None:
+        try:
+            msg = await self.cache.get(message_id)
+            if msg is None:  # already final (a duplicate schedule after restart) or purged
+                self._finished(message_id)
+                return
+            outcome = await self.deliver(msg, recipient, attempts)
+            if outcome.state == QUEUED:
+                self._pending[message_id] -= 1
+                due = (outcome.next_attempt_ms or 0) / 1000
+                self._schedule(due, message_id, recipient, attempts)
+            else:
+                self._finished(message_id)
+        except asyncio.CancelledError:
+            raise  # shutting down: the copy stays queued in the store and is retried after restart
+        except Exception:
+            # A bug or a store failure while recording: the copy is still queued in the store; try again later.
+            log.exception("delivery of %s to %s failed unexpectedly; retrying in %ss", message_id, recipient,
+                          CRASH_RETRY_S)
+            self._pending[message_id] -= 1
+            self._schedule(self.clock() + CRASH_RETRY_S, message_id, recipient, attempts - 1)
+        finally:
+            self._slots.release()
+
+    def _finished(self, message_id: str) -> None:
+        left = self._pending.get(message_id, 1) - 1
+        if left <= 0:
+            self._pending.pop(message_id, None)
+            self.cache.drop(message_id)
+        else:
+            self._pending[message_id] = left
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Let deliveries in flight finish for up to `grace` seconds; the rest stay queued in the store."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._dispatcher:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._tasks:
+            _, slow = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in slow:
+                task.cancel()
+            await asyncio.gather(*slow, return_exceptions=True)
+
+    async def drained(self, timeout: float) -> bool:
+        """True once nothing is queued or in flight (for tests and benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._heap or self._tasks:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+

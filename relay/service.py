@@ -1,0 +1,142 @@
+"""`relay serve`: wires the stages together and runs them until SIGTERM.
+
+SIGTERM/SIGINT: stop accepting, let SMTP transactions in flight finish, let deliveries in flight finish (for a
+grace period), flush tracking events, close the store; the queue stays on disk and resumes on the next start.
+SIGHUP: reload the configuration file (sets, tracking, DKIM keys, SMTP users and policy) without dropping
+connections; listen addresses need a restart. With systemd (Type=notify), READY=1 is sent once listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+from relay import config as config_module
+from relay.config import Config
+from relay.deliver import make_upstream
+from relay.instrument import Instrumenter
+from relay.pipeline import Pipeline
+from relay.queue import DeliveryQueue
+from relay.sign import Signer
+from relay.smtp import Handler, start_server
+from relay.store import Store
+
+log = logging.getLogger("relay.service")
+SMTP_DRAIN_S = 30.0
+DELIVERY_GRACE_S = 10.0
+
+
+def sd_notify(state: str) -> None:
+    """systemd's notify protocol: one datagram to $NOTIFY_SOCKET (no dependency needed)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(path)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            log.warning("sd_notify failed: %s", exc)
+
+
+@dataclass
+class Relay:
+    """Every running part of one relay node."""
+
+    config: Config
+    store: Store
+    pipeline: Pipeline
+    queue: DeliveryQueue
+    handler: Handler
+    tracking: object | None = None
+    servers: list[asyncio.base_events.Server] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cfg: Config) -> Relay:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(cfg.database_path)
+        keyring = cfg.keyring()
+        upstream = make_upstream(cfg.upstream, cfg.hostname)
+        pipeline = Pipeline(cfg, store, Instrumenter(keyring), Signer(cfg.dkim), upstream)
+        queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency)
+        handler = Handler(cfg.smtp, pipeline, queue.add)
+        return cls(cfg, store, pipeline, queue, handler)
+
+    async def start(self, with_tracking: bool = True) -> None:
+        await self.queue.start()
+        server = await start_server(self.config.smtp, self.config.hostname, self.handler)
+        self.servers.append(server)
+        if with_tracking:
+            from relay.tracking import TrackingServer
+
+            self.tracking = TrackingServer(self.config, self.store, self.config.keyring())
+            await self.tracking.start()
+        log.info("relay listening: smtp %s:%d, tracking %s:%d, data %s", self.config.smtp.listen_host,
+                 self.config.smtp.listen_port, self.config.tracking.listen_host, self.config.tracking.listen_port,
+                 self.config.data_dir)
+
+    def reload(self) -> None:
+        try:
+            cfg = config_module.load(self.config.path) if self.config.path else self.config
+            signer = Signer(cfg.dkim)
+        except config_module.ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", "; ".join(exc.problems))
+            return
+        if (cfg.smtp.listen_host, cfg.smtp.listen_port) != (self.config.smtp.listen_host,
+                                                           self.config.smtp.listen_port):
+            log.warning("smtp.listen changed: takes effect after a restart")
+        self.config = cfg
+        self.pipeline.config = cfg
+        self.pipeline.signer = signer
+        self.handler.settings = cfg.smtp
+        log.info("configuration reloaded from %s", cfg.path)
+
+    def _transactions_open(self) -> bool:
+        return self.handler.busy > 0 or any(
+            s.envelope is not None and s.envelope.mail_from for s in self.handler.sessions
+        )
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()  # no new connections
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SMTP_DRAIN_S
+        while self._transactions_open() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.handler.sessions):
+            if session.transport is not None:  # idle, or still stalled after the deadline
+                session.transport.write(b"421 4.3.2 Service shutting down\r\n")
+                session.transport.close()
+        await self.queue.stop(DELIVERY_GRACE_S)
+        if self.tracking is not None:
+            await self.tracking.stop()
+        await self.pipeline.upstream.close()
+        await asyncio.to_thread(self.store.close)
+
+
+async def run(cfg: Config) -> None:
+    relay = Relay.build(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, relay.reload)
+    await relay.start()
+    sd_notify("READY=1")
+    await stop.wait()
+    log.info("stopping: draining SMTP sessions and deliveries")
+    sd_notify("STOPPING=1")
+    await relay.stop()
+    log.info("stopped")
+
+
+def serve(config_path: str) -> int:
+    cfg = config_module.load(config_path)
+    asyncio.run(run(cfg))
+    return 0

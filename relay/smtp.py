@@ -1,0 +1,212 @@
+"""The accept stage's SMTP server (aiosmtpd): policy, authentication, and DATA handed to the pipeline.
+
+- Never an open relay: a client outside `smtp.trusted_networks` must authenticate before MAIL (530).
+- AUTH PLAIN/LOGIN against salted scrypt hashes; offered only after STARTTLS, except on loopback.
+  Failed attempts are limited per client address.
+- A message gets 250 only after the pipeline made it durable; a storage problem answers 451.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import secrets
+import ssl
+import time
+from collections import OrderedDict, defaultdict, deque
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.config import SmtpSettings, check_password
+from relay.pipeline import Refusal, StorageUnavailable, Submission
+
+log = logging.getLogger("relay.smtp")
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def peer_ip(session: Session) -> str:
+    peer = session.peer
+    return peer[0] if isinstance(peer, tuple) else str(peer or "")
+
+
+class Authenticator:
+    """Checks SMTP credentials; limits failures per client address; caches recent successes.
+
+    scrypt costs tens of milliseconds by design, so a client that authenticates on every connection would pay
+    it each time; a keyed digest of recently verified credentials avoids that without keeping any password.
+    """
+
+    def __init__(self, settings: SmtpSettings, clock=time.monotonic):
+        self.settings = settings
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._key = secrets.token_bytes(32)
+
+    def blocked(self, ip: str) -> bool:
+        window = self._failures.get(ip)
+        if not window:
+            return False
+        horizon = self.clock() - self.settings.auth_fail_window
+        while window and window[0] < horizon:
+            window.popleft()
+        return len(window) >= self.settings.auth_fail_limit
+
+    def check(self, username: str, password: str) -> bool:
+        digest = hmac.digest(self._key, f"{username}\0{password}".encode("utf-8", "surrogatepass"), "sha256")
+        if digest in self._verified:
+            self._verified.move_to_end(digest)
+            return True
+        user = next((u for u in self.settings.users if u.username == username), None)
+        ok = user is not None and check_password(password, user.password_hash)
+        if ok:
+            self._verified[digest] = None
+            if len(self._verified) > 1024:
+                self._verified.popitem(last=False)
+        return ok
+
+    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data) -> AuthResult:
+        ip = peer_ip(session)
+        if self.blocked(ip):
+            log.warning("smtp auth ip=%s refused: too many failures", ip)
+            return AuthResult(success=False, handled=False,
+                              message="454 4.7.0 Temporary authentication failure: too many failed attempts")
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        username = auth_data.login.decode("utf-8", "replace")
+        if self.check(username, auth_data.password.decode("utf-8", "surrogateescape")):
+            log.info("smtp auth ip=%s user=%s ok", ip, username)
+            return AuthResult(success=True, auth_data=username)
+        self._failures[ip].append(self.clock())
+        log.warning("smtp auth ip=%s user=%s failed", ip, username)
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's server with AUTH-over-cleartext allowed on loopback only, and room for bare-LF messages."""
+
+    def __init__(self, handler, *, data_size_limit: int, **kwargs):
+        # aiosmtpd reads DATA by CRLF-terminated lines with this as the stream limit; a message sent with
+        # bare LF line ends is one long "line", so allow up to the message size (commands keep their own limits).
+        self.line_length_limit = data_size_limit + 1024
+        super().__init__(handler, data_size_limit=data_size_limit, **kwargs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._auth_require_tls = not is_loopback(peer_ip(self.session))
+        self.event_handler.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.event_handler.sessions.discard(self)
+        super().connection_lost(error)
+
+
+class Handler:
+    """aiosmtpd hooks: the policy checks and the hand-off to the pipeline."""
+
+    def __init__(self, settings: SmtpSettings, pipeline, on_accepted):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.on_accepted = on_accepted  # called with (QueuedMessage, recipients) after a durable accept
+        self.sessions: set[RelaySMTP] = set()
+        self.busy = 0  # transactions between end of DATA and the reply
+
+    def trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.settings.trusted_networks)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        ip = peer_ip(session)
+        if not session.authenticated and not self.trusted(ip):
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {self.settings.max_recipients} per message)"
+        if "@" not in address or any(c in address for c in " <>\r\n"):
+            return f"553 5.1.3 <{address}> Invalid email address"
+        if address not in envelope.rcpt_tos:  # one copy per distinct recipient
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        ip = peer_ip(session)
+        sub = Submission(
+            mail_from=envelope.mail_from or "",
+            recipients=list(envelope.rcpt_tos),
+            data=envelope.original_content or b"",
+            client_ip=ip,
+            helo=session.host_name or "",
+            auth_user=session.auth_data if session.authenticated else None,
+            tls=session.ssl is not None,
+        )
+        self.busy += 1
+        try:
+            msg = await self.pipeline.accept(sub)
+        except Refusal as exc:
+            log.info("smtp ip=%s from=<%s> rcpts=%d refused=%r", ip, sub.mail_from, len(sub.recipients), exc.reply)
+            return exc.reply
+        except StorageUnavailable:
+            return "451 4.3.0 Temporary service failure: message not queued, try again later"
+        except Exception:  # a bug must not cost a message: the client keeps it and retries
+            log.exception("smtp ip=%s: unexpected error accepting a message", ip)
+            return "451 4.3.0 Temporary service failure"
+        finally:
+            self.busy -= 1
+        self.on_accepted(msg, sub.recipients)
+        log.info("smtp ip=%s from=<%s> rcpts=%d size=%d id=%s set=%s accepted", ip, sub.mail_from,
+                 len(sub.recipients), len(sub.data), msg.id, msg.configuration_set or "-")
+        return f"250 Ok {msg.id}"
+
+
+def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
+    if not settings.tls_certificate or not settings.tls_key:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.tls_certificate), str(settings.tls_key))
+    return ctx
+
+
+async def start_server(settings: SmtpSettings, hostname: str, handler: Handler) -> asyncio.base_events.Server:
+    loop = asyncio.get_running_loop()
+    context = tls_context(settings)
+    authenticator = Authenticator(settings)
+
+    def factory() -> RelaySMTP:
+        return RelaySMTP(
+            handler,
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=hostname,
+            ident="relay ESMTP",
+            tls_context=context,
+            timeout=settings.timeout,
+            auth_require_tls=True,
+            authenticator=authenticator,
+            auth_exclude_mechanism=["CRAM-MD5"],
+        )
+
+    return await loop.create_server(factory, host=settings.listen_host, port=settings.listen_port,
+                                    reuse_address=True)
+
