@@ -52,6 +52,11 @@ class SmtpSettings:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    # Where AUTH may happen before STARTTLS (credentials never cross a network in clear).
+    plaintext_auth_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
     tls_certificate: Path | None = None
     tls_key: Path | None = None
     users: tuple[SmtpUser, ...] = ()
@@ -93,6 +98,29 @@ class TrackingConfig:
     pixel_position: str = "bottom"
     keys_file: Path = Path("relay-data/tracking-keys")
     max_link_age: float = 0.0  # seconds; 0 = links never expire
+    # --- tracking listener (issue 4) ---
+    # X-Forwarded-For/-Proto are believed only from these peers (a CDN or reverse proxy in front).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    tls_listen_host: str | None = None  # HTTPS listener; None: plain HTTP only
+    tls_listen_port: int = 0
+    certificates: tuple[TrackingCertificate, ...] = ()  # per-domain certificates chosen by SNI; first = default
+    apple_egress_file: Path | None = None  # Apple's egress-ip-ranges.csv (Mail Privacy Protection)
+    scanner_user_agents_file: Path | None = None  # None: relay/data/scanner-user-agents.txt
+    scanner_networks_file: Path | None = None  # None: relay/data/scanner-networks.txt
+    early_click_seconds: float = 10.0
+    burst_window_seconds: float = 5.0
+    burst_min_links: int = 3
+    flush_interval: float = 0.005  # events are buffered this long (or flush_batch events) per store write
+    flush_batch: int = 2000
+    client_timeout: float = 15.0  # a connection that sends no complete request for this long is closed
+    require_verified_domains: bool = True  # refuse custom redirect domains not proved by `tracking-domain verify`
+
+
+@dataclass(frozen=True)
+class TrackingCertificate:
+    domains: tuple[str, ...]  # lower-case host names or `*.example.com`
+    certificate: Path
+    key: Path
 
 
 @dataclass(frozen=True)
@@ -282,6 +310,15 @@ class _Reader:
             return default_host, default_port
         return host.strip("[]") or "0.0.0.0", int(port)
 
+    def networks(self, name: str, default: list[str]) -> tuple:
+        nets = []
+        for i, net in enumerate(self.get(name, list, default)):
+            try:
+                nets.append(ipaddress.ip_network(str(net), strict=False))
+            except ValueError:
+                self.problems.append(f"{self.key(name)}[{i}]: {net!r} is not a network like 10.0.0.0/8")
+        return tuple(nets)
+
     def sub(self, name: str) -> _Reader:
         table = self.get(name, dict, {})
         return _Reader(table, self.key(name), self.problems, self.base)
@@ -326,12 +363,6 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
 
 def _parse_smtp(s: _Reader, problems: list[str]) -> SmtpSettings:
     host, port = s.listen("listen", "127.0.0.1", 2525)
-    networks = []
-    for i, net in enumerate(s.get("trusted_networks", list, ["127.0.0.0/8", "::1/128"])):
-        try:
-            networks.append(ipaddress.ip_network(str(net), strict=False))
-        except ValueError:
-            problems.append(f"smtp.trusted_networks[{i}]: {net!r} is not a network like 10.0.0.0/8")
     users = []
     for i, u in enumerate(s.get("users", list, [])):
         ur = _Reader(u if isinstance(u, dict) else {}, f"smtp.users[{i}]", problems, s.base)
@@ -352,7 +383,9 @@ def _parse_smtp(s: _Reader, problems: list[str]) -> SmtpSettings:
         listen_host=host, listen_port=port,
         max_message_size=s.positive("max_message_size", 40 * 1024 * 1024),
         max_recipients=s.positive("max_recipients", 50),
-        trusted_networks=tuple(networks), tls_certificate=cert, tls_key=key, users=tuple(users),
+        trusted_networks=s.networks("trusted_networks", ["127.0.0.0/8", "::1/128"]),
+        plaintext_auth_networks=s.networks("plaintext_auth_networks", ["127.0.0.0/8", "::1/128"]),
+        tls_certificate=cert, tls_key=key, users=tuple(users),
         auth_fail_limit=s.positive("auth_fail_limit", 5),
         auth_fail_window=s.duration("auth_fail_window", 300.0),
         timeout=s.duration("timeout", 300.0),
@@ -401,9 +434,54 @@ def _parse_tracking(t: _Reader, data_dir: Path, problems: list[str]) -> Tracking
         pixel_position=t.choice("pixel_position", PIXEL_POSITIONS, "bottom"),
         keys_file=t.path("keys_file", data_dir / "tracking-keys") or data_dir / "tracking-keys",
         max_link_age=t.duration("max_link_age", 0.0),
+        **_parse_tracking_listener(t, problems),
     )
     t.finish()
     return settings
+
+
+def _parse_tracking_listener(t: _Reader, problems: list[str]) -> dict:
+    """The tracking listener's own keys (proxies, TLS, verdict lists, batching)."""
+    proxies = []
+    for i, net in enumerate(t.get("trusted_proxies", list, [])):
+        try:
+            proxies.append(ipaddress.ip_network(str(net), strict=False))
+        except ValueError:
+            problems.append(f"tracking.trusted_proxies[{i}]: {net!r} is not a network like 10.0.0.0/8")
+    tls_host, tls_port = (t.listen("tls_listen", "", 0) if "tls_listen" in t.table else (None, 0))
+    certs = []
+    for i, c in enumerate(t.get("certificates", list, [])):
+        cr = _Reader(c if isinstance(c, dict) else {}, f"tracking.certificates[{i}]", problems, t.base)
+        domains = tuple(str(d).lower() for d in cr.get("domains", list, []))
+        cert, key = cr.path("certificate", None), cr.path("key", None)
+        for name, p in (("certificate", cert), ("key", key)):
+            if p is None:
+                problems.append(f"tracking.certificates[{i}].{name}: required")
+            elif not p.is_file():
+                problems.append(f"tracking.certificates[{i}].{name}: {p} does not exist")
+        if not domains:
+            problems.append(f"tracking.certificates[{i}].domains: list the host names this certificate serves")
+        cr.finish()
+        if cert and key:
+            certs.append(TrackingCertificate(domains, cert, key))
+    if tls_host is not None and not certs:
+        problems.append("tracking.tls_listen: needs at least one [[tracking.certificates]]")
+    files = {}
+    for name in ("apple_egress_file", "scanner_user_agents_file", "scanner_networks_file"):
+        files[name] = t.path(name, None)
+        if files[name] is not None and not files[name].is_file():
+            problems.append(f"tracking.{name}: {files[name]} does not exist")
+    return dict(
+        trusted_proxies=tuple(proxies), tls_listen_host=tls_host, tls_listen_port=tls_port,
+        certificates=tuple(certs), **files,
+        early_click_seconds=t.duration("early_click_seconds", 10.0),
+        burst_window_seconds=t.duration("burst_window_seconds", 5.0),
+        burst_min_links=t.positive("burst_min_links", 3),
+        flush_interval=t.duration("flush_interval", 0.005),
+        flush_batch=t.positive("flush_batch", 2000),
+        client_timeout=t.duration("client_timeout", 15.0),
+        require_verified_domains=t.get("require_verified_domains", bool, True),
+    )
 
 
 def _parse_dkim(d: _Reader, problems: list[str]) -> DkimSettings:

@@ -1,7 +1,8 @@
 """The accept stage's SMTP server (aiosmtpd): policy, authentication, and DATA handed to the pipeline.
 
 - Never an open relay: a client outside `smtp.trusted_networks` must authenticate before MAIL (530).
-- AUTH PLAIN/LOGIN against salted scrypt hashes; offered only after STARTTLS, except on loopback.
+- AUTH PLAIN/LOGIN against salted scrypt hashes; offered only after STARTTLS, except from
+  `smtp.plaintext_auth_networks` (loopback by default).
   Failed attempts are limited per client address.
 - A message gets 250 only after the pipeline made it durable; a storage problem answers 451.
 """
@@ -23,13 +24,6 @@ from relay.config import SmtpSettings, check_password
 from relay.pipeline import Refusal, StorageUnavailable, Submission
 
 log = logging.getLogger("relay.smtp")
-
-
-def is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
 
 
 def peer_ip(session: Session) -> str:
@@ -101,7 +95,8 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._auth_require_tls = not is_loopback(peer_ip(self.session))
+        self._auth_require_tls = not self.event_handler.in_networks(
+            peer_ip(self.session), self.event_handler.settings.plaintext_auth_networks)
         self.event_handler.sessions.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -119,12 +114,16 @@ class Handler:
         self.sessions: set[RelaySMTP] = set()
         self.busy = 0  # transactions between end of DATA and the reply
 
-    def trusted(self, ip: str) -> bool:
+    @staticmethod
+    def in_networks(ip: str, networks) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        return any(addr in net for net in self.settings.trusted_networks)
+        return any(addr in net for net in networks)
+
+    def trusted(self, ip: str) -> bool:
+        return self.in_networks(ip, self.settings.trusted_networks)
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname

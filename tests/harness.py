@@ -1,0 +1,193 @@
+"""Real parts for end-to-end tests: relay as a subprocess, an aiosmtpd upstream, free ports on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"port {port} not listening after {timeout}s")
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    mail_options: list[str]
+
+
+class UpstreamHandler:
+    """An upstream MTA: stores what it accepts; `reply` can make it refuse or defer."""
+
+    def __init__(self):
+        self.messages: list[Received] = []
+        self.reply: str | None = None
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.reply:
+            return self.reply
+        with self.lock:
+            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          envelope.original_content, list(envelope.mail_options)))
+        return "250 2.0.0 Ok: queued as test"
+
+
+class Upstream:
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.handler = UpstreamHandler()
+        self.controller: Controller | None = None
+
+    def start(self) -> Upstream:
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True,
+                                     data_size_limit=None)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller:
+            self.controller.stop()
+            self.controller = None
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.messages) >= count:
+                return self.messages
+            time.sleep(0.02)
+        raise TimeoutError(f"upstream got {len(self.messages)} of {count} messages")
+
+
+def config_text(data_dir: Path, smtp_port: int, tracking_port: int, upstream_port: int | None, extra: str = "",
+                smtp_extra: str = "", delivery: str = "") -> str:
+    upstream = (f'type = "smtp"\nhost = "127.0.0.1"\nport = {upstream_port}\ntls = "none"\ntimeout = "5s"'
+                if upstream_port else f'type = "capture"\ncapture_dir = "{data_dir}/delivered"')
+    return f"""
+[relay]
+data_dir = "{data_dir}"
+hostname = "relay.test"
+
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+{smtp_extra}
+
+[upstream]
+{upstream}
+
+[delivery]
+retry_initial = "0.3s"
+retry_max = "1s"
+{delivery}
+
+[tracking]
+listen = "127.0.0.1:{tracking_port}"
+default_host = "127.0.0.1:{tracking_port}"
+
+[configuration_sets.marketing]
+open_tracking = true
+click_tracking = true
+
+[configuration_sets.plain]
+open_tracking = false
+click_tracking = false
+{extra}
+"""
+
+
+@dataclass
+class RelayProcess:
+    workdir: Path
+    upstream_port: int | None = None
+    extra: str = ""
+    smtp_extra: str = ""
+    delivery: str = ""
+    smtp_port: int = field(default_factory=free_port)
+    tracking_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "relay.toml"
+
+    @property
+    def db_path(self) -> Path:
+        return self.workdir / "data" / "relay.sqlite3"
+
+    def write_config(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(config_text(self.workdir / "data", self.smtp_port, self.tracking_port,
+                                                self.upstream_port, self.extra, self.smtp_extra, self.delivery))
+
+    def start(self) -> RelayProcess:
+        self.write_config()
+        log = open(self.workdir / "relay.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config_path)],
+                                     stdout=log, stderr=log, cwd=self.workdir, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wait_port(self.smtp_port, proc=self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        return (self.workdir / "relay.log").read_text(errors="replace")
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.db_path, timeout=30)
+
+    def events(self, event_type: str | None = None) -> list[tuple]:
+        with contextlib.closing(self.db()) as conn:
+            sql = "SELECT type, message_id, recipient, configuration_set, record FROM events"
+            if event_type:
+                return conn.execute(sql + " WHERE type = ? ORDER BY id", (event_type,)).fetchall()
+            return conn.execute(sql + " ORDER BY id").fetchall()
+
+    def wait_events(self, event_type: str, count: int, timeout: float = 20.0) -> list[tuple]:
+        deadline = time.monotonic() + timeout
+        rows: list[tuple] = []
+        while time.monotonic() < deadline:
+            with contextlib.suppress(sqlite3.OperationalError):
+                rows = self.events(event_type)
+                if len(rows) >= count:
+                    return rows
+            time.sleep(0.05)
+        raise TimeoutError(f"{len(rows)} of {count} {event_type} events\n{self.log()[-3000:]}")

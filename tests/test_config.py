@@ -1,0 +1,102 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay import config
+from relay.config import ConfigError, check_password, hash_password
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(text: str, tmp_path: Path):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return config.load(p)
+
+
+def test_example_config_is_valid_and_defines_marketing():
+    cfg = config.load(ROOT / "config.example.toml")
+    s = cfg.tracking_settings("marketing")
+    assert s.open_tracking and s.click_tracking
+    assert cfg.smtp.max_message_size == 40 * 1024 * 1024
+    assert cfg.upstream.type == "capture"
+    assert not cfg.tracking_settings(None).enabled
+
+
+def test_every_problem_is_named_by_its_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse("""
+[smtp]
+listen = "nowhere"
+max_message_size = -1
+trusted_networks = ["10.0.0.0/8", "not-a-net"]
+colour = "blue"
+[[smtp.users]]
+username = "app"
+password_hash = "plaintext"
+[upstream]
+type = "smtp"
+tls = "sometimes"
+[delivery]
+max_age = "forever"
+[configuration_sets."bad name"]
+open_tracking = "yes"
+[configuration_sets.ok]
+https_policy = "ALWAYS"
+custom_redirect_domain = "not a host"
+""", tmp_path)
+    text = "\n".join(err.value.problems)
+    for key in ("smtp.listen", "smtp.max_message_size", "smtp.trusted_networks[1]", "smtp.colour: unknown key",
+                "smtp.users[0].password_hash", "upstream.tls", "upstream.host", "delivery.max_age",
+                "configuration_sets.bad name", "configuration_sets.bad name.open_tracking",
+                "configuration_sets.ok.https_policy", "configuration_sets.ok.custom_redirect_domain"):
+        assert key in text, key
+
+
+def test_durations_paths_and_precedence(tmp_path):
+    cfg = parse("""
+[relay]
+data_dir = "d"
+[delivery]
+max_age = "2h"
+retry_initial = 5
+[tracking]
+default_host = "t.example.com"
+https_policy = "REQUIRE"
+[configuration_sets.a]
+open_tracking = true
+custom_redirect_domain = "click.example.com"
+""", tmp_path)
+    assert cfg.delivery.max_age == 7200 and cfg.delivery.retry_initial == 5
+    assert cfg.data_dir == tmp_path / "d"
+    s = cfg.tracking_settings("a")
+    assert (s.host, s.https_policy, s.open_tracking, s.click_tracking) == ("click.example.com", "REQUIRE", True, False)
+    assert s.is_tracking_host("t.example.com") and s.is_tracking_host("CLICK.example.com")
+
+
+def test_passwords_are_salted_hashes():
+    a, b = hash_password("pw"), hash_password("pw")
+    assert a != b and "pw" not in a
+    assert check_password("pw", a) and not check_password("PW", a) and not check_password("pw", "garbage")
+
+
+def test_tracking_keys_file_created_private_and_rotatable(tmp_path):
+    path = tmp_path / "keys"
+    ring = config.load_or_create_keyring(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_text("new " + "11" * 32 + "\n" + path.read_text())
+    rotated = config.load_or_create_keyring(path)
+    assert rotated.signing.kid == "new" and rotated.secret(ring.signing.kid) == ring.signing.secret
+
+
+def test_relay_check_command(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--config", str(ROOT / "config.example.toml")],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp]\nmax_recipients = 0\n")
+    out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--config", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "smtp.max_recipients" in out.stderr

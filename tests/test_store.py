@@ -1,0 +1,40 @@
+import asyncio
+import sqlite3
+import threading
+
+import pytest
+
+from relay.store import EventRow, Store
+
+
+def test_group_commit_batches_and_isolates_failures(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    gate = threading.Event()
+    store.submit(lambda conn: gate.wait(5))  # hold the writer so the next works queue up into one batch
+    ok = [store.submit(Store.events_work([EventRow("Send", "t", f"m{i}", None, None, {"i": i})])) for i in range(50)]
+    bad = store.submit(lambda conn: conn.execute("INSERT INTO nope VALUES (1)"))
+    gate.set()
+    assert all(f.result(5) is None for f in ok)
+    with pytest.raises(sqlite3.OperationalError):
+        bad.result(5)
+    assert len(store.events()) == 50
+    store.close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_async_write_and_close_drains(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+
+    async def main():
+        await asyncio.gather(*(store.write(Store.events_work([EventRow("Open", "t", "m", "r", None, {})]))
+                               for _ in range(20)))
+
+    asyncio.run(main())
+    for _ in range(10):
+        store.submit(Store.events_work([EventRow("Click", "t", "m", "r", None, {})]))
+    store.close()
+    reopened = Store(tmp_path / "db.sqlite3")
+    assert len(reopened.events(event_type="Click")) == 10
+    reopened.close()
+    assert reopened.submit(lambda c: None).exception() is not None  # closed stores refuse work
