@@ -137,6 +137,7 @@ class RelayProcess:
     smtp_port: int = field(default_factory=free_port)
     tracking_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    preexec: object = None  # e.g. set a resource limit in the child
 
     @property
     def config_path(self) -> Path:
@@ -153,9 +154,10 @@ class RelayProcess:
 
     def start(self) -> RelayProcess:
         self.write_config()
-        log = open(self.workdir / "relay.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config_path)],
-                                     stdout=log, stderr=log, cwd=self.workdir, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cmd = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config_path)]
+        with open(self.workdir / "relay.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.workdir, preexec_fn=self.preexec,
+                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
         wait_port(self.smtp_port, proc=self.proc)
         return self
 
