@@ -327,10 +327,164 @@ class Store:
             params.append(event_type)
         return [json.loads(r[0]) for r in self.query(sql + " ORDER BY id", params)]
 
+    # --- tracking listener ---------------------------------------------------------------------------------
+
+    def tracking_verdicts(self, message_id: str) -> list[dict]:
+        """Open/Click events of a message with their verdicts: {id, type, recipient, method, verdict, reasons,
+        device}, oldest first."""
+        rows = self.query(
+            "SELECT e.id, e.type, e.recipient, v.method, v.verdict, v.reasons, v.client, v.os, v.device"
+            " FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id"
+            " WHERE e.message_id = ? AND e.type IN ('Open', 'Click') ORDER BY e.id",
+            (message_id,),
+        )
+        return [
+            {"id": r[0], "type": r[1], "recipient": r[2], "method": r[3], "verdict": r[4],
+             "reasons": json.loads(r[5]) if r[5] else [], "device": {"client": r[6], "os": r[7], "kind": r[8]}}
+            for r in rows
+        ]
+
+    def verified_tracking_domains(self) -> set[str]:
+        """Host names proved by `relay tracking-domain verify` (lower-case, without port)."""
+        return {r[0] for r in self.query("SELECT domain FROM tracking_domains")}
+
+    def is_tracking_domain_verified(self, domain: str) -> bool:
+        host = domain.lower().rstrip(".")
+        return bool(self.query("SELECT 1 FROM tracking_domains WHERE domain = ?", (host,)))
+
+    @staticmethod
+    def verified_domain_work(domain: str, address: str, scheme: str, now: str):
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO tracking_domains (domain, verified_at, address, scheme) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (domain) DO UPDATE SET verified_at = excluded.verified_at,"
+                " address = excluded.address, scheme = excluded.scheme",
+                (domain.lower().rstrip("."), now, address, scheme),
+            )
+
+        return work
+
 
 def _insert_events(conn: sqlite3.Connection, events: list[EventRow]) -> None:
     conn.executemany(
         "INSERT INTO events (type, time, message_id, recipient, configuration_set, record) VALUES (?,?,?,?,?,?)",
         [(e.type, e.time, e.message_id, e.recipient, e.configuration_set,
           json.dumps(e.record, separators=(",", ":"))) for e in events],
+    )
+
+
+# --- tracking listener ---------------------------------------------------------------------------------------
+# Open/Click events are written by the tracking listener in batches; each event gets a machine verdict row
+# beside it (never a change to the event). The helpers below run inside a batch's work(conn).
+
+SCHEMA.extend([
+    # The verdict of one Open/Click event and why; recomputable. `method` is a raw fact the SES record lacks.
+    """CREATE TABLE IF NOT EXISTS tracking_verdicts (
+        event_id INTEGER PRIMARY KEY,
+        method TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reasons TEXT NOT NULL,
+        client TEXT,
+        os TEXT,
+        device TEXT,
+        computed_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS tracking_verdicts_verdict ON tracking_verdicts (verdict)",
+    # Tracking domains proved to reach the listener (DNS, CDN and proxy included).
+    """CREATE TABLE IF NOT EXISTS tracking_domains (
+        domain TEXT PRIMARY KEY,
+        verified_at TEXT NOT NULL,
+        address TEXT NOT NULL,
+        scheme TEXT NOT NULL
+    )""",
+    # Per recipient copy: every open and click (SES counts them all) and the ones a person made. `opened` is
+    # 1 when a real open (person or image proxy) or a human click exists: a click proves the message was
+    # opened even when images were blocked (`opened_by_click_only`). Unique opens of a message:
+    #   SELECT COUNT(*) FROM tracking_engagement WHERE message_id = ? AND opened = 1
+    """CREATE VIEW IF NOT EXISTS tracking_engagement AS
+    SELECT e.message_id, e.recipient,
+        SUM(CASE WHEN e.type = 'Open' THEN 1 ELSE 0 END) AS opens,
+        SUM(CASE WHEN e.type = 'Open' AND v.verdict IN ('human', 'proxy') THEN 1 ELSE 0 END) AS real_opens,
+        SUM(CASE WHEN e.type = 'Click' THEN 1 ELSE 0 END) AS clicks,
+        SUM(CASE WHEN e.type = 'Click' AND v.verdict = 'human' THEN 1 ELSE 0 END) AS human_clicks,
+        MAX(CASE WHEN e.type = 'Open' AND v.verdict IN ('human', 'proxy') THEN 1
+                 WHEN e.type = 'Click' AND v.verdict = 'human' THEN 1 ELSE 0 END) AS opened,
+        CASE WHEN SUM(CASE WHEN e.type = 'Open' AND v.verdict IN ('human', 'proxy') THEN 1 ELSE 0 END) = 0
+              AND SUM(CASE WHEN e.type = 'Click' AND v.verdict = 'human' THEN 1 ELSE 0 END) > 0
+             THEN 1 ELSE 0 END AS opened_by_click_only,
+        MIN(e.time) AS first_time,
+        MAX(e.time) AS last_time
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id
+    WHERE e.type IN ('Open', 'Click')
+    GROUP BY e.message_id, e.recipient""",
+])
+
+
+@dataclass(frozen=True)
+class VerdictRow:
+    event_id: int
+    method: str
+    verdict: str
+    reasons: list[dict]
+    client: str
+    os: str
+    device: str
+    computed_at: str
+
+
+def tracking_mail(conn: sqlite3.Connection, message_id: str) -> tuple[str, str | None] | None:
+    """The stored `mail` object as its JSON text (spliced into records unparsed) and the configuration set."""
+    row = conn.execute("SELECT mail_json, configuration_set FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def insert_event_json(conn: sqlite3.Connection, type_: str, time: str, message_id: str, recipient: str | None,
+                      configuration_set: str | None, record_json: str) -> int:
+    """Insert one event whose record is already serialised; its id (the verdict row's key)."""
+    cur = conn.execute(
+        "INSERT INTO events (type, time, message_id, recipient, configuration_set, record) VALUES (?,?,?,?,?,?)",
+        (type_, time, message_id, recipient, configuration_set, record_json),
+    )
+    return cur.lastrowid
+
+
+def copy_delivery_time(conn: sqlite3.Connection, message_id: str, recipient: str) -> str | None:
+    """`delivery.timestamp` of the copy's Delivery event, if there is one."""
+    row = conn.execute(
+        "SELECT record FROM events WHERE message_id = ? AND type = 'Delivery' AND recipient = ? ORDER BY id LIMIT 1",
+        (message_id, recipient),
+    ).fetchone()
+    return json.loads(row[0])["delivery"]["timestamp"] if row else None
+
+
+def copy_clicks(conn: sqlite3.Connection, message_id: str, recipient: str, since: str, until: str) -> list[tuple]:
+    """(event id, record JSON, method) of a copy's Click events with `since <= time <= until` (ISO strings)."""
+    return conn.execute(
+        "SELECT e.id, e.record, COALESCE(v.method, 'GET') FROM events e"
+        " LEFT JOIN tracking_verdicts v ON v.event_id = e.id"
+        " WHERE e.message_id = ? AND e.type = 'Click' AND e.recipient = ? AND e.time >= ? AND e.time <= ?"
+        " ORDER BY e.id",
+        (message_id, recipient, since, until),
+    ).fetchall()
+
+
+def tracking_events_after(conn: sqlite3.Connection, after_id: int, limit: int) -> list[tuple]:
+    """(id, type, message_id, recipient, record JSON, method) of Open/Click events with id > after_id."""
+    return conn.execute(
+        "SELECT e.id, e.type, e.message_id, e.recipient, e.record, COALESCE(v.method, 'GET') FROM events e"
+        " LEFT JOIN tracking_verdicts v ON v.event_id = e.id"
+        " WHERE e.id > ? AND e.type IN ('Open', 'Click') ORDER BY e.id LIMIT ?",
+        (after_id, limit),
+    ).fetchall()
+
+
+def upsert_verdicts(conn: sqlite3.Connection, rows: list[VerdictRow]) -> None:
+    """Write verdicts; a recomputation replaces verdict, reasons and device but keeps the raw `method`."""
+    conn.executemany(
+        "INSERT INTO tracking_verdicts (event_id, method, verdict, reasons, client, os, device, computed_at)"
+        " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (event_id) DO UPDATE SET verdict = excluded.verdict,"
+        " reasons = excluded.reasons, client = excluded.client, os = excluded.os, device = excluded.device,"
+        " computed_at = excluded.computed_at",
+        [(r.event_id, r.method, r.verdict, json.dumps(r.reasons, separators=(",", ":")), r.client, r.os,
+          r.device, r.computed_at) for r in rows],
     )

@@ -1,0 +1,246 @@
+"""Machine verdicts for Open and Click events, with the reasons that led to them (pure).
+
+SES counts every open and click; so does relay. The raw event is never changed. Beside it sits a verdict:
+- `human`: no machine signal;
+- `proxy`: a real open fetched through a mailbox provider's image proxy (Gmail, Yahoo) — counts as an open;
+- `machine`: prefetch or a scanner (Apple Mail Privacy Protection, Safe Links, Proofpoint, Mimecast,
+  Barracuda, HEAD probes, clicks seconds after delivery, every link clicked at once).
+Every verdict carries its reasons (a code and a human-readable detail), and is a function of the raw hit, a
+little context from the store and the operator's lists, so it can be recomputed when lists change.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+HUMAN, PROXY, MACHINE = "human", "proxy", "machine"
+OPEN, CLICK = "Open", "Click"
+APPLE_MPP_UA = "Mozilla/5.0"
+
+# Mailbox providers' image proxies: an open through them is a real open whose IP and UA are the proxy's.
+DEFAULT_PROXY_USER_AGENTS = (
+    ("google-image-proxy", "GoogleImageProxy"),
+    ("yahoo-image-proxy", "YahooMailProxy"),
+)
+
+
+# --- lists ------------------------------------------------------------------------------------------------
+
+class NetworkSet:
+    """Labelled IP networks with O(log n) lookup (Apple's egress list has tens of thousands of ranges)."""
+
+    def __init__(self, entries: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = ()):
+        self._tables: dict[int, tuple[list[int], list[int], list[int], list[str]]] = {}
+        for version in (4, 6):
+            rows = sorted(
+                (int(n.network_address), int(n.broadcast_address), label) for n, label in entries
+                if n.version == version
+            )
+            starts = [r[0] for r in rows]
+            ends = [r[1] for r in rows]
+            # running maximum of ends lets a lookup stop scanning back as soon as nothing earlier can contain it
+            reach, top = [], -1
+            for end in ends:
+                top = max(top, end)
+                reach.append(top)
+            self._tables[version] = (starts, ends, reach, [r[2] for r in rows])
+        self.size = len(entries)
+
+    def lookup(self, ip: str) -> str | None:
+        """The label of a network containing `ip` (the most specific start), or None."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        if addr.version == 6 and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        starts, ends, reach, labels = self._tables[addr.version]
+        value = int(addr)
+        i = bisect.bisect_right(starts, value) - 1
+        while i >= 0 and reach[i] >= value:
+            if ends[i] >= value:
+                return labels[i]
+            i -= 1
+        return None
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def parse_networks(text: str, default_label: str) -> tuple[NetworkSet, list[str]]:
+    """Networks from a list file, and the problems found (line numbers).
+
+    One network per line, first field; fields split on commas or whitespace, so Apple's published
+    `egress-ip-ranges.csv` (`17.0.0.0/24,US,US-CA,Cupertino,`) and `CIDR label` lists both load. A second
+    whitespace-separated field is the label; `#` starts a comment.
+    """
+    entries, problems = [], []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = re.split(r"[,\s]+", line)
+        try:
+            net = ipaddress.ip_network(fields[0], strict=False)
+        except ValueError:
+            problems.append(f"line {lineno}: {fields[0]!r} is not a network")
+            continue
+        label = fields[1] if "," not in line and len(fields) > 1 else default_label
+        entries.append((net, label))
+    return NetworkSet(entries), problems
+
+
+def parse_user_agents(text: str) -> list[tuple[str, str]]:
+    """`label: substring` per line (case-insensitive substring match); `#` comments."""
+    rules = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, sep, needle = line.partition(":")
+        if sep and needle.strip():
+            rules.append((label.strip(), needle.strip()))
+    return rules
+
+
+@dataclass(frozen=True)
+class Lists:
+    apple_egress: NetworkSet = field(default_factory=NetworkSet)
+    scanner_user_agents: tuple[tuple[str, str], ...] = ()
+    scanner_networks: NetworkSet = field(default_factory=NetworkSet)
+    proxy_user_agents: tuple[tuple[str, str], ...] = DEFAULT_PROXY_USER_AGENTS
+
+    def __post_init__(self) -> None:
+        lowered = tuple((label, needle.lower()) for label, needle in self.scanner_user_agents)
+        object.__setattr__(self, "scanner_user_agents", lowered)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    early_click_seconds: float = 10.0  # a click this soon after delivery is a scanner following links
+    burst_window_seconds: float = 5.0  # ... and so is clicking this many different links within this window
+    burst_min_links: int = 3
+
+
+# --- facts and verdicts -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hit:
+    """One recorded Open or Click, as received."""
+
+    type: str
+    method: str
+    ip: str
+    user_agent: str
+    time_ms: int
+    link: str = ""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the store knows around a hit."""
+
+    delivered_ms: int | None = None  # the Delivery event of this copy, else the message's acceptance time
+    delivered_from: str = "delivery"  # "delivery" | "message"
+    # other clicks of the same recipient copy near this one: (time_ms, link)
+    sibling_clicks: tuple[tuple[int, str], ...] = ()
+    link_count: int | None = None  # links wrapped in the message, when known
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    detail: str
+    verdict: str  # the verdict this reason argues for
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "detail": self.detail, "verdict": self.verdict}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str
+    reasons: tuple[Reason, ...]
+
+    @property
+    def is_machine(self) -> bool:
+        return self.verdict == MACHINE
+
+    def reasons_json(self) -> list[dict]:
+        return [r.to_json() for r in self.reasons]
+
+
+def classify(hit: Hit, ctx: Context, lists: Lists, th: Thresholds = Thresholds()) -> Verdict:
+    reasons = [*_request_reasons(hit), *_agent_reasons(hit, lists), *_network_reasons(hit, lists)]
+    if hit.type == CLICK:
+        reasons += _click_timing_reasons(hit, ctx, th)
+    if any(r.verdict == MACHINE for r in reasons):
+        return Verdict(MACHINE, tuple(reasons))
+    if any(r.verdict == PROXY for r in reasons):
+        return Verdict(PROXY, tuple(reasons))
+    return Verdict(HUMAN, tuple(reasons))
+
+
+def _request_reasons(hit: Hit) -> list[Reason]:
+    out = []
+    if hit.method == "HEAD":
+        out.append(Reason("head-request", "HEAD request: a link checker, not a person viewing", MACHINE))
+    if not hit.user_agent.strip():
+        out.append(Reason("no-user-agent", "no User-Agent header", MACHINE))
+    return out
+
+
+def _agent_reasons(hit: Hit, lists: Lists) -> list[Reason]:
+    out = []
+    ua_lower = hit.user_agent.lower()
+    if hit.type == OPEN:
+        for label, needle in lists.proxy_user_agents:
+            if needle.lower() in ua_lower:
+                out.append(Reason(label, f"image proxy ({needle} in User-Agent): a real open via the provider",
+                                  PROXY))
+                break
+    for label, needle in lists.scanner_user_agents:
+        if needle in ua_lower:
+            out.append(Reason("scanner-user-agent", f"{label}: User-Agent contains {needle!r}", MACHINE))
+            break
+    return out
+
+
+def _network_reasons(hit: Hit, lists: Lists) -> list[Reason]:
+    out = []
+    if hit.user_agent == APPLE_MPP_UA and lists.apple_egress.lookup(hit.ip) is not None:
+        out.append(Reason("apple-mpp", f"User-Agent exactly {APPLE_MPP_UA!r} from Apple's egress range "
+                                       f"({hit.ip}): Mail Privacy Protection prefetch", MACHINE))
+    label = lists.scanner_networks.lookup(hit.ip)
+    if label is not None:
+        out.append(Reason("scanner-network", f"{label}: {hit.ip} is in a security scanner's network", MACHINE))
+    return out
+
+
+def _click_timing_reasons(hit: Hit, ctx: Context, th: Thresholds) -> list[Reason]:
+    out = []
+    if ctx.delivered_ms is not None:
+        delay = (hit.time_ms - ctx.delivered_ms) / 1000
+        if delay < th.early_click_seconds:
+            what = "delivery" if ctx.delivered_from == "delivery" else "the message was accepted"
+            out.append(Reason("early-click", f"clicked {max(delay, 0):.1f} s after {what} "
+                                             f"(< {th.early_click_seconds:g} s)", MACHINE))
+    burst = _burst_links(hit, ctx.sibling_clicks, th.burst_window_seconds * 1000)
+    needed = th.burst_min_links if ctx.link_count is None else max(2, min(th.burst_min_links, ctx.link_count))
+    if burst >= needed:
+        out.append(Reason("link-burst", f"{burst} different links of this message clicked within "
+                                        f"{th.burst_window_seconds:g} s", MACHINE))
+    return out
+
+
+def _burst_links(hit: Hit, siblings: tuple[tuple[int, str], ...], window_ms: float) -> int:
+    """The most different links clicked inside any window of `window_ms` that contains this hit."""
+    clicks = [(hit.time_ms, hit.link)] + [c for c in siblings if abs(c[0] - hit.time_ms) <= window_ms]
+    best = 1
+    for start, _ in clicks:
+        if start <= hit.time_ms <= start + window_ms:
+            best = max(best, len({link for t, link in clicks if start <= t <= start + window_ms}))
+    return best

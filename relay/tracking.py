@@ -1,0 +1,697 @@
+"""The tracking listener: open pixel, click redirects, health, domain challenges (the HTTP shell).
+
+Every decision is made by the core: tokens (`relay.core.tokens`), SES records (`relay.core.events`), machine
+verdicts (`relay.core.verdicts`), device summaries (`relay.core.useragent`), domain rules
+(`relay.core.domains`). This module only talks HTTP and hands hits to the store.
+
+Hot path: a request is answered from memory (token check, constant GIF or a 302); the hit is appended to an
+in-memory buffer that is written every `flush_interval` (or `flush_batch` hits) as one piece of work in the
+store's group commit, where the SES record is built, the event inserted and its verdict computed. `stop()`
+closes the sockets, waits for in-flight requests, then drains the buffer: an answered hit is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import signal
+import socket
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.abc import AbstractResolver
+from aiohttp.web_protocol import RequestHandler
+
+from relay import config as config_module
+from relay import store as store_module
+from relay.config import Config, TrackingConfig
+from relay.core import events, verdicts
+from relay.core.domains import InvalidTrackingOptions, split_port, validate_tracking_domain
+from relay.core.settings import CLICK_PATH, OPEN_PATH
+from relay.core.tokens import ClickClaims, Keyring, OpenClaims, verify
+from relay.core.useragent import summarize
+from relay.store import Store
+
+log = logging.getLogger("relay.tracking")
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# The smallest transparent GIF (1x1, 43 bytes).
+GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+       b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
+NO_STORE = "no-store, no-cache, must-revalidate, private"
+MAX_HEADER_BYTES = 8192  # SES answers 400 beyond this (cookies included)
+CHALLENGE_PATH = "/.well-known/relay-tracking/"
+CHALLENGE_TTL = 300
+
+_PIXEL_HEADERS = {"Content-Type": "image/gif", "Cache-Control": NO_STORE, "Pragma": "no-cache", "Expires": "0",
+                  "X-Content-Type-Options": "nosniff"}
+# The token carries the recipient's address: the destination must not receive the tracking URL as Referer.
+_REDIRECT_HEADERS = {"Cache-Control": NO_STORE, "Referrer-Policy": "no-referrer"}
+_PAGE_HEADERS = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": NO_STORE,
+                 "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'",
+                 "Referrer-Policy": "no-referrer"}
+# Static pages: nothing from the request is ever written into them.
+LANDING = (b"<!doctype html><html><head><meta charset=utf-8><title>Link tracking</title></head><body>"
+           b"<h1>Link tracking</h1><p>This address serves the links and images of email messages: it records "
+           b"that a message was opened or a link followed, then forwards you to the link's destination.</p>"
+           b"<p>There is nothing else to see here.</p></body></html>")
+NOT_FOUND = (b"<!doctype html><html><head><meta charset=utf-8><title>Link not found</title></head><body>"
+             b"<h1>Link not found</h1><p>This link is damaged, incomplete or no longer valid. Copy the whole "
+             b"link from the message, or contact its sender.</p></body></html>")
+BAD_REQUEST = b"<!doctype html><title>Bad request</title><h1>Bad request</h1>"
+_UNSAFE_URL_CHARS = frozenset(chr(c) for c in range(0x20)) | {"\x7f"}
+
+
+# --- verdict lists ------------------------------------------------------------------------------------------
+
+def load_lists(cfg: TrackingConfig) -> verdicts.Lists:
+    """The operator's lists (Apple egress ranges, scanner user agents and networks); defaults from relay/data."""
+    def read(path: Path | None, default: str | None) -> str:
+        path = path or (DATA_DIR / default if default else None)
+        if path is None:
+            return ""
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            log.warning("verdict list %s not loaded: %s", path, exc)
+            return ""
+
+    apple, problems = verdicts.parse_networks(read(cfg.apple_egress_file, None), "apple")
+    networks, more = verdicts.parse_networks(read(cfg.scanner_networks_file, "scanner-networks.txt"), "scanner")
+    for problem in problems + more:
+        log.warning("verdict list: %s", problem)
+    if cfg.apple_egress_file is None:
+        log.info("no tracking.apple_egress_file: Apple Mail Privacy Protection opens will not be recognised")
+    uas = verdicts.parse_user_agents(read(cfg.scanner_user_agents_file, "scanner-user-agents.txt"))
+    return verdicts.Lists(apple_egress=apple, scanner_user_agents=tuple(uas), scanner_networks=networks)
+
+
+def thresholds(cfg: TrackingConfig) -> verdicts.Thresholds:
+    return verdicts.Thresholds(cfg.early_click_seconds, cfg.burst_window_seconds, cfg.burst_min_links)
+
+
+# --- from hits to stored events and verdicts (runs on the store's writer thread) ---------------------------
+
+_MAIL_SLOT = "\x00mail\x00"
+
+
+def _splice(record: dict, mail_json: str) -> str:
+    """The record as JSON with the stored mail JSON spliced in unparsed (it is most of the bytes)."""
+    text = json.dumps(record, separators=(",", ":"))
+    return text.replace(json.dumps(_MAIL_SLOT), mail_json, 1)
+
+
+def iso_to_ms(text: str) -> int:
+    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _id_time_ms(message_id: str) -> int | None:
+    """Acceptance time packed in an SES-format id (`0100` + 12 hex digits of Unix ms)."""
+    try:
+        return int(message_id[4:16], 16) if len(message_id) > 16 and message_id[16] == "-" else None
+    except ValueError:
+        return None
+
+
+class EventWriter:
+    """Builds SES records and verdicts for a batch of hits inside one store transaction.
+
+    Only the store's single writer thread calls `work`, so the small caches need no lock.
+    """
+
+    def __init__(self, account_id: str, lists: verdicts.Lists, th: verdicts.Thresholds):
+        self.account_id, self.lists, self.th = account_id, lists, th
+        self._mails: dict[str, tuple[str, str | None, int | None]] = {}
+        self._delivered: dict[tuple[str, str], int] = {}
+
+    def work(self, hits: list[tuple]):
+        return lambda conn: self._write(conn, hits)
+
+    def _mail(self, conn, message_id: str, recipient: str) -> tuple[str, str | None, int | None]:
+        cached = self._mails.get(message_id)
+        if cached is not None:
+            return cached
+        row = store_module.tracking_mail(conn, message_id)
+        if row is None:
+            # The message row is gone (purged or another node's database): the event still counts.
+            ms = _id_time_ms(message_id)
+            mail = {"timestamp": events.iso_ms(ms) if ms is not None else "", "source": "",
+                    "sendingAccountId": self.account_id, "messageId": message_id, "destination": [recipient],
+                    "headersTruncated": False, "headers": [], "commonHeaders": {}, "tags": {}}
+            return json.dumps(mail, separators=(",", ":")), None, ms
+        mail_json, cset = row
+        ts = json.loads(mail_json).get("timestamp")
+        entry = (mail_json, cset, iso_to_ms(ts) if ts else None)
+        if len(self._mails) >= 4096:
+            self._mails.clear()
+        self._mails[message_id] = entry
+        return entry
+
+    def _write(self, conn, hits: list[tuple]) -> int:
+        now = events.iso_ms(int(time.time() * 1000))
+        rows: list[store_module.VerdictRow] = []
+        clicked: dict[tuple[str, str], list[int]] = {}
+        for kind, method, claims, ip, ua, ms in hits:
+            mail_json, cset, _ = self._mail(conn, claims.message_id, claims.recipient)
+            if kind == events.OPEN:
+                record = events.open_record(_MAIL_SLOT, ms, ip, ua)
+            else:
+                record = events.click_record(_MAIL_SLOT, ms, ip, ua, claims.url, claims.tags)
+                clicked.setdefault((claims.message_id, claims.recipient), []).append(ms)
+            event_id = store_module.insert_event_json(
+                conn, kind, events.iso_ms(ms), claims.message_id, claims.recipient, cset, _splice(record, mail_json)
+            )
+            if kind == events.OPEN:
+                hit = verdicts.Hit(kind, method, ip, ua, ms)
+                rows.append(self._row(event_id, hit, verdicts.Context(), now))
+        for (message_id, recipient), times in clicked.items():
+            rows += self._judge_clicks(conn, message_id, recipient, min(times), max(times), now)
+        store_module.upsert_verdicts(conn, rows)
+        return len(hits)
+
+    def _row(self, event_id: int, hit: verdicts.Hit, ctx: verdicts.Context, now: str) -> store_module.VerdictRow:
+        v = verdicts.classify(hit, ctx, self.lists, self.th)
+        d = summarize(hit.user_agent)
+        kind = verdicts.PROXY if v.verdict == verdicts.PROXY else d.kind
+        return store_module.VerdictRow(event_id, hit.method, v.verdict, v.reasons_json(), d.client, d.os, kind, now)
+
+    def _delivered_ms(self, conn, message_id: str, recipient: str) -> tuple[int | None, str]:
+        key = (message_id, recipient)
+        if key in self._delivered:
+            return self._delivered[key], "delivery"
+        stamp = store_module.copy_delivery_time(conn, message_id, recipient)
+        if stamp:
+            if len(self._delivered) >= 65536:
+                self._delivered.clear()
+            self._delivered[key] = iso_to_ms(stamp)
+            return self._delivered[key], "delivery"
+        return self._mail(conn, message_id, recipient)[2], "message"
+
+    def _judge_clicks(self, conn, message_id: str, recipient: str, first: int, last: int, now: str) -> list:
+        """(Re)judge a copy's clicks around new ones: a burst also changes the verdict of earlier clicks."""
+        window = int(self.th.burst_window_seconds * 1000)
+        rows = store_module.copy_clicks(conn, message_id, recipient, events.iso_ms(first - window),
+                                        events.iso_ms(last + window))
+        delivered, source = self._delivered_ms(conn, message_id, recipient)
+        clicks = []
+        for event_id, record_json, method in rows:
+            c = json.loads(record_json)["click"]
+            clicks.append((event_id, verdicts.Hit(events.CLICK, method, c["ipAddress"], c["userAgent"],
+                                                  iso_to_ms(c["timestamp"]), c["link"])))
+        out = []
+        for event_id, hit in clicks:
+            siblings = tuple((h.time_ms, h.link) for i, h in clicks if i != event_id)
+            out.append(self._row(event_id, hit, verdicts.Context(delivered, source, siblings), now))
+        return out
+
+    def recompute(self, conn, after_id: int, limit: int) -> tuple[int, int]:
+        """Recompute verdicts of up to `limit` Open/Click events after `after_id`: (last id seen, count)."""
+        now = events.iso_ms(int(time.time() * 1000))
+        batch = store_module.tracking_events_after(conn, after_id, limit)
+        rows, copies = [], {}
+        for event_id, kind, message_id, recipient, record_json, method in batch:
+            if kind == events.OPEN:
+                o = json.loads(record_json)["open"]
+                hit = verdicts.Hit(kind, method, o["ipAddress"], o["userAgent"], iso_to_ms(o["timestamp"]))
+                rows.append(self._row(event_id, hit, verdicts.Context(), now))
+            else:
+                ms = iso_to_ms(json.loads(record_json)["click"]["timestamp"])
+                copies.setdefault((message_id, recipient), []).append(ms)
+        for (message_id, recipient), times in copies.items():
+            rows += self._judge_clicks(conn, message_id, recipient, min(times), max(times), now)
+        store_module.upsert_verdicts(conn, rows)
+        return (batch[-1][0] if batch else after_id), len(batch)
+
+
+def recompute_verdicts(store: Store, cfg: Config, page: int = 2000) -> int:
+    """Recompute every Open/Click verdict with the current lists (after an update of Apple's ranges, say);
+    the number of events judged. Raw events are only read."""
+    writer = EventWriter(cfg.account_id, load_lists(cfg.tracking), thresholds(cfg.tracking))
+    last, total = 0, 0
+    while True:
+        last, count = store.submit(lambda conn, after=last: writer.recompute(conn, after, page)).result()
+        total += count
+        if count < page:
+            return total
+
+
+class Recorder:
+    """In-memory buffer of hits, written through the store's group commit every few milliseconds."""
+
+    def __init__(self, store: Store, writer: EventWriter, interval: float, batch: int):
+        self.store, self.writer, self.interval, self.batch = store, writer, interval, batch
+        self._pending: list[tuple] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._inflight: set[asyncio.Future] = set()
+        self.written = 0
+        self.failed = 0
+
+    def add(self, hit: tuple) -> None:
+        self._pending.append(hit)
+        if len(self._pending) >= self.batch:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self, attempt: int = 0) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        hits, self._pending = self._pending, []
+        future = asyncio.wrap_future(self.store.submit(self.writer.work(hits)))
+        self._inflight.add(future)
+        future.add_done_callback(lambda f: self._done(f, hits, attempt))
+
+    def _done(self, future: asyncio.Future, hits: list[tuple], attempt: int) -> None:
+        self._inflight.discard(future)
+        exc = None if future.cancelled() else future.exception()
+        if exc is None and not future.cancelled():
+            self.written += len(hits)
+            return
+        if attempt < 3 and not isinstance(exc, store_module.StoreClosed):
+            log.warning("writing %d tracking events failed (%s); retrying", len(hits), exc)
+            # one hit per work on the retry, so a single bad hit cannot take its whole batch down with it
+            for hit in hits:
+                future = asyncio.wrap_future(self.store.submit(self.writer.work([hit])))
+                self._inflight.add(future)
+                future.add_done_callback(lambda f, h=[hit]: self._done(f, h, attempt + 1))
+        else:
+            self.failed += len(hits)
+            log.error("lost %d tracking events: %s", len(hits), exc)
+
+    async def drain(self) -> None:
+        """Write everything buffered and wait until it is committed (retries included)."""
+        for _ in range(10):
+            self.flush()
+            if self._inflight:
+                await asyncio.gather(*list(self._inflight), return_exceptions=True)
+            await asyncio.sleep(0)
+            if not self._pending and not self._inflight and self._timer is None:
+                return
+            await asyncio.sleep(0.1)
+
+
+# --- domain challenge ---------------------------------------------------------------------------------------
+
+def make_challenge(keyring: Keyring, now: int, nonce: bytes | None = None) -> str:
+    """A one-time path token: nonce, expiry, MAC under the signing key (any node with the keys can answer)."""
+    body = (nonce or secrets.token_bytes(16)) + struct.pack(">I", (now + CHALLENGE_TTL) & 0xFFFFFFFF)
+    mac = hmac.digest(keyring.signing.secret, b"relay-challenge:" + body, "sha256")[:16]
+    return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
+
+
+def challenge_answer(keyring: Keyring, token: str, now: int) -> str | None:
+    """What the listener answers for a genuine, unexpired challenge (None otherwise)."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != 36:
+        return None
+    body, mac = raw[:20], raw[20:]
+    (expires,) = struct.unpack(">I", body[16:])
+    if expires < now:
+        return None
+    for key in keyring.keys:
+        if hmac.compare_digest(hmac.digest(key.secret, b"relay-challenge:" + body, "sha256")[:16], mac):
+            return hmac.digest(key.secret, b"relay-answer:" + raw, "sha256")[:16].hex()
+    return None
+
+
+# --- the HTTP server ----------------------------------------------------------------------------------------
+
+class _Server(web.Server):
+    """aiohttp's low-level server plus a per-connection deadline: aiohttp has no timeout on reading a
+    request's headers, so a client that dribbles them (slowloris) would hold a connection forever."""
+
+    def __init__(self, handler, timeout: float, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.timeout = timeout
+        self.tick = 0.0  # coarse clock, advanced by the sweeper (cheaper than a clock call per request)
+        self.seen: dict[RequestHandler, float] = {}
+        self.transports: dict[RequestHandler, asyncio.BaseTransport] = {}
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.seen[handler] = self.tick
+        self.transports[handler] = transport
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.seen.pop(handler, None)
+        self.transports.pop(handler, None)
+
+    async def sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.tick += 1.0
+            for handler, last in list(self.seen.items()):
+                if self.tick - last > self.timeout:
+                    transport = self.transports.get(handler)
+                    if transport is not None:
+                        transport.close()
+
+
+def _tls_context(certs) -> ssl.SSLContext:
+    """The first certificate is the default; SNI picks a domain's own (exact name, then `*.parent`)."""
+    by_name: dict[str, ssl.SSLContext] = {}
+    default = None
+    for c in certs:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.load_cert_chain(c.certificate, c.key)
+        for name in c.domains:
+            by_name[name.lower()] = ctx
+        default = default or ctx
+
+    def pick(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        if server_name:
+            name = server_name.lower()
+            ctx = by_name.get(name) or by_name.get("*." + name.partition(".")[2])
+            if ctx is not None:
+                sslobj.context = ctx
+
+    assert default is not None
+    default.sni_callback = pick
+    return default
+
+
+def _client_ip(peer: str, forwarded: str | None, trusted) -> str:
+    """The first address, walking back from our peer, that is not a trusted proxy (RFC 7239 practice)."""
+    hops = [h.strip() for h in forwarded.split(",")] if forwarded else []
+    ip = peer
+    while _in(ip, trusted) and hops:
+        candidate = hops.pop()
+        try:
+            ipaddress.ip_address(candidate)
+        except ValueError:
+            break  # garbage in the chain: keep the last address a trusted proxy vouched for
+        ip = candidate
+    return ip
+
+
+def _in(ip: str, networks) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in n for n in networks)
+
+
+def _headers_size(raw_headers: Iterable[tuple[bytes, bytes]]) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in raw_headers)
+
+
+def _safe_destination(url: str) -> bool:
+    """Only http(s) URLs without control characters leave as a Location (the token is trusted; this is
+    defence in depth against a bad instrumenter)."""
+    head = url[:8].lower()
+    return (head.startswith("http://") or head.startswith("https://")) and not (_UNSAFE_URL_CHARS & set(url))
+
+
+class TrackingServer:
+    """The tracking listener; `relay serve` runs it beside SMTP, `relay track` runs it alone."""
+
+    def __init__(self, config: Config, store: Store, keyring: Keyring):
+        self.config, self.store, self.keyring = config, store, keyring
+        t = config.tracking
+        self.settings = t
+        self.lists = load_lists(t)
+        self.recorder = Recorder(store, EventWriter(config.account_id, self.lists, thresholds(t)),
+                                 t.flush_interval, t.flush_batch)
+        self._trusted = t.trusted_proxies
+        self._max_age = int(t.max_link_age)
+        self._server: _Server | None = None
+        self._runner: web.ServerRunner | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._port = 0
+        self._tls_port = 0
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        t = self.settings
+        self._server = _Server(self._handle, t.client_timeout, access_log=None, keepalive_timeout=t.client_timeout,
+                               max_line_size=16384, max_field_size=8190, max_headers=100)
+        self._runner = web.ServerRunner(self._server, handle_signals=False, shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, t.listen_host, t.listen_port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._port = site._server.sockets[0].getsockname()[1]
+        if t.tls_listen_host is not None:
+            tls = web.TCPSite(self._runner, t.tls_listen_host, t.tls_listen_port, ssl_context=_tls_context(
+                t.certificates), backlog=1024, reuse_address=True)
+            await tls.start()
+            self._tls_port = tls._server.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.get_running_loop().create_task(self._server.sweep())
+        log.info("tracking listener on http://%s:%s%s", t.listen_host, self._port,
+                 f" and https://{t.tls_listen_host}:{self._tls_port}" if self._tls_port else "")
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def tls_port(self) -> int:
+        return self._tls_port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, then write every buffered event durably."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.recorder.drain()
+
+    # --- requests ---
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        server = self._server
+        server.seen[request.protocol] = server.tick
+        if _headers_size(request.raw_headers) > MAX_HEADER_BYTES:
+            return web.Response(status=400, body=BAD_REQUEST, headers=_PAGE_HEADERS)
+        path = request.raw_path.split("?", 1)[0]
+        method = request.method
+        if path.startswith(OPEN_PATH):
+            if method in ("GET", "HEAD"):
+                return self._pixel(request, path[len(OPEN_PATH):], method)
+            return web.Response(status=405, headers={"Allow": "GET, HEAD"})
+        if path.startswith(CLICK_PATH):
+            if method in ("GET", "HEAD"):
+                return self._click(request, path[len(CLICK_PATH):], method)
+            return web.Response(status=405, headers={"Allow": "GET, HEAD"})
+        if method not in ("GET", "HEAD"):
+            return web.Response(status=405, headers={"Allow": "GET, HEAD"})
+        if path == "/healthz":
+            return web.Response(text="ok\n", headers={"Cache-Control": NO_STORE})
+        if path == "/":
+            return web.Response(body=LANDING, headers=_PAGE_HEADERS)
+        if path.startswith(CHALLENGE_PATH):
+            return self._challenge(request, path[len(CHALLENGE_PATH):])
+        return self._not_found()
+
+    def _pixel(self, request: web.BaseRequest, token: str, method: str) -> web.Response:
+        try:
+            claims = verify(self.keyring, token)
+            if isinstance(claims, OpenClaims) and not self._expired(claims.issued):
+                self._record(events.OPEN, method, claims, request)
+        except Exception:  # never a broken image in someone's mailbox, whatever went wrong here
+            log.exception("pixel hit not recorded")
+        return web.Response(body=GIF, headers=_PIXEL_HEADERS)
+
+    def _click(self, request: web.BaseRequest, token: str, method: str) -> web.Response:
+        claims = verify(self.keyring, token)
+        if not isinstance(claims, ClickClaims) or self._expired(claims.issued) or not _safe_destination(claims.url):
+            return self._not_found()
+        if method == "GET":  # HEAD is what link scanners send: answer it, never count it
+            self._record(events.CLICK, method, claims, request)
+        return web.Response(status=302, headers={**_REDIRECT_HEADERS, "Location": claims.url})
+
+    def _challenge(self, request: web.BaseRequest, token: str) -> web.Response:
+        answer = challenge_answer(self.keyring, token, int(time.time()))
+        if answer is None:
+            return self._not_found()
+        scheme = self._scheme(request)
+        return web.Response(text=f"relay-tracking {answer} {scheme}\n", headers={"Cache-Control": NO_STORE})
+
+    def _not_found(self) -> web.Response:
+        return web.Response(status=404, body=NOT_FOUND, headers=_PAGE_HEADERS)
+
+    def _expired(self, issued: int) -> bool:
+        return self._max_age > 0 and time.time() - issued > self._max_age
+
+    def _record(self, kind: str, method: str, claims, request: web.BaseRequest) -> None:
+        ip = request.remote or ""
+        if self._trusted and _in(ip, self._trusted):
+            ip = _client_ip(ip, request.headers.get("X-Forwarded-For"), self._trusted)
+        ua = request.headers.get("User-Agent", "")
+        if not ua.isascii():  # aiohttp keeps undecodable bytes as lone surrogates; SQLite refuses those
+            ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        self.recorder.add((kind, method, claims, ip, ua, int(time.time() * 1000)))
+
+    def _scheme(self, request: web.BaseRequest) -> str:
+        scheme = "https" if request.transport and request.transport.get_extra_info("sslcontext") else "http"
+        if self._trusted and _in(request.remote or "", self._trusted):
+            proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+            if proto in ("http", "https"):
+                scheme = proto
+        return scheme
+
+
+# --- `relay track` ------------------------------------------------------------------------------------------
+
+def _event_loop_runner():
+    """uvloop when installed (faster sockets); asyncio's own loop otherwise."""
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:
+        return asyncio.run
+
+
+def track_command(args) -> int:
+    cfg = config_module.load(args.config)
+    return _event_loop_runner()(_track(cfg))
+
+
+async def _track(cfg: Config) -> int:
+    store = Store(cfg.database_path)
+    server = TrackingServer(cfg, store, cfg.keyring())
+    try:
+        await server.start()
+        print(f"relay track: listening on {cfg.tracking.listen_host}:{server.port}", file=sys.stderr, flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("stopping: draining tracking events")
+        await server.stop()
+    finally:
+        await asyncio.to_thread(store.close)
+    lost = server.recorder.failed
+    print(f"relay track: stopped, {server.recorder.written} events written, {lost} lost", file=sys.stderr,
+          flush=True)
+    return 1 if lost else 0
+
+
+# --- `relay tracking-domain verify` -------------------------------------------------------------------------
+
+class _DnsResolver(AbstractResolver):
+    """aiohttp resolver backed by dnspython, so `--nameserver` also applies to redirects."""
+
+    def __init__(self, nameserver: str | None, port: int):
+        import dns.asyncresolver
+
+        self.resolver = dns.asyncresolver.Resolver(configure=nameserver is None)
+        if nameserver:
+            self.resolver.nameservers = [nameserver]
+            self.resolver.port = port
+        self.resolver.lifetime = 5.0
+        self.answers: dict[str, list[str]] = {}
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
+        addresses = await self.addresses(host)
+        if not addresses:
+            raise OSError(f"{host} has no A or AAAA record")
+        return [{"hostname": host, "host": ip, "port": port,
+                 "family": socket.AF_INET6 if ":" in ip else socket.AF_INET, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST} for ip in addresses]
+
+    async def addresses(self, host: str) -> list[str]:
+        import dns.exception
+        import dns.resolver
+
+        if host not in self.answers:
+            found = []
+            for rtype in ("A", "AAAA"):
+                try:
+                    answer = await self.resolver.resolve(host, rtype)
+                    found += [r.address for r in answer]
+                except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN, dns.resolver.NoNameservers,
+                        dns.exception.Timeout):
+                    continue
+            self.answers[host] = found
+        return self.answers[host]
+
+    async def close(self) -> None:
+        pass
+
+
+async def verify_domain(keyring: Keyring, domain: str, nameserver: str | None, dns_port: int,
+                        timeout: float = 10.0) -> tuple[str, str, list[str]]:
+    """Fetch a fresh challenge through `domain`; (scheme, address, notes) on success, else ValueError."""
+    import aiohttp
+
+    host, port = split_port(domain)
+    resolver = _DnsResolver(nameserver, dns_port)
+    addresses = await resolver.addresses(host)
+    if not addresses:
+        raise ValueError(f"{host} does not resolve (no A or AAAA record)")
+    token = make_challenge(keyring, int(time.time()))
+    expected = challenge_answer(keyring, token, int(time.time()))
+    notes = []
+    connector = aiohttp.TCPConnector(resolver=resolver, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+        for scheme in ("https", "http"):
+            url = f"{scheme}://{host}{f':{port}' if port else ''}{CHALLENGE_PATH}{token}"
+            try:
+                async with http.get(url, max_redirects=3) as resp:
+                    body = (await resp.content.read(512)).decode("utf-8", "replace")
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                notes.append(f"{scheme}: {type(exc).__name__}: {exc}")
+                continue
+            parts = body.split()
+            if resp.status == 200 and len(parts) >= 2 and parts[0] == "relay-tracking" and parts[1] == expected:
+                return scheme, ",".join(addresses), notes
+            notes.append(f"{scheme}: HTTP {resp.status}, not this listener's answer")
+    raise ValueError("; ".join(notes))
+
+
+def tracking_domain_command(args) -> int:
+    if getattr(args, "tracking_domain_command", "verify") != "verify":
+        return 2
+    cfg = config_module.load(args.config)
+    try:
+        domain = validate_tracking_domain(args.domain)
+    except InvalidTrackingOptions as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        scheme, address, notes = _event_loop_runner()(
+            verify_domain(cfg.keyring(), domain, args.nameserver, args.port))
+    except ValueError as exc:
+        print(f"error: {domain} does not reach this tracking listener: {exc}", file=sys.stderr)
+        return 1
+    host = split_port(domain)[0]
+    store = Store(cfg.database_path)
+    try:
+        store.submit(Store.verified_domain_work(host, address, scheme, events.iso_ms(int(time.time() * 1000))))\
+            .result()
+    finally:
+        store.close()
+    print(f"verified: {host} reaches this tracking listener over {scheme} ({address})")
+    for note in notes:
+        print(f"  note: {note}")
+    return 0
+
