@@ -66,7 +66,7 @@ def load_private_key(pem: bytes) -> PrivateKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ValueError("not a PEM private key") from exc
     if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
-        raise ValueError(f"a {type(key).__name__.lstrip('_')}, not an RSA or Ed25519 key")
+        raise ValueError(f"not an RSA or Ed25519 key but {type(key).__name__}; DKIM signs with those two only")
     return key
 
 
