@@ -83,12 +83,13 @@ class Listener:
         return tokens.sign_click(self.keyring, message_id, recipient, issued, index, url, tags or {})
 
 
-def request(port: int, method: str, path: str, headers: dict | None = None, host: str = "127.0.0.1"):
-    """(status, headers as a list of (name, value), body) of one request on a fresh connection."""
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+def request(port: int, method: str, path: str, headers: dict | None = None, source: str = "127.0.0.1"):
+    """(status, headers as a list of (name, value), body) of one request on a fresh connection from `source`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in (headers or {"User-Agent": CHROME}).items():
+        headers = headers or {"User-Agent": CHROME}
+        conn.putrequest(method, path, skip_host="Host" in headers, skip_accept_encoding=True)
+        for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders()
         resp = conn.getresponse()
