@@ -167,6 +167,16 @@ def test_signed_header_list(tmp_path, rsa_key):
     assert verify(out, k.records)
 
 
+def test_malformed_header_lines_keep_their_field_out_of_h(tmp_path, rsa_key):
+    # No blank line after the header block: verifiers disagree about "This is a multi-part..." (a continuation of
+    # Content-Type for relay, a field of its own or the body for others), so Content-Type is left unsigned.
+    msg = MESSAGE.replace(b"charset=utf-8\r\n", b"charset=utf-8\r\nThis is a multi-part message\r\n")
+    k = Keys(tmp_path).add("example.com", "s", rsa_key)
+    out = k.signer().sign(msg, original=msg).data
+    assert "content-type" not in signature_tags(out)[0]["h"].split(":")
+    assert dkim.verify_field(out, 0, k.records["s._domainkey.example.com."]) is None
+
+
 def test_from_is_oversigned_so_a_second_from_breaks_it(tmp_path, rsa_key):
     k = Keys(tmp_path).add("example.com", "s", rsa_key)
     out = k.signer().sign(MESSAGE, original=MESSAGE).data

@@ -40,6 +40,7 @@ _TAB_TO_SPACE = bytes.maketrans(b"\t", b" ")
 _HEADER_WSP = re.compile(rb"[ \t]+")
 _LINE_END = re.compile(rb"\r?\n")
 _TAG_WSP = re.compile(r"[ \t\r\n]+")
+_MALFORMED_LINE = re.compile(rb"\r\n(?=[^ \t])")  # a line inside a field that is not a continuation line
 _WIDTH = 78  # fold our signature field to lines of at most this many characters
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -212,11 +213,19 @@ def select_headers(fields: Sequence[HeaderField], names: Iterable[str]) -> list[
 
 
 def header_names_to_sign(fields: Sequence[HeaderField]) -> list[str]:
+    """h=: each signed name once per instance (From once more). A name with a malformed instance is left out:
+    verifiers disagree about a line without a colon inside a header block (relay reads it as a continuation,
+    others as a field of its own or the start of the body), so signing it could never verify everywhere."""
     counts: dict[str, int] = {}
+    malformed: set[str] = set()
     for f in fields:
         counts[f.lname] = counts.get(f.lname, 0) + 1
+        if _MALFORMED_LINE.search(f.raw):
+            malformed.add(f.lname)
     names: list[str] = []
     for name in SIGNED_HEADERS:
+        if name in malformed and name != "from":  # From must be signed whatever it looks like (RFC 6376 5.4)
+            continue
         names += [name] * (counts.get(name, 0) + (name in OVERSIGNED_HEADERS))
     return names
 
@@ -356,6 +365,8 @@ def verify_field(data: bytes, index: int, record: str) -> str | None:
     if index >= len(fields):
         return "no such signature"
     field = fields[index]
+    end = _MALFORMED_LINE.search(field.raw)  # e.g. an mbox "From " line glued on by relay's own parser
+    field = HeaderField(field.name, field.raw[: end.start() + 2]) if end else field
     tags = parse_tags(field.value)
     try:
         header_c, body_c, hash_name, length = _signature_params(tags)
