@@ -457,15 +457,19 @@ def copy_delivery_time(conn: sqlite3.Connection, message_id: str, recipient: str
     return json.loads(row[0])["delivery"]["timestamp"] if row else None
 
 
-def copy_clicks(conn: sqlite3.Connection, message_id: str, recipient: str, since: str, until: str) -> list[tuple]:
-    """(event id, record JSON, method) of a copy's Click events with `since <= time <= until` (ISO strings)."""
-    return conn.execute(
+def copy_clicks(conn: sqlite3.Connection, message_id: str, recipient: str, since: str, until: str,
+                limit: int) -> list[tuple]:
+    """(event id, record JSON, method) of the latest `limit` Click events of a copy with `since <= time <= until`
+    (ISO strings), oldest first."""
+    rows = conn.execute(
         "SELECT e.id, e.record, COALESCE(v.method, 'GET') FROM events e"
         " LEFT JOIN tracking_verdicts v ON v.event_id = e.id"
         " WHERE e.message_id = ? AND e.type = 'Click' AND e.recipient = ? AND e.time >= ? AND e.time <= ?"
-        " ORDER BY e.id",
-        (message_id, recipient, since, until),
+        " ORDER BY e.id DESC LIMIT ?",
+        (message_id, recipient, since, until, limit),
     ).fetchall()
+    rows.reverse()
+    return rows
 
 
 def tracking_events_after(conn: sqlite3.Connection, after_id: int, limit: int) -> list[tuple]:

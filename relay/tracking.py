@@ -126,19 +126,43 @@ def _id_time_ms(message_id: str) -> int | None:
         return None
 
 
+class _Click:
+    """A judged click of one copy, kept in memory while later clicks can still form a burst with it."""
+
+    __slots__ = ("event_id", "hit", "size")
+
+    def __init__(self, event_id: int, hit: verdicts.Hit):
+        self.event_id, self.hit, self.size = event_id, hit, None
+
+
 class EventWriter:
     """Builds SES records and verdicts for a batch of hits inside one store transaction.
 
-    Only the store's single writer thread calls `work`, so the small caches need no lock.
+    Only the store's single writer thread calls `work`, so the caches need no lock. Clicks are judged with a
+    copy's recent clicks (the link-burst rule): those are kept in memory, bounded per copy and in copies, and
+    loaded from the store the first time a copy is seen.
     """
+
+    MAX_RECENT = 256  # clicks kept per copy; a copy clicked more often than this within seconds is a flood
+    MAX_COPIES = 20000
 
     def __init__(self, account_id: str, lists: verdicts.Lists, th: verdicts.Thresholds):
         self.account_id, self.lists, self.th = account_id, lists, th
+        self.window_ms = int(th.burst_window_seconds * 1000)
         self._mails: dict[str, tuple[str, str | None, int | None]] = {}
         self._delivered: dict[tuple[str, str], int] = {}
+        self._recent: dict[tuple[str, str], list[_Click]] = {}
 
     def work(self, hits: list[tuple]):
-        return lambda conn: self._write(conn, hits)
+        def run(conn) -> int:
+            try:
+                return self._write(conn, hits)
+            except BaseException:
+                # the store rolls this work back and may reuse its event ids: forget what it judged
+                self._recent.clear()
+                raise
+
+        return run
 
     def _mail(self, conn, message_id: str, recipient: str) -> tuple[str, str | None, int | None]:
         cached = self._mails.get(message_id)
@@ -163,22 +187,23 @@ class EventWriter:
     def _write(self, conn, hits: list[tuple]) -> int:
         now = events.iso_ms(int(time.time() * 1000))
         rows: list[store_module.VerdictRow] = []
-        clicked: dict[tuple[str, str], list[int]] = {}
+        clicked: dict[tuple[str, str], list[_Click]] = {}
         for kind, method, claims, ip, ua, ms in hits:
             mail_json, cset, _ = self._mail(conn, claims.message_id, claims.recipient)
             if kind == events.OPEN:
                 record = events.open_record(_MAIL_SLOT, ms, ip, ua)
             else:
                 record = events.click_record(_MAIL_SLOT, ms, ip, ua, claims.url, claims.tags)
-                clicked.setdefault((claims.message_id, claims.recipient), []).append(ms)
             event_id = store_module.insert_event_json(
                 conn, kind, events.iso_ms(ms), claims.message_id, claims.recipient, cset, _splice(record, mail_json)
             )
             if kind == events.OPEN:
-                hit = verdicts.Hit(kind, method, ip, ua, ms)
-                rows.append(self._row(event_id, hit, verdicts.Context(), now))
-        for (message_id, recipient), times in clicked.items():
-            rows += self._judge_clicks(conn, message_id, recipient, min(times), max(times), now)
+                rows.append(self._row(event_id, verdicts.Hit(kind, method, ip, ua, ms), verdicts.Context(), now))
+            else:
+                hit = verdicts.Hit(kind, method, ip, ua, ms, claims.url)
+                clicked.setdefault((claims.message_id, claims.recipient), []).append(_Click(event_id, hit))
+        for copy, new in clicked.items():
+            rows += self._judge_new_clicks(conn, copy, new, now)
         store_module.upsert_verdicts(conn, rows)
         return len(hits)
 
@@ -200,22 +225,42 @@ class EventWriter:
             return self._delivered[key], "delivery"
         return self._mail(conn, message_id, recipient)[2], "message"
 
-    def _judge_clicks(self, conn, message_id: str, recipient: str, first: int, last: int, now: str) -> list:
-        """(Re)judge a copy's clicks around new ones: a burst also changes the verdict of earlier clicks."""
-        window = int(self.th.burst_window_seconds * 1000)
-        rows = store_module.copy_clicks(conn, message_id, recipient, events.iso_ms(first - window),
-                                        events.iso_ms(last + window))
-        delivered, source = self._delivered_ms(conn, message_id, recipient)
-        clicks = []
-        for event_id, record_json, method in rows:
-            c = json.loads(record_json)["click"]
-            clicks.append((event_id, verdicts.Hit(events.CLICK, method, c["ipAddress"], c["userAgent"],
-                                                  iso_to_ms(c["timestamp"]), c["link"])))
+    def _stored_clicks(self, conn, copy: tuple[str, str], since: int, until: int, limit: int) -> list[_Click]:
         out = []
-        for event_id, hit in clicks:
-            siblings = tuple((h.time_ms, h.link) for i, h in clicks if i != event_id)
-            out.append(self._row(event_id, hit, verdicts.Context(delivered, source, siblings), now))
+        for event_id, record_json, method in store_module.copy_clicks(
+                conn, copy[0], copy[1], events.iso_ms(since), events.iso_ms(until), limit):
+            c = json.loads(record_json)["click"]
+            hit = verdicts.Hit(events.CLICK, method, c["ipAddress"], c["userAgent"], iso_to_ms(c["timestamp"]),
+                               c["link"])
+            out.append(_Click(event_id, hit))
         return out
+
+    def _judge_new_clicks(self, conn, copy: tuple[str, str], new: list[_Click], now: str) -> list:
+        """Judge a copy's new clicks, and judge again its recent ones whose burst the new clicks changed."""
+        recent = self._recent.pop(copy, None)
+        if recent is None:
+            new_ids = {c.event_id for c in new}
+            recent = [c for c in self._stored_clicks(conn, copy, new[0].hit.time_ms - self.window_ms,
+                                                     new[-1].hit.time_ms, self.MAX_RECENT + len(new))
+                      if c.event_id not in new_ids]
+        clicks = recent + new
+        rows = self._judge(conn, copy, clicks, now, force=False)
+        # only clicks within one window of the latest can share a window with clicks still to come
+        latest = clicks[-1].hit.time_ms
+        self._recent[copy] = [c for c in clicks if c.hit.time_ms >= latest - self.window_ms][-self.MAX_RECENT:]
+        while len(self._recent) > self.MAX_COPIES:
+            del self._recent[next(iter(self._recent))]
+        return rows
+
+    def _judge(self, conn, copy: tuple[str, str], clicks: list[_Click], now: str, force: bool) -> list:
+        sizes = verdicts.burst_sizes([(c.hit.time_ms, c.hit.link) for c in clicks], self.window_ms)
+        delivered, source = self._delivered_ms(conn, *copy)
+        rows = []
+        for click, size in zip(clicks, sizes, strict=True):
+            if force or click.size != size:
+                click.size = size
+                rows.append(self._row(click.event_id, click.hit, verdicts.Context(delivered, source, size), now))
+        return rows
 
     def recompute(self, conn, after_id: int, limit: int) -> tuple[int, int]:
         """Recompute verdicts of up to `limit` Open/Click events after `after_id`: (last id seen, count)."""
@@ -229,9 +274,14 @@ class EventWriter:
                 rows.append(self._row(event_id, hit, verdicts.Context(), now))
             else:
                 ms = iso_to_ms(json.loads(record_json)["click"]["timestamp"])
-                copies.setdefault((message_id, recipient), []).append(ms)
-        for (message_id, recipient), times in copies.items():
-            rows += self._judge_clicks(conn, message_id, recipient, min(times), max(times), now)
+                copies.setdefault((message_id, recipient), set()).add((event_id, ms))
+        for copy, page in copies.items():
+            ids = {event_id for event_id, _ in page}
+            times = [ms for _, ms in page]
+            # the page's clicks with every click of the copy they could share a burst window with
+            clicks = self._stored_clicks(conn, copy, min(times) - self.window_ms, max(times) + self.window_ms,
+                                         1_000_000)
+            rows += [r for r in self._judge(conn, copy, clicks, now, force=True) if r.event_id in ids]
         store_module.upsert_verdicts(conn, rows)
         return (batch[-1][0] if batch else after_id), len(batch)
 

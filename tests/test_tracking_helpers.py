@@ -30,10 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp: Path, tracking: str = "", sets: str = "") -> Path:
+def write_config(tmp: Path, tracking: str = "", sets: str = "", listen: str = "127.0.0.1:0") -> Path:
     path = tmp / "relay.toml"
     path.write_text(
-        f'[relay]\ndata_dir = "data"\n\n[tracking]\nlisten = "127.0.0.1:0"\ndefault_host = "localhost"\n'
+        f'[relay]\ndata_dir = "data"\n\n[tracking]\nlisten = "{listen}"\ndefault_host = "localhost"\n'
         f"{tracking}\n{sets}\n",
         encoding="utf-8",
     )

@@ -79,18 +79,36 @@ def test_click_soon_after_delivery(lists):
 
 def test_all_links_clicked_within_seconds(lists):
     hit = Hit(CLICK, "GET", "198.51.100.1", CHROME, 100_000, "c")
-    burst = Context(0, sibling_clicks=((99_000, "a"), (101_000, "b")))
-    assert codes(classify(hit, burst, lists)) == ["link-burst"]
-    # the same link three times is a person double-clicking, not a burst
-    same = Context(0, sibling_clicks=((99_000, "c"), (101_000, "c")))
-    assert classify(hit, same, lists).verdict == HUMAN
-    # spread over more than the window: no window of 5 s holds three links
-    spread = Context(0, sibling_clicks=((96_000, "a"), (104_000, "b")))
-    assert classify(hit, spread, lists).verdict == HUMAN
+    assert codes(classify(hit, Context(0, burst_links=3), lists)) == ["link-burst"]
+    assert "3 different links" in classify(hit, Context(0, burst_links=3), lists).reasons[0].detail
+    assert classify(hit, Context(0, burst_links=2), lists).verdict == HUMAN
     # a two-link message whose both links go at once
-    two = Context(0, sibling_clicks=((100_500, "a"),), link_count=2)
-    assert codes(classify(hit, two, lists)) == ["link-burst"]
-    assert classify(hit, burst, lists, Thresholds(burst_min_links=4)).verdict == HUMAN
+    assert codes(classify(hit, Context(0, burst_links=2, link_count=2), lists)) == ["link-burst"]
+    assert classify(hit, Context(0, burst_links=3), lists, Thresholds(burst_min_links=4)).verdict == HUMAN
+
+
+def test_burst_sizes():
+    w = 5000
+    assert verdicts.burst_sizes([], w) == []
+    assert verdicts.burst_sizes([(0, "a")], w) == [1]
+    # three links within 2 s, given out of order
+    assert verdicts.burst_sizes([(101_000, "b"), (99_000, "a"), (100_000, "c")], w) == [3, 3, 3]
+    # the same link again and again is one link (a person double-clicking)
+    assert verdicts.burst_sizes([(0, "a"), (100, "a"), (200, "a")], w) == [1, 1, 1]
+    # spread over more than the window: no window holds all three; the middle one shares one with each side
+    assert verdicts.burst_sizes([(0, "a"), (4000, "b"), (8000, "c")], w) == [2, 2, 2]
+    # a late click does not join an earlier burst
+    assert verdicts.burst_sizes([(0, "a"), (1000, "b"), (2000, "c"), (60_000, "d")], w) == [3, 3, 3, 1]
+
+
+def test_burst_sizes_is_fast_on_a_flood():
+    import time
+
+    clicks = [(i, f"l{i % 7}") for i in range(50_000)]
+    start = time.monotonic()
+    sizes = verdicts.burst_sizes(clicks, 5000)
+    assert time.monotonic() - start < 2
+    assert set(sizes) == {7}
 
 
 def test_machine_wins_over_proxy_and_reasons_accumulate(lists):

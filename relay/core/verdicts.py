@@ -12,6 +12,7 @@ little context from the store and the operator's lists, so it can be recomputed 
 from __future__ import annotations
 
 import bisect
+import heapq
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -145,8 +146,9 @@ class Context:
 
     delivered_ms: int | None = None  # the Delivery event of this copy, else the message's acceptance time
     delivered_from: str = "delivery"  # "delivery" | "message"
-    # other clicks of the same recipient copy near this one: (time_ms, link)
-    sibling_clicks: tuple[tuple[int, str], ...] = ()
+    # the most different links of this copy clicked inside one burst window holding this click
+    # (`burst_sizes` computes it for all of a copy's clicks at once)
+    burst_links: int = 1
     link_count: int | None = None  # links wrapped in the message, when known
 
 
@@ -228,19 +230,38 @@ def _click_timing_reasons(hit: Hit, ctx: Context, th: Thresholds) -> list[Reason
             what = "delivery" if ctx.delivered_from == "delivery" else "the message was accepted"
             out.append(Reason("early-click", f"clicked {max(delay, 0):.1f} s after {what} "
                                              f"(< {th.early_click_seconds:g} s)", MACHINE))
-    burst = _burst_links(hit, ctx.sibling_clicks, th.burst_window_seconds * 1000)
     needed = th.burst_min_links if ctx.link_count is None else max(2, min(th.burst_min_links, ctx.link_count))
-    if burst >= needed:
-        out.append(Reason("link-burst", f"{burst} different links of this message clicked within "
+    if ctx.burst_links >= needed:
+        out.append(Reason("link-burst", f"{ctx.burst_links} different links of this message clicked within "
                                         f"{th.burst_window_seconds:g} s", MACHINE))
     return out
 
 
-def _burst_links(hit: Hit, siblings: tuple[tuple[int, str], ...], window_ms: float) -> int:
-    """The most different links clicked inside any window of `window_ms` that contains this hit."""
-    clicks = [(hit.time_ms, hit.link)] + [c for c in siblings if abs(c[0] - hit.time_ms) <= window_ms]
-    best = 1
-    for start, _ in clicks:
-        if start <= hit.time_ms <= start + window_ms:
-            best = max(best, len({link for t, link in clicks if start <= t <= start + window_ms}))
-    return best
+def burst_sizes(clicks: list[tuple[int, str]], window_ms: float) -> list[int]:
+    """For each (time_ms, link) click of one copy: the most different links clicked inside any window of
+    `window_ms` that contains it. O(n log n): a flood of clicks on one copy must not cost O(n^2)."""
+    order = sorted(range(len(clicks)), key=lambda i: clicks[i][0])
+    times = [clicks[i][0] for i in order]
+    # distinct links in the window starting at each click (two pointers over the sorted clicks)
+    starts: list[tuple[int, int]] = []  # (distinct links, index of the window's last click)
+    counts: dict[str, int] = {}
+    end = 0
+    for i in range(len(order)):
+        while end < len(order) and times[end] <= times[i] + window_ms:
+            link = clicks[order[end]][1]
+            counts[link] = counts.get(link, 0) + 1
+            end += 1
+        starts.append((len(counts), end - 1))
+        link = clicks[order[i]][1]
+        counts[link] -= 1
+        if not counts[link]:
+            del counts[link]
+    # each click takes the best window that started at or before it and still reaches it
+    sizes = [1] * len(clicks)
+    live: list[tuple[int, int]] = []  # max-heap of (-distinct, last index)
+    for j in range(len(order)):
+        heapq.heappush(live, (-starts[j][0], starts[j][1]))
+        while live[0][1] < j:
+            heapq.heappop(live)
+        sizes[order[j]] = -live[0][0]
+    return sizes

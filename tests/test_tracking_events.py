@@ -1,0 +1,243 @@
+"""Events and verdicts recorded by the running listener: recorded user agents of Apple MPP, Gmail's and Yahoo's
+proxies and scanners, timing rules, unique opens, recomputation, and no event lost on SIGTERM under load."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.store import Store
+from relay.tracking import recompute_verdicts
+
+from .test_tracking_helpers import (
+    CHROME,
+    MID,
+    RCPT,
+    Listener,
+    free_port,
+    load,
+    request,
+    store_delivery,
+    store_message,
+    stored,
+    verdict_of,
+    write_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+# User agents as recorded in the wild (see ../shared/reference/tracking-pitfalls.md, item 19).
+APPLE_MPP = "Mozilla/5.0"
+GMAIL_PROXY = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+YAHOO_PROXY = "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html"
+IPHONE = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+          "Mobile/15E148")
+APPLE_CSV = "17.58.0.0/16,US,US-CA,Cupertino,\n172.224.224.0/27,US,US-NY,New York,\n"
+
+
+def _config(tmp: Path, extra: str = ""):
+    (tmp / "apple.csv").write_text(APPLE_CSV)
+    (tmp / "scanner-uas.txt").write_text("mimecast: Mimecast\nbarracuda: Barracuda\n")
+    return load(tmp, 'trusted_proxies = ["127.0.0.0/8"]\napple_egress_file = "apple.csv"\n'
+                     f'scanner_user_agents_file = "scanner-uas.txt"\n{extra}')
+
+
+@pytest.fixture
+def listener(tmp_path):
+    server = Listener(_config(tmp_path))
+    yield server
+    server.stop()
+
+
+def _hit(server: Listener, path: str, ua: str, ip: str, method: str = "GET") -> int:
+    return request(server.port, method, path, {"User-Agent": ua, "X-Forwarded-For": ip})[0]
+
+
+def _verdicts(server: Listener, message_id: str = MID) -> list[tuple[str, str, list[str]]]:
+    return [(v["type"], v["verdict"], [r["code"] for r in v["reasons"]]) for v in verdict_of(server.store, message_id)]
+
+
+def test_recorded_user_agents_get_their_verdicts(listener):
+    store_message(listener.store)
+    pixel = "/o/" + listener.open_token()
+    _hit(listener, pixel, APPLE_MPP, "17.58.10.20")  # Apple Mail Privacy Protection prefetch
+    _hit(listener, pixel, APPLE_MPP, "198.51.100.20")  # bare UA, but not from Apple: no claim
+    _hit(listener, pixel, GMAIL_PROXY, "66.249.84.10")
+    _hit(listener, pixel, YAHOO_PROXY, "98.136.1.1")
+    _hit(listener, pixel, IPHONE, "203.0.113.5")
+    _hit(listener, pixel, IPHONE, "203.0.113.5", method="HEAD")
+    link = "/c/" + listener.click_token("https://shop.example/a")
+    _hit(listener, link, CHROME, "40.92.3.4")  # Microsoft Safe Links network (default list)
+    _hit(listener, link, "Mozilla/5.0 (compatible; Mimecast-URL-Protect)", "198.51.100.9")
+    listener.flush()
+    assert _verdicts(listener) == [
+        ("Open", "machine", ["apple-mpp"]),
+        ("Open", "human", []),
+        ("Open", "proxy", ["google-image-proxy"]),
+        ("Open", "proxy", ["yahoo-image-proxy"]),
+        ("Open", "human", []),
+        ("Open", "machine", ["head-request"]),
+        ("Click", "machine", ["scanner-network"]),
+        ("Click", "machine", ["scanner-user-agent"]),
+    ]
+    rows = verdict_of(listener.store)
+    assert rows[2]["device"]["kind"] == "proxy"
+    assert rows[4]["device"] == {"client": "Mobile Safari UI/WKWebView", "os": "iOS 17.1", "kind": "mobile"}
+    assert rows[5]["method"] == "HEAD"
+    # the raw events stay as SES records them: every hit, with the client's own address and agent
+    opens = stored(listener.store, "Open")
+    assert [o["open"]["ipAddress"] for o in opens][:2] == ["17.58.10.20", "198.51.100.20"]
+    assert all(set(o) == {"eventType", "mail", "open"} for o in opens)
+    assert set(opens[0]["open"]) == {"ipAddress", "timestamp", "userAgent"}
+
+
+def test_click_seconds_after_delivery_is_a_scanner(listener):
+    mail = store_message(listener.store)
+    store_delivery(listener.store, mail, RCPT, int(time.time() * 1000) - 2000)
+    _hit(listener, "/c/" + listener.click_token("https://shop.example/a"), CHROME, "198.51.100.1")
+    listener.flush()
+    [(kind, verdict, codes)] = _verdicts(listener)
+    assert (kind, verdict, codes) == ("Click", "machine", ["early-click"])
+    assert "after delivery" in verdict_of(listener.store)[0]["reasons"][0]["detail"]
+
+
+def test_every_link_clicked_at_once_marks_all_of_them(listener):
+    store_message(listener.store)
+    for i, url in enumerate(["https://shop.example/a", "https://shop.example/b", "https://shop.example/c"]):
+        _hit(listener, "/c/" + listener.click_token(url, i), CHROME, "198.51.100.1")
+        listener.flush()  # separate batches: the first clicks are judged again when the burst shows
+    assert [v[1:] for v in _verdicts(listener)] == [("machine", ["link-burst"])] * 3
+
+
+def test_unique_opens_and_click_counts_as_open(listener):
+    mid = "0100018c1a2b3c4d-11111111-2222-3333-4444-555555555555-000000"
+    rcpts = ("blocked@example.org", "apple@example.org", "gmail@example.org", "nobody@example.org")
+    store_message(listener.store, mid, rcpts)
+    link = "https://shop.example/a"
+    _hit(listener, "/c/" + listener.click_token(link, message_id=mid, recipient=rcpts[0]), CHROME, "198.51.100.1")
+    _hit(listener, "/o/" + listener.open_token(mid, rcpts[1]), APPLE_MPP, "17.58.0.1")
+    _hit(listener, "/o/" + listener.open_token(mid, rcpts[2]), GMAIL_PROXY, "66.249.84.1")
+    _hit(listener, "/o/" + listener.open_token(mid, rcpts[2]), GMAIL_PROXY, "66.249.84.1")
+    listener.flush()
+    rows = listener.store.query(
+        "SELECT recipient, opens, real_opens, clicks, human_clicks, opened, opened_by_click_only"
+        " FROM tracking_engagement WHERE message_id = ? ORDER BY recipient", (mid,))
+    assert rows == [
+        ("apple@example.org", 1, 0, 0, 0, 0, 0),
+        ("blocked@example.org", 0, 0, 1, 1, 1, 1),
+        ("gmail@example.org", 2, 2, 0, 0, 1, 0),
+    ]
+    unique = listener.store.query("SELECT COUNT(*) FROM tracking_engagement WHERE message_id = ? AND opened = 1",
+                                  (mid,))
+    assert unique == [(2,)]
+
+
+def test_verdicts_recompute_when_lists_change_raw_events_untouched(tmp_path):
+    server = Listener(load(tmp_path, 'trusted_proxies = ["127.0.0.0/8"]'))  # no Apple list yet
+    try:
+        store_message(server.store)
+        _hit(server, "/o/" + server.open_token(), APPLE_MPP, "17.58.10.20")
+        _hit(server, "/c/" + server.click_token("https://shop.example/a"), CHROME, "198.51.100.1")
+        server.flush()
+        assert [v[1] for v in _verdicts(server)] == ["human", "human"]
+        before = server.store.query("SELECT id, record FROM events ORDER BY id")
+    finally:
+        server.stop()
+    cfg = _config(tmp_path)
+    store = Store(cfg.database_path)
+    try:
+        assert recompute_verdicts(store, cfg) == 2
+        rows = store.tracking_verdicts(MID)
+        assert [(r["verdict"], [x["code"] for x in r["reasons"]]) for r in rows] == [
+            ("machine", ["apple-mpp"]), ("human", [])]
+        assert store.query("SELECT id, record FROM events ORDER BY id") == before
+    finally:
+        store.close()
+
+
+# --- SIGTERM under load ----------------------------------------------------------------------------------
+
+def _load(port: int, paths: list[str], stop_at: float, results: list, limit: int) -> None:
+    """Keep-alive GETs until refused or out of time/count; counts answers and attempts."""
+    ok = sent = 0
+    conn = None
+    while sent < limit and time.monotonic() < stop_at:
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            sent += 1
+            conn.request("GET", paths[sent % len(paths)], headers={"User-Agent": CHROME})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status in (200, 302):
+                ok += 1
+        except (OSError, http.client.HTTPException):
+            if conn is not None:
+                conn.close()
+            conn = None
+            time.sleep(0.01)
+    if conn is not None:
+        conn.close()
+    results.append((ok, sent))
+
+
+def test_no_event_lost_on_sigterm_under_load(tmp_path):
+    port = free_port()
+    # a long flush interval keeps plenty of hits buffered in memory when the signal arrives
+    path = write_config(tmp_path, "flush_interval = 0.25\nflush_batch = 100000", listen=f"127.0.0.1:{port}")
+    from relay import config as config_module
+
+    cfg = config_module.load(path)
+    keyring = cfg.keyring()
+    store = Store(cfg.database_path)
+    store_message(store)
+    store.close()
+    from relay.core import tokens
+
+    now = int(time.time())
+    paths = ["/o/" + tokens.sign_open(keyring, MID, RCPT, now),
+             "/c/" + tokens.sign_click(keyring, MID, RCPT, now, 0, "https://shop.example/x#y", {})]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "track", "--config", str(path)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if request(port, "GET", "/healthz")[0] == 200:
+                    break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        results: list = []
+        stop_at = time.monotonic() + 4
+        threads = [threading.Thread(target=_load, args=(port, paths, stop_at, results, 3000)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.8)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(10)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()
+    ok = sum(r[0] for r in results)
+    sent = sum(r[1] for r in results)
+    with sqlite3.connect(cfg.database_path) as db:
+        recorded = db.execute("SELECT COUNT(*) FROM events WHERE type IN ('Open', 'Click')").fetchone()[0]
+        judged = db.execute("SELECT COUNT(*) FROM tracking_verdicts").fetchone()[0]
+    assert ok > 200, (ok, sent, err.decode())
+    assert ok <= recorded <= sent, (ok, recorded, sent)
+    assert judged == recorded
+    assert b"0 lost" in err
