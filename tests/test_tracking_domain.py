@@ -1,0 +1,135 @@
+"""`relay tracking-domain verify`: resolve through a tiny DNS server on 127.0.0.1, fetch a one-time challenge
+through the name from the running listener, remember the verified domain."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import dns.rrset
+import pytest
+
+from relay.store import Store
+from relay.tracking import challenge_answer, make_challenge, tracking_domain_command
+
+from .test_tracking_helpers import Listener, load, request, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TinyDns:
+    """Answers A queries from a table over UDP on 127.0.0.1; NXDOMAIN for anything else."""
+
+    def __init__(self, table: dict[str, str]):
+        self.table = {k.lower().rstrip(".") + ".": v for k, v in table.items()}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            reply = dns.message.make_response(query)
+            question = query.question[0]
+            name = question.name.to_text().lower()
+            if name not in self.table:
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+            elif dns.rdatatype.to_text(question.rdtype) == "A":
+                reply.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", self.table[name]))
+            self.sock.sendto(reply.to_wire(), addr)
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def dns_server():
+    server = TinyDns({"track.example.test": "127.0.0.1", "elsewhere.example.test": "127.0.0.1"})
+    yield server
+    server.close()
+
+
+def _args(domain: str, config: Path, dns_port: int) -> argparse.Namespace:
+    return argparse.Namespace(tracking_domain_command="verify", domain=domain, config=str(config),
+                              nameserver="127.0.0.1", port=dns_port)
+
+
+def test_verify_through_dns_and_listener(tmp_path, dns_server, capsys):
+    cfg_path = write_config(tmp_path)
+    server = Listener(load(tmp_path))
+    try:
+        assert not server.store.is_tracking_domain_verified("track.example.test")
+        code = tracking_domain_command(_args(f"track.example.test:{server.port}", cfg_path, dns_server.port))
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert "verified: track.example.test reaches this tracking listener over http (127.0.0.1)" in out.out
+        assert server.store.is_tracking_domain_verified("Track.Example.Test")
+        assert server.store.verified_tracking_domains() == {"track.example.test"}
+    finally:
+        server.stop()
+
+
+def test_verify_command_line_refuses_what_does_not_reach_us(tmp_path, dns_server):
+    cfg_path = write_config(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    stranger = Listener(load(other))  # a tracking listener with other keys: not ours
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(domain: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "relay.cli", "tracking-domain", "verify", domain, "--config", str(cfg_path),
+             "--nameserver", "127.0.0.1", "--port", str(dns_server.port)],
+            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+
+    try:
+        wrong = run(f"elsewhere.example.test:{stranger.port}")
+        assert wrong.returncode == 1 and "does not reach this tracking listener" in wrong.stderr
+        missing = run("missing.example.test")
+        assert missing.returncode == 1 and "does not resolve" in missing.stderr
+        bad = run("bad_name.example.test")
+        assert bad.returncode == 1 and "InvalidTrackingOptions" in bad.stderr and "label 'bad_name'" in bad.stderr
+    finally:
+        stranger.stop()
+    store = Store(load(tmp_path).database_path)
+    try:
+        assert store.verified_tracking_domains() == set()
+    finally:
+        store.close()
+
+
+def test_challenge_is_signed_and_expires(tmp_path):
+    keyring = load(tmp_path).keyring()
+    token = make_challenge(keyring, 1000)
+    assert challenge_answer(keyring, token, 1000) is not None
+    assert challenge_answer(keyring, token, 1000 + 301) is None
+    assert challenge_answer(keyring, token[:-2] + "AA", 1000) is None
+    assert challenge_answer(keyring, "nonsense", 1000) is None
+    server = Listener(load(tmp_path))
+    try:
+        now = int(time.time())
+        good = make_challenge(keyring, now)
+        status, _, body = request(server.port, "GET", "/.well-known/relay-tracking/" + good)
+        assert status == 200
+        assert body.split() == [b"relay-tracking", challenge_answer(keyring, good, now).encode(), b"http"]
+        assert request(server.port, "GET", "/.well-known/relay-tracking/" + token)[0] == 404
+    finally:
+        server.stop()
