@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import stat
 import sys
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from pathlib import Path
 
-from relay.config import ConfigError, DkimKey, DkimSettings
+from relay.config import HOST_RE, ConfigError, DkimKey, DkimSettings
 from relay.core import dkim
 from relay.core.headers import split_header_block
 
@@ -89,23 +90,41 @@ def _from_domain(data: bytes) -> str | None:
     addrs = [a for _, a in getaddresses([f.value])] if f else []
     if not addrs or "@" not in addrs[0]:
         return None
-    domain = addrs[0].rpartition("@")[2].strip().rstrip(".").lower()
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
+    domain = addrs[0].rpartition("@")[2]
+    return _a_label(domain) or domain.strip().lower()
 
 
 # --- keys --------------------------------------------------------------------------------------------------
 
+_SELECTOR = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+
+
 def _load_keys(settings: DkimSettings) -> tuple[list[dkim.SigningKey], list[str]]:
     loaded, problems = [], []
     for i, k in enumerate(settings.keys):
+        domain = _a_label(k.domain)
+        if domain is None:
+            problems.append(f"dkim.keys[{i}].domain: {k.domain!r} is not a domain name")
+        if not _SELECTOR.match(k.selector):
+            problems.append(f"dkim.keys[{i}].selector: {k.selector!r} is not a selector (letters, digits, - _ .)")
         try:
-            loaded.append(dkim.SigningKey(k.domain, k.selector, k.algorithm, load_key_file(k)))
+            key = load_key_file(k)
         except ValueError as exc:
             problems.append(f"dkim.keys[{i}].private_key_file: {exc}")
+            continue
+        if domain and _SELECTOR.match(k.selector):
+            loaded.append(dkim.SigningKey(domain, k.selector, k.algorithm, key))
     return loaded, problems
+
+
+def _a_label(domain: str) -> str | None:
+    """The ASCII (IDNA) form d= needs, lowercased; None when it is not a domain name."""
+    try:
+        ascii_domain = domain.strip().rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    ok = HOST_RE.match(ascii_domain) and "." in ascii_domain and ":" not in ascii_domain
+    return ascii_domain if ok else None
 
 
 def load_key_file(k: DkimKey) -> dkim.PrivateKey:

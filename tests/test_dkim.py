@@ -437,6 +437,18 @@ def test_bad_key_files(tmp_path, rsa_key, ed_key):
     ]
 
 
+def test_domain_and_selector_checked_idn_domain_signs_as_a_label(tmp_path, rsa_key):
+    path = write_key(tmp_path / "k.pem", rsa_key)
+    problems = check_keys(DkimSettings((DkimKey("not a domain", "s", path), DkimKey("example.com", "s;x", path))))
+    assert problems == ["dkim.keys[0].domain: 'not a domain' is not a domain name",
+                        "dkim.keys[1].selector: 's;x' is not a selector (letters, digits, - _ .)"]
+    signer = Signer(DkimSettings((DkimKey("bücher.example", "s", path),)), clock=lambda: NOW)
+    msg = MESSAGE.replace(b"news@example.com", "news@Bücher.example".encode())
+    out = signer.sign(msg, original=msg).data
+    assert signature_tags(out)[0]["d"] == "xn--bcher-kva.example"
+    assert verify(out, {"s._domainkey.xn--bcher-kva.example.": dkim.key_record(rsa_key)})
+
+
 def test_relay_check_reports_key_problems(tmp_path, rsa_key, capsys):
     path = write_key(tmp_path / "k.pem", rsa_key, 0o644)
     cfg = tmp_path / "relay.toml"
