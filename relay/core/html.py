@@ -1,0 +1,208 @@
+"""A tag scanner for email HTML that finds what tracking may change, and nothing else.
+
+It never builds a DOM: one compiled regex jumps between the few things that matter (comments, link elements,
+`<body>`, `</body>`, script/style, the open-tracker placeholder) and reports byte spans, so the caller can
+edit exactly those bytes and pass every other byte through (doctype, entities, quoting, VML, malformed markup).
+Tag syntax is ASCII, so the scanner works on bytes of any ASCII-compatible charset.
+"""
+
+from __future__ import annotations
+
+import html.entities
+import re
+from dataclasses import dataclass, field
+
+PLACEHOLDER = b"{{ses:openTracker}}"
+# Per-link opt-out and tag attributes (SES, SendGrid, Postmark, SparkPost): always removed from links.
+MARKERS = (b"ses:no-track", b"ses:tags", b"clicktracking", b"data-pm-no-track", b"data-msys-clicktrack")
+
+_SCAN = re.compile(
+    rb"<!--"
+    rb"|<!\[CDATA\["
+    rb"|<(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
+    rb"|</(?i:body)(?=[\s/>])"
+    rb"|\{\{ses:openTracker\}\}"
+)
+_ATTR = re.compile(rb"[\s/]*(?:(>)|([^\s/>][^\s/>=]*)(?:\s*(=)\s*)?)")
+_UNQUOTED = re.compile(rb"[^\s>]+")
+_TAG_OPEN = re.compile(rb"</?[A-Za-z]")
+
+
+@dataclass
+class Attr:
+    name: bytes  # lower-cased
+    start: int  # first byte of the name
+    end: int  # end of the value (or of the name when there is no value)
+    value_start: int = -1  # span of the value without its quotes (-1: no value)
+    value_end: int = -1
+    quote: bytes = b""
+
+    def value(self, doc: bytes) -> bytes | None:
+        return None if self.value_start < 0 else doc[self.value_start:self.value_end]
+
+
+@dataclass
+class Tag:
+    name: str  # lower-cased
+    start: int
+    end: int  # just after ">"
+    attrs: list[Attr]
+    in_comment: bool = False
+
+    def attr(self, name: bytes) -> Attr | None:
+        return next((a for a in self.attrs if a.name == name), None)
+
+
+@dataclass
+class Scan:
+    links: list[Tag] = field(default_factory=list)  # a, area and v:* start tags, in document order
+    placeholders: list[tuple[int, bool]] = field(default_factory=list)  # (offset, usable as pixel spot)
+    body_open_end: int | None = None  # just after the first <body ...>
+    body_close: int | None = None  # start of the last </body>
+
+
+def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
+    """The start tag at `start` with its attributes, or None when it never closes (then it is text)."""
+    attrs: list[Attr] = []
+    pos = name_end
+    while pos < limit:
+        m = _ATTR.match(doc, pos, limit)
+        if m is None:
+            return None
+        if m.group(1):
+            name = doc[start + 1:name_end].decode("ascii", "replace").lower()
+            return Tag(name, start, m.end(), attrs)
+        if m.group(2) is None:  # only whitespace or "/" left before the limit
+            return None
+        attr = Attr(m.group(2).lower(), m.start(2), m.end(2))
+        pos = m.end()
+        if m.group(3):
+            q = doc[pos:pos + 1]
+            if q in (b'"', b"'"):
+                close = doc.find(q, pos + 1, limit)
+                if close < 0:
+                    return None
+                attr.value_start, attr.value_end, attr.quote, pos = pos + 1, close, q, close + 1
+            else:
+                v = _UNQUOTED.match(doc, pos, limit)
+                if v:
+                    attr.value_start, attr.value_end, pos = pos, v.end(), v.end()
+        attr.end = pos
+        attrs.append(attr)
+    return None
+
+
+def _inside_tag(doc: bytes, pos: int, floor: int) -> bool:
+    """Whether `pos` sits inside some other tag (e.g. an attribute value), judged by the nearest < and >."""
+    lt = doc.rfind(b"<", floor, pos)
+    return lt >= 0 and doc.rfind(b">", lt, pos) < 0 and _TAG_OPEN.match(doc, lt) is not None
+
+
+def scan(doc: bytes, start: int = 0, end: int | None = None, in_comment: bool = False,
+         result: Scan | None = None) -> Scan:
+    """Everything tracking may touch in `doc[start:end]`; conditional comments are scanned for links too."""
+    end = len(doc) if end is None else end
+    out = result or Scan()
+    pos = start
+    while True:
+        m = _SCAN.search(doc, pos, end)
+        if m is None:
+            return out
+        token, at = m.group(0), m.start()
+        if token == b"<!--":
+            close = doc.find(b"-->", at + 4, end)
+            stop = end if close < 0 else close
+            if doc.startswith(b"[if", at + 4) and not in_comment:  # Outlook conditional comment: VML buttons
+                scan(doc, at + 4, stop, True, out)
+            pos = end if close < 0 else close + 3
+        elif token == b"<![CDATA[":
+            close = doc.find(b"]]>", at, end)
+            pos = end if close < 0 else close + 3
+        elif token == PLACEHOLDER:
+            out.placeholders.append((at, not in_comment and not _inside_tag(doc, at, start)))
+            pos = m.end()
+        elif _inside_tag(doc, at, start):
+            pos = at + 1
+        elif token[1:2] == b"/":  # </body>
+            if not in_comment:
+                out.body_close = at
+            pos = m.end()
+        else:
+            pos = _start_tag(doc, m, end, in_comment, out)
+
+
+def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:
+    tag = parse_tag(doc, m.start(), m.end(1), end)
+    if tag is None:
+        return m.start() + 1
+    tag.in_comment = in_comment
+    if tag.name in ("script", "style"):
+        close = re.compile(rb"</" + tag.name.encode() + rb"\s*>", re.I).search(doc, tag.end, end)
+        return end if close is None else close.start()
+    if tag.name == "body":
+        if out.body_open_end is None and not in_comment:
+            out.body_open_end = tag.end
+    else:
+        out.links.append(tag)
+    return tag.end
+
+
+# --- attribute values ---------------------------------------------------------------------------------------
+
+_CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[A-Za-z][A-Za-z0-9]*;?)")
+_NUMERIC_FIXES = {0x80: "\u20ac", 0x82: "\u201a", 0x83: "\u0192", 0x84: "\u201e", 0x85: "\u2026", 0x86: "\u2020",
+                  0x87: "\u2021", 0x88: "\u02c6", 0x89: "\u2030", 0x8A: "\u0160", 0x8B: "\u2039", 0x8C: "\u0152",
+                  0x8E: "\u017d", 0x91: "\u2018", 0x92: "\u2019", 0x93: "\u201c", 0x94: "\u201d", 0x95: "\u2022",
+                  0x96: "\u2013", 0x97: "\u2014", 0x98: "\u02dc", 0x99: "\u2122", 0x9A: "\u0161", 0x9B: "\u203a",
+                  0x9C: "\u0153", 0x9E: "\u017e", 0x9F: "\u0178"}
+_HTML5 = html.entities.html5
+
+
+def _numeric(ref: str) -> str:
+    digits = ref[1:].rstrip(";")
+    code = int(digits[1:], 16) if digits[:1] in ("x", "X") else int(digits)
+    if code in _NUMERIC_FIXES:
+        return _NUMERIC_FIXES[code]
+    if code == 0 or code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+        return "\ufffd"
+    return chr(code)
+
+
+def unescape_attribute(value: str) -> str:
+    """Character references decoded once, as a browser does in an attribute value.
+
+    Unlike `html.unescape`, a named reference without ";" followed by a letter, digit or "=" is left as it is
+    (so `?a=1&region=eu` keeps `&region`), which is what makes the redirect land where the link pointed.
+    """
+    if "&" not in value:
+        return value
+
+    def repl(m: re.Match) -> str:
+        ref = m.group(1)
+        if ref[0] == "#":
+            return _numeric(ref)
+        if ref.endswith(";") and ref in _HTML5:
+            return _HTML5[ref]
+        for n in range(len(ref.rstrip(";")), 1, -1):  # longest legacy name without ";"
+            name = ref[:n]
+            if name in _HTML5 and not name.endswith(";"):
+                after = value[m.start(1) + n:m.start(1) + n + 1]
+                if after and (after.isalnum() or after == "="):
+                    return m.group(0)
+                return _HTML5[name] + ref[n:]
+        return m.group(0)
+
+    return _CHARREF.sub(repl, value)
+
+
+def ambiguous_entities(value: str) -> bool:
+    """Whether a naive unescape (html.unescape) would read this value differently from a browser."""
+    import html as html_module
+
+    return "&" in value and html_module.unescape(value) != unescape_attribute(value)
+
+
+def escape_attribute(value: str) -> str:
+    """A URL made safe for any attribute quoting: & as &amp;, quotes and whitespace as references."""
+    return (value.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&#39;").replace(">", "&gt;")
+            .replace(" ", "&#32;"))

@@ -1,0 +1,488 @@
+"""Open and click instrumentation, split in two so a message is analysed once and copied cheaply per recipient.
+
+`analyse(raw, settings)` parses the MIME tree, decodes each HTML part, scans it and turns it into a template:
+the decoded bytes with holes (slots) where tracking URLs and the pixel go, already re-encoded wherever no slot
+sits. `render(plan, ...)` fills the slots with one recipient's signed URLs, encodes only what contains them
+and splices the part bodies into the original message bytes. Both are pure.
+
+Rules follow SES (see docs/ses-compat §3): only http(s) links valid per RFC 3986 (IRIs allowed) are wrapped, at
+most 250 per message; opt-out markers and `ses:tags` are always removed; the first `{{ses:openTracker}}` is the
+pixel and the others are deleted, whether or not opens are tracked.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from urllib.parse import urlsplit
+
+from relay.core import html, mime, tokens
+from relay.core.settings import TrackingSettings
+from relay.core.tokens import Keyring
+
+MAX_LINKS = 250  # SES tracks at most 250 links per message
+CLIP_BYTES = 102 * 1024  # Gmail clips a message whose HTML exceeds about 102 KB ...
+TOP_PIXEL_BYTES = 100 * 1024  # ... so `auto` moves the pixel to the top above this
+CLIP_WARNING_BYTES = 90 * 1024
+PIXEL = -1  # slot number of the open pixel; links use their message-wide index
+PIXEL_HTML = (b'<img src="%s" width="1" height="1" alt="" border="0" '
+              b'style="border:0;width:1px;height:1px" />')
+_TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_IRI = r"A-Za-z0-9\-._~!$&'()*+,;=\u00a0-\ud7ff\ue000-\U0010ffff"  # unreserved, sub-delims, ucschar
+_PCT = r"%[0-9A-Fa-f]{2}"
+_URL_RE = re.compile(
+    rf"https?://(?:(?:[{_IRI}:]|{_PCT})*@)?(?:\[[0-9A-Fa-f:.vV]+\]|(?:[{_IRI}]|{_PCT})+)(?::[0-9]*)?"
+    rf"(?:/(?:[{_IRI}:@/]|{_PCT})*)?(?:\?(?:[{_IRI}:@/?]|{_PCT})*)?(?:#(?:[{_IRI}:@/?]|{_PCT})*)?",
+    re.I,
+)
+_PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
+_STATEFUL = ("utf_7", "hz", "iso2022")
+_SAMPLE_RECIPIENT = "r" * 40  # for size estimates before the recipient is known
+
+
+# --- plan --------------------------------------------------------------------------------------------------
+
+@dataclass
+class LinkPlan:
+    index: int  # message-wide, signed into the token
+    original: str
+    base: str  # tracking URL up to the token (scheme follows the link and the HTTPS policy)
+    suffix: bytes  # the per-link part of the token body
+    tags: dict[str, list[str]]
+    report: dict
+
+
+@dataclass
+class PartPlan:
+    part: mime.Part
+    report: dict
+    cte: str  # encoding of the rendered body
+    like: bytes  # the original encoded body (base64 keeps its final newline)
+    codec: str | None  # None: bytes of an ASCII-compatible charset; else transcode utf-8 → codec per copy
+    pieces: list[bytes | int]  # decoded template; int = slot
+    units: list[bytes | list] | None  # QP/identity: lines grouped, static ones ready; None: encode whole
+    slots: list[int] = field(default_factory=list)
+    static_size: int = 0  # decoded bytes outside the slots
+
+
+@dataclass
+class Plan:
+    settings: TrackingSettings
+    size: int  # length of the input, as a cheap guard for cache hits
+    static_edits: list[tuple[int, int, bytes]] = field(default_factory=list)
+    parts: list[PartPlan] = field(default_factory=list)
+    links: list[LinkPlan] = field(default_factory=list)
+    report_parts: list[dict] = field(default_factory=list)  # in MIME order; dynamic ones filled per copy
+    warnings: list[str] = field(default_factory=list)
+    open_slots: bool = False
+
+
+class PartError(Exception):
+    """This part cannot be instrumented safely; it goes out as it came (with the reason in the report)."""
+
+
+def analyse(raw: bytes, settings: TrackingSettings) -> Plan:
+    plan = Plan(settings=settings, size=len(raw))
+    root = mime.parse(raw)
+    for part in mime.leaves(root):
+        report = {"path": part.path, "content_type": part.content_type, "charset": part.charset,
+                  "transfer_encoding": part.cte or None}
+        plan.report_parts.append(report)
+        reason = _untouchable(part)
+        if reason:
+            report.update(action="untouched", reason=reason)
+            continue
+        _analyse_html(raw, part, settings, plan, report)
+    return plan
+
+
+def _untouchable(part: mime.Part) -> str | None:
+    if part.protected:
+        return "protected container (signed, encrypted or attached message)"
+    if part.content_type != "text/html":
+        return "not HTML"
+    if part.is_attachment:
+        return "attachment"
+    return None
+
+
+def _analyse_html(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Plan, report: dict) -> None:
+    links_before = len(plan.links)
+    try:
+        pp = _plan_part(raw, part, settings, plan, report)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the part as it was
+        del plan.links[links_before:]
+        reason = str(exc) if isinstance(exc, PartError | mime.EncodingError) else f"{type(exc).__name__}: {exc}"
+        plan.warnings.append(f"part {part.path} left unmodified: {reason}")
+        report.update(action="untouched", reason=reason, links=[], skipped=[], pixel=None)
+        _strip_only(raw, part, plan, report)
+        return
+    if pp is None:
+        return
+    if any(isinstance(p, int) for p in pp.pieces):
+        plan.parts.append(pp)
+        plan.open_slots = plan.open_slots or PIXEL in pp.pieces
+        return
+    body = b"".join(pp.pieces)  # markers or placeholders removed only: the same for every recipient
+    _static_body(raw, part, pp, body, plan)
+
+
+def _strip_only(raw: bytes, part: mime.Part, plan: Plan, report: dict) -> None:
+    """After a failure, still remove markers and placeholders if the part can be read at all."""
+    try:
+        pp = _plan_part(raw, part, TrackingSettings(), Plan(settings=TrackingSettings(), size=0), {})
+        if pp is not None:
+            _static_body(raw, part, pp, b"".join(pp.pieces), plan)
+            report["reason"] += "; opt-out markers and placeholders removed"
+    except Exception:  # noqa: BLE001, S110 - the unmodified part is the safe answer
+        pass
+
+
+def _static_body(raw: bytes, part: mime.Part, pp: PartPlan, decoded: bytes, plan: Plan) -> None:
+    body, header = _encode(raw, part, pp, decoded)
+    plan.static_edits.append((part.body_start, part.body_end, body))
+    pp.report["html_size"] = len(decoded)
+    if header:
+        plan.static_edits.append(header)
+        pp.report["output_transfer_encoding"] = header[2].split(b":", 1)[1].strip().decode()
+
+
+def _codec(charset: str | None) -> str | None:
+    """None when the part's bytes can be scanned as they are (ASCII-compatible, or unknown), else the codec."""
+    if not charset:
+        return None
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return None  # an unknown or lying charset: tag syntax is ASCII, undecodable bytes pass through
+    return None if _ascii_compatible(name) else name
+
+
+@lru_cache(maxsize=64)
+def _ascii_compatible(name: str) -> bool:
+    if name.startswith(_STATEFUL):
+        return False
+    try:
+        return bytes(range(128)).decode(name) == "".join(map(chr, range(128)))
+    except UnicodeDecodeError:
+        return False
+
+
+def _plan_part(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Plan, report: dict) -> PartPlan | None:
+    like = raw[part.body_start:part.body_end]
+    decoded = mime.decode_body(like, part.cte)
+    codec = _codec(part.charset)
+    if codec is None:
+        doc = decoded
+    else:
+        text = decoded.decode(codec, "surrogateescape")
+        if text.encode(codec, "surrogateescape") != decoded:
+            raise PartError(f"charset {part.charset} does not round-trip")
+        doc = text.encode("utf-8", "surrogateescape")
+    scanned = html.scan(doc)
+    edits: list[tuple[int, int, bytes | int]] = []
+    links, skipped = [], []
+    for tag in scanned.links:
+        _link_edits(doc, tag, part, settings, plan, codec, edits, links, skipped)
+    pixel = _pixel_edits(doc, scanned, settings, edits, plan, len(doc))
+    report.update(action="instrumented" if edits else "untouched", links=links, skipped=skipped, pixel=pixel,
+                  original_html_size=len(doc))
+    if not edits:
+        report["reason"] = "nothing to change"
+        return None
+    pieces = _pieces(doc, edits)
+    cte = part.cte
+    pp = PartPlan(part, report, cte, like, codec, pieces, None, [p for p in pieces if isinstance(p, int)],
+                  sum(len(p) for p in pieces if isinstance(p, bytes)))
+    if codec is None and (cte == "quoted-printable" or (cte != "base64" and mime.max_line_length(doc) <= 998)):
+        pp.units = _units(pieces, cte == "quoted-printable")
+    return pp
+
+
+# --- links -------------------------------------------------------------------------------------------------
+
+def _link_edits(doc: bytes, tag: html.Tag, part: mime.Part, settings: TrackingSettings, plan: Plan,
+                codec: str | None, edits: list, links: list, skipped: list) -> None:
+    no_track, tags, tag_problems = _markers(doc, tag, edits)
+    href = tag.attr(b"href")
+    if href is None or href.value_start < 0:
+        return
+    raw_value = doc[href.value_start:href.value_end]
+    try:
+        text = raw_value.decode("utf-8" if codec else (part.charset or "ascii"))
+    except (UnicodeDecodeError, LookupError):
+        text = None
+    url = html.unescape_attribute(text).strip(" \t\n\f\r") if text is not None else None
+    shown = url if url is not None else raw_value.decode("ascii", "replace")
+    reason = ("opt-out marker" if no_track else "click tracking off" if not settings.click_tracking
+              else "undecodable bytes in the URL" if url is None else _skip_reason(url, text, settings))
+    if reason is None and len(plan.links) >= MAX_LINKS:
+        reason = f"beyond SES's limit of {MAX_LINKS} links per message"
+    if reason is not None:
+        if settings.click_tracking:
+            skipped.append({"href": shown, "element": tag.name, "reason": reason})
+        return
+    assert url is not None
+    index = len(plan.links)
+    base = settings.click_base(url.split(":", 1)[0])
+    entry = {"index": index, "original": url, "tags": tags, "element": tag.name,
+             "in_conditional_comment": tag.in_comment}
+    if tag_problems:
+        entry["tag_warnings"] = tag_problems
+    plan.links.append(LinkPlan(index, url, base, tokens.click_suffix(index, url, tags), tags, entry))
+    links.append(entry)
+    edits.append((href.value_start, href.value_end, index))
+
+
+def _markers(doc: bytes, tag: html.Tag, edits: list) -> tuple[bool, dict[str, list[str]], list[str]]:
+    """Remove every opt-out/tag marker of a link; whether it opts out, its SES link tags and tag problems."""
+    no_track, tags, problems = False, {}, []
+    for attr in tag.attrs:
+        if attr.name not in html.MARKERS:
+            continue
+        value = (attr.value(doc) or b"").decode("utf-8", "replace").strip().lower()
+        if attr.name == b"ses:tags":
+            tags, problems = parse_link_tags((attr.value(doc) or b"").decode("utf-8", "replace"))
+        elif attr.name in (b"ses:no-track", b"data-pm-no-track"):
+            no_track = True
+        elif attr.name == b"clicktracking":
+            no_track = no_track or value == "off"
+        elif attr.name == b"data-msys-clicktrack":
+            no_track = no_track or value in ("0", "false")
+        start = attr.start
+        while start > tag.start and doc[start - 1:start] in (b" ", b"\t", b"\r", b"\n", b"\f"):
+            start -= 1  # take the separating whitespace along
+        edits.append((start, attr.end, b""))
+    return no_track, tags, problems
+
+
+def parse_link_tags(text: str) -> tuple[dict[str, list[str]], list[str]]:
+    """`ses:tags="k:v;k2:v2;"` → {"k": ["v"], ...}; names and values as SES allows them (others dropped)."""
+    tags: dict[str, list[str]] = {}
+    problems = []
+    for item in text.split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = (s.strip() for s in item.partition(":"))
+        if not sep or not _TAG_PART.match(key) or not _TAG_PART.match(value):
+            problems.append(f"invalid link tag {item!r} ignored")
+            continue
+        tags.setdefault(key, []).append(value)
+    return tags, problems
+
+
+def _skip_reason(url: str, text: str, settings: TrackingSettings) -> str | None:
+    lower = url.lower()
+    if _PLACEHOLDERS.search(url):
+        return "unresolved template placeholder"
+    if not lower.startswith(("http://", "https://")):
+        scheme = lower.split(":", 1)[0] if re.match(r"^[a-z][a-z0-9+.-]*:", lower) else ""
+        if not url:
+            return "empty href"
+        if url.startswith("#"):
+            return "fragment link"
+        return f"{scheme}: link" if scheme else "relative URL"
+    if not _URL_RE.fullmatch(url):
+        return "not a valid URL (RFC 3986); SES leaves these untracked"
+    if html.ambiguous_entities(text):
+        return "ambiguous character reference in the URL"
+    netloc = urlsplit(url).netloc.rpartition("@")[2].lower()
+    if settings.is_tracking_host(netloc) or settings.is_tracking_host(netloc.split(":")[0]):
+        return "already a tracking link"
+    return None
+
+
+# --- pixel and placeholders --------------------------------------------------------------------------------
+
+def _pixel_edits(doc: bytes, scanned: html.Scan, settings: TrackingSettings, edits: list, plan: Plan,
+                 size: int) -> dict | None:
+    spot = None
+    for at, usable in scanned.placeholders:
+        first = spot is None and usable
+        edits.append((at, at + len(html.PLACEHOLDER), PIXEL if first and settings.open_tracking else b""))
+        if first:
+            spot = at
+    if not settings.open_tracking:
+        return None
+    if spot is not None:
+        return {"placement": "placeholder", "offset": spot}
+    top = settings.pixel_position == "top" or (
+        settings.pixel_position == "auto" and _estimate(size, edits, plan, settings) > TOP_PIXEL_BYTES)
+    if top and scanned.body_open_end is not None:
+        edits.append((scanned.body_open_end, scanned.body_open_end, PIXEL))
+        return {"placement": "top", "offset": scanned.body_open_end}
+    if scanned.body_close is not None:
+        edits.append((scanned.body_close, scanned.body_close, PIXEL))
+        return {"placement": "before </body>", "offset": scanned.body_close}
+    edits.append((size, size, PIXEL))
+    return {"placement": "end", "offset": size}
+
+
+def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) -> int:
+    """The instrumented part's size for a typical recipient (tokens vary only with the address length)."""
+    click = len(tokens.seal(_SAMPLE_KEYRING, tokens.token_prefix(_SAMPLE_KEYRING, tokens.KIND_CLICK,
+                                                                  "m" * 60, _SAMPLE_RECIPIENT, 0)))
+    total = size + len(PIXEL_HTML) + len(settings.open_base()) + click
+    for start, end, rep in edits:
+        if isinstance(rep, int) and rep >= 0:
+            link = plan.links[rep]
+            total += len(link.base) + click + len(link.suffix) * 4 // 3 - (end - start)
+        else:
+            total -= end - start
+    return total
+
+
+_SAMPLE_KEYRING = Keyring((tokens.SigningKey("k00000", b"0" * 32),))
+
+
+def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int]:
+    out: list[bytes | int] = []
+    pos = 0
+    for start, end, rep in sorted(edits, key=lambda e: (e[0], e[1])):
+        if start < pos:
+            raise PartError("overlapping edits")
+        if start > pos:
+            out.append(doc[pos:start])
+        if rep != b"":
+            out.append(rep)
+        pos = end
+    if pos < len(doc):
+        out.append(doc[pos:])
+    return out
+
+
+def _units(pieces: list[bytes | int], qp: bool) -> list[bytes | list]:
+    """Lines of the template, joined by CRLF: runs of whole static lines (encoded once) and lines with slots."""
+    raw_units: list[bytes | list] = []
+    cur: list[bytes | int] = []
+    for p in pieces:
+        if isinstance(p, int):
+            cur.append(p)
+            continue
+        first = p.find(b"\r\n")
+        if first < 0:
+            cur.append(p)
+            continue
+        last = p.rfind(b"\r\n")
+        cur.append(p[:first])
+        raw_units.append(cur)
+        if last > first:
+            raw_units.append(p[first + 2:last])
+        cur = [p[last + 2:]]
+    raw_units.append(cur)
+    units: list[bytes | list] = []
+    for u in raw_units:
+        if isinstance(u, list) and not any(isinstance(x, int) for x in u):
+            u = b"".join(u)  # type: ignore[arg-type]
+        if isinstance(u, bytes) and units and isinstance(units[-1], bytes):
+            units[-1] = units[-1] + b"\r\n" + u
+        else:
+            units.append(u)
+    if qp:
+        units = [mime.encode_qp(u) if isinstance(u, bytes) else u for u in units]
+    return units
+
+
+# --- rendering ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Copy:
+    data: bytes
+    report: dict
+    warnings: list[str]
+
+
+def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient: str, issued: int) -> Copy:
+    settings = plan.settings
+    values: list[bytes] = []
+    urls: list[str] = []
+    if plan.links:
+        prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
+        for link in plan.links:
+            url = link.base + tokens.seal(keyring, prefix + link.suffix)
+            urls.append(url)
+            values.append(url.encode("ascii"))
+    pixel_url = None
+    if plan.open_slots:
+        pixel_url = settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
+        values.append(PIXEL_HTML % pixel_url.encode("ascii"))
+    edits = list(plan.static_edits)
+    warnings = list(plan.warnings)
+    sizes: dict[str, tuple[int, str | None]] = {}
+    for pp in plan.parts:
+        try:
+            body, header, size = _render_part(raw, pp, values)
+        except Exception as exc:  # noqa: BLE001 - never lose the mail over one part
+            warnings.append(f"part {pp.part.path} left unmodified: {type(exc).__name__}: {exc}")
+            sizes[pp.part.path] = (-1, None)
+            continue
+        edits.append((pp.part.body_start, pp.part.body_end, body))
+        if header:
+            edits.append(header)
+        sizes[pp.part.path] = (size, header[2].split(b":", 1)[1].strip().decode() if header else None)
+    data = mime.splice(raw, edits) if edits else raw
+    report = _report(plan, urls, pixel_url, sizes, warnings, message_id, recipient)
+    return Copy(data, report, warnings)
+
+
+def _fill(pieces: list[bytes | int], values: list[bytes]) -> bytes:
+    return b"".join([p if isinstance(p, bytes) else values[p] for p in pieces])
+
+
+def _render_part(raw: bytes, pp: PartPlan, values: list[bytes]) -> tuple[bytes, tuple | None, int]:
+    size = pp.static_size + sum([len(values[s]) for s in pp.slots])
+    if pp.units is None:  # base64 or a transcoded charset: encode the whole part
+        decoded = _fill(pp.pieces, values)
+        if pp.codec:
+            decoded = decoded.decode("utf-8", "surrogateescape").encode(pp.codec, "surrogateescape")
+        body, header = _encode(raw, pp.part, pp, decoded)
+        return body, header, size
+    if pp.cte == "quoted-printable":  # static line runs are stored encoded; encode the lines with slots
+        out = [u if isinstance(u, bytes) else mime.encode_qp(_fill(u, values)) for u in pp.units]
+        return b"\r\n".join(out), None, size
+    filled = [u if isinstance(u, bytes) else _fill(u, values) for u in pp.units]
+    if any(len(u) > 998 and mime.max_line_length(u) > 998 for u0, u in zip(pp.units, filled, strict=True)
+           if not isinstance(u0, bytes)):  # a 7bit/8bit line grew past SMTP's limit: this copy goes out as QP
+        body, header = _encode(raw, pp.part, pp, b"\r\n".join(filled))
+        return body, header, size
+    return b"\r\n".join(filled), None, size
+
+
+def _encode(raw: bytes, part: mime.Part, pp: PartPlan, decoded: bytes) -> tuple[bytes, tuple | None]:
+    body, new_cte = mime.encode_body(decoded, pp.cte, pp.like)
+    if new_cte is None:
+        return body, None
+    header = mime.set_cte(raw, part, new_cte)
+    if header is None:
+        raise PartError("lines over 998 octets and no header block to declare quoted-printable in")
+    return body, header
+
+
+def _report(plan: Plan, urls: list[str], pixel_url: str | None, sizes: dict, warnings: list[str],
+            message_id: str, recipient: str) -> dict:
+    parts = []
+    wrapped = skipped = 0
+    for rp in plan.report_parts:
+        entry = dict(rp)
+        if "links" in rp:
+            entry["links"] = [dict(link, tracking=urls[link["index"]]) for link in rp["links"]]
+            wrapped += len(entry["links"])
+            skipped += len(rp["skipped"])
+            if rp.get("pixel"):
+                entry["pixel"] = dict(rp["pixel"], url=pixel_url)
+        size, new_cte = sizes.get(rp["path"], (None, None))
+        if size == -1:
+            entry.update(action="untouched", reason="rendering failed", links=[], pixel=None)
+        elif size is not None:
+            entry["html_size"] = size
+            if new_cte:
+                entry["output_transfer_encoding"] = new_cte
+            if size > CLIP_WARNING_BYTES:
+                warnings.append(f"HTML part {rp['path']} is {size / 1024:.1f} KB, "
+                                f"{'over' if size > CLIP_BYTES else 'close to'} Gmail's 102 KB clip")
+        parts.append(entry)
+    return {"message_id": message_id, "recipient": recipient, "settings": plan.settings.to_json(),
+            "links_wrapped": wrapped, "links_skipped": skipped, "parts": parts, "warnings": warnings}

@@ -1,0 +1,241 @@
+"""MIME structure over raw message bytes, with byte offsets, so a part can be replaced without touching the rest.
+
+The structure follows the stdlib feed parser's reading of a message (header/body split, boundary lines, the line
+end before a boundary belonging to the boundary), because that is how receivers and our acceptance checks see
+it; but nothing is ever regenerated: `splice` puts new part bodies into the original bytes.
+Protected containers (signed, encrypted, attached messages) are never descended into.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import policy
+from email.message import Message
+from email.parser import BytesHeaderParser
+
+PROTECTED = frozenset({
+    "multipart/signed", "multipart/encrypted", "application/pkcs7-mime", "application/x-pkcs7-mime",
+    "message/rfc822", "text/rfc822-headers", "message/global",
+})
+# Same test as the feed parser: a header line, a unix From line, or a continuation line.
+_HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
+_HEADER_PARSER = BytesHeaderParser(policy=policy.compat32)
+UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
+
+
+@dataclass
+class Part:
+    path: str  # "1" for the message itself, "1.2" for its second child, as IMAP and the reports number them
+    start: int  # first byte of the part's header block
+    header_end: int  # end of the last header field (where a new field would go)
+    body_start: int
+    body_end: int  # the line end before a following boundary is not part of the body
+    content_type: str
+    charset: str | None
+    cte: str  # Content-Transfer-Encoding, lower-cased exactly as the email package compares it
+    disposition: str
+    protected: bool  # a protected container itself, or anything inside one
+    fields: list[tuple[str, int, int]] = field(default_factory=list)  # (lower name, start, end) of header fields
+    children: list[Part] = field(default_factory=list)
+    multipart: bool = False
+
+    @property
+    def is_attachment(self) -> bool:
+        return self.disposition == "attachment"
+
+    def field_span(self, lname: str) -> tuple[int, int] | None:
+        return next(((s, e) for n, s, e in self.fields if n == lname), None)
+
+
+def parse(raw: bytes) -> Part:
+    """The MIME tree of a CRLF message."""
+    return _parse_part(raw, 0, len(raw), "1", "text/plain", False)
+
+
+def walk(part: Part) -> Iterator[Part]:
+    yield part
+    for child in part.children:
+        yield from walk(child)
+
+
+def leaves(part: Part) -> Iterator[Part]:
+    """Parts with a body of their own: non-multiparts, protected containers, multiparts without a boundary."""
+    if part.children:
+        for child in part.children:
+            yield from leaves(child)
+    else:
+        yield part
+
+
+def _split_headers(raw: bytes, start: int, end: int) -> tuple[list[tuple[str, int, int]], int, int]:
+    """Header fields of the block at `start`, the end of the fields and where the body starts."""
+    fields: list[tuple[str, int, int]] = []
+    pos = start
+    while pos < end:
+        nl = raw.find(b"\n", pos, end)
+        line_end = end if nl < 0 else nl + 1
+        if raw[pos:pos + 1] in (b"\r", b"\n"):  # the blank separator line
+            return fields, pos, line_end
+        if not _HEADER_LINE.match(raw, pos, line_end):
+            return fields, pos, pos  # a body without separator starts at the first non-header line
+        if raw[pos:pos + 1] in (b" ", b"\t") and fields:
+            name, s, _ = fields[-1]
+            fields[-1] = (name, s, line_end)
+        else:
+            colon = raw.find(b":", pos, line_end)
+            name = raw[pos:colon].decode("ascii", "replace").strip().lower() if colon >= 0 else ""
+            fields.append((name, pos, line_end))
+        pos = line_end
+    return fields, end, end
+
+
+def _header_message(raw: bytes, start: int, header_end: int, default_type: str) -> Message:
+    msg = _HEADER_PARSER.parsebytes(raw[start:header_end])
+    msg.set_default_type(default_type)
+    return msg
+
+
+def _parse_part(raw: bytes, start: int, end: int, path: str, default_type: str, inside_protected: bool) -> Part:
+    fields, header_end, body_start = _split_headers(raw, start, end)
+    msg = _header_message(raw, start, header_end, default_type)
+    ctype = msg.get_content_type()
+    disposition = str(msg.get("content-disposition", "")).split(";")[0].strip().lower()
+    part = Part(
+        path=path, start=start, header_end=header_end, body_start=body_start, body_end=end, content_type=ctype,
+        charset=_charset(msg), cte=str(msg.get("content-transfer-encoding", "")).lower(),
+        disposition=disposition, protected=inside_protected or ctype in PROTECTED, fields=fields,
+    )
+    if part.protected or msg.get_content_maintype() != "multipart":
+        return part
+    boundary = msg.get_boundary()
+    if not boundary or "\r" in boundary or "\n" in boundary:  # a line-based reader can never match these
+        return part
+    part.multipart = True
+    child_default = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+    for i, (cs, ce) in enumerate(_child_ranges(raw, body_start, end, boundary), 1):
+        part.children.append(_parse_part(raw, cs, ce, f"{path}.{i}", child_default, False))
+    return part
+
+
+def _charset(msg: Message) -> str | None:
+    try:
+        return msg.get_content_charset()
+    except (LookupError, ValueError, TypeError):  # RFC 2231 values in unknown charsets
+        return None
+
+
+def _child_ranges(raw: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
+    """Byte ranges of the parts between boundary lines (a boundary never found: no parts)."""
+    delim = re.compile(rb"^--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?$", re.M)
+    ranges: list[tuple[int, int]] = []
+    part_start: int | None = None
+    pos = start
+    while True:
+        m = delim.search(raw, pos, end)
+        if m is None:
+            if part_start is not None:  # no close boundary: the last part runs to the end
+                ranges.append((part_start, end))
+            return ranges
+        line_start = m.start()
+        if part_start is not None:
+            ranges.append((part_start, _before_line_end(raw, part_start, line_start)))
+        if m.group(1):
+            return ranges
+        part_start = _after_line(raw, m.end())
+        # Like the feed parser, a run of boundary lines (close ones included) opens a single part.
+        while (again := delim.match(raw, part_start, end)) is not None and part_start < end:
+            part_start = _after_line(raw, again.end())
+        pos = part_start
+
+
+def _after_line(raw: bytes, pos: int) -> int:
+    return pos + 1 if raw[pos:pos + 1] == b"\n" else pos
+
+
+def _before_line_end(raw: bytes, floor: int, pos: int) -> int:
+    if pos - 2 >= floor and raw[pos - 2:pos] == b"\r\n":
+        return pos - 2
+    if pos - 1 >= floor and raw[pos - 1:pos] in (b"\n", b"\r"):
+        return pos - 1
+    return pos
+
+
+# --- transfer encodings ------------------------------------------------------------------------------------
+
+class EncodingError(ValueError):
+    pass
+
+
+def decode_body(body: bytes, cte: str) -> bytes:
+    """The part's content, as the email package decodes it; refuses what it could not re-encode faithfully."""
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(body)
+    if cte == "base64":
+        compact = b"".join(body.split())
+        try:
+            return base64.b64decode(compact, validate=True)
+        except binascii.Error as exc:
+            raise EncodingError(f"malformed base64 ({exc})") from exc
+    if cte in UUENCODE:
+        raise EncodingError(f"unsupported transfer encoding {cte}")
+    return body
+
+
+def encode_qp(data: bytes) -> bytes:
+    """Quoted-printable with CRLF line ends and lines of at most 76 characters; decodes back to `data` exactly."""
+    if data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
+        out = binascii.b2a_qp(data, istext=True)
+        # Without a CRLF in the input, soft breaks come out as bare LF; the input has no bare LF to confuse.
+        return out if b"\r\n" in data else out.replace(b"\n", b"\r\n")
+    # Bare CR or LF inside lines must be escaped, so encode line by line in binary mode.
+    return b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
+
+
+def encode_base64(data: bytes, final_newline: bool) -> bytes:
+    flat = binascii.b2a_base64(data, newline=False)
+    out = b"\r\n".join([flat[i:i + 76] for i in range(0, len(flat), 76)])
+    return out + b"\r\n" if final_newline and out else out
+
+
+def max_line_length(data: bytes) -> int:
+    if len(data) <= 998:
+        return len(data)
+    return max(map(len, data.split(b"\n")))
+
+
+def encode_body(data: bytes, cte: str, like: bytes) -> tuple[bytes, str | None]:
+    """Encode `data` for a part whose original body was `like`; the new CTE when it must switch to QP."""
+    if cte == "quoted-printable":
+        return encode_qp(data), None
+    if cte == "base64":
+        return encode_base64(data, like.endswith(b"\n")), None
+    if max_line_length(data) > 998:  # 7bit/8bit lines must stay within SMTP's limit
+        return encode_qp(data), "quoted-printable"
+    return data, None
+
+
+def set_cte(raw: bytes, part: Part, cte: str) -> tuple[int, int, bytes] | None:
+    """The edit that makes the part's Content-Transfer-Encoding `cte` (None: no header block to put it in)."""
+    span = part.field_span("content-transfer-encoding")
+    if span is not None:
+        name_end = raw.index(b":", span[0], span[1])
+        return span[0], span[1], raw[span[0]:name_end] + b": " + cte.encode("ascii") + b"\r\n"
+    if part.header_end == part.body_start:  # no separator line: adding a field would need one
+        return None
+    return part.header_end, part.header_end, b"Content-Transfer-Encoding: " + cte.encode("ascii") + b"\r\n"
+
+
+def splice(raw: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """`raw` with each (start, end) range replaced; edits must not overlap."""
+    out: list[bytes] = []
+    pos = 0
+    for start, end, data in sorted(edits, key=lambda e: (e[0], e[1])):
+        out.append(raw[pos:start])
+        out.append(data)
+        pos = end
+    out.append(raw[pos:])
+    return b"".join(out)

@@ -1,0 +1,98 @@
+"""The instrumentation stage: per-recipient copies for the delivery pipeline, and the `relay instrument` dry run.
+
+The work is in relay.core.instrument (pure); this module caches each message's analysed plan so every further
+recipient costs only its token substitution, turns any failure into "deliver the input unchanged", and reads
+and writes files for the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from relay.core import instrument as core
+from relay.core.settings import TrackingSettings
+from relay.core.tokens import Keyring
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rendered:
+    data: bytes  # the whole CRLF message for this recipient, ready for DKIM signing
+    changed: bool  # False when the bytes equal the input (no tracking for the set, no HTML, ...)
+    warnings: list[str]
+    report: dict  # the per-message report (same shape as the dry run's JSON)
+
+
+class Instrumenter:
+    def __init__(self, keyring: Keyring, cache_size: int = 256):
+        self.keyring = keyring
+        self.cache_size = cache_size
+        self._plans: OrderedDict[tuple[str, TrackingSettings], core.Plan] = OrderedDict()
+
+    def plan(self, message_id: str, raw: bytes, settings: TrackingSettings) -> core.Plan:
+        key = (message_id, settings)
+        plan = self._plans.get(key)
+        if plan is not None and plan.size == len(raw):
+            self._plans.move_to_end(key)
+            return plan
+        plan = core.analyse(raw, settings)
+        self._plans[key] = plan
+        while len(self._plans) > self.cache_size:
+            self._plans.popitem(last=False)
+        return plan
+
+    def copy(self, message_id: str, raw: bytes, settings: TrackingSettings, recipient: str, issued: int) -> Rendered:
+        """This recipient's copy; never raises: on any failure the input goes out unchanged, with a warning."""
+        try:
+            plan = self.plan(message_id, raw, settings)
+            out = core.render(raw, plan, self.keyring, message_id, recipient, issued)
+        except Exception as exc:  # noqa: BLE001 - losing mail is worse than an untracked copy
+            log.exception("instrumentation of %s failed; delivering it unmodified", message_id)
+            warning = f"message left unmodified: {type(exc).__name__}: {exc}"
+            report = {"message_id": message_id, "recipient": recipient, "parts": [], "warnings": [warning]}
+            return Rendered(raw, False, [warning], report)
+        for warning in out.warnings:
+            log.warning("%s: %s", message_id, warning)
+        changed = out.data is not raw and out.data != raw
+        out.report["changed"] = changed
+        return Rendered(out.data, changed, out.warnings, out.report)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """`relay instrument`: stdin → what relay would deliver to --recipient (before DKIM), and the report."""
+    from relay import config as config_module
+    from relay.core.events import mint_message_id
+    from relay.core.headers import HeaderError
+    from relay.core.intake import intake
+
+    cfg = config_module.load(args.config)
+    if args.config_set not in cfg.configuration_sets:
+        print(f"Configuration Set does not exist: Configuration set <{args.config_set}> does not exist.",
+              file=sys.stderr)
+        return 1
+    now_ms = int(time.time() * 1000)
+    message_id = args.message_id or mint_message_id(now_ms)
+    try:
+        item = intake(sys.stdin.buffer.read(), "", message_id, cfg.hostname)
+    except HeaderError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    settings = cfg.tracking_settings(args.config_set)
+    rendered = Instrumenter(cfg.keyring()).copy(message_id, item.raw, settings, args.recipient, now_ms // 1000)
+    sys.stdout.buffer.write(rendered.data)
+    sys.stdout.buffer.flush()
+    rendered.report["configuration_set"] = args.config_set
+    if args.report_json:
+        with open(args.report_json, "w", encoding="utf-8") as f:
+            json.dump(rendered.report, f, indent=2)
+            f.write("\n")
+    for warning in rendered.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
