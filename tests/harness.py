@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -50,9 +52,12 @@ class UpstreamHandler:
     def __init__(self):
         self.messages: list[Received] = []
         self.reply: str | None = None
+        self.delay = 0.0
         self.lock = threading.Lock()
 
     async def handle_DATA(self, server, session, envelope):
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.reply:
             return self.reply
         with self.lock:
@@ -92,9 +97,11 @@ class Upstream:
 
 
 def config_text(data_dir: Path, smtp_port: int, tracking_port: int, upstream_port: int | None, extra: str = "",
-                smtp_extra: str = "", delivery: str = "") -> str:
+                smtp_extra: str = "", delivery: dict | None = None) -> str:
     upstream = (f'type = "smtp"\nhost = "127.0.0.1"\nport = {upstream_port}\ntls = "none"\ntimeout = "5s"'
                 if upstream_port else f'type = "capture"\ncapture_dir = "{data_dir}/delivered"')
+    settings = {"retry_initial": "0.3s", "retry_max": "1s", **(delivery or {})}
+    delivery_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
     return f"""
 [relay]
 data_dir = "{data_dir}"
@@ -108,9 +115,7 @@ listen = "127.0.0.1:{smtp_port}"
 {upstream}
 
 [delivery]
-retry_initial = "0.3s"
-retry_max = "1s"
-{delivery}
+{delivery_lines}
 
 [tracking]
 listen = "127.0.0.1:{tracking_port}"
@@ -133,7 +138,7 @@ class RelayProcess:
     upstream_port: int | None = None
     extra: str = ""
     smtp_extra: str = ""
-    delivery: str = ""
+    delivery: dict = field(default_factory=dict)
     smtp_port: int = field(default_factory=free_port)
     tracking_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
