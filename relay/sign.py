@@ -64,7 +64,7 @@ class Signer:
     def keys_for(self, domain: str | None) -> list[dkim.SigningKey]:
         """Keys for `domain`, else for its closest configured parent domain: d=example.com still aligns with
         From: news.example.com under DMARC's default relaxed alignment."""
-        labels = (domain or "").lower().rstrip(".").split(".")
+        labels = (_a_label(domain or "") or "").split(".")
         for i in range(len(labels) - 1):
             keys = self._by_domain.get(".".join(labels[i:]))
             if keys:
