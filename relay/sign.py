@@ -189,7 +189,8 @@ def _keygen(args: argparse.Namespace) -> int:
     print(dkim.zone_file_line(f"{args.selector}._domainkey.{domain}", dkim.key_record(key)))
     algorithm = "rsa-sha256" if args.algorithm == "rsa" else "ed25519-sha256"
     print(
-        f"wrote {out} (mode 0600). Publish the TXT record above, then add to the configuration:\n"
+        f"wrote {out} (mode 0600). Publish the TXT record above (in a DNS provider's web form: name "
+        f"{args.selector}._domainkey, value {dkim.key_record(key)}), then add to the configuration:\n"
         f'[[dkim.keys]]\ndomain = "{domain}"\nselector = "{args.selector}"\n'
         f'private_key_file = "{out.resolve()}"\nalgorithm = "{algorithm}"',
         file=sys.stderr,
