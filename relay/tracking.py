@@ -105,12 +105,13 @@ def thresholds(cfg: TrackingConfig) -> verdicts.Thresholds:
 # --- from hits to stored events and verdicts (runs on the store's writer thread) ---------------------------
 
 _MAIL_SLOT = "\x00mail\x00"
+_MAIL_SLOT_JSON = json.dumps(_MAIL_SLOT)
 
 
 def _splice(record: dict, mail_json: str) -> str:
-    """The record as JSON with the stored mail JSON spliced in unparsed (it is most of the bytes)."""
-    text = json.dumps(record, separators=(",", ":"))
-    return text.replace(json.dumps(_MAIL_SLOT), mail_json, 1)
+    """The record as JSON with the stored mail JSON spliced in unparsed (it is most of the bytes). `mail` is
+    the record's second key, after `eventType`, so the first occurrence of the slot is the mail's."""
+    return json.dumps(record, separators=(",", ":")).replace(_MAIL_SLOT_JSON, mail_json, 1)
 
 
 def iso_to_ms(text: str) -> int:
@@ -127,48 +128,44 @@ def _id_time_ms(message_id: str) -> int | None:
 
 
 class _Click:
-    """A judged click of one copy, kept in memory while later clicks can still form a burst with it."""
+    """A click of one copy, kept in memory while later clicks can still form a burst with it. Its event id is
+    set by the store's writer thread when the batch that inserts it runs."""
 
     __slots__ = ("event_id", "hit", "size")
 
-    def __init__(self, event_id: int, hit: verdicts.Hit):
+    def __init__(self, event_id: int | None, hit: verdicts.Hit):
         self.event_id, self.hit, self.size = event_id, hit, None
 
 
 class EventWriter:
-    """Builds SES records and verdicts for a batch of hits inside one store transaction.
+    """Turns hits into SES records and verdicts.
 
-    Only the store's single writer thread calls `work`, so the caches need no lock. Clicks are judged with a
-    copy's recent clicks (the link-burst rule): those are kept in memory, bounded per copy and in copies, and
-    loaded from the store the first time a copy is seen.
+    `prepare` does all the Python work on the caller's thread (the event loop's, for the listener) and returns
+    a small work for the store's writer thread that only inserts. Python on the writer thread would hold the
+    GIL while the event loop waits for it after every socket call (a convoy that cost half the throughput).
+    `read(helper, *args)` runs a store read helper on a connection the caller's thread may use.
     """
 
-    MAX_RECENT = 256  # clicks kept per copy; a copy clicked more often than this within seconds is a flood
+    MAX_RECENT = 64  # clicks kept per copy; a copy clicked more often than this within seconds is a flood
     MAX_COPIES = 20000
+    NO_DELIVERY_TTL_MS = 2000  # how long "no Delivery event yet" is believed before asking the store again
 
-    def __init__(self, account_id: str, lists: verdicts.Lists, th: verdicts.Thresholds):
-        self.account_id, self.lists, self.th = account_id, lists, th
+    def __init__(self, account_id: str, lists: verdicts.Lists, th: verdicts.Thresholds, read):
+        self.account_id, self.lists, self.th, self.read = account_id, lists, th, read
         self.window_ms = int(th.burst_window_seconds * 1000)
         self._mails: dict[str, tuple[str, str | None, int | None]] = {}
-        self._delivered: dict[tuple[str, str], int] = {}
+        self._delivered: dict[tuple[str, str], tuple[int | None, int]] = {}  # copy -> (ms or None, asked at)
         self._recent: dict[tuple[str, str], list[_Click]] = {}
 
-    def work(self, hits: list[tuple]):
-        def run(conn) -> int:
-            try:
-                return self._write(conn, hits)
-            except BaseException:
-                # the store rolls this work back and may reuse its event ids: forget what it judged
-                self._recent.clear()
-                raise
+    def forget(self) -> None:
+        """After a failed batch: its clicks never reached the store, so the memory of recent clicks is wrong."""
+        self._recent.clear()
 
-        return run
-
-    def _mail(self, conn, message_id: str, recipient: str) -> tuple[str, str | None, int | None]:
+    def _mail(self, message_id: str, recipient: str) -> tuple[str, str | None, int | None]:
         cached = self._mails.get(message_id)
         if cached is not None:
             return cached
-        row = store_module.tracking_mail(conn, message_id)
+        row = self.read(store_module.tracking_mail, message_id)
         if row is None:
             # The message row is gone (purged or another node's database): the event still counts.
             ms = _id_time_ms(message_id)
@@ -184,67 +181,85 @@ class EventWriter:
         self._mails[message_id] = entry
         return entry
 
-    def _write(self, conn, hits: list[tuple]) -> int:
+    def prepare(self, hits: list[tuple]):
+        """Records and verdicts for hits (kind, method, claims, ip, user agent, ms); the store work that writes
+        them and returns how many events it inserted."""
         now = events.iso_ms(int(time.time() * 1000))
-        rows: list[store_module.VerdictRow] = []
-        clicked: dict[tuple[str, str], list[_Click]] = {}
-        for kind, method, claims, ip, ua, ms in hits:
-            mail_json, cset, _ = self._mail(conn, claims.message_id, claims.recipient)
+        records, verdict_rows, placed = [], [], []
+        copies: dict[tuple[str, str], list[_Click]] = {}
+        for i, (kind, method, claims, ip, ua, ms) in enumerate(hits):
+            mail_json, cset, _ = self._mail(claims.message_id, claims.recipient)
             if kind == events.OPEN:
                 record = events.open_record(_MAIL_SLOT, ms, ip, ua)
+                stamp = record["open"]["timestamp"]
+                verdict_rows.append((i, self._judge(verdicts.Hit(kind, method, ip, ua, ms), verdicts.Context(), now)))
             else:
                 record = events.click_record(_MAIL_SLOT, ms, ip, ua, claims.url, claims.tags)
-            event_id = store_module.insert_event_json(
-                conn, kind, events.iso_ms(ms), claims.message_id, claims.recipient, cset, _splice(record, mail_json)
-            )
-            if kind == events.OPEN:
-                rows.append(self._row(event_id, verdicts.Hit(kind, method, ip, ua, ms), verdicts.Context(), now))
-            else:
-                hit = verdicts.Hit(kind, method, ip, ua, ms, claims.url)
-                clicked.setdefault((claims.message_id, claims.recipient), []).append(_Click(event_id, hit))
-        for copy, new in clicked.items():
-            rows += self._judge_new_clicks(conn, copy, new, now)
-        store_module.upsert_verdicts(conn, rows)
-        return len(hits)
+                stamp = record["click"]["timestamp"]
+                click = _Click(None, verdicts.Hit(kind, method, ip, ua, ms, claims.url))
+                copies.setdefault((claims.message_id, claims.recipient), []).append(click)
+                placed.append((click, i))
+            records.append((kind, stamp, claims.message_id, claims.recipient, cset, _splice(record, mail_json)))
+        for copy, new in copies.items():
+            verdict_rows += self._judge_new_clicks(copy, new, now)
 
-    def _row(self, event_id: int, hit: verdicts.Hit, ctx: verdicts.Context, now: str) -> store_module.VerdictRow:
+        def work(conn) -> int:
+            try:
+                ids = store_module.insert_events_json(conn, records)
+                for click, i in placed:
+                    click.event_id = ids[i]
+                rows = []
+                for target, fields in verdict_rows:
+                    event_id = ids[target] if isinstance(target, int) else target.event_id
+                    if event_id is not None:  # None: an earlier batch holding that click failed
+                        rows.append(store_module.VerdictRow(event_id, *fields))
+                store_module.upsert_verdicts(conn, rows)
+            except BaseException:
+                for click, _ in placed:  # rolled back: these ids may be given to other rows
+                    click.event_id = None
+                raise
+            return len(records)
+
+        return work
+
+    def _judge(self, hit: verdicts.Hit, ctx: verdicts.Context, now: str) -> tuple:
+        """A verdict row's fields after the event id."""
         v = verdicts.classify(hit, ctx, self.lists, self.th)
         d = summarize(hit.user_agent)
         kind = verdicts.PROXY if v.verdict == verdicts.PROXY else d.kind
-        return store_module.VerdictRow(event_id, hit.method, v.verdict, v.reasons_json(), d.client, d.os, kind, now)
+        reasons = json.dumps(v.reasons_json(), separators=(",", ":")) if v.reasons else "[]"
+        return hit.method, v.verdict, reasons, d.client, d.os, kind, now
 
-    def _delivered_ms(self, conn, message_id: str, recipient: str) -> tuple[int | None, str]:
+    def _delivered_ms(self, message_id: str, recipient: str, now_ms: int) -> tuple[int | None, str]:
         key = (message_id, recipient)
-        if key in self._delivered:
-            return self._delivered[key], "delivery"
-        stamp = store_module.copy_delivery_time(conn, message_id, recipient)
-        if stamp:
+        known = self._delivered.get(key)
+        if known is None or (known[0] is None and now_ms - known[1] > self.NO_DELIVERY_TTL_MS):
+            stamp = self.read(store_module.copy_delivery_time, message_id, recipient)
             if len(self._delivered) >= 65536:
                 self._delivered.clear()
-            self._delivered[key] = iso_to_ms(stamp)
-            return self._delivered[key], "delivery"
-        return self._mail(conn, message_id, recipient)[2], "message"
+            known = self._delivered[key] = (iso_to_ms(stamp) if stamp else None, now_ms)
+        if known[0] is not None:
+            return known[0], "delivery"
+        return self._mail(message_id, recipient)[2], "message"
 
-    def _stored_clicks(self, conn, copy: tuple[str, str], since: int, until: int, limit: int) -> list[_Click]:
+    def _stored_clicks(self, copy: tuple[str, str], since: int, until: int, limit: int) -> list[_Click]:
         out = []
-        for event_id, record_json, method in store_module.copy_clicks(
-                conn, copy[0], copy[1], events.iso_ms(since), events.iso_ms(until), limit):
+        for event_id, record_json, method in self.read(
+                store_module.copy_clicks, copy[0], copy[1], events.iso_ms(since), events.iso_ms(until), limit):
             c = json.loads(record_json)["click"]
             hit = verdicts.Hit(events.CLICK, method, c["ipAddress"], c["userAgent"], iso_to_ms(c["timestamp"]),
                                c["link"])
             out.append(_Click(event_id, hit))
         return out
 
-    def _judge_new_clicks(self, conn, copy: tuple[str, str], new: list[_Click], now: str) -> list:
+    def _judge_new_clicks(self, copy: tuple[str, str], new: list[_Click], now: str) -> list:
         """Judge a copy's new clicks, and judge again its recent ones whose burst the new clicks changed."""
         recent = self._recent.pop(copy, None)
         if recent is None:
-            new_ids = {c.event_id for c in new}
-            recent = [c for c in self._stored_clicks(conn, copy, new[0].hit.time_ms - self.window_ms,
-                                                     new[-1].hit.time_ms, self.MAX_RECENT + len(new))
-                      if c.event_id not in new_ids]
+            recent = self._stored_clicks(copy, new[0].hit.time_ms - self.window_ms, new[-1].hit.time_ms,
+                                         self.MAX_RECENT)
         clicks = recent + new
-        rows = self._judge(conn, copy, clicks, now, force=False)
+        rows = self._judge_clicks(copy, clicks, now, force=False)
         # only clicks within one window of the latest can share a window with clicks still to come
         latest = clicks[-1].hit.time_ms
         self._recent[copy] = [c for c in clicks if c.hit.time_ms >= latest - self.window_ms][-self.MAX_RECENT:]
@@ -252,47 +267,54 @@ class EventWriter:
             del self._recent[next(iter(self._recent))]
         return rows
 
-    def _judge(self, conn, copy: tuple[str, str], clicks: list[_Click], now: str, force: bool) -> list:
+    def _judge_clicks(self, copy: tuple[str, str], clicks: list[_Click], now: str, force: bool) -> list:
+        """(click, verdict fields) for the clicks whose burst size changed (all of them when `force`)."""
         sizes = verdicts.burst_sizes([(c.hit.time_ms, c.hit.link) for c in clicks], self.window_ms)
-        delivered, source = self._delivered_ms(conn, *copy)
+        delivered, source = self._delivered_ms(copy[0], copy[1], clicks[-1].hit.time_ms)
         rows = []
         for click, size in zip(clicks, sizes, strict=True):
             if force or click.size != size:
                 click.size = size
-                rows.append(self._row(click.event_id, click.hit, verdicts.Context(delivered, source, size), now))
+                rows.append((click, self._judge(click.hit, verdicts.Context(delivered, source, size), now)))
         return rows
 
-    def recompute(self, conn, after_id: int, limit: int) -> tuple[int, int]:
-        """Recompute verdicts of up to `limit` Open/Click events after `after_id`: (last id seen, count)."""
+    def recompute(self, after_id: int, limit: int) -> tuple[list[store_module.VerdictRow], int, int]:
+        """Verdicts of up to `limit` Open/Click events after `after_id`: (rows, last id seen, count)."""
         now = events.iso_ms(int(time.time() * 1000))
-        batch = store_module.tracking_events_after(conn, after_id, limit)
+        batch = self.read(store_module.tracking_events_after, after_id, limit)
         rows, copies = [], {}
         for event_id, kind, message_id, recipient, record_json, method in batch:
             if kind == events.OPEN:
                 o = json.loads(record_json)["open"]
                 hit = verdicts.Hit(kind, method, o["ipAddress"], o["userAgent"], iso_to_ms(o["timestamp"]))
-                rows.append(self._row(event_id, hit, verdicts.Context(), now))
+                rows.append(store_module.VerdictRow(event_id, *self._judge(hit, verdicts.Context(), now)))
             else:
                 ms = iso_to_ms(json.loads(record_json)["click"]["timestamp"])
-                copies.setdefault((message_id, recipient), set()).add((event_id, ms))
+                copies.setdefault((message_id, recipient), []).append((event_id, ms))
         for copy, page in copies.items():
             ids = {event_id for event_id, _ in page}
             times = [ms for _, ms in page]
             # the page's clicks with every click of the copy they could share a burst window with
-            clicks = self._stored_clicks(conn, copy, min(times) - self.window_ms, max(times) + self.window_ms,
-                                         1_000_000)
-            rows += [r for r in self._judge(conn, copy, clicks, now, force=True) if r.event_id in ids]
-        store_module.upsert_verdicts(conn, rows)
-        return (batch[-1][0] if batch else after_id), len(batch)
+            clicks = self._stored_clicks(copy, min(times) - self.window_ms, max(times) + self.window_ms, 1_000_000)
+            rows += [store_module.VerdictRow(c.event_id, *fields)
+                     for c, fields in self._judge_clicks(copy, clicks, now, force=True) if c.event_id in ids]
+        return rows, (batch[-1][0] if batch else after_id), len(batch)
 
 
 def recompute_verdicts(store: Store, cfg: Config, page: int = 2000) -> int:
     """Recompute every Open/Click verdict with the current lists (after an update of Apple's ranges, say);
     the number of events judged. Raw events are only read."""
-    writer = EventWriter(cfg.account_id, load_lists(cfg.tracking), thresholds(cfg.tracking))
+    lists, th = load_lists(cfg.tracking), thresholds(cfg.tracking)
+
+    def work(conn, after: int) -> tuple[int, int]:
+        writer = EventWriter(cfg.account_id, lists, th, read=lambda helper, *args: helper(conn, *args))
+        rows, last, count = writer.recompute(after, page)
+        store_module.upsert_verdicts(conn, rows)
+        return last, count
+
     last, total = 0, 0
     while True:
-        last, count = store.submit(lambda conn, after=last: writer.recompute(conn, after, page)).result()
+        last, count = store.submit(lambda conn, after=last: work(conn, after)).result()
         total += count
         if count < page:
             return total
@@ -316,44 +338,49 @@ class Recorder:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
 
-    def flush(self, attempt: int = 0) -> None:
+    def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._pending:
+        if self._pending:
+            hits, self._pending = self._pending, []
+            self._submit(hits, 0)
+
+    def _submit(self, hits: list[tuple], attempt: int) -> None:
+        try:
+            work = self.writer.prepare(hits)
+        except Exception as exc:  # a store read failed: same treatment as a failed write
+            self._failed(hits, attempt, exc)
             return
-        hits, self._pending = self._pending, []
-        future = asyncio.wrap_future(self.store.submit(self.writer.work(hits)))
+        future = asyncio.wrap_future(self.store.submit(work))
         self._inflight.add(future)
         future.add_done_callback(lambda f: self._done(f, hits, attempt))
 
     def _done(self, future: asyncio.Future, hits: list[tuple], attempt: int) -> None:
         self._inflight.discard(future)
-        exc = None if future.cancelled() else future.exception()
-        if exc is None and not future.cancelled():
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is None:
             self.written += len(hits)
-            return
+        else:
+            self._failed(hits, attempt, exc)
+
+    def _failed(self, hits: list[tuple], attempt: int, exc: BaseException) -> None:
+        self.writer.forget()
         if attempt < 3 and not isinstance(exc, store_module.StoreClosed):
             log.warning("writing %d tracking events failed (%s); retrying", len(hits), exc)
             # one hit per work on the retry, so a single bad hit cannot take its whole batch down with it
             for hit in hits:
-                future = asyncio.wrap_future(self.store.submit(self.writer.work([hit])))
-                self._inflight.add(future)
-                future.add_done_callback(lambda f, h=[hit]: self._done(f, h, attempt + 1))
+                self._submit([hit], attempt + 1)
         else:
             self.failed += len(hits)
             log.error("lost %d tracking events: %s", len(hits), exc)
 
     async def drain(self) -> None:
         """Write everything buffered and wait until it is committed (retries included)."""
-        for _ in range(10):
-            self.flush()
-            if self._inflight:
-                await asyncio.gather(*list(self._inflight), return_exceptions=True)
-            await asyncio.sleep(0)
-            if not self._pending and not self._inflight and self._timer is None:
-                return
-            await asyncio.sleep(0.1)
+        self.flush()
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+            await asyncio.sleep(0)  # let done-callbacks (and the retries they submit) run
 
 
 # --- domain challenge ---------------------------------------------------------------------------------------
@@ -485,8 +512,9 @@ class TrackingServer:
         t = config.tracking
         self.settings = t
         self.lists = load_lists(t)
-        self.recorder = Recorder(store, EventWriter(config.account_id, self.lists, thresholds(t)),
-                                 t.flush_interval, t.flush_batch)
+        summarize("Mozilla/5.0 (X11; Linux x86_64)")  # ua-parser loads its regexes on first use (~0.1 s)
+        writer = EventWriter(config.account_id, self.lists, thresholds(t), read=store.tracking_read)
+        self.recorder = Recorder(store, writer, t.flush_interval, t.flush_batch)
         self._trusted = t.trusted_proxies
         self._max_age = int(t.max_link_age)
         self._server: _Server | None = None

@@ -15,6 +15,7 @@ import bisect
 import heapq
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 
 HUMAN, PROXY, MACHINE = "human", "proxy", "machine"
@@ -52,14 +53,12 @@ class NetworkSet:
 
     def lookup(self, ip: str) -> str | None:
         """The label of a network containing `ip` (the most specific start), or None."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        if not self.size:
             return None
-        if addr.version == 6 and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        starts, ends, reach, labels = self._tables[addr.version]
-        value = int(addr)
+        version, value = _ip_int(ip)
+        if not version:
+            return None
+        starts, ends, reach, labels = self._tables[version]
         i = bisect.bisect_right(starts, value) - 1
         while i >= 0 and reach[i] >= value:
             if ends[i] >= value:
@@ -69,6 +68,22 @@ class NetworkSet:
 
     def __len__(self) -> int:
         return self.size
+
+
+def _ip_int(ip: str) -> tuple[int, int]:
+    """(IP version, address as an integer), (0, 0) when not an address. inet_pton is ~10x cheaper than
+    `ipaddress` for the common IPv4 case, and this runs for every recorded hit."""
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
+    except OSError:
+        pass
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return 0, 0
+    if addr.version == 6 and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.version, int(addr)
 
 
 def parse_networks(text: str, default_label: str) -> tuple[NetworkSet, list[str]]:
@@ -117,6 +132,18 @@ class Lists:
     def __post_init__(self) -> None:
         lowered = tuple((label, needle.lower()) for label, needle in self.scanner_user_agents)
         object.__setattr__(self, "scanner_user_agents", lowered)
+        # one case-insensitive alternation instead of a substring test per rule (this runs for every hit)
+        first = {needle for _, needle in lowered}
+        pattern = "|".join(re.escape(n) for n in sorted(first, key=len, reverse=True)) if first else "(?!)"
+        object.__setattr__(self, "_scanner_re", re.compile(pattern))  # needles are lower-case
+
+    def scanner_agent(self, user_agent: str) -> tuple[str, str] | None:
+        """(label, needle) of the first scanner rule whose needle the User-Agent contains."""
+        text = user_agent.lower()
+        if self._scanner_re.search(text) is None:
+            return None
+        # the rule listed first wins when several needles occur (the list's order is the operator's)
+        return next((rule for rule in self.scanner_user_agents if rule[1] in text), None)
 
 
 @dataclass(frozen=True)
@@ -197,17 +224,16 @@ def _request_reasons(hit: Hit) -> list[Reason]:
 
 def _agent_reasons(hit: Hit, lists: Lists) -> list[Reason]:
     out = []
-    ua_lower = hit.user_agent.lower()
     if hit.type == OPEN:
+        ua_lower = hit.user_agent.lower()
         for label, needle in lists.proxy_user_agents:
             if needle.lower() in ua_lower:
                 out.append(Reason(label, f"image proxy ({needle} in User-Agent): a real open via the provider",
                                   PROXY))
                 break
-    for label, needle in lists.scanner_user_agents:
-        if needle in ua_lower:
-            out.append(Reason("scanner-user-agent", f"{label}: User-Agent contains {needle!r}", MACHINE))
-            break
+    rule = lists.scanner_agent(hit.user_agent)
+    if rule is not None:
+        out.append(Reason("scanner-user-agent", f"{rule[0]}: User-Agent contains {rule[1]!r}", MACHINE))
     return out
 
 
