@@ -50,6 +50,13 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 def run_sink(port: int, counter) -> None:
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await converse(reader, writer)
+        except ConnectionError:
+            pass  # a client that went away
+        writer.close()
+
+    async def converse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 sink ESMTP\r\n")
         while line := await reader.readline():
             verb = line[:4].upper()
@@ -67,7 +74,6 @@ def run_sink(port: int, counter) -> None:
             else:
                 writer.write(b"250 2.0.0 Ok\r\n")
             await writer.drain()
-        writer.close()
 
     async def main() -> None:
         server = await asyncio.start_server(session, "127.0.0.1", port, limit=2**24)

@@ -138,5 +138,7 @@ async def run(cfg: Config) -> None:
 
 def serve(config_path: str) -> int:
     cfg = config_module.load(config_path)
+    # aiosmtpd logs every command at INFO; relay logs one line per transaction and per delivery instead.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     asyncio.run(run(cfg))
     return 0

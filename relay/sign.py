@@ -42,6 +42,8 @@ class Signer:
         self._by_domain: dict[str, list[dkim.SigningKey]] = {}
         for key in loaded:
             self._by_domain.setdefault(key.domain, []).append(key)
+        if not loaded:
+            log.info("no DKIM keys configured: mail is relayed without relay's own signature")
 
     @property
     def domains(self) -> frozenset[str]:
@@ -52,6 +54,8 @@ class Signer:
         warnings: list[str] = []
         if data != original and b"dkim-signature" in data[: _header_end(data)].lower() and not self._keep_broken:
             data = self._drop_broken(data, original)
+        if not self._by_domain:  # signing not configured: said once at start, not once per copy
+            return SignResult(data, warnings)
         domain = _from_domain(data)
         keys = self.keys_for(domain) or self.keys_for(fallback_domain)
         if not keys:

@@ -93,7 +93,45 @@ class RelaySMTP(SMTP):
         self.line_length_limit = data_size_limit + 1024
         super().__init__(handler, data_size_limit=data_size_limit, **kwargs)
 
+    async def push(self, status: str | bytes) -> None:
+        """Reply; while more pipelined commands wait in the input buffer, hold replies and send them together.
+
+        RFC 2920 asks servers to batch pipelined responses; one write instead of one per command also saves a
+        system call and a wake-up of the client per reply.
+        """
+        response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
+        self._held.append(response + b"\r\n")
+        if not self._reader._buffer or response[:3] in (b"220", b"221", b"354"):
+            self._writer.write(b"".join(self._held))
+            self._held.clear()
+            await self._writer.drain()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA read in large chunks instead of one await per line (a 60 KB message has ~800 lines).
+
+        Same protocol as aiosmtpd's: the end is CRLF.CRLF, leading dots are unstuffed, a message over the size
+        limit is read to its end and then refused with 552, and pipelined commands after the end stay buffered.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await read_message_data(self._reader, self.data_size_limit)
+        if content is None:
+            await self.push("552 5.3.4 Message is too long.")
+        else:
+            self.envelope.original_content = self.envelope.content = content
+            status = await self._call_handler_hook("DATA")
+            await self.push(status)
+        self._set_post_data_state()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._held: list[bytes] = []
         super().connection_made(transport)
         self._auth_require_tls = not self.event_handler.in_networks(
             peer_ip(self.session), self.event_handler.settings.plaintext_auth_networks)
@@ -102,6 +140,41 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.event_handler.sessions.discard(self)
         super().connection_lost(error)
+
+
+async def read_message_data(reader: asyncio.StreamReader, limit: int | None) -> bytes | None:
+    """The message up to the lone-dot line, dot-unstuffed; None when it exceeds `limit` (read and discarded).
+
+    Searches for the ".CRLF" that ends lines and keeps the one that starts a line: each await returns a chunk
+    ending at a line that ends with a dot, which is rare in mail, so a message takes a few awaits, not one per
+    line.
+    """
+    chunks: list[bytes] = []
+    size, too_big, at_line_start = 0, False, True
+    while True:
+        try:
+            chunk = await reader.readuntil(b".\r\n")
+        except asyncio.LimitOverrunError as exc:  # no dot-line within the stream limit: keep reading
+            chunk = await reader.readexactly(exc.consumed)
+            too_big = True
+        if at_line_start and chunk == b".\r\n" or chunk.endswith(b"\r\n.\r\n"):
+            chunks.append(chunk[:-3])
+            break
+        size += len(chunk)
+        if limit and size > limit:
+            too_big = True
+        if too_big:
+            chunks.clear()  # discard as it arrives: bounded memory for an oversized message
+        else:
+            chunks.append(chunk)
+        at_line_start = chunk.endswith(b"\r\n")
+    if too_big:
+        return None
+    data = b"".join(chunks)
+    if limit and len(data) > limit:
+        return None
+    data = data.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2: remove one leading dot from every line
+    return data[1:] if data.startswith(b".") else data
 
 
 class Handler:
