@@ -15,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hmac
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -531,12 +534,14 @@ class TrackingServer:
                                max_line_size=16384, max_field_size=8190, max_headers=100)
         self._runner = web.ServerRunner(self._server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, t.listen_host, t.listen_port, backlog=1024, reuse_address=True)
+        reuse_port = t.workers > 1  # `relay track` workers share the listening ports
+        site = web.TCPSite(self._runner, t.listen_host, t.listen_port, backlog=1024, reuse_address=True,
+                           reuse_port=reuse_port)
         await site.start()
         self._port = site._server.sockets[0].getsockname()[1]
         if t.tls_listen_host is not None:
             tls = web.TCPSite(self._runner, t.tls_listen_host, t.tls_listen_port, ssl_context=_tls_context(
-                t.certificates), backlog=1024, reuse_address=True)
+                t.certificates), backlog=1024, reuse_address=True, reuse_port=reuse_port)
             await tls.start()
             self._tls_port = tls._server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.get_running_loop().create_task(self._server.sweep())
@@ -647,30 +652,67 @@ def _event_loop_runner():
         return asyncio.run
 
 
+WORKER_ENV = "RELAY_TRACK_WORKER_PORTS"  # set for the extra worker processes: "http-port,tls-port" to share
+
+
 def track_command(args) -> int:
     cfg = config_module.load(args.config)
-    return _event_loop_runner()(_track(cfg))
+    shared = os.environ.get(WORKER_ENV)
+    if shared:  # a worker started by the first `relay track`: bind the ports that one already holds
+        http_port, tls_port = (int(p) for p in shared.split(","))
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+            cfg.tracking, listen_port=http_port, tls_listen_port=tls_port))
+    return _event_loop_runner()(_track(cfg, args.config, spawn=not shared))
 
 
-async def _track(cfg: Config) -> int:
+def _spawn_workers(config_path: str, count: int, http_port: int, tls_port: int) -> list[subprocess.Popen]:
+    """More processes on the same ports (SO_REUSEPORT: the kernel spreads connections), each with its own
+    event loop and its own batched writer into the shared SQLite store."""
+    env = {**os.environ, WORKER_ENV: f"{http_port},{tls_port}"}
+    return [subprocess.Popen([sys.executable, "-m", "relay.cli", "track", "--config", config_path], env=env)
+            for _ in range(count)]
+
+
+def _stop_workers(children: list[subprocess.Popen]) -> list[int]:
+    codes = []
+    for child in children:
+        try:
+            codes.append(child.wait(60))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            codes.append(child.wait())
+    return codes
+
+
+async def _track(cfg: Config, config_path: str, spawn: bool) -> int:
     store = Store(cfg.database_path)
     server = TrackingServer(cfg, store, cfg.keyring())
+    children: list[subprocess.Popen] = []
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the first request can be answered
+        loop.add_signal_handler(sig, stopping.set)
     try:
         await server.start()
-        print(f"relay track: listening on {cfg.tracking.listen_host}:{server.port}", file=sys.stderr, flush=True)
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
+        print(f"relay track: listening on {cfg.tracking.listen_host}:{server.port} (pid {os.getpid()})",
+              file=sys.stderr, flush=True)
+        if spawn and cfg.tracking.workers > 1:
+            children = _spawn_workers(config_path, cfg.tracking.workers - 1, server.port, server.tls_port)
         await stopping.wait()
         log.info("stopping: draining tracking events")
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # each worker drains its own buffer
         await server.stop()
     finally:
         await asyncio.to_thread(store.close)
+        codes = await asyncio.to_thread(_stop_workers, children)
     lost = server.recorder.failed
-    print(f"relay track: stopped, {server.recorder.written} events written, {lost} lost", file=sys.stderr,
-          flush=True)
-    return 1 if lost else 0
+    print(f"relay track: stopped (pid {os.getpid()}), {server.recorder.written} events written, {lost} lost",
+          file=sys.stderr, flush=True)
+    # A worker killed by SIGTERM never got as far as handling signals, so it had not answered anything either.
+    failed = [code for code in codes if code not in (0, -signal.SIGTERM)]
+    return 1 if lost or failed else 0
 
 
 # --- `relay tracking-domain verify` -------------------------------------------------------------------------
