@@ -131,15 +131,17 @@ def seed(cfg: config_module.Config) -> None:
     store.close()
 
 
-def start_relay(tmp: Path, port: int) -> tuple[subprocess.Popen, config_module.Config]:
+def start_relay(tmp: Path, port: int, workers: int) -> tuple[subprocess.Popen, config_module.Config]:
     path = tmp / "relay.toml"
-    path.write_text(f'[relay]\ndata_dir = "data"\n[tracking]\nlisten = "127.0.0.1:{port}"\n')
+    path.write_text(f'[relay]\ndata_dir = "data"\n[tracking]\nlisten = "127.0.0.1:{port}"\nworkers = {workers}\n')
     cfg = config_module.load(path)
     seed(cfg)
     proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "track", "--config", str(path)],
                             cwd=tmp, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_http(port)
+    if workers > 1:
+        time.sleep(2.0)  # the extra workers start after the first one; wrk connects once per run
     return proc, cfg
 
 
@@ -201,6 +203,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--workers", type=int, default=1, help="relay track worker processes (SO_REUSEPORT)")
     args = ap.parse_args()
     tool = "wrk" if shutil.which("wrk") else "python load generator"
     results: dict[str, list[dict]] = {"pixel": [], "click": [], "nginx_gif": []}
@@ -208,7 +211,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         port = free_port()
         (tmp / "relay").mkdir()
-        proc, cfg = start_relay(tmp / "relay", port)
+        proc, cfg = start_relay(tmp / "relay", port, args.workers)
         keyring = cfg.keyring()
         issued = int(time.time())
         paths = {
@@ -246,7 +249,7 @@ def main() -> int:
             print(f"{kind:10s} {r['rps']:10.0f} req/s  p99 {r['p99_ms']:7.2f} ms  ({r['requests']} requests"
                   f"{', errors ' + r['socket_errors'] if r['socket_errors'] else ''})")
     print(f"\nload: {tool}, {args.connections} connections, {args.duration:g} s x {args.runs} runs, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, relay workers: {args.workers}")
     for kind in ("pixel", "click"):
         s = summary[kind]
         print(f"{kind:10s} median {s['rps_median']:10.0f} req/s  p99 {s['p99_ms_median']:6.2f} ms   "
@@ -261,7 +264,7 @@ def main() -> int:
     ok = all(stored[k] - (warm if k == "pixel" else 0) >= answered[k] for k in stored)
     print(f"every answered hit persisted: {ok}")
     print(f"targets: {TARGETS}")
-    print(json.dumps({"tool": tool, "connections": args.connections, "summary": {
+    print(json.dumps({"tool": tool, "connections": args.connections, "workers": args.workers, "summary": {
         k: {"rps_median": round(v["rps_median"]), "p99_ms_median": round(v["p99_ms_median"], 2)}
         for k, v in summary.items()}, "persisted": stored, "answered": answered}))
     return 0 if ok else 1

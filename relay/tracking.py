@@ -4,10 +4,11 @@ Every decision is made by the core: tokens (`relay.core.tokens`), SES records (`
 verdicts (`relay.core.verdicts`), device summaries (`relay.core.useragent`), domain rules
 (`relay.core.domains`). This module only talks HTTP and hands hits to the store.
 
-Hot path: a request is answered from memory (token check, constant GIF or a 302); the hit is appended to an
-in-memory buffer that is written every `flush_interval` (or `flush_batch` hits) as one piece of work in the
-store's group commit, where the SES record is built, the event inserted and its verdict computed. `stop()`
-closes the sockets, waits for in-flight requests, then drains the buffer: an answered hit is never lost.
+Hot path: a request is answered from memory (token check, constant GIF or a 302) after its hit is appended to
+an in-memory buffer. Every `flush_interval` (or `flush_batch` hits) the buffer becomes SES records and verdicts
+on the event loop, and one insert-only work in the store's group commit. `stop()` closes the sockets, waits
+for in-flight requests, then drains the buffer: an answered hit is never lost. `relay track` can run several
+worker processes on one port (SO_REUSEPORT), each with its own buffer into the shared store.
 """
 
 from __future__ import annotations
