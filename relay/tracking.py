@@ -106,7 +106,7 @@ def thresholds(cfg: TrackingConfig) -> verdicts.Thresholds:
     return verdicts.Thresholds(cfg.early_click_seconds, cfg.burst_window_seconds, cfg.burst_min_links)
 
 
-# --- from hits to stored events and verdicts (runs on the store's writer thread) ---------------------------
+# --- from hits to stored events and verdicts -----------------------------------------------------------------
 
 _MAIL_SLOT = "\x00mail\x00"
 _MAIL_SLOT_JSON = json.dumps(_MAIL_SLOT)
@@ -473,11 +473,11 @@ def _tls_context(certs) -> ssl.SSLContext:
     return default
 
 
-def _client_ip(peer: str, forwarded: str | None, trusted) -> str:
+def _client_ip(peer: str, forwarded: str | None, trusted: verdicts.NetworkSet) -> str:
     """The first address, walking back from our peer, that is not a trusted proxy (RFC 7239 practice)."""
     hops = [h.strip() for h in forwarded.split(",")] if forwarded else []
     ip = peer
-    while _in(ip, trusted) and hops:
+    while trusted.lookup(ip) is not None and hops:
         candidate = hops.pop()
         try:
             ipaddress.ip_address(candidate)
@@ -485,16 +485,6 @@ def _client_ip(peer: str, forwarded: str | None, trusted) -> str:
             break  # garbage in the chain: keep the last address a trusted proxy vouched for
         ip = candidate
     return ip
-
-
-def _in(ip: str, networks) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr in n for n in networks)
 
 
 def _headers_size(raw_headers: Iterable[tuple[bytes, bytes]]) -> int:
@@ -519,7 +509,7 @@ class TrackingServer:
         summarize("Mozilla/5.0 (X11; Linux x86_64)")  # ua-parser loads its regexes on first use (~0.1 s)
         writer = EventWriter(config.account_id, self.lists, thresholds(t), read=store.tracking_read)
         self.recorder = Recorder(store, writer, t.flush_interval, t.flush_batch)
-        self._trusted = t.trusted_proxies
+        self._trusted = verdicts.NetworkSet([(net, "proxy") for net in t.trusted_proxies])
         self._max_age = int(t.max_link_age)
         self._server: _Server | None = None
         self._runner: web.ServerRunner | None = None
@@ -532,7 +522,7 @@ class TrackingServer:
     async def start(self) -> None:
         t = self.settings
         self._server = _Server(self._handle, t.client_timeout, access_log=None, keepalive_timeout=t.client_timeout,
-                               max_line_size=16384, max_field_size=8190, max_headers=100)
+                               max_line_size=32768, max_field_size=8190, max_headers=100)
         self._runner = web.ServerRunner(self._server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         reuse_port = t.workers > 1  # `relay track` workers share the listening ports
@@ -625,7 +615,7 @@ class TrackingServer:
 
     def _record(self, kind: str, method: str, claims, request: web.BaseRequest) -> None:
         ip = request.remote or ""
-        if self._trusted and _in(ip, self._trusted):
+        if self._trusted.lookup(ip) is not None:
             ip = _client_ip(ip, request.headers.get("X-Forwarded-For"), self._trusted)
         ua = request.headers.get("User-Agent", "")
         if not ua.isascii():  # aiohttp keeps undecodable bytes as lone surrogates; SQLite refuses those
@@ -634,7 +624,7 @@ class TrackingServer:
 
     def _scheme(self, request: web.BaseRequest) -> str:
         scheme = "https" if request.transport and request.transport.get_extra_info("sslcontext") else "http"
-        if self._trusted and _in(request.remote or "", self._trusted):
+        if self._trusted.lookup(request.remote or "") is not None:
             proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
             if proto in ("http", "https"):
                 scheme = proto

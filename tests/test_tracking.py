@@ -260,3 +260,15 @@ def test_keep_alive_connection_serves_many_requests(listener):
         conn.close()
     listener.flush()
     assert len(stored(listener.store, "Open")) == 20
+
+
+def test_long_destination_and_undecodable_user_agent(listener):
+    url = "https://shop.example/p?data=" + "x" * 12000 + "#end"
+    assert _location_bytes(listener.port, listener.click_token(url)) == url.encode()
+    answer = raw_request(listener.port, b"GET /o/" + listener.open_token().encode() + b" HTTP/1.1\r\nHost: t\r\n"
+                         b"User-Agent: Mozilla/5.0 \xff\xfe(broken)\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(GIF)
+    listener.flush()
+    [opened] = stored(listener.store, "Open")
+    assert opened["open"]["userAgent"].startswith("Mozilla/5.0 ") and "(broken)" in opened["open"]["userAgent"]
+    assert len(stored(listener.store, "Click")) == 1
