@@ -272,3 +272,23 @@ def test_long_destination_and_undecodable_user_agent(listener):
     [opened] = stored(listener.store, "Open")
     assert opened["open"]["userAgent"].startswith("Mozilla/5.0 ") and "(broken)" in opened["open"]["userAgent"]
     assert len(stored(listener.store, "Click")) == 1
+
+
+def test_key_rotation_old_key_still_verifies(tmp_path):
+    cfg = load(tmp_path)
+    keys = cfg.tracking.keys_file
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    old, new = SigningKey("old1", b"o" * 32), SigningKey("new1", b"n" * 32)
+    keys.write_text(f"new1 {new.secret.hex()}\nold1 {old.secret.hex()}\n")
+    server = Listener(cfg)
+    try:
+        assert server.keyring.signing.kid == "new1"
+        issued = int(time.time())
+        by_old = tokens.sign_click(Keyring((old,)), MID, RCPT, issued, 0, "https://shop.example/old-mail")
+        by_new = tokens.sign_click(server.keyring, MID, RCPT, issued, 0, "https://shop.example/new-mail")
+        assert _location_bytes(server.port, by_old) == b"https://shop.example/old-mail"
+        assert _location_bytes(server.port, by_new) == b"https://shop.example/new-mail"
+        retired = tokens.sign_click(Keyring((SigningKey("gone", b"g" * 32),)), MID, RCPT, issued, 0, "https://x.example/")
+        assert request(server.port, "GET", "/c/" + retired)[0] == 404
+    finally:
+        server.stop()
