@@ -27,15 +27,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 1
-    problems = []
-    try:
-        from relay.sign import check_keys
+    from relay.sign import check_keys
 
-        problems += check_keys(cfg.dkim)
-    except ImportError:
-        pass
+    problems = check_keys(cfg.dkim)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
+    for warning in config_module.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     if problems:
         return 1
     print(f"{args.config}: ok ({len(cfg.configuration_sets)} configuration sets)")

@@ -115,6 +115,8 @@ class TrackingConfig:
     client_timeout: float = 15.0  # a connection that sends no complete request for this long is closed
     require_verified_domains: bool = True  # refuse custom redirect domains not proved by `tracking-domain verify`
     workers: int = 1  # `relay track` processes sharing the port (SO_REUSEPORT) and the store
+    # Hosts reachable as https://host through a proxy or CDN in front of the listener (TLS terminated there).
+    https_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,15 +178,29 @@ class Config:
         )
         cs = self.configuration_sets.get(set_name) if set_name else None
         if cs is None:
-            return TrackingSettings(host=t.default_host, tracking_hosts=hosts)
+            return TrackingSettings(host=t.default_host, tracking_hosts=hosts,
+                                    https_available=self.https_available(t.default_host))
+        host = cs.custom_redirect_domain or t.default_host
         return TrackingSettings(
             open_tracking=bool(cs.open_tracking),
             click_tracking=bool(cs.click_tracking),
-            host=cs.custom_redirect_domain or t.default_host,
+            host=host,
+            https_available=self.https_available(host),
             https_policy=cs.https_policy or t.https_policy,
             pixel_position=cs.pixel_position or t.pixel_position,
             tracking_hosts=hosts,
         )
+
+    def https_available(self, host: str) -> bool:
+        """Whether https://host reaches the tracking listener: a proxy in front, or our own certificate."""
+        name = host.lower().rsplit(":", 1)[0] if not host.endswith("]") else host.lower()
+        t = self.tracking
+        if host.lower() in t.https_hosts or name in t.https_hosts:
+            return True
+        if t.tls_listen_host is None:
+            return False
+        wildcard = "*." + name.split(".", 1)[-1]
+        return any(name in c.domains or wildcard in c.domains for c in t.certificates)
 
     def keyring(self) -> Keyring:
         return load_or_create_keyring(self.tracking.keys_file)
@@ -356,10 +372,32 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     dkim = _parse_dkim(top.sub("dkim"), problems)
     sets = _parse_sets(top.sub("configuration_sets"), problems)
     top.finish()
+    cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
+                 tracking=tracking, dkim=dkim, configuration_sets=sets, **relay_kw)
+    problems += _https_problems(cfg)
     if problems:
         raise ConfigError(problems)
-    return Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
-                  tracking=tracking, dkim=dkim, configuration_sets=sets, **relay_kw)
+    return cfg
+
+
+def _https_problems(cfg: Config) -> list[str]:
+    """An https policy is a promise that https://host answers; refuse it where nothing serves TLS."""
+    levels = [("tracking.https_policy", cfg.tracking.https_policy, cfg.tracking.default_host)]
+    levels += [(f"configuration_sets.{cs.name}.https_policy", cs.https_policy,
+                cs.custom_redirect_domain or cfg.tracking.default_host) for cs in cfg.configuration_sets.values()]
+    return [f"{key}: {policy} needs https://{host} to reach the tracking listener: list it in tracking.https_hosts"
+            " (TLS at a proxy or CDN) or serve a certificate for it (tracking.tls_listen, tracking.certificates)"
+            for key, policy, host in levels
+            if policy in ("REQUIRE", "REQUIRE_OPEN_ONLY") and not cfg.https_available(host)]
+
+
+def warnings(cfg: Config) -> list[str]:
+    """What works but an operator should know."""
+    hosts = {cfg.tracking.default_host} | {cs.custom_redirect_domain for cs in cfg.configuration_sets.values()
+                                           if cs.custom_redirect_domain and cs.click_tracking is not False}
+    return [f"tracking host {h} has no HTTPS: https links are wrapped with http:// tracking URLs (the redirect"
+            " still lands on https); list it in tracking.https_hosts or serve a certificate for it"
+            for h in sorted(hosts) if not cfg.https_available(h)]
 
 
 def _parse_smtp(s: _Reader, problems: list[str]) -> SmtpSettings:
@@ -483,6 +521,7 @@ def _parse_tracking_listener(t: _Reader, problems: list[str]) -> dict:
         client_timeout=t.duration("client_timeout", 15.0),
         require_verified_domains=t.get("require_verified_domains", bool, True),
         workers=t.positive("workers", 1),
+        https_hosts=tuple(str(h).lower() for h in t.get("https_hosts", list, [])),
     )
 
 

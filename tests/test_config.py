@@ -65,6 +65,7 @@ retry_initial = 5
 [tracking]
 default_host = "t.example.com"
 https_policy = "REQUIRE"
+https_hosts = ["t.example.com", "click.example.com"]
 [configuration_sets.a]
 open_tracking = true
 custom_redirect_domain = "click.example.com"
@@ -100,3 +101,22 @@ def test_relay_check_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--config", str(bad)],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "smtp.max_recipients" in out.stderr
+
+
+def test_https_policy_needs_https_on_the_host(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse('[configuration_sets.a]\nhttps_policy = "REQUIRE_OPEN_ONLY"\ncustom_redirect_domain = "c.example.com"\n',
+              tmp_path)
+    assert "configuration_sets.a.https_policy" in err.value.problems[0] and "c.example.com" in err.value.problems[0]
+
+
+def test_https_links_are_not_pointed_at_a_host_without_https(tmp_path):
+    plain = parse("[configuration_sets.a]\nclick_tracking = true\n", tmp_path)
+    s = plain.tracking_settings("a")
+    assert not s.https_available and s.click_base("https") == "http://localhost:8080/c/"
+    assert any("has no HTTPS" in w for w in config.warnings(plain))
+    proxied = parse('[tracking]\ndefault_host = "t.example.com"\nhttps_hosts = ["t.example.com"]\n'
+                    "[configuration_sets.a]\nclick_tracking = true\n", tmp_path)
+    s = proxied.tracking_settings("a")
+    assert s.click_base("https") == "https://t.example.com/c/" and s.click_base("http") == "http://t.example.com/c/"
+    assert config.warnings(proxied) == []

@@ -27,6 +27,10 @@ class TrackingSettings:
     pixel_position: str = "bottom"
     # Every host relay serves tracking on: links already pointing there are not wrapped a second time.
     tracking_hosts: frozenset[str] = field(default_factory=frozenset)
+    # Whether https://host reaches the tracking listener. When it does not, every tracking URL is http: an
+    # https link then goes through an http redirect (a downgrade `relay check` warns about) instead of
+    # pointing at an https URL nobody answers, which would break the link.
+    https_available: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -37,7 +41,8 @@ class TrackingSettings:
         return f"{scheme}://{self.host}{OPEN_PATH}"
 
     def click_base(self, link_scheme: str) -> str:
-        scheme = "https" if self.https_policy == "REQUIRE" else link_scheme.lower()
+        own = link_scheme.lower() if self.https_available else "http"
+        scheme = "https" if self.https_policy == "REQUIRE" else own
         return f"{scheme}://{self.host}{CLICK_PATH}"
 
     def is_tracking_host(self, host: str) -> bool:
