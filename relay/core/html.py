@@ -59,6 +59,7 @@ class Scan:
     placeholders: list[tuple[int, bool]] = field(default_factory=list)  # (offset, usable as pixel spot)
     body_open_end: int | None = None  # just after the first <body ...>
     body_close: int | None = None  # start of the last </body>
+    open_end: bool = False  # the document ends inside a tag or comment: anything appended would be swallowed
 
 
 def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
@@ -107,6 +108,8 @@ def scan(doc: bytes, start: int = 0, end: int | None = None, in_comment: bool = 
     while True:
         m = _SCAN.search(doc, pos, end)
         if m is None:
+            if not in_comment and _inside_tag(doc, end, max(start, pos - 1)):
+                out.open_end = True
             return out
         token, at = m.group(0), m.start()
         if token == b"<!--":
@@ -114,6 +117,8 @@ def scan(doc: bytes, start: int = 0, end: int | None = None, in_comment: bool = 
             stop = end if close < 0 else close
             if doc.startswith(b"[if", at + 4) and not in_comment:  # Outlook conditional comment: VML buttons
                 scan(doc, at + 4, stop, True, out)
+            if close < 0:
+                out.open_end = True
             pos = end if close < 0 else close + 3
         elif token == b"<![CDATA[":
             close = doc.find(b"]]>", at, end)
@@ -133,7 +138,10 @@ def scan(doc: bytes, start: int = 0, end: int | None = None, in_comment: bool = 
 
 def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:
     tag = parse_tag(doc, m.start(), m.end(1), end)
-    if tag is None:
+    if tag is None:  # never closed: a browser reads the rest of the document as part of this tag
+        if not in_comment:
+            out.open_end = True
+            return end
         return m.start() + 1
     tag.in_comment = in_comment
     if tag.name in ("script", "style"):

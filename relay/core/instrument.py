@@ -181,6 +181,10 @@ def _plan_part(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Pl
         if text.encode(codec, "surrogateescape") != decoded:
             raise PartError(f"charset {part.charset} does not round-trip")
         doc = text.encode("utf-8", "surrogateescape")
+    if not like and part.body_start == part.header_end:  # inserting anything would extend the header block
+        report.update(action="untouched", reason="no body and no blank line after the headers", links=[],
+                      skipped=[], pixel=None)
+        return None
     scanned = html.scan(doc)
     edits: list[tuple[int, int, bytes | int]] = []
     links, skipped = [], []
@@ -227,7 +231,7 @@ def _link_edits(doc: bytes, tag: html.Tag, part: mime.Part, settings: TrackingSe
     assert url is not None
     index = len(plan.links)
     base = settings.click_base(url.split(":", 1)[0])
-    entry = {"index": index, "original": url, "tags": tags, "element": tag.name,
+    entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
              "in_conditional_comment": tag.in_comment}
     if tag_problems:
         entry["tag_warnings"] = tag_problems
@@ -317,8 +321,13 @@ def _pixel_edits(doc: bytes, scanned: html.Scan, settings: TrackingSettings, edi
     if scanned.body_close is not None:
         edits.append((scanned.body_close, scanned.body_close, PIXEL))
         return {"placement": "before </body>", "offset": scanned.body_close}
-    edits.append((size, size, PIXEL))
-    return {"placement": "end", "offset": size}
+    if not scanned.open_end:
+        edits.append((size, size, PIXEL))
+        return {"placement": "end", "offset": size}
+    if scanned.body_open_end is not None:  # the end sits inside a broken tag: the top is the only safe spot
+        edits.append((scanned.body_open_end, scanned.body_open_end, PIXEL))
+        return {"placement": "top", "offset": scanned.body_open_end}
+    return {"placement": "none", "reason": "the HTML ends inside an unterminated tag or comment", "url": None}
 
 
 def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) -> int:
@@ -404,7 +413,7 @@ def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient:
         for link in plan.links:
             url = link.base + tokens.seal(keyring, prefix + link.suffix)
             urls.append(url)
-            values.append(url.encode("ascii"))
+            values.append(html.escape_attribute(url).encode("ascii"))
     pixel_url = None
     if plan.open_slots:
         pixel_url = settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
@@ -471,7 +480,7 @@ def _report(plan: Plan, urls: list[str], pixel_url: str | None, sizes: dict, war
             entry["links"] = [dict(link, tracking=urls[link["index"]]) for link in rp["links"]]
             wrapped += len(entry["links"])
             skipped += len(rp["skipped"])
-            if rp.get("pixel"):
+            if rp.get("pixel") and rp["pixel"]["placement"] != "none":
                 entry["pixel"] = dict(rp["pixel"], url=pixel_url)
         size, new_cte = sizes.get(rp["path"], (None, None))
         if size == -1:

@@ -137,8 +137,9 @@ def _child_ranges(raw: bytes, start: int, end: int, boundary: str) -> list[tuple
     while True:
         m = delim.search(raw, pos, end)
         if m is None:
-            if part_start is not None:  # no close boundary: the last part runs to the end
-                ranges.append((part_start, end))
+            if part_start is not None:  # no close boundary: the last part runs to the end ...
+                # ... less its final line end when that is the end of the message (as the feed parser reads it)
+                ranges.append((part_start, _before_line_end(raw, part_start, end) if end == len(raw) else end))
             return ranges
         line_start = m.start()
         if part_start is not None:
@@ -190,9 +191,30 @@ def encode_qp(data: bytes) -> bytes:
     if data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
         out = binascii.b2a_qp(data, istext=True)
         # Without a CRLF in the input, soft breaks come out as bare LF; the input has no bare LF to confuse.
-        return out if b"\r\n" in data else out.replace(b"\n", b"\r\n")
-    # Bare CR or LF inside lines must be escaped, so encode line by line in binary mode.
-    return b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
+        if b"\r\n" not in data:
+            out = out.replace(b"\n", b"\r\n")
+    else:  # bare CR or LF inside lines must be escaped, so encode line by line in binary mode
+        out = b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
+    return _rewrap(out) if _OVERLONG.search(out) else out
+
+
+_OVERLONG = re.compile(rb"[^\r\n]{77}")
+
+
+def _rewrap(encoded: bytes) -> bytes:
+    """binascii can end a line with an escaped space one past 76 characters: add soft breaks where needed."""
+    out = []
+    for line in encoded.split(b"\r\n"):
+        while len(line) > 76:
+            cut = 75
+            if line[cut - 1:cut] == b"=":  # never split an =XX escape
+                cut -= 1
+            elif line[cut - 2:cut - 1] == b"=":
+                cut -= 2
+            out.append(line[:cut] + b"=")
+            line = line[cut:]
+        out.append(line)
+    return b"\r\n".join(out)
 
 
 def encode_base64(data: bytes, final_newline: bool) -> bytes:
