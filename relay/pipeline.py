@@ -24,7 +24,7 @@ from email.utils import format_datetime
 
 from relay.config import Config
 from relay.core import events as ev
-from relay.core.headers import HeaderError
+from relay.core.headers import HeaderError, from_domain, split_header_block, to_crlf
 from relay.core.intake import intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.settings import TrackingSettings
@@ -90,6 +90,7 @@ class Pipeline:
         try:
             item = intake(sub.data, sub.mail_from, message_id, self.config.hostname, self._received(sub, message_id))
         except HeaderError as exc:
+            await self._record_reject(sub, message_id, now_ms, exc)
             raise Refusal(f"554 {exc}") from exc
         set_name = self.resolve_set(item.control.configuration_set)
         settings = self.config.tracking_settings(set_name)
@@ -108,6 +109,25 @@ class Pipeline:
             log.error("could not queue message from %s: %s", sub.client_ip, exc)
             raise StorageUnavailable(str(exc)) from exc
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms)
+
+    async def _record_reject(self, sub: Submission, message_id: str, now_ms: int, exc: HeaderError) -> None:
+        """A refusal of a message whose configuration set is known is that set's Reject event."""
+        set_name = exc.configuration_set
+        if set_name not in self.config.configuration_sets:
+            return
+        block = split_header_block(to_crlf(sub.data))
+        mail = ev.mail_object(ev.MailFacts(
+            message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients,
+            headers=block.fields, configuration_set=set_name, source_ip=sub.client_ip,
+            from_domain=from_domain(block, sub.mail_from), caller_identity=sub.auth_user or "",
+            account_id=self.config.account_id, region=self.config.region,
+        ))
+        record = ev.reject_record(mail, str(exc))
+        try:
+            await self.store.write(Store.events_work(
+                [EventRow(ev.REJECT, ev.iso_ms(now_ms), message_id, None, set_name, record)]))
+        except Exception as err:  # the refusal stands either way
+            log.error("could not record a Reject event: %s", err)
 
     def resolve_set(self, requested: str | None) -> str | None:
         if requested is None:

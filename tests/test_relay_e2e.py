@@ -140,6 +140,10 @@ def test_unknown_configuration_set_and_bad_tags_are_refused(relay, upstream):
     code, reply = submit(relay.smtp_port, b"X-SES-CONFIGURATION-SET: plain\r\nX-SES-MESSAGE-TAGS: ok=1, bad=x.y\r\n"
                          + MULTIPART)
     assert code == 554 and b"'bad'" in reply and b"x.y" in reply
+    reject, = relay.wait_events("Reject", 1)  # the set is known: the refusal is that set's Reject event
+    record = json.loads(reject[4])
+    assert reject[3] == "plain" and "x.y" in record["reject"]["reason"]
+    assert record["mail"]["commonHeaders"]["subject"] == "Hello there"
     time.sleep(0.3)
     assert upstream.messages == []
     assert relay.events("Send") == []
