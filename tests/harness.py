@@ -96,12 +96,18 @@ class Upstream:
         raise TimeoutError(f"upstream got {len(self.messages)} of {count} messages")
 
 
+def toml_lines(settings: dict) -> str:
+    return "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
+
+
 def config_text(data_dir: Path, smtp_port: int, tracking_port: int, upstream_port: int | None, extra: str = "",
-                smtp_extra: str = "", delivery: dict | None = None) -> str:
-    upstream = (f'type = "smtp"\nhost = "127.0.0.1"\nport = {upstream_port}\ntls = "none"\ntimeout = "5s"'
-                if upstream_port else f'type = "capture"\ncapture_dir = "{data_dir}/delivered"')
-    settings = {"retry_initial": "0.3s", "retry_max": "1s", **(delivery or {})}
-    delivery_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
+                smtp_extra: str = "", delivery: dict | None = None, upstream_settings: dict | None = None) -> str:
+    if upstream_port:
+        defaults = {"type": "smtp", "host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": "5s"}
+    else:
+        defaults = {"type": "capture", "capture_dir": f"{data_dir}/delivered"}
+    upstream = toml_lines({**defaults, **(upstream_settings or {})})
+    delivery_lines = toml_lines({"retry_initial": "0.3s", "retry_max": "1s", **(delivery or {})})
     return f"""
 [relay]
 data_dir = "{data_dir}"
@@ -139,6 +145,8 @@ class RelayProcess:
     extra: str = ""
     smtp_extra: str = ""
     delivery: dict = field(default_factory=dict)
+    upstream: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
     smtp_port: int = field(default_factory=free_port)
     tracking_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -155,14 +163,15 @@ class RelayProcess:
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(config_text(self.workdir / "data", self.smtp_port, self.tracking_port,
-                                                self.upstream_port, self.extra, self.smtp_extra, self.delivery))
+                                                self.upstream_port, self.extra, self.smtp_extra, self.delivery,
+                                                self.upstream))
 
     def start(self) -> RelayProcess:
         self.write_config()
         cmd = [sys.executable, "-m", "relay.cli", "serve", "--config", str(self.config_path)]
         with open(self.workdir / "relay.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.workdir, preexec_fn=self.preexec,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                         env={**os.environ, "PYTHONPATH": str(ROOT), **self.env})
         wait_port(self.smtp_port, proc=self.proc)
         return self
 
