@@ -379,7 +379,8 @@ def _insert_events(conn: sqlite3.Connection, events: list[EventRow]) -> None:
 
 # --- tracking listener ---------------------------------------------------------------------------------------
 # Open/Click events are written by the tracking listener in batches; each event gets a machine verdict row
-# beside it (never a change to the event). The helpers below run inside a batch's work(conn).
+# beside it (never a change to the event). The helpers below take a connection: the writer's inside a work,
+# or this thread's reader through Store.tracking_read.
 
 SCHEMA.extend([
     # The verdict of one Open/Click event and why; recomputable. `method` is a raw fact the SES record lacks.

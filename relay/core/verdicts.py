@@ -132,10 +132,10 @@ class Lists:
     def __post_init__(self) -> None:
         lowered = tuple((label, needle.lower()) for label, needle in self.scanner_user_agents)
         object.__setattr__(self, "scanner_user_agents", lowered)
-        # one case-insensitive alternation instead of a substring test per rule (this runs for every hit)
-        first = {needle for _, needle in lowered}
-        pattern = "|".join(re.escape(n) for n in sorted(first, key=len, reverse=True)) if first else "(?!)"
-        object.__setattr__(self, "_scanner_re", re.compile(pattern))  # needles are lower-case
+        # one alternation over the lower-cased needles instead of a substring test per rule (runs for every hit)
+        needles = sorted({needle for _, needle in lowered}, key=len, reverse=True)
+        pattern = "|".join(re.escape(n) for n in needles) if needles else "(?!)"
+        object.__setattr__(self, "_scanner_re", re.compile(pattern))
 
     def scanner_agent(self, user_agent: str) -> tuple[str, str] | None:
         """(label, needle) of the first scanner rule whose needle the User-Agent contains."""
