@@ -292,3 +292,12 @@ def test_key_rotation_old_key_still_verifies(tmp_path):
         assert request(server.port, "GET", "/c/" + retired)[0] == 404
     finally:
         server.stop()
+
+
+def test_forwarded_proto_honoured_only_from_trusted_proxies(listener):
+    from relay.tracking import CHALLENGE_PATH, make_challenge
+
+    path = CHALLENGE_PATH + make_challenge(listener.keyring, int(time.time()))
+    headers = {"User-Agent": CHROME, "X-Forwarded-Proto": "https"}
+    assert request(listener.port, "GET", path, headers, source="127.0.0.2")[2].split()[-1] == b"https"
+    assert request(listener.port, "GET", path, headers, source="127.0.0.1")[2].split()[-1] == b"http"
