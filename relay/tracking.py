@@ -155,11 +155,15 @@ class EventWriter:
     NO_DELIVERY_TTL_MS = 2000  # how long "no Delivery event yet" is believed before asking the store again
 
     def __init__(self, account_id: str, lists: verdicts.Lists, th: verdicts.Thresholds, read):
-        self.account_id, self.lists, self.th, self.read = account_id, lists, th, read
-        self.window_ms = int(th.burst_window_seconds * 1000)
+        self.account_id, self.read = account_id, read
+        self.configure(lists, th)
         self._mails: dict[str, tuple[str, str | None, int | None]] = {}
         self._delivered: dict[tuple[str, str], tuple[int | None, int]] = {}  # copy -> (ms or None, asked at)
         self._recent: dict[tuple[str, str], list[_Click]] = {}
+
+    def configure(self, lists: verdicts.Lists, th: verdicts.Thresholds) -> None:
+        self.lists, self.th = lists, th
+        self.window_ms = int(th.burst_window_seconds * 1000)
 
     def forget(self) -> None:
         """After a failed batch: its clicks never reached the store, so the memory of recent clicks is wrong."""
@@ -503,8 +507,7 @@ class TrackingServer:
 
     def __init__(self, config: Config, store: Store, keyring: Keyring):
         self.config, self.store, self.keyring = config, store, keyring
-        t = config.tracking
-        self.settings = t
+        t = self.settings = config.tracking
         self.lists = load_lists(t)
         summarize("Mozilla/5.0 (X11; Linux x86_64)")  # ua-parser loads its regexes on first use (~0.1 s)
         writer = EventWriter(config.account_id, self.lists, thresholds(t), read=store.tracking_read)
@@ -538,6 +541,18 @@ class TrackingServer:
         self._sweeper = asyncio.get_running_loop().create_task(self._server.sweep())
         log.info("tracking listener on http://%s:%s%s", t.listen_host, self._port,
                  f" and https://{t.tls_listen_host}:{self._tls_port}" if self._tls_port else "")
+
+    def reload(self, config: Config, keyring: Keyring | None = None) -> None:
+        """Take verdict lists, thresholds, trusted proxies, link age and keys from a reloaded configuration
+        (SIGHUP); listen addresses, certificates and batching need a restart. Call on the loop's thread."""
+        t = self.settings = config.tracking
+        self.config = config
+        self.lists = load_lists(t)
+        self.recorder.writer.configure(self.lists, thresholds(t))
+        self._trusted = verdicts.NetworkSet([(net, "proxy") for net in t.trusted_proxies])
+        self._max_age = int(t.max_link_age)
+        if keyring is not None:
+            self.keyring = keyring
 
     @property
     def port(self) -> int:

@@ -251,3 +251,22 @@ def test_no_event_lost_on_sigterm_under_load(tmp_path, workers):
     if workers > 1:  # the extra worker really served
         written = [int(n) for n in re.findall(rb"stopped \(pid \d+\), (\d+) events written", err)]
         assert len(written) == workers and min(written) > 0, err.decode()
+
+
+def test_reload_takes_new_lists_for_new_hits(tmp_path):
+    server = Listener(load(tmp_path, 'trusted_proxies = ["127.0.0.0/8"]'))
+    try:
+        store_message(server.store)
+        pixel = "/o/" + server.open_token()
+        _hit(server, pixel, APPLE_MPP, "17.58.10.20")
+        new_cfg = _config(tmp_path)  # the same file, now with Apple's list
+
+        async def reload() -> None:
+            server.server.reload(new_cfg)
+
+        server.call(reload())
+        _hit(server, pixel, APPLE_MPP, "17.58.10.20")
+        server.flush()
+        assert [v[1:] for v in _verdicts(server)] == [("human", []), ("machine", ["apple-mpp"])]
+    finally:
+        server.stop()
