@@ -259,6 +259,7 @@ def test_reload_takes_new_lists_for_new_hits(tmp_path):
         store_message(server.store)
         pixel = "/o/" + server.open_token()
         _hit(server, pixel, APPLE_MPP, "17.58.10.20")
+        server.flush()  # verdicts are computed when the buffer is written, with the lists of that moment
         new_cfg = _config(tmp_path)  # the same file, now with Apple's list
 
         async def reload() -> None:
