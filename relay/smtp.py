@@ -142,39 +142,33 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
 
+TERMINATOR = b"\r\n.\r\n"
+
+
 async def read_message_data(reader: asyncio.StreamReader, limit: int | None) -> bytes | None:
     """The message up to the lone-dot line, dot-unstuffed; None when it exceeds `limit` (read and discarded).
 
-    Searches for the ".CRLF" that ends lines and keeps the one that starts a line: each await returns a chunk
-    ending at a line that ends with a dot, which is rare in mail, so a message takes a few awaits, not one per
-    line.
+    The data starts after a virtual CRLF, so the end is always CRLF.CRLF, even for an empty message. While
+    what was read ends with the start of that sequence (only at the very beginning, or when it was cut at a
+    size limit), the few bytes that complete or refute it are read; otherwise one readuntil() reads up to the
+    end. A message costs a few awaits, however many lines it has.
     """
-    chunks: list[bytes] = []
-    size, too_big, at_line_start = 0, False, True
-    while True:
+    data = bytearray(b"\r\n")
+    too_big = False
+    while not data.endswith(TERMINATOR):
+        pending = next((n for n in (4, 3, 2, 1) if data.endswith(TERMINATOR[:n])), 0)
         try:
-            chunk = await reader.readuntil(b".\r\n")
-        except asyncio.LimitOverrunError as exc:  # no dot-line within the stream limit: keep reading
-            chunk = await reader.readexactly(exc.consumed)
+            data += await (reader.readexactly(5 - pending) if pending else reader.readuntil(TERMINATOR))
+        except asyncio.LimitOverrunError as exc:  # no end within the stream limit: discard what came so far
+            data += await reader.readexactly(exc.consumed)
             too_big = True
-        if at_line_start and chunk == b".\r\n" or chunk.endswith(b"\r\n.\r\n"):
-            chunks.append(chunk[:-3])
-            break
-        size += len(chunk)
-        if limit and size > limit:
+        if too_big or (limit and len(data) > limit + 5):
             too_big = True
-        if too_big:
-            chunks.clear()  # discard as it arrives: bounded memory for an oversized message
-        else:
-            chunks.append(chunk)
-        at_line_start = chunk.endswith(b"\r\n")
+            del data[:-5]  # keep only what could hold or begin the end sequence: bounded memory
     if too_big:
         return None
-    data = b"".join(chunks)
-    if limit and len(data) > limit:
-        return None
-    data = data.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2: remove one leading dot from every line
-    return data[1:] if data.startswith(b".") else data
+    # RFC 5321 4.5.2: a client doubles a dot that starts a line; remove one leading dot from every line.
+    return bytes(data[:-3]).replace(b"\r\n.", b"\r\n")[2:]
 
 
 class Handler:

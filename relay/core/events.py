@@ -6,6 +6,8 @@ object. Times are passed in (milliseconds since the epoch) so these functions st
 
 from __future__ import annotations
 
+import os
+import random
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,9 +29,15 @@ DETAIL_KEY = {
 }
 
 
+# Message ids must be unique, not secret (tokens are signed): a PRNG seeded once from the OS avoids a
+# getrandom() system call per message.
+_ids = random.Random(int.from_bytes(os.urandom(16), "big"))
+
+
 def mint_message_id(now_ms: int, random_uuid: uuid.UUID | None = None) -> str:
     """A message id in SES's format: 4-hex prefix, 12-hex Unix milliseconds, a UUID, `-000000`."""
-    return f"{SES_ID_PREFIX}{now_ms & 0xFFFFFFFFFFFF:012x}-{random_uuid or uuid.uuid4()}-000000"
+    u = random_uuid or uuid.UUID(int=_ids.getrandbits(128), version=4)
+    return f"{SES_ID_PREFIX}{now_ms & 0xFFFFFFFFFFFF:012x}-{u}-000000"
 
 
 def iso_ms(ms: int) -> str:

@@ -159,8 +159,16 @@ def decoded(value: str) -> str:
         return value
 
 
+_PLAIN_ADDRESS = re.compile(r"\s*(?:([^\"<>,;:()\\@=]*?)\s*<([^<>\s,;:()\"\\]+@[^<>\s,;:()\"\\]+)>"
+                            r"|([^<>\s,;:()\"\\]+@[^<>\s,;:()\"\\]+))\s*")
+
+
 def addresses(value: str) -> list[str]:
     """Address list as SES shows it in commonHeaders: `Name <a@b>` or `a@b`, encoded words decoded."""
+    # Most headers are plain `a@b` or `Name <a@b>` lists; the stdlib parser costs ~40 us per address.
+    matches = [_PLAIN_ADDRESS.fullmatch(item) for item in value.split(",")]
+    if all(matches):
+        return [f"{m[1]} <{m[2]}>" if m[1] else (m[2] or m[3]) for m in matches]
     out = []
     for name, addr in getaddresses([value]):
         if not addr:

@@ -7,7 +7,7 @@ a snapshot of it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 HTTPS_POLICIES = ("REQUIRE", "REQUIRE_OPEN_ONLY", "OPTIONAL")
 PIXEL_POSITIONS = ("bottom", "top", "auto")
@@ -50,7 +50,7 @@ class TrackingSettings:
         return host == self.host.lower() or host in self.tracking_hosts
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["tracking_hosts"] = sorted(self.tracking_hosts)
         return data
 
