@@ -51,6 +51,8 @@ def host_name_problem(domain: str) -> str | None:
     if len(labels) < 2 and host.lower() != "localhost":
         return "a tracking domain needs at least two labels (a subdomain such as track.example.com)"
     for label in labels:
+        if not label.isascii():
+            return f"label {label!r} is not valid: write an internationalised name in its xn-- (punycode) form"
         if not _LABEL_RE.match(label):
             return (f"label {label!r} is not valid: 1-63 letters, digits or hyphens, not starting or ending "
                     "with a hyphen")
