@@ -8,6 +8,7 @@ Tag syntax is ASCII, so the scanner works on bytes of any ASCII-compatible chars
 
 from __future__ import annotations
 
+import bisect
 import html.entities
 import re
 from dataclasses import dataclass, field
@@ -16,16 +17,19 @@ PLACEHOLDER = b"{{ses:openTracker}}"
 # Per-link opt-out and tag attributes (SES, SendGrid, Postmark, SparkPost): always removed from links.
 MARKERS = (b"ses:no-track", b"ses:tags", b"clicktracking", b"data-pm-no-track", b"data-msys-clicktrack")
 
+# A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once.
 _SCAN = re.compile(
-    rb"<!--"
-    rb"|<!\[CDATA\["
-    rb"|<(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
-    rb"|</(?i:body)(?=[\s/>])"
-    rb"|\{\{ses:openTracker\}\}"
+    rb"<(?=[!aAvVbBsS]|/[bB])(?:"
+    rb"!--"
+    rb"|!\[CDATA\["
+    rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
+    rb"|/(?i:body)(?=[\s/>]))"
 )
 _ATTR = re.compile(rb"[\s/]*(?:(>)|([^\s/>][^\s/>=]*)(?:\s*(=)\s*)?)")
 _UNQUOTED = re.compile(rb"[^\s>]+")
 _TAG_OPEN = re.compile(rb"</?[A-Za-z]")
+_END_SCRIPT = re.compile(rb"</script\s*>", re.I)
+_END_STYLE = re.compile(rb"</style\s*>", re.I)
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Scan:
     body_open_end: int | None = None  # just after the first <body ...>
     body_close: int | None = None  # start of the last </body>
     open_end: bool = False  # the document ends inside a tag or comment: anything appended would be swallowed
+    opaque: list[tuple[int, int]] = field(default_factory=list)  # comments, CDATA, script and style text
+    swallowed_from: int | None = None  # start of a tag that never closes
 
 
 def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
@@ -99,33 +105,47 @@ def _inside_tag(doc: bytes, pos: int, floor: int) -> bool:
     return lt >= 0 and doc.rfind(b">", lt, pos) < 0 and _TAG_OPEN.match(doc, lt) is not None
 
 
-def scan(doc: bytes, start: int = 0, end: int | None = None, in_comment: bool = False,
-         result: Scan | None = None) -> Scan:
-    """Everything tracking may touch in `doc[start:end]`; conditional comments are scanned for links too."""
-    end = len(doc) if end is None else end
-    out = result or Scan()
+def scan(doc: bytes) -> Scan:
+    """Everything tracking may touch in `doc`; conditional comments are scanned for links too."""
+    out = Scan()
+    _scan_range(doc, 0, len(doc), False, out)
+    limit = len(doc) if out.swallowed_from is None else out.swallowed_from
+    at = doc.find(PLACEHOLDER)
+    while at >= 0:  # rare, so placed by a plain search and judged by the context found above
+        usable = at < limit and not _in_ranges(out.opaque, at) and not _inside_tag(doc, at, 0)
+        out.placeholders.append((at, usable))
+        at = doc.find(PLACEHOLDER, at + len(PLACEHOLDER))
+    return out
+
+
+def _in_ranges(ranges: list[tuple[int, int]], pos: int) -> bool:
+    i = bisect.bisect_right(ranges, (pos, 1 << 62)) - 1
+    return i >= 0 and ranges[i][0] <= pos < ranges[i][1]
+
+
+def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -> None:
     pos = start
     while True:
         m = _SCAN.search(doc, pos, end)
         if m is None:
             if not in_comment and _inside_tag(doc, end, max(start, pos - 1)):
                 out.open_end = True
-            return out
+            return
         token, at = m.group(0), m.start()
         if token == b"<!--":
             close = doc.find(b"-->", at + 4, end)
             stop = end if close < 0 else close
             if doc.startswith(b"[if", at + 4) and not in_comment:  # Outlook conditional comment: VML buttons
-                scan(doc, at + 4, stop, True, out)
+                _scan_range(doc, at + 4, stop, True, out)
             if close < 0:
                 out.open_end = True
             pos = end if close < 0 else close + 3
+            out.opaque.append((at, pos))
         elif token == b"<![CDATA[":
             close = doc.find(b"]]>", at, end)
             pos = end if close < 0 else close + 3
-        elif token == PLACEHOLDER:
-            out.placeholders.append((at, not in_comment and not _inside_tag(doc, at, start)))
-            pos = m.end()
+            if not in_comment:
+                out.opaque.append((at, pos))
         elif _inside_tag(doc, at, start):
             pos = at + 1
         elif token[1:2] == b"/":  # </body>
@@ -141,12 +161,16 @@ def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -
     if tag is None:  # never closed: a browser reads the rest of the document as part of this tag
         if not in_comment:
             out.open_end = True
+            out.swallowed_from = m.start()
             return end
         return m.start() + 1
     tag.in_comment = in_comment
     if tag.name in ("script", "style"):
-        close = re.compile(rb"</" + tag.name.encode() + rb"\s*>", re.I).search(doc, tag.end, end)
-        return end if close is None else close.start()
+        close = (_END_SCRIPT if tag.name == "script" else _END_STYLE).search(doc, tag.end, end)
+        stop = end if close is None else close.start()
+        if not in_comment:  # opaque ranges do not nest: those in comments are covered by the comment's
+            out.opaque.append((tag.end, stop))
+        return stop
     if tag.name == "body":
         if out.body_open_end is None and not in_comment:
             out.body_open_end = tag.end

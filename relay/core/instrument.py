@@ -27,8 +27,9 @@ CLIP_BYTES = 102 * 1024  # Gmail clips a message whose HTML exceeds about 102 KB
 TOP_PIXEL_BYTES = 100 * 1024  # ... so `auto` moves the pixel to the top above this
 CLIP_WARNING_BYTES = 90 * 1024
 PIXEL = -1  # slot number of the open pixel; links use their message-wide index
-PIXEL_HTML = (b'<img src="%s" width="1" height="1" alt="" border="0" '
-              b'style="border:0;width:1px;height:1px" />')
+# The pixel's markup around its URL slot (no display:none: some clients then never fetch it).
+PIXEL_PRE = b'<img src="'
+PIXEL_POST = b'" width="1" height="1" alt="" border="0" style="border:0;width:1px;height:1px" />'
 _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _IRI = r"A-Za-z0-9\-._~!$&'()*+,;=\u00a0-\ud7ff\ue000-\U0010ffff"  # unreserved, sub-delims, ucschar
 _PCT = r"%[0-9A-Fa-f]{2}"
@@ -49,6 +50,7 @@ class LinkPlan:
     index: int  # message-wide, signed into the token
     original: str
     base: str  # tracking URL up to the token (scheme follows the link and the HTTPS policy)
+    base_attr: bytes  # the same, as written into the attribute (tokens are base64url: nothing to escape)
     suffix: bytes  # the per-link part of the token body
     tags: dict[str, list[str]]
     report: dict
@@ -61,8 +63,10 @@ class PartPlan:
     cte: str  # encoding of the rendered body
     like: bytes  # the original encoded body (base64 keeps its final newline)
     codec: str | None  # None: bytes of an ASCII-compatible charset; else transcode utf-8 → codec per copy
-    pieces: list[bytes | int]  # decoded template; int = slot
-    units: list[bytes | list] | None  # QP/identity: lines grouped, static ones ready; None: encode whole
+    pieces: list[bytes | int]  # decoded template; int = slot (a URL: only characters QP leaves as they are)
+    mode: str = "whole"  # "qp": `encoded` is the QP body with slots; "identity": pieces are the body; "whole"
+    encoded: list[bytes | int] = field(default_factory=list)
+    lines: list[tuple[int, list[int]]] = field(default_factory=list)  # identity: (static length, slots) per line
     slots: list[int] = field(default_factory=list)
     static_size: int = 0  # decoded bytes outside the slots
 
@@ -77,6 +81,7 @@ class Plan:
     report_parts: list[dict] = field(default_factory=list)  # in MIME order; dynamic ones filled per copy
     warnings: list[str] = field(default_factory=list)
     open_slots: bool = False
+    settings_json: dict = field(default_factory=dict)
 
 
 class PartError(Exception):
@@ -84,7 +89,7 @@ class PartError(Exception):
 
 
 def analyse(raw: bytes, settings: TrackingSettings) -> Plan:
-    plan = Plan(settings=settings, size=len(raw))
+    plan = Plan(settings=settings, size=len(raw), settings_json=settings.to_json())
     root = mime.parse(raw)
     for part in mime.leaves(root):
         report = {"path": part.path, "content_type": part.content_type, "charset": part.charset,
@@ -198,10 +203,12 @@ def _plan_part(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Pl
         return None
     pieces = _pieces(doc, edits)
     cte = part.cte
-    pp = PartPlan(part, report, cte, like, codec, pieces, None, [p for p in pieces if isinstance(p, int)],
-                  sum(len(p) for p in pieces if isinstance(p, bytes)))
-    if codec is None and (cte == "quoted-printable" or (cte != "base64" and mime.max_line_length(doc) <= 998)):
-        pp.units = _units(pieces, cte == "quoted-printable")
+    pp = PartPlan(part, report, cte, like, codec, pieces, slots=[p for p in pieces if isinstance(p, int)],
+                  static_size=sum(len(p) for p in pieces if isinstance(p, bytes)))
+    if codec is None and cte == "quoted-printable":
+        pp.mode, pp.encoded = "qp", _qp_template(pieces)
+    elif codec is None and cte != "base64" and mime.max_line_length(doc) <= 998:
+        pp.mode, pp.lines = "identity", _slot_lines(pieces)
     return pp
 
 
@@ -235,7 +242,8 @@ def _link_edits(doc: bytes, tag: html.Tag, part: mime.Part, settings: TrackingSe
              "in_conditional_comment": tag.in_comment}
     if tag_problems:
         entry["tag_warnings"] = tag_problems
-    plan.links.append(LinkPlan(index, url, base, tokens.click_suffix(index, url, tags), tags, entry))
+    plan.links.append(LinkPlan(index, url, base, html.escape_attribute(base).encode("ascii"),
+                               tokens.click_suffix(index, url, tags), tags, entry))
     links.append(entry)
     edits.append((href.value_start, href.value_end, index))
 
@@ -334,7 +342,7 @@ def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) ->
     """The instrumented part's size for a typical recipient (tokens vary only with the address length)."""
     click = len(tokens.seal(_SAMPLE_KEYRING, tokens.token_prefix(_SAMPLE_KEYRING, tokens.KIND_CLICK,
                                                                   "m" * 60, _SAMPLE_RECIPIENT, 0)))
-    total = size + len(PIXEL_HTML) + len(settings.open_base()) + click
+    total = size + len(PIXEL_PRE + PIXEL_POST) + len(settings.open_base()) + click
     for start, end, rep in edits:
         if isinstance(rep, int) and rep >= 0:
             link = plan.links[rep]
@@ -355,7 +363,9 @@ def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes
             raise PartError("overlapping edits")
         if start > pos:
             out.append(doc[pos:start])
-        if rep != b"":
+        if rep == PIXEL:
+            out.extend((PIXEL_PRE, PIXEL, PIXEL_POST))
+        elif rep != b"":
             out.append(rep)
         pos = end
     if pos < len(doc):
@@ -363,36 +373,52 @@ def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes
     return out
 
 
-def _units(pieces: list[bytes | int], qp: bool) -> list[bytes | list]:
-    """Lines of the template, joined by CRLF: runs of whole static lines (encoded once) and lines with slots."""
-    raw_units: list[bytes | list] = []
-    cur: list[bytes | int] = []
+def _qp_template(pieces: list[bytes | int]) -> list[bytes | int]:
+    """The quoted-printable body with slots: static text encoded once, soft line breaks around each slot.
+
+    A slot holds a URL, whose characters QP leaves as they are, so a copy only cuts it into lines of 75.
+    """
+    encoded = iter(mime.encode_qp_many([p for p in pieces if isinstance(p, bytes)]))
+    out: list[bytes | int] = []
+    mid_line = False  # whether the previous piece ended inside a line
     for p in pieces:
         if isinstance(p, int):
-            cur.append(p)
+            if mid_line:
+                out.append(b"=\r\n")
+            out.append(p)
+            mid_line = True
+            continue
+        if out and isinstance(out[-1], int) and not p.startswith(b"\r\n"):
+            out.append(b"=\r\n")
+        out.append(next(encoded))
+        mid_line = not p.endswith(b"\r\n")
+    merged: list[bytes | int] = []
+    for x in out:
+        if isinstance(x, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += x
+        else:
+            merged.append(x)
+    return merged
+
+
+def _slot_lines(pieces: list[bytes | int]) -> list[tuple[int, list[int]]]:
+    """For each line holding slots, its length outside them and its slots (to check SMTP's 998 limit)."""
+    lines: list[tuple[int, list[int]]] = []
+    static, slots = 0, []
+    for p in pieces:
+        if isinstance(p, int):
+            slots.append(p)
             continue
         first = p.find(b"\r\n")
         if first < 0:
-            cur.append(p)
+            static += len(p)
             continue
-        last = p.rfind(b"\r\n")
-        cur.append(p[:first])
-        raw_units.append(cur)
-        if last > first:
-            raw_units.append(p[first + 2:last])
-        cur = [p[last + 2:]]
-    raw_units.append(cur)
-    units: list[bytes | list] = []
-    for u in raw_units:
-        if isinstance(u, list) and not any(isinstance(x, int) for x in u):
-            u = b"".join(u)  # type: ignore[arg-type]
-        if isinstance(u, bytes) and units and isinstance(units[-1], bytes):
-            units[-1] = units[-1] + b"\r\n" + u
-        else:
-            units.append(u)
-    if qp:
-        units = [mime.encode_qp(u) if isinstance(u, bytes) else u for u in units]
-    return units
+        if slots:
+            lines.append((static + first, slots))
+        static, slots = len(p) - p.rfind(b"\r\n") - 2, []
+    if slots:
+        lines.append((static, slots))
+    return lines
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
@@ -405,25 +431,27 @@ class Copy:
 
 
 def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient: str, issued: int) -> Copy:
-    settings = plan.settings
     values: list[bytes] = []
     urls: list[str] = []
     if plan.links:
         prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
         for link in plan.links:
-            url = link.base + tokens.seal(keyring, prefix + link.suffix)
-            urls.append(url)
-            values.append(html.escape_attribute(url).encode("ascii"))
+            token = tokens.seal(keyring, prefix + link.suffix)
+            urls.append(link.base + token)
+            values.append(link.base_attr + token.encode("ascii"))
     pixel_url = None
     if plan.open_slots:
-        pixel_url = settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
-        values.append(PIXEL_HTML % pixel_url.encode("ascii"))
+        pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
+        values.append(pixel_url.encode("ascii"))  # slot -1 (PIXEL) is the last value
     edits = list(plan.static_edits)
     warnings = list(plan.warnings)
     sizes: dict[str, tuple[int, str | None]] = {}
+    wrapped: list[bytes] = []
     for pp in plan.parts:
         try:
-            body, header, size = _render_part(raw, pp, values)
+            if pp.mode == "qp" and not wrapped:
+                wrapped = [b"=\r\n".join([v[i:i + 75] for i in range(0, len(v), 75)]) for v in values]
+            body, header, size = _render_part(raw, pp, values, wrapped)
         except Exception as exc:  # noqa: BLE001 - never lose the mail over one part
             warnings.append(f"part {pp.part.path} left unmodified: {type(exc).__name__}: {exc}")
             sizes[pp.part.path] = (-1, None)
@@ -441,23 +469,18 @@ def _fill(pieces: list[bytes | int], values: list[bytes]) -> bytes:
     return b"".join([p if isinstance(p, bytes) else values[p] for p in pieces])
 
 
-def _render_part(raw: bytes, pp: PartPlan, values: list[bytes]) -> tuple[bytes, tuple | None, int]:
+def _render_part(raw: bytes, pp: PartPlan, values: list[bytes],
+                 wrapped: list[bytes]) -> tuple[bytes, tuple | None, int]:
     size = pp.static_size + sum([len(values[s]) for s in pp.slots])
-    if pp.units is None:  # base64 or a transcoded charset: encode the whole part
-        decoded = _fill(pp.pieces, values)
-        if pp.codec:
-            decoded = decoded.decode("utf-8", "surrogateescape").encode(pp.codec, "surrogateescape")
-        body, header = _encode(raw, pp.part, pp, decoded)
-        return body, header, size
-    if pp.cte == "quoted-printable":  # static line runs are stored encoded; encode the lines with slots
-        out = [u if isinstance(u, bytes) else mime.encode_qp(_fill(u, values)) for u in pp.units]
-        return b"\r\n".join(out), None, size
-    filled = [u if isinstance(u, bytes) else _fill(u, values) for u in pp.units]
-    if any(len(u) > 998 and mime.max_line_length(u) > 998 for u0, u in zip(pp.units, filled, strict=True)
-           if not isinstance(u0, bytes)):  # a 7bit/8bit line grew past SMTP's limit: this copy goes out as QP
-        body, header = _encode(raw, pp.part, pp, b"\r\n".join(filled))
-        return body, header, size
-    return b"\r\n".join(filled), None, size
+    if pp.mode == "qp":
+        return _fill(pp.encoded, wrapped), None, size
+    if pp.mode == "identity" and all(n + sum([len(values[s]) for s in slots]) <= 998 for n, slots in pp.lines):
+        return _fill(pp.pieces, values), None, size
+    decoded = _fill(pp.pieces, values)  # base64, a transcoded charset, or 7bit lines grown past 998 octets
+    if pp.codec:
+        decoded = decoded.decode("utf-8", "surrogateescape").encode(pp.codec, "surrogateescape")
+    body, header = _encode(raw, pp.part, pp, decoded)
+    return body, header, size
 
 
 def _encode(raw: bytes, part: mime.Part, pp: PartPlan, decoded: bytes) -> tuple[bytes, tuple | None]:
@@ -493,5 +516,5 @@ def _report(plan: Plan, urls: list[str], pixel_url: str | None, sizes: dict, war
                 warnings.append(f"HTML part {rp['path']} is {size / 1024:.1f} KB, "
                                 f"{'over' if size > CLIP_BYTES else 'close to'} Gmail's 102 KB clip")
         parts.append(entry)
-    return {"message_id": message_id, "recipient": recipient, "settings": plan.settings.to_json(),
+    return {"message_id": message_id, "recipient": recipient, "settings": plan.settings_json,
             "links_wrapped": wrapped, "links_skipped": skipped, "parts": parts, "warnings": warnings}

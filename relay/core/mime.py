@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import Message
-from email.parser import BytesHeaderParser
 
 PROTECTED = frozenset({
     "multipart/signed", "multipart/encrypted", "application/pkcs7-mime", "application/x-pkcs7-mime",
@@ -23,7 +22,6 @@ PROTECTED = frozenset({
 })
 # Same test as the feed parser: a header line, a unix From line, or a continuation line.
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
-_HEADER_PARSER = BytesHeaderParser(policy=policy.compat32)
 UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
 
 
@@ -93,15 +91,23 @@ def _split_headers(raw: bytes, start: int, end: int) -> tuple[list[tuple[str, in
     return fields, end, end
 
 
-def _header_message(raw: bytes, start: int, header_end: int, default_type: str) -> Message:
-    msg = _HEADER_PARSER.parsebytes(raw[start:header_end])
+_WANTED = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+
+
+def _header_message(raw: bytes, fields: list[tuple[str, int, int]], default_type: str) -> Message:
+    """A Message holding the fields that matter, stored exactly as the feed parser stores them."""
+    msg = Message(policy.compat32)
+    for name, s, e in fields:
+        if name in _WANTED:
+            lines = raw[s:e].decode("ascii", "surrogateescape").splitlines(keepends=True)
+            msg.set_raw(*policy.compat32.header_source_parse(lines))
     msg.set_default_type(default_type)
     return msg
 
 
 def _parse_part(raw: bytes, start: int, end: int, path: str, default_type: str, inside_protected: bool) -> Part:
     fields, header_end, body_start = _split_headers(raw, start, end)
-    msg = _header_message(raw, start, header_end, default_type)
+    msg = _header_message(raw, fields, default_type)
     ctype = msg.get_content_type()
     disposition = str(msg.get("content-disposition", "")).split(";")[0].strip().lower()
     part = Part(
@@ -130,27 +136,45 @@ def _charset(msg: Message) -> str | None:
 
 def _child_ranges(raw: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
     """Byte ranges of the parts between boundary lines (a boundary never found: no parts)."""
-    delim = re.compile(rb"^--" + re.escape(boundary.encode("utf-8", "surrogateescape")) + rb"(--)?[ \t]*\r?$", re.M)
+    marker = b"--" + boundary.encode("utf-8", "surrogateescape")
     ranges: list[tuple[int, int]] = []
     part_start: int | None = None
     pos = start
     while True:
-        m = delim.search(raw, pos, end)
-        if m is None:
+        line_start, line_end, closing = _find_delimiter(raw, marker, pos, end)
+        if line_start < 0:
             if part_start is not None:  # no close boundary: the last part runs to the end ...
                 # ... less its final line end when that is the end of the message (as the feed parser reads it)
                 ranges.append((part_start, _before_line_end(raw, part_start, end) if end == len(raw) else end))
             return ranges
-        line_start = m.start()
         if part_start is not None:
             ranges.append((part_start, _before_line_end(raw, part_start, line_start)))
-        if m.group(1):
+        if closing:
             return ranges
-        part_start = _after_line(raw, m.end())
+        part_start = line_end
         # Like the feed parser, a run of boundary lines (close ones included) opens a single part.
-        while (again := delim.match(raw, part_start, end)) is not None and part_start < end:
-            part_start = _after_line(raw, again.end())
+        while part_start < end:
+            again, again_end, _ = _find_delimiter(raw, marker, part_start, end)
+            if again != part_start:
+                break
+            part_start = again_end
         pos = part_start
+
+
+_DELIM_TAIL = re.compile(rb"(--)?[ \t]*(?:\r\n|\n|\r|\Z)")
+
+
+def _find_delimiter(raw: bytes, marker: bytes, pos: int, end: int) -> tuple[int, int, bool]:
+    """(start, end after its line end, is close) of the next boundary line: `--b`, `--b--`, then blanks only."""
+    while True:
+        at = raw.find(marker, pos, end)
+        if at < 0:
+            return -1, -1, False
+        if at == 0 or raw[at - 1:at] in (b"\n", b"\r"):
+            tail = _DELIM_TAIL.match(raw, at + len(marker), end)
+            if tail is not None:
+                return at, tail.end(), bool(tail.group(1))
+        pos = at + 1
 
 
 def _after_line(raw: bytes, pos: int) -> int:
@@ -195,10 +219,7 @@ def encode_qp(data: bytes) -> bytes:
             out = out.replace(b"\n", b"\r\n")
     else:  # bare CR or LF inside lines must be escaped, so encode line by line in binary mode
         out = b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
-    return _rewrap(out) if _OVERLONG.search(out) else out
-
-
-_OVERLONG = re.compile(rb"[^\r\n]{77}")
+    return _rewrap(out) if len(out) > 76 and max(map(len, out.split(b"\r\n"))) > 76 else out
 
 
 def _rewrap(encoded: bytes) -> bytes:
@@ -215,6 +236,20 @@ def _rewrap(encoded: bytes) -> bytes:
             line = line[cut:]
         out.append(line)
     return b"\r\n".join(out)
+
+
+_SEPARATOR = b"\r\n\x00\r\n"  # a line of one NUL, which QP always writes as "=00"
+_ENCODED_SEPARATOR = b"\r\n=00\r\n"
+
+
+def encode_qp_many(chunks: list[bytes]) -> list[bytes]:
+    """`[encode_qp(c) for c in chunks]` in one pass of the C encoder (QP is line-local, so chunks that are
+    separated by a line of their own encode as they would alone)."""
+    if len(chunks) > 1:
+        out = encode_qp(_SEPARATOR.join(chunks)).split(_ENCODED_SEPARATOR)
+        if len(out) == len(chunks):  # a chunk holding such a line itself would shift them: then one by one
+            return out
+    return [encode_qp(c) for c in chunks]
 
 
 def encode_base64(data: bytes, final_newline: bool) -> bytes:
