@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from aiohttp.web_protocol import RequestHandler
@@ -767,8 +768,6 @@ class _DnsResolver(AbstractResolver):
 async def verify_domain(keyring: Keyring, domain: str, nameserver: str | None, dns_port: int,
                         timeout: float = 10.0) -> tuple[str, str, list[str]]:
     """Fetch a fresh challenge through `domain`; (scheme, address, notes) on success, else ValueError."""
-    import aiohttp
-
     host, port = split_port(domain)
     resolver = _DnsResolver(nameserver, dns_port)
     addresses = await resolver.addresses(host)
