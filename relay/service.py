@@ -77,14 +77,15 @@ class Relay:
 
             self.tracking = TrackingServer(self.config, self.store, self.config.keyring())
             await self.tracking.start()
+        tracking_port = self.tracking.port if self.tracking else 0
         log.info("relay listening: smtp %s:%d, tracking %s:%d, data %s", self.config.smtp.listen_host,
-                 self.config.smtp.listen_port, self.config.tracking.listen_host, self.config.tracking.listen_port,
-                 self.config.data_dir)
+                 self.config.smtp.listen_port, self.config.tracking.listen_host, tracking_port, self.config.data_dir)
 
     def reload(self) -> None:
         try:
             cfg = config_module.load(self.config.path) if self.config.path else self.config
             signer = Signer(cfg.dkim)
+            keyring = cfg.keyring()  # a key prepended to the keys file signs from now on; all keep verifying
         except config_module.ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", "; ".join(exc.problems))
             return
@@ -94,7 +95,10 @@ class Relay:
         self.config = cfg
         self.pipeline.config = cfg
         self.pipeline.signer = signer
+        self.pipeline.instrumenter.keyring = keyring
         self.handler.settings = cfg.smtp
+        if self.tracking is not None:
+            self.tracking.reload(cfg, keyring)  # verdict lists, proxies, link age, keys
         log.info("configuration reloaded from %s", cfg.path)
 
     def _transactions_open(self) -> bool:

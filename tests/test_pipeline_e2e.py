@@ -79,3 +79,44 @@ def test_tracked_signed_copies_per_recipient_and_click_events(tmp_path):
     finally:
         relay.stop()
         upstream.stop()
+
+
+def test_key_rotation_on_sighup_keeps_old_links_working(tmp_path):
+    import signal
+    import time
+
+    from relay.core import tokens
+    from relay.core.tokens import Keyring, SigningKey
+
+    upstream = Upstream().start()
+    relay = RelayProcess(tmp_path / "r", upstream.port).start()
+    message = HTML.replace(b'ses:tags="slot:hero;" ', b"")
+    try:
+        def link(n: int) -> str:
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+                client.sendmail("news@example.com", ["ann@example.org"], message)
+            html = message_from_bytes(upstream.wait_for(n)[n - 1].data, policy=policy.default).get_content()
+            return re.findall(r'href="(http://127\.0\.0\.1:\d+/c/[^"]+)"', html)[0]
+
+        old = link(1)
+        keys_file = relay.workdir / "data" / "tracking-keys"
+        new_key = SigningKey("new", bytes(range(32)))
+        keys_file.write_text(f"new {new_key.secret.hex()}\n" + keys_file.read_text())
+        relay.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "configuration reloaded" not in relay.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fresh = link(2)
+        only_new = Keyring((new_key,))
+        assert tokens.verify(only_new, fresh.rsplit("/", 1)[1]) is not None  # the new key signs
+        assert tokens.verify(only_new, old.rsplit("/", 1)[1]) is None
+        opener = urllib.request.build_opener(NoRedirect)
+        for url in (old, fresh):  # and every listed key still verifies
+            try:
+                opener.open(url)
+                raise AssertionError("no redirect")
+            except urllib.error.HTTPError as redirect:
+                assert redirect.code == 302 and redirect.headers["Location"].startswith("https://shop.example.com/")
+    finally:
+        relay.stop()
+        upstream.stop()
