@@ -461,3 +461,20 @@ def test_dry_run_unknown_set(config_file):
     r = relay(config_file, "--config-set", "nope", stdin=b"Subject: x\r\n\r\nx")
     assert r.returncode != 0
     assert b"Configuration Set does not exist: Configuration set <nope> does not exist." in r.stderr
+
+
+def test_qp_lines_without_changes_keep_their_original_encoding():
+    from relay.core.mime import encode_qp
+
+    lines = [b"<p>line %d caf\xc3\xa9 " % i + b"x" * (i % 90) + b"</p>" for i in range(200)]
+    lines[120] = b'<p><a href="https://x.example/?a=1&amp;b=2">link</a> ' + b"y" * 100 + b"</p>"
+    doc = b"\r\n".join(lines) + b"\r\n"
+    encoded = encode_qp(doc).replace(b"=C3=A9", b"=c3=a9")  # an encoder's own spelling, to be kept
+    raw = message(encoded, cte="quoted-printable")
+    out = copy(raw, CLICK)
+    (link,) = links(out)
+    got = out.data.split(b"\r\n\r\n", 1)[1]
+    assert got.startswith(encoded[:encoded.index(b"<p><a href")])
+    assert got.endswith(encoded[encoded.index(b"<p>line 121"):])
+    assert html_of(out.data) == doc.replace(b"https://x.example/?a=1&amp;b=2", link["tracking"].encode())
+    assert all(len(x) <= 76 for x in got.split(b"\r\n"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 PLACEHOLDER = b"{{ses:openTracker}}"
 # Per-link opt-out and tag attributes (SES, SendGrid, Postmark, SparkPost): always removed from links.
-MARKERS = (b"ses:no-track", b"ses:tags", b"clicktracking", b"data-pm-no-track", b"data-msys-clicktrack")
+MARKERS = frozenset({b"ses:no-track", b"ses:tags", b"clicktracking", b"data-pm-no-track", b"data-msys-clicktrack"})
 
 # A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once.
 _SCAN = re.compile(
@@ -25,8 +25,8 @@ _SCAN = re.compile(
     rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
     rb"|/(?i:body)(?=[\s/>]))"
 )
-_ATTR = re.compile(rb"[\s/]*(?:(>)|([^\s/>][^\s/>=]*)(?:\s*(=)\s*)?)")
-_UNQUOTED = re.compile(rb"[^\s>]+")
+# Whitespace or "/", then ">" or an attribute: name, and a value double-, single- or unquoted.
+_ATTR = re.compile(rb"""[\s/]*(?:(>)|([^\s/>][^\s/>=]*)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+)))?)""")
 _TAG_OPEN = re.compile(rb"</?[A-Za-z]")
 _END_SCRIPT = re.compile(rb"</script\s*>", re.I)
 _END_STYLE = re.compile(rb"</style\s*>", re.I)
@@ -72,29 +72,22 @@ def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
     """The start tag at `start` with its attributes, or None when it never closes (then it is text)."""
     attrs: list[Attr] = []
     pos = name_end
+    match = _ATTR.match
     while pos < limit:
-        m = _ATTR.match(doc, pos, limit)
-        if m is None:
-            return None
-        if m.group(1):
-            name = doc[start + 1:name_end].decode("ascii", "replace").lower()
-            return Tag(name, start, m.end(), attrs)
-        if m.group(2) is None:  # only whitespace or "/" left before the limit
-            return None
-        attr = Attr(m.group(2).lower(), m.start(2), m.end(2))
+        m = match(doc, pos, limit)
+        if m is None or m.group(2) is None:  # only whitespace or "/" left before the limit
+            return None if m is None or not m.group(1) else Tag(
+                doc[start + 1:name_end].decode("ascii", "replace").lower(), start, m.end(), attrs)
         pos = m.end()
-        if m.group(3):
-            q = doc[pos:pos + 1]
-            if q in (b'"', b"'"):
-                close = doc.find(q, pos + 1, limit)
-                if close < 0:
+        attr = Attr(m.group(2).lower(), m.start(2), pos)
+        for g in (3, 4, 5):
+            if m.start(g) >= 0:
+                attr.value_start, attr.value_end = m.start(g), m.end(g)
+                if g < 5:
+                    attr.quote = b'"' if g == 3 else b"'"
+                elif doc[attr.value_start] in b"\"'":  # an opening quote that never closes
                     return None
-                attr.value_start, attr.value_end, attr.quote, pos = pos + 1, close, q, close + 1
-            else:
-                v = _UNQUOTED.match(doc, pos, limit)
-                if v:
-                    attr.value_start, attr.value_end, pos = pos, v.end(), v.end()
-        attr.end = pos
+                break
         attrs.append(attr)
     return None
 

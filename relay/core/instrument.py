@@ -12,11 +12,12 @@ pixel and the others are deleted, whether or not opens are tracked.
 
 from __future__ import annotations
 
+import binascii
 import codecs
+import html as stdlib_html
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from urllib.parse import urlsplit
 
 from relay.core import html, mime, tokens
 from relay.core.settings import TrackingSettings
@@ -34,10 +35,11 @@ _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _IRI = r"A-Za-z0-9\-._~!$&'()*+,;=\u00a0-\ud7ff\ue000-\U0010ffff"  # unreserved, sub-delims, ucschar
 _PCT = r"%[0-9A-Fa-f]{2}"
 _URL_RE = re.compile(
-    rf"https?://(?:(?:[{_IRI}:]|{_PCT})*@)?(?:\[[0-9A-Fa-f:.vV]+\]|(?:[{_IRI}]|{_PCT})+)(?::[0-9]*)?"
+    rf"https?://(?:(?:[{_IRI}:]|{_PCT})*@)?((?:\[[0-9A-Fa-f:.vV]+\]|(?:[{_IRI}]|{_PCT})+)(?::[0-9]*)?)"
     rf"(?:/(?:[{_IRI}:@/]|{_PCT})*)?(?:\?(?:[{_IRI}:@/?]|{_PCT})*)?(?:#(?:[{_IRI}:@/?]|{_PCT})*)?",
     re.I,
 )
+_SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
 _PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
 _STATEFUL = ("utf_7", "hz", "iso2022")
 _SAMPLE_RECIPIENT = "r" * 40  # for size estimates before the recipient is known
@@ -206,7 +208,7 @@ def _plan_part(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Pl
     pp = PartPlan(part, report, cte, like, codec, pieces, slots=[p for p in pieces if isinstance(p, int)],
                   static_size=sum(len(p) for p in pieces if isinstance(p, bytes)))
     if codec is None and cte == "quoted-printable":
-        pp.mode, pp.encoded = "qp", _qp_template(pieces)
+        pp.mode, pp.encoded = "qp", _qp_reusing(like, doc, edits) or _qp_template(pieces)
     elif codec is None and cte != "base64" and mime.max_line_length(doc) <= 998:
         pp.mode, pp.lines = "identity", _slot_lines(pieces)
     return pp
@@ -225,10 +227,10 @@ def _link_edits(doc: bytes, tag: html.Tag, part: mime.Part, settings: TrackingSe
         text = raw_value.decode("utf-8" if codec else (part.charset or "ascii"))
     except (UnicodeDecodeError, LookupError):
         text = None
-    url = html.unescape_attribute(text).strip(" \t\n\f\r") if text is not None else None
+    url, ambiguous = _destination(text) if text is not None else (None, False)
     shown = url if url is not None else raw_value.decode("ascii", "replace")
     reason = ("opt-out marker" if no_track else "click tracking off" if not settings.click_tracking
-              else "undecodable bytes in the URL" if url is None else _skip_reason(url, text, settings))
+              else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, settings))
     if reason is None and len(plan.links) >= MAX_LINKS:
         reason = f"beyond SES's limit of {MAX_LINKS} links per message"
     if reason is not None:
@@ -237,13 +239,12 @@ def _link_edits(doc: bytes, tag: html.Tag, part: mime.Part, settings: TrackingSe
         return
     assert url is not None
     index = len(plan.links)
-    base = settings.click_base(url.split(":", 1)[0])
+    base, base_attr = _click_base(settings, url[:5].lower() == "https")
     entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
              "in_conditional_comment": tag.in_comment}
     if tag_problems:
         entry["tag_warnings"] = tag_problems
-    plan.links.append(LinkPlan(index, url, base, html.escape_attribute(base).encode("ascii"),
-                               tokens.click_suffix(index, url, tags), tags, entry))
+    plan.links.append(LinkPlan(index, url, base, base_attr, tokens.click_suffix(index, url, tags), tags, entry))
     links.append(entry)
     edits.append((href.value_start, href.value_end, index))
 
@@ -286,23 +287,42 @@ def parse_link_tags(text: str) -> tuple[dict[str, list[str]], list[str]]:
     return tags, problems
 
 
-def _skip_reason(url: str, text: str, settings: TrackingSettings) -> str | None:
-    lower = url.lower()
+@lru_cache(maxsize=256)
+def _click_base(settings: TrackingSettings, https: bool) -> tuple[str, bytes]:
+    base = settings.click_base("https" if https else "http")
+    return base, html.escape_attribute(base).encode("ascii")
+
+
+def _destination(text: str) -> tuple[str, bool]:
+    """The URL an attribute value points at (references decoded once, as a browser does), and whether a
+    naive decoder (html.unescape) would read it differently."""
+    ws = " \t\n\f\r"
+    if "&" not in text:
+        return text.strip(ws), False
+    if text.count("&") == text.count("&amp;"):  # the usual case, cheaply
+        return text.replace("&amp;", "&").strip(ws), False
+    url = html.unescape_attribute(text).strip(ws)
+    return url, stdlib_html.unescape(text).strip(ws) != url
+
+
+def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str | None:
     if _PLACEHOLDERS.search(url):
         return "unresolved template placeholder"
-    if not lower.startswith(("http://", "https://")):
-        scheme = lower.split(":", 1)[0] if re.match(r"^[a-z][a-z0-9+.-]*:", lower) else ""
+    m = _URL_RE.fullmatch(url)
+    if m is None:
+        lower = url.lower()
+        if lower.startswith(("http://", "https://")):
+            return "not a valid URL (RFC 3986); SES leaves these untracked"
+        scheme = _SCHEME.match(lower)
         if not url:
             return "empty href"
         if url.startswith("#"):
             return "fragment link"
-        return f"{scheme}: link" if scheme else "relative URL"
-    if not _URL_RE.fullmatch(url):
-        return "not a valid URL (RFC 3986); SES leaves these untracked"
-    if html.ambiguous_entities(text):
+        return f"{scheme.group(1)}: link" if scheme else "relative URL"
+    if ambiguous:
         return "ambiguous character reference in the URL"
-    netloc = urlsplit(url).netloc.rpartition("@")[2].lower()
-    if settings.is_tracking_host(netloc) or settings.is_tracking_host(netloc.split(":")[0]):
+    host = m.group(1).lower()
+    if settings.is_tracking_host(host) or settings.is_tracking_host(host.rsplit(":", 1)[0]):
         return "already a tracking link"
     return None
 
@@ -373,12 +393,17 @@ def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes
     return out
 
 
+class _Encoded(bytes):
+    """A piece of the template that is already quoted-printable (original lines kept as they were)."""
+
+
 def _qp_template(pieces: list[bytes | int]) -> list[bytes | int]:
     """The quoted-printable body with slots: static text encoded once, soft line breaks around each slot.
 
     A slot holds a URL, whose characters QP leaves as they are, so a copy only cuts it into lines of 75.
+    Pieces of type _Encoded are whole encoded lines and pass through.
     """
-    encoded = iter(mime.encode_qp_many([p for p in pieces if isinstance(p, bytes)]))
+    encoded = iter(mime.encode_qp_many([p for p in pieces if isinstance(p, bytes) and not isinstance(p, _Encoded)]))
     out: list[bytes | int] = []
     mid_line = False  # whether the previous piece ended inside a line
     for p in pieces:
@@ -390,15 +415,83 @@ def _qp_template(pieces: list[bytes | int]) -> list[bytes | int]:
             continue
         if out and isinstance(out[-1], int) and not p.startswith(b"\r\n"):
             out.append(b"=\r\n")
-        out.append(next(encoded))
+        out.append(p if isinstance(p, _Encoded) else next(encoded))
         mid_line = not p.endswith(b"\r\n")
+    return _merge(out)
+
+
+def _merge(items: list[bytes | int]) -> list[bytes | int]:
+    """Adjacent bytes joined (once: no quadratic concatenation)."""
     merged: list[bytes | int] = []
-    for x in out:
-        if isinstance(x, bytes) and merged and isinstance(merged[-1], bytes):
-            merged[-1] += x
-        else:
+    run: list[bytes] = []
+    for x in items:
+        if isinstance(x, int):
+            if run:
+                merged.append(b"".join(run))
+                run = []
             merged.append(x)
+        else:
+            run.append(x)
+    if run:
+        merged.append(b"".join(run))
     return merged
+
+
+_ENCODED_LINE_END = re.compile(rb"=0[DdAa]")
+
+
+def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int] | None:
+    """The QP template re-encoding only the lines that change, other lines kept exactly as they were encoded.
+
+    None when the encoded lines do not map one to one onto decoded lines (encoded line ends, odd soft breaks).
+    """
+    lines_estimate = doc.count(b"\r\n") + 1
+    if len(edits) * 5 * len(doc) > len(doc) * lines_estimate:  # most lines change: encoding all is cheaper
+        return None
+    if b"\x00" in like or _ENCODED_LINE_END.search(like):
+        return None
+    lines = like.replace(b"=\r\n", b"=\x00").split(b"\r\n")  # one item per decoded line, soft breaks marked
+    if len(lines) != lines_estimate:
+        return None
+    groups = _line_groups(doc, sorted(edits, key=lambda e: (e[0], e[1])))
+    pieces: list[bytes | int] = []
+    done = 0  # decoded lines [0, done) are in `pieces`
+    crlf = _Encoded(b"\r\n")
+    old, new = [], []  # the changed lines as encoded and as decoded, checked against each other at the end
+    for first, last, group in groups:
+        if first > done:
+            pieces.append(_Encoded(b"\r\n".join(lines[done:first]).replace(b"=\x00", b"=\r\n") + b"\r\n"))
+        start = doc.rfind(b"\r\n", 0, group[0][0]) + 2 if first else 0
+        stop = doc.find(b"\r\n", group[-1][1])
+        stop = len(doc) if stop < 0 else stop
+        old.extend(lines[first:last + 1])
+        new.append(doc[start:stop])
+        pieces.extend(_pieces(new[-1], [(s - start, e - start, r) for s, e, r in group]))
+        if last + 1 < len(lines):
+            pieces.append(crlf)
+        done = last + 1
+    if binascii.a2b_qp(b"\r\n".join(old).replace(b"=\x00", b"=\r\n")) != b"\r\n".join(new):
+        return None
+    if done < len(lines):
+        pieces.append(_Encoded(b"\r\n".join(lines[done:]).replace(b"=\x00", b"=\r\n")))
+    return _qp_template([p for p in pieces if p != b""])
+
+
+def _line_groups(doc: bytes, edits: list) -> list[tuple[int, int, list]]:
+    """Sorted edits grouped by the decoded lines they touch: (first line, last line, edits)."""
+    groups: list[tuple[int, int, list]] = []
+    pos = line = 0
+    for edit in edits:
+        line += doc.count(b"\r\n", pos, edit[0])
+        pos = edit[0]
+        last = line + doc.count(b"\r\n", edit[0], edit[1])
+        if groups and groups[-1][1] >= line:
+            first, prev_last, group = groups[-1]
+            group.append(edit)
+            groups[-1] = (first, max(prev_last, last), group)
+        else:
+            groups.append((line, last, [edit]))
+    return groups
 
 
 def _slot_lines(pieces: list[bytes | int]) -> list[tuple[int, list[int]]]:
