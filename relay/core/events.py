@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,8 +42,11 @@ def mint_message_id(now_ms: int, random_uuid: uuid.UUID | None = None) -> str:
 
 
 def iso_ms(ms: int) -> str:
-    """`2016-10-19T23:20:52.240Z`: SES's timestamp format."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    """`2016-10-19T23:20:52.240Z`: SES's timestamp format (on every event, so without datetime objects)."""
+    seconds, milli = divmod(ms, 1000)
+    t = time.gmtime(seconds)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            f".{milli:03d}Z")
 
 
 @dataclass
