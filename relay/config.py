@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.core.headers import CONFIG_SET_RE
+from relay.core.resolve import Destination, ModelError, TrackingOptions, check_destination, event_types
 from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, TrackingSettings
 from relay.core.tokens import Keyring, SigningKey
 
@@ -149,6 +150,11 @@ class ConfigurationSet:
     https_policy: str | None = None
     pixel_position: str | None = None
     dkim_fallback_domain: str | None = None
+    destinations: tuple[Destination, ...] = ()  # [[configuration_sets.NAME.destinations]]
+
+    def tracking_options(self) -> TrackingOptions:
+        return TrackingOptions(self.open_tracking, self.click_tracking, self.custom_redirect_domain,
+                               self.https_policy, self.pixel_position)
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     configuration_sets: dict[str, ConfigurationSet] = field(default_factory=dict)
+    # --- sending domains and identities (issue 6): [domains."D".tracking], [identities."X"] ---
+    domains: dict[str, TrackingOptions] = field(default_factory=dict)
+    identities: dict[str, str] = field(default_factory=dict)  # address or domain -> default configuration set
 
     @property
     def database_path(self) -> Path:
@@ -371,10 +380,13 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     tracking = _parse_tracking(top.sub("tracking"), data_dir, problems)
     dkim = _parse_dkim(top.sub("dkim"), problems)
     sets = _parse_sets(top.sub("configuration_sets"), problems)
+    domains, identities = _parse_domains(top.sub("domains"), problems), _parse_identities(top.sub("identities"))
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
-                 tracking=tracking, dkim=dkim, configuration_sets=sets, **relay_kw)
+                 tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
+                 **relay_kw)
     problems += _https_problems(cfg)
+    problems += sets_problems(cfg)  # issue 6: domain levels
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -560,6 +572,7 @@ def _parse_sets(c: _Reader, problems: list[str]) -> dict[str, ConfigurationSet]:
             https_policy=s.choice("https_policy", HTTPS_POLICIES, None),
             pixel_position=s.choice("pixel_position", PIXEL_POSITIONS, None),
             dkim_fallback_domain=s.get("dkim_fallback_domain", str, "") or None,
+            destinations=_parse_destinations(s, problems),
         )
         s.finish()
     return sets
@@ -574,3 +587,92 @@ def load(path: str | os.PathLike) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: not valid TOML: {exc}"]) from exc
     return parse(data, p.resolve().parent, p)
+
+
+# --- configuration sets, sending domains and identities (issue 6) ----------------------------------------------
+
+def _parse_destinations(s: _Reader, problems: list[str]) -> tuple[Destination, ...]:
+    """`[[configuration_sets.NAME.destinations]]`: webhook or file targets for the set's events."""
+    out: list[Destination] = []
+    for i, table in enumerate(s.get("destinations", list, [])):
+        r = _Reader(table if isinstance(table, dict) else {}, f"{s.prefix}.destinations[{i}]", problems, s.base)
+        secret = r.get("secret", str, "")
+        secret_file = r.path("secret_file", None)
+        if secret_file is not None:
+            try:
+                secret = secret_file.read_text().strip()
+            except OSError as exc:
+                problems.append(f"{r.key('secret_file')}: {exc}")
+        path = r.path("path", None)
+        kw = dict(
+            name=r.get("name", str, ""), kind=r.choice("type", ("webhook", "file"), "webhook") or "webhook",
+            enabled=r.get("enabled", bool, True), url=r.get("url", str, ""), secret=secret,
+            sns_envelope=r.get("sns_envelope", bool, False), topic_arn=r.get("topic_arn", str, ""),
+            path=str(path) if path else "", timeout=r.duration("timeout", 10.0),
+            retry_initial=r.duration("retry_initial", 1.0), retry_max=r.duration("retry_max", 300.0),
+            max_refusals=r.positive("max_refusals", 5),
+        )
+        types = r.get("event_types", list, [])
+        r.finish()
+        try:
+            d = check_destination(Destination(event_types=event_types(types), **kw))
+        except ModelError as exc:
+            problems.append(f"{r.prefix}: {exc}")
+            continue
+        if any(x.name == d.name for x in out):
+            problems.append(f"{r.prefix}.name: destination {d.name!r} is defined twice")
+        out.append(d)
+    if len(out) > 10:
+        problems.append(f"{s.prefix}.destinations: at most 10 event destinations per configuration set")
+    return tuple(out)
+
+
+def _parse_options(r: _Reader, problems: list[str]) -> TrackingOptions:
+    domain = r.get("custom_redirect_domain", str, "") or None
+    if domain and not HOST_RE.match(domain):
+        problems.append(f"{r.key('custom_redirect_domain')}: {domain!r} is not a host name")
+    options = TrackingOptions(
+        open_tracking=r.get("open_tracking", bool, None), click_tracking=r.get("click_tracking", bool, None),
+        custom_redirect_domain=domain.lower() if domain else None,
+        https_policy=r.choice("https_policy", HTTPS_POLICIES, None),
+        pixel_position=r.choice("pixel_position", PIXEL_POSITIONS, None),
+    )
+    r.finish()
+    return options
+
+
+def _parse_domains(d: _Reader, problems: list[str]) -> dict[str, TrackingOptions]:
+    """`[domains."example.com".tracking]`: a sending domain's own tracking options (over the account level)."""
+    out = {}
+    for name in list(d.table):
+        if not HOST_RE.match(name):
+            problems.append(f"domains.{name}: not a domain name")
+        sub = d.sub(name)
+        out[name.lower()] = _parse_options(sub.sub("tracking"), problems)
+        sub.finish()
+    return out
+
+
+def _parse_identities(ids: _Reader) -> dict[str, str]:
+    """`[identities."news@example.com"] default_configuration_set = "marketing"` (an address or a domain)."""
+    out = {}
+    for name in list(ids.table):
+        r = ids.sub(name)
+        if "@" not in name and not HOST_RE.match(name):
+            ids.problems.append(f"identities.{name}: not an email address or a domain")
+        value = r.get("default_configuration_set", str, "")
+        if not CONFIG_SET_RE.match(value):
+            ids.problems.append(f"identities.{name}.default_configuration_set: required, a configuration set name")
+        r.finish()
+        out[name.lower()] = value
+    return out
+
+
+def sets_problems(cfg: Config) -> list[str]:
+    """Cross-checks of the file alone: https policies of domain levels, identities' sets (may live in SQLite,
+    so `relay check` checks those against the database)."""
+    return [f"domains.{d}.tracking.https_policy: {o.https_policy} needs https://{host} to reach the tracking"
+            " listener: list it in tracking.https_hosts or serve a certificate for it"
+            for d, o in cfg.domains.items()
+            for host in [o.custom_redirect_domain or cfg.tracking.default_host]
+            if o.https_policy in ("REQUIRE", "REQUIRE_OPEN_ONLY") and not cfg.https_available(host)]

@@ -27,6 +27,7 @@ from relay.core import events as ev
 from relay.core.headers import HeaderError, from_domain, split_header_block, to_crlf
 from relay.core.intake import intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
+from relay.core.resolve import sender_identity
 from relay.core.settings import TrackingSettings
 from relay.deliver import Reply
 from relay.store import EventRow, MessageRow, Store
@@ -92,8 +93,10 @@ class Pipeline:
         except HeaderError as exc:
             await self._record_reject(sub, message_id, now_ms, exc)
             raise Refusal(f"554 {exc}") from exc
-        set_name = self.resolve_set(item.control.configuration_set)
-        settings = self.config.tracking_settings(set_name)
+        resolved = self.resolver.resolve_or_refuse(item.control.configuration_set,
+                                                   sender_identity(item.block, sub.mail_from))  # issue 6
+        set_name, settings = resolved.set_name, resolved.settings
+        item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
         mail = ev.mail_object(mail_facts(
             item, message_id=message_id, now_ms=now_ms, mail_from=sub.mail_from, recipients=sub.recipients,
             source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,

@@ -55,6 +55,7 @@ class Relay:
     queue: DeliveryQueue
     handler: Handler
     tracking: object | None = None
+    publisher: object | None = None  # relay.destinations.Publisher (issue 6)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
 
     @classmethod
@@ -66,9 +67,17 @@ class Relay:
         pipeline = Pipeline(cfg, store, Instrumenter(keyring), Signer(cfg.dkim), upstream)
         queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency)
         handler = Handler(cfg.smtp, pipeline, queue.add)
-        return cls(cfg, store, pipeline, queue, handler)
+        relay = cls(cfg, store, pipeline, queue, handler)
+        # issue 6: configuration sets (file + database) and event destinations
+        from relay.destinations import Publisher
+        from relay.resolve import Resolver
+
+        pipeline.resolver = Resolver(cfg, store)
+        relay.publisher = Publisher(cfg, store, pipeline.resolver)
+        return relay
 
     async def start(self, with_tracking: bool = True) -> None:
+        await self.publisher.start()  # issue 6: event destinations
         await self.queue.start()
         server = await start_server(self.config.smtp, self.config.hostname, self.handler)
         self.servers.append(server)
@@ -97,6 +106,8 @@ class Relay:
         self.pipeline.signer = signer
         self.pipeline.instrumenter.keyring = keyring
         self.handler.settings = cfg.smtp
+        self.pipeline.resolver.config = cfg  # issue 6: sets from the reloaded file; reopen destination files
+        self.publisher.reopen(cfg)
         if self.tracking is not None:
             self.tracking.reload(cfg, keyring)  # verdict lists, proxies, link age, keys
         log.info("configuration reloaded from %s", cfg.path)
@@ -121,6 +132,7 @@ class Relay:
         if self.tracking is not None:
             await self.tracking.stop()
         await self.pipeline.upstream.close()
+        await self.publisher.stop()  # issue 6: cursors are saved as events go; nothing to flush
         await asyncio.to_thread(self.store.close)
 
 

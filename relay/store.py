@@ -515,3 +515,164 @@ def upsert_verdicts(conn: sqlite3.Connection, rows: list[VerdictRow]) -> None:
         "ON CONFLICT (event_id) DO UPDATE SET verdict = excluded.verdict, reasons = excluded.reasons,"
         " client = excluded.client, os = excluded.os, device = excluded.device, computed_at = excluded.computed_at",
     )
+
+
+# --- configuration sets and destinations ---------------------------------------------------------------------
+# Sets, tracking options, identities' default sets and event destinations created with the CLI (or the
+# management API); the TOML file's are never stored here. `configuration_version.counter` moves with every
+# change, so a running relay (another process) notices with one cheap read and reloads. Destination cursors
+# are the durable outbox: the last events.id a destination has acknowledged.
+
+SCHEMA.extend([
+    """CREATE TABLE IF NOT EXISTS configuration_sets (
+        name TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL
+    )""",
+    # level: account (scope ''), domain (scope = sending domain) or set (scope = set name); NULL = inherit.
+    """CREATE TABLE IF NOT EXISTS tracking_options (
+        level TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        open_tracking INTEGER,
+        click_tracking INTEGER,
+        custom_redirect_domain TEXT,
+        https_policy TEXT,
+        pixel_position TEXT,
+        PRIMARY KEY (level, scope)
+    )""",
+    # identity: an address or a domain (lower case).
+    """CREATE TABLE IF NOT EXISTS identity_sets (
+        identity TEXT PRIMARY KEY,
+        configuration_set TEXT NOT NULL
+    )""",
+    # settings: the destination's target and retry settings as JSON (see relay.core.resolve.Destination).
+    """CREATE TABLE IF NOT EXISTS event_destinations (
+        configuration_set TEXT NOT NULL,
+        name TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        event_types TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        PRIMARY KEY (configuration_set, name)
+    )""",
+    # Per destination (TOML or database): the last event delivered (acknowledged), and whether the
+    # destination was enabled when last seen: enabling it again starts from the newest event.
+    """CREATE TABLE IF NOT EXISTS destination_cursors (
+        configuration_set TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        last_event_id INTEGER NOT NULL,
+        enabled INTEGER NOT NULL,
+        PRIMARY KEY (configuration_set, destination)
+    )""",
+    # Events a receiver kept refusing (4xx) and that were set aside so later events could go on.
+    """CREATE TABLE IF NOT EXISTS destination_failures (
+        configuration_set TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        event_id INTEGER NOT NULL,
+        time TEXT NOT NULL,
+        status INTEGER,
+        reason TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS configuration_version (
+        id INTEGER PRIMARY KEY,
+        counter INTEGER NOT NULL
+    )""",
+    "INSERT INTO configuration_version (id, counter) SELECT 1, 0"
+    " WHERE NOT EXISTS (SELECT 1 FROM configuration_version WHERE id = 1)",
+    "CREATE INDEX IF NOT EXISTS events_set ON events (configuration_set, id)",
+])
+
+
+@dataclass(frozen=True)
+class StoredConfiguration:
+    sets: list[str]
+    tracking: list[tuple]  # (level, scope, open, click, domain, https_policy, pixel_position)
+    identities: list[tuple[str, str]]
+    destinations: list[tuple]  # (set, name, enabled, event_types JSON, kind, settings JSON)
+    version: int
+
+
+def configuration_read(store: Store, helper: Callable[..., T], *args) -> T:
+    """Run a helper of this section on this thread's reader connection."""
+    return helper(store._reader(), *args)
+
+
+def configuration_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT counter FROM configuration_version WHERE id = 1").fetchone()
+    return row[0] if row else 0
+
+
+def bump_configuration_version(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE configuration_version SET counter = counter + 1 WHERE id = 1")
+
+
+def load_configuration(conn: sqlite3.Connection) -> StoredConfiguration:
+    """Everything in one read transaction, so a concurrent change is seen whole or not at all."""
+    conn.execute("BEGIN")
+    try:
+        return StoredConfiguration(
+            sets=[r[0] for r in conn.execute("SELECT name FROM configuration_sets ORDER BY name")],
+            tracking=conn.execute(
+                "SELECT level, scope, open_tracking, click_tracking, custom_redirect_domain, https_policy,"
+                " pixel_position FROM tracking_options ORDER BY level, scope").fetchall(),
+            identities=conn.execute("SELECT identity, configuration_set FROM identity_sets ORDER BY identity")
+            .fetchall(),
+            destinations=conn.execute(
+                "SELECT configuration_set, name, enabled, event_types, kind, settings FROM event_destinations"
+                " ORDER BY configuration_set, name").fetchall(),
+            version=configuration_version(conn),
+        )
+    finally:
+        conn.execute("COMMIT")
+
+
+def last_event_id(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+
+
+def provision_cursor(conn: sqlite3.Connection, set_name: str, destination: str, enabled: bool) -> int:
+    """Create a destination's cursor at the newest event (it receives what happens from now on), or move it
+    there when the destination is enabled again (a disabled destination receives nothing). Returns it."""
+    row = conn.execute("SELECT last_event_id, enabled FROM destination_cursors WHERE configuration_set = ?"
+                       " AND destination = ?", (set_name, destination)).fetchone()
+    newest = last_event_id(conn)
+    if row is None:
+        conn.execute("INSERT INTO destination_cursors (configuration_set, destination, last_event_id, enabled)"
+                     " VALUES (?, ?, ?, ?)", (set_name, destination, newest, int(enabled)))
+        return newest
+    if enabled and not row[1]:
+        conn.execute("UPDATE destination_cursors SET last_event_id = ?, enabled = 1 WHERE configuration_set = ?"
+                     " AND destination = ?", (newest, set_name, destination))
+        return newest
+    if bool(row[1]) != enabled:
+        conn.execute("UPDATE destination_cursors SET enabled = ? WHERE configuration_set = ? AND destination = ?",
+                     (int(enabled), set_name, destination))
+    return row[0]
+
+
+def save_cursor(conn: sqlite3.Connection, set_name: str, destination: str, event_id: int) -> None:
+    """Advance (never move back) a destination's cursor."""
+    conn.execute("UPDATE destination_cursors SET last_event_id = ? WHERE configuration_set = ? AND destination = ?"
+                 " AND last_event_id < ?", (event_id, set_name, destination, event_id))
+
+
+def delete_cursor(conn: sqlite3.Connection, set_name: str, destination: str | None = None) -> None:
+    if destination is None:
+        conn.execute("DELETE FROM destination_cursors WHERE configuration_set = ?", (set_name,))
+    else:
+        conn.execute("DELETE FROM destination_cursors WHERE configuration_set = ? AND destination = ?",
+                     (set_name, destination))
+
+
+def destination_events(conn: sqlite3.Connection, set_name: str, types: tuple[str, ...], after: int,
+                       limit: int) -> list[tuple[int, str]]:
+    """(id, record JSON) of a set's events of the given eventTypes after `after`, oldest first."""
+    marks = ",".join("?" * len(types))
+    return conn.execute(
+        f"SELECT id, record FROM events WHERE configuration_set = ? AND id > ? AND type IN ({marks})"
+        " ORDER BY id LIMIT ?", (set_name, after, *types, limit)).fetchall()
+
+
+def record_destination_failure(conn: sqlite3.Connection, set_name: str, destination: str, event_id: int,
+                               time: str, status: int | None, reason: str) -> None:
+    conn.execute("INSERT INTO destination_failures (configuration_set, destination, event_id, time, status,"
+                 " reason) VALUES (?, ?, ?, ?, ?, ?)", (set_name, destination, event_id, time, status, reason))

@@ -1,0 +1,145 @@
+"""The resolver: which configuration set a message uses and its tracking settings (the shell around
+relay/core/resolve.py).
+
+It merges the sets, levels and identities of the TOML file (read-only) with those created through the CLI
+(SQLite). The merged model is cached; before each message one read of `configuration_version.counter` tells
+whether anything changed (in this process or in a `relay config-set ...` run beside it), so a change takes
+effect for the next message without a restart. Where the file and the database both define a set, a
+domain's options or an identity, the file wins (and `relay check` reports the conflict).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+
+from relay.config import Config
+from relay.core import resolve as core
+from relay.core.resolve import Destination, Level, Model, Resolution, SetDef, TrackingOptions
+from relay.store import (
+    Store,
+    StoredConfiguration,
+    configuration_read,
+    configuration_version,
+    load_configuration,
+)
+
+log = logging.getLogger("relay.resolve")
+DB = "database"
+
+
+def options_from_row(row: tuple) -> TrackingOptions:
+    _, _, open_, click, domain, policy, pixel = row
+    return TrackingOptions(None if open_ is None else bool(open_), None if click is None else bool(click),
+                           domain, policy, pixel)
+
+
+def destination_from_row(row: tuple) -> Destination:
+    _, name, enabled, types, kind, settings = row
+    return Destination(name=name, enabled=bool(enabled), event_types=tuple(json.loads(types)), kind=kind,
+                       **json.loads(settings))
+
+
+def destination_settings(d: Destination) -> str:
+    """A destination's target and retry settings as stored in event_destinations.settings."""
+    keys = ("url", "secret", "sns_envelope", "topic_arn", "path", "timeout", "retry_initial", "retry_max",
+            "max_refusals")
+    return json.dumps({k: getattr(d, k) for k in keys}, separators=(",", ":"))
+
+
+def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[str]]:
+    """The merged model and the conflicts between the file and the database."""
+    conflicts: list[str] = []
+    sets: dict[str, SetDef] = {}
+    db_tracking = {(r[0], r[1]): options_from_row(r) for r in stored.tracking}
+    db_dests: dict[str, list[Destination]] = {}
+    for row in stored.destinations:
+        db_dests.setdefault(row[0], []).append(destination_from_row(row))
+    for name in stored.sets:
+        opts = db_tracking.get(("set", name))
+        sets[name] = SetDef(name, DB, opts or TrackingOptions(), tuple(db_dests.get(name, ())), opts is not None)
+    for name, cs in cfg.configuration_sets.items():
+        if name in sets:
+            conflicts.append(f"configuration set {name} is defined in both {cfg.path} and the database;"
+                             " the file's definition is used (delete it with `relay config-set delete`)")
+        opts = cs.tracking_options()
+        sets[name] = SetDef(name, "config", opts, cs.destinations, not opts.empty)
+    domains: dict[str, Level] = {}
+    for (level, scope), opts in db_tracking.items():
+        if level == "domain":
+            domains[scope] = Level(f"sending domain {scope} (database)", opts)
+    for name, opts in cfg.domains.items():
+        if name in domains:
+            conflicts.append(f"tracking options of sending domain {name} are defined in both {cfg.path} and the"
+                             " database; the file's are used")
+        domains[name] = Level(f"sending domain {name} (config file)", opts)
+    identities = {identity: (set_name, DB) for identity, set_name in stored.identities}
+    for identity, set_name in cfg.identities.items():
+        if identity in identities and identities[identity][0] != set_name:
+            conflicts.append(f"default configuration set of identity {identity} is defined in both {cfg.path} and"
+                             " the database; the file's is used")
+        identities[identity] = (set_name, "config file")
+    account_opts = db_tracking.get(("account", ""))
+    account = Level("account (database)", account_opts) if account_opts else None
+    t = cfg.tracking
+    base = Level("[tracking] (config file)", TrackingOptions(
+        custom_redirect_domain=t.default_host, https_policy=t.https_policy, pixel_position=t.pixel_position))
+    hosts = core.all_tracking_hosts(t.default_host, sets, domains, account)
+    return Model(sets, domains, identities, account, base, hosts), conflicts
+
+
+class Resolver:
+    """Per message: the configuration set and its tracking settings, from the cached merged model."""
+
+    def __init__(self, config: Config, store: Store):
+        self.config = config
+        self.store = store
+        self._model: Model | None = None
+        self._key: tuple | None = None  # (config object id, database version) the model was built from
+        self._cache: dict[tuple, Resolution] = {}
+        self.conflicts: list[str] = []
+
+    def model(self) -> Model:
+        """The merged model, rebuilt when the file (reload) or the database (counter) changed."""
+        try:
+            version = configuration_read(self.store, configuration_version)
+        except sqlite3.Error as exc:  # a locked or broken database: keep serving the last known model
+            if self._model is not None:
+                log.warning("configuration version unreadable, using the cached model: %s", exc)
+                return self._model
+            raise
+        key = (id(self.config), version)
+        if key != self._key or self._model is None:
+            stored = configuration_read(self.store, load_configuration)
+            model, conflicts = build_model(self.config, stored)
+            for c in conflicts:
+                if c not in self.conflicts:
+                    log.warning("%s", c)
+            self._model, self.conflicts, self._cache = model, conflicts, {}
+            self._key = (id(self.config), stored.version)
+        return self._model
+
+    def resolve(self, header_set: str | None, identity: str) -> Resolution:
+        """The set and settings for a message; raises core.UnknownSet."""
+        model = self.model()
+        choice = core.choose_set(model, header_set, identity)
+        domain = core.domain_of(identity)
+        key = (choice.name, domain, choice.reason)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = core.resolve(model, choice.name, identity, self.config.https_available, choice.reason)
+            if len(self._cache) > 10000:  # many sending domains: bound the memory
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    def resolve_or_refuse(self, header_set: str | None, identity: str) -> Resolution:
+        """As `resolve`, with SES's SMTP refusal for a set that does not exist."""
+        from relay.pipeline import Refusal
+
+        try:
+            return self.resolve(header_set, identity)
+        except core.UnknownSet as exc:
+            raise Refusal(f"554 Configuration Set does not exist: Configuration set <{exc.name}> does not exist."
+                          ) from exc
