@@ -34,7 +34,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
     for warning in config_module.warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
-    if problems:
+    if check_database(cfg) or problems:  # issue 6: the SQLite-held configuration too
         return 1
     print(f"{args.config}: ok ({len(cfg.configuration_sets)} configuration sets)")
     return 0
@@ -71,6 +71,43 @@ def cmd_tracking_domain(args: argparse.Namespace) -> int:
     from relay.tracking import tracking_domain_command
 
     return tracking_domain_command(args)
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    from relay.sets_cli import config_set_command
+
+    return config_set_command(args)
+
+
+def cmd_tracking(args: argparse.Namespace) -> int:
+    from relay.sets_cli import tracking_command
+
+    return tracking_command(args)
+
+
+def cmd_destination(args: argparse.Namespace) -> int:
+    from relay.sets_cli import destination_command
+
+    return destination_command(args)
+
+
+def check_database(cfg) -> int:
+    """`relay check`, issue 6: the SQLite-held sets, levels and identities, and conflicts with the file."""
+    if not cfg.database_path.exists():
+        return 0
+    from relay.sets import check_database as check
+    from relay.store import Store
+
+    store = Store(cfg.database_path)
+    try:
+        problems, conflicts = check(cfg, store)
+    finally:
+        store.close()
+    for line in conflicts:
+        print(f"warning: conflict: {line}", file=sys.stderr)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return len(problems)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--nameserver")
     v.add_argument("--port", type=int, default=53)
     p.set_defaults(func=cmd_tracking_domain)
+
+    from relay.sets_cli import add_parsers  # issue 6: config-set, tracking, destination
+
+    before = set(sub.choices)
+    add_parsers(sub)
+    funcs = {"config-set": cmd_config_set, "tracking": cmd_tracking, "destination": cmd_destination}
+    for name in set(sub.choices) - before:
+        sub.choices[name].set_defaults(func=funcs[name])
     return parser
 
 
