@@ -403,13 +403,23 @@ def _qp_template(pieces: list[bytes | int]) -> list[bytes | int]:
     A slot holds a URL, whose characters QP leaves as they are, so a copy only cuts it into lines of 75.
     Pieces of type _Encoded are whole encoded lines and pass through.
     """
+    joined: list[bytes | int] = []  # adjacent plain pieces encode as one: their lines run on
+    for p in pieces:
+        plain = isinstance(p, bytes) and not isinstance(p, _Encoded)
+        if plain and joined and isinstance(joined[-1], bytes) and not isinstance(joined[-1], _Encoded):
+            joined[-1] = joined[-1] + p
+        else:
+            joined.append(p)
+    pieces = joined
     encoded = iter(mime.encode_qp_many([p for p in pieces if isinstance(p, bytes) and not isinstance(p, _Encoded)]))
     out: list[bytes | int] = []
     mid_line = False  # whether the previous piece ended inside a line
     for p in pieces:
         if isinstance(p, int):
-            if mid_line:
-                out.append(b"=\r\n")
+            if mid_line and isinstance(out[-1], bytes):
+                out[-1] = _with_soft_break(out[-1])
+            elif mid_line:
+                out.append(b"=\r\n")  # after another slot, whose lines are at most 75 long
             out.append(p)
             mid_line = True
             continue
@@ -418,6 +428,19 @@ def _qp_template(pieces: list[bytes | int]) -> list[bytes | int]:
         out.append(p if isinstance(p, _Encoded) else next(encoded))
         mid_line = not p.endswith(b"\r\n")
     return _merge(out)
+
+
+def _with_soft_break(encoded: bytes) -> bytes:
+    """`encoded` ending in a soft line break, its last line shortened if the "=" would make it 77 long."""
+    last = encoded.rfind(b"\n") + 1
+    if len(encoded) - last <= 75:
+        return encoded + b"=\r\n"
+    cut = len(encoded) - 1
+    if encoded[cut - 1:cut] == b"=":  # never split an =XX escape
+        cut -= 1
+    elif encoded[cut - 2:cut - 1] == b"=":
+        cut -= 2
+    return encoded[:cut] + b"=\r\n" + encoded[cut:] + b"=\r\n"
 
 
 def _merge(items: list[bytes | int]) -> list[bytes | int]:
