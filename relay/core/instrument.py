@@ -223,10 +223,7 @@ def _link_edits(doc: bytes, tag: html.Tag, part: mime.Part, settings: TrackingSe
     if href is None or href.value_start < 0:
         return
     raw_value = doc[href.value_start:href.value_end]
-    try:
-        text = raw_value.decode("utf-8" if codec else (part.charset or "ascii"))
-    except (UnicodeDecodeError, LookupError):
-        text = None
+    text = _attribute_text(raw_value, "utf-8" if codec else (part.charset or "ascii"))
     url, ambiguous = _destination(text) if text is not None else (None, False)
     shown = url if url is not None else raw_value.decode("ascii", "replace")
     reason = ("opt-out marker" if no_track else "click tracking off" if not settings.click_tracking
@@ -291,6 +288,16 @@ def parse_link_tags(text: str) -> tuple[dict[str, list[str]], list[str]]:
 def _click_base(settings: TrackingSettings, https: bool) -> tuple[str, bytes]:
     base = settings.click_base("https" if https else "http")
     return base, html.escape_attribute(base).encode("ascii")
+
+
+def _attribute_text(value: bytes, charset: str) -> str | None:
+    """An attribute value as text; ASCII whatever the charset claims when Python does not know it."""
+    try:
+        return value.decode(charset)
+    except LookupError:
+        return value.decode("ascii", "strict") if value.isascii() else None
+    except UnicodeDecodeError:
+        return None
 
 
 def _destination(text: str) -> tuple[str, bool]:
