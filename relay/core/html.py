@@ -32,7 +32,7 @@ _END_SCRIPT = re.compile(rb"</script\s*>", re.I)
 _END_STYLE = re.compile(rb"</style\s*>", re.I)
 
 
-@dataclass
+@dataclass(slots=True)
 class Attr:
     name: bytes  # lower-cased
     start: int  # first byte of the name
@@ -45,7 +45,7 @@ class Attr:
         return None if self.value_start < 0 else doc[self.value_start:self.value_end]
 
 
-@dataclass
+@dataclass(slots=True)
 class Tag:
     name: str  # lower-cased
     start: int
@@ -75,20 +75,20 @@ def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
     match = _ATTR.match
     while pos < limit:
         m = match(doc, pos, limit)
-        if m is None or m.group(2) is None:  # only whitespace or "/" left before the limit
-            return None if m is None or not m.group(1) else Tag(
-                doc[start + 1:name_end].decode("ascii", "replace").lower(), start, m.end(), attrs)
+        last = m.lastindex if m is not None else None
+        if last is None:  # only whitespace or "/" left before the limit
+            return None
+        if last == 1:
+            return Tag(doc[start + 1:name_end].decode("ascii", "replace").lower(), start, m.end(), attrs)
         pos = m.end()
-        attr = Attr(m.group(2).lower(), m.start(2), pos)
-        for g in (3, 4, 5):
-            if m.start(g) >= 0:
-                attr.value_start, attr.value_end = m.start(g), m.end(g)
-                if g < 5:
-                    attr.quote = b'"' if g == 3 else b"'"
-                elif doc[attr.value_start] in b"\"'":  # an opening quote that never closes
-                    return None
-                break
-        attrs.append(attr)
+        if last == 2:
+            attrs.append(Attr(m.group(2).lower(), m.start(2), pos))
+            continue
+        vs, ve = m.span(last)
+        if last == 5 and doc[vs] in b"\"'":  # an opening quote that never closes
+            return None
+        quote = b'"' if last == 3 else b"'" if last == 4 else b""
+        attrs.append(Attr(m.group(2).lower(), m.start(2), pos, vs, ve, quote))
     return None
 
 

@@ -32,13 +32,12 @@ PIXEL = -1  # slot number of the open pixel; links use their message-wide index
 PIXEL_PRE = b'<img src="'
 PIXEL_POST = b'" width="1" height="1" alt="" border="0" style="border:0;width:1px;height:1px" />'
 _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
-_IRI = r"A-Za-z0-9\-._~!$&'()*+,;=\u00a0-\ud7ff\ue000-\U0010ffff"  # unreserved, sub-delims, ucschar
-_PCT = r"%[0-9A-Fa-f]{2}"
-_URL_RE = re.compile(
-    rf"https?://(?:(?:[{_IRI}:]|{_PCT})*@)?((?:\[[0-9A-Fa-f:.vV]+\]|(?:[{_IRI}]|{_PCT})+)(?::[0-9]*)?)"
-    rf"(?:/(?:[{_IRI}:@/]|{_PCT})*)?(?:\?(?:[{_IRI}:@/?]|{_PCT})*)?(?:#(?:[{_IRI}:@/?]|{_PCT})*)?",
-    re.I,
-)
+# RFC 3986 (with RFC 3987's non-ASCII letters, so IDNs and IRIs pass): allowed characters, checked in one class,
+# then the shape scheme://[userinfo@]host[:port][/path][?query][#fragment] and well-formed %XX escapes.
+_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\u00a0-\ud7ff\ue000-\U0010ffff]*")
+_URL_SHAPE = re.compile(r"https?://(?:[^/?#@]*@)?(\[[0-9A-Fa-f:.vV]+\]|[^/?#:@\[\]]+)(:[0-9]*)?(?:[/?#].*)?",
+                        re.I | re.S)
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
 _PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
 _STATEFUL = ("utf_7", "hz", "iso2022")
@@ -47,7 +46,7 @@ _SAMPLE_RECIPIENT = "r" * 40  # for size estimates before the recipient is known
 
 # --- plan --------------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class LinkPlan:
     index: int  # message-wide, signed into the token
     original: str
@@ -192,14 +191,7 @@ def _plan_part(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Pl
         report.update(action="untouched", reason="no body and no blank line after the headers", links=[],
                       skipped=[], pixel=None)
         return None
-    scanned = html.scan(doc)
-    edits: list[tuple[int, int, bytes | int]] = []
-    links, skipped = [], []
-    for tag in scanned.links:
-        _link_edits(doc, tag, part, settings, plan, codec, edits, links, skipped)
-    pixel = _pixel_edits(doc, scanned, settings, edits, plan, len(doc))
-    report.update(action="instrumented" if edits else "untouched", links=links, skipped=skipped, pixel=pixel,
-                  original_html_size=len(doc))
+    edits = _edits(doc, "utf-8" if codec else (part.charset or "ascii"), settings, plan, report)
     if not edits:
         report["reason"] = "nothing to change"
         return None
@@ -214,16 +206,42 @@ def _plan_part(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Pl
     return pp
 
 
+def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
+           report: dict) -> list[tuple[int, int, bytes | int]]:
+    """What changes in one decoded HTML document: (start, end, new bytes or slot number)."""
+    scanned = html.scan(doc)
+    edits: list[tuple[int, int, bytes | int]] = []
+    links: list[dict] = []
+    skipped: list[dict] = []
+    for tag in scanned.links:
+        _link_edits(doc, tag, charset, settings, plan, edits, links, skipped)
+    pixel = _pixel_edits(doc, scanned, settings, edits, plan, len(doc))
+    report.update(action="instrumented" if edits else "untouched", links=links, skipped=skipped, pixel=pixel,
+                  original_html_size=len(doc))
+    return edits
+
+
+def rewrite_html(doc: bytes, settings: TrackingSettings, keyring: Keyring, message_id: str, recipient: str,
+                 issued: int, charset: str = "utf-8") -> tuple[bytes, dict]:
+    """One decoded HTML document (ASCII-compatible charset) instrumented for one recipient, without MIME."""
+    plan = Plan(settings=settings, size=len(doc))
+    report: dict = {}
+    pieces = _pieces(doc, _edits(doc, charset, settings, plan, report))
+    plan.open_slots = PIXEL in pieces
+    values, _, _ = _values(plan, keyring, message_id, recipient, issued)
+    return _fill(pieces, values), report
+
+
 # --- links -------------------------------------------------------------------------------------------------
 
-def _link_edits(doc: bytes, tag: html.Tag, part: mime.Part, settings: TrackingSettings, plan: Plan,
-                codec: str | None, edits: list, links: list, skipped: list) -> None:
+def _link_edits(doc: bytes, tag: html.Tag, charset: str, settings: TrackingSettings, plan: Plan, edits: list,
+                links: list, skipped: list) -> None:
     no_track, tags, tag_problems = _markers(doc, tag, edits)
     href = tag.attr(b"href")
     if href is None or href.value_start < 0:
         return
     raw_value = doc[href.value_start:href.value_end]
-    text = _attribute_text(raw_value, "utf-8" if codec else (part.charset or "ascii"))
+    text = _attribute_text(raw_value, charset)
     url, ambiguous = _destination(text) if text is not None else (None, False)
     shown = url if url is not None else raw_value.decode("ascii", "replace")
     reason = ("opt-out marker" if no_track else "click tracking off" if not settings.click_tracking
@@ -312,10 +330,20 @@ def _destination(text: str) -> tuple[str, bool]:
     return url, stdlib_html.unescape(text).strip(ws) != url
 
 
+def _valid_url(url: str) -> re.Match | None:
+    """The shape match of a valid http(s) URL (group 1: host), or None."""
+    m = _URL_SHAPE.fullmatch(url)
+    if m is None or url.count("#") > 1 or _BAD_ESCAPE.search(url):
+        return None
+    host = m.group(1)
+    rest = url[:m.start(1)] + url[m.end(1):] if host.startswith("[") else url
+    return m if _URL_CHARS.fullmatch(rest) else None
+
+
 def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str | None:
     if _PLACEHOLDERS.search(url):
         return "unresolved template placeholder"
-    m = _URL_RE.fullmatch(url)
+    m = _valid_url(url)
     if m is None:
         lower = url.lower()
         if lower.startswith(("http://", "https://")):
@@ -329,7 +357,7 @@ def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str |
     if ambiguous:
         return "ambiguous character reference in the URL"
     host = m.group(1).lower()
-    if settings.is_tracking_host(host) or settings.is_tracking_host(host.rsplit(":", 1)[0]):
+    if settings.is_tracking_host(host + (m.group(2) or "")) or settings.is_tracking_host(host):
         return "already a tracking link"
     return None
 
@@ -553,7 +581,9 @@ class Copy:
     warnings: list[str]
 
 
-def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient: str, issued: int) -> Copy:
+def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
+            issued: int) -> tuple[list[bytes], list[str], str | None]:
+    """One recipient's slot values (link URLs by index, then the pixel URL as slot -1), URLs and pixel URL."""
     values: list[bytes] = []
     urls: list[str] = []
     if plan.links:
@@ -565,7 +595,12 @@ def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient:
     pixel_url = None
     if plan.open_slots:
         pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
-        values.append(pixel_url.encode("ascii"))  # slot -1 (PIXEL) is the last value
+        values.append(pixel_url.encode("ascii"))
+    return values, urls, pixel_url
+
+
+def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient: str, issued: int) -> Copy:
+    values, urls, pixel_url = _values(plan, keyring, message_id, recipient, issued)
     edits = list(plan.static_edits)
     warnings = list(plan.warnings)
     sizes: dict[str, tuple[int, str | None]] = {}

@@ -219,7 +219,11 @@ def encode_qp(data: bytes) -> bytes:
             out = out.replace(b"\n", b"\r\n")
     else:  # bare CR or LF inside lines must be escaped, so encode line by line in binary mode
         out = b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
-    return _rewrap(out) if len(out) > 76 and max(map(len, out.split(b"\r\n"))) > 76 else out
+    # binascii only overruns 76 with an escaped space or tab ending a line: look further only then
+    if (b"=20\r\n" in out or b"=09\r\n" in out or out.endswith((b"=20", b"=09"))) and \
+            max(map(len, out.split(b"\r\n"))) > 76:
+        return _rewrap(out)
+    return out
 
 
 def _rewrap(encoded: bytes) -> bytes:
