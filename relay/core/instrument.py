@@ -18,6 +18,7 @@ import html as stdlib_html
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 
 from relay.core import html, mime, tokens
 from relay.core.settings import TrackingSettings
@@ -341,7 +342,7 @@ def _valid_url(url: str) -> re.Match | None:
 
 
 def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str | None:
-    if _PLACEHOLDERS.search(url):
+    if ("{" in url or "|" in url or "%" in url) and _PLACEHOLDERS.search(url):
         return "unresolved template placeholder"
     m = _valid_url(url)
     if m is None:
@@ -428,28 +429,33 @@ def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes
     return out
 
 
-class _Encoded(bytes):
-    """A piece of the template that is already quoted-printable (original lines kept as they were)."""
+@dataclass(slots=True)
+class _Encoded:
+    """A piece of the template that is already quoted-printable: whole original lines, kept as they were."""
+
+    data: bytes
 
 
-def _qp_template(pieces: list[bytes | int]) -> list[bytes | int]:
+def _qp_template(pieces: list) -> list[bytes | int]:
     """The quoted-printable body with slots: static text encoded once, soft line breaks around each slot.
 
     A slot holds a URL, whose characters QP leaves as they are, so a copy only cuts it into lines of 75.
     Pieces of type _Encoded are whole encoded lines and pass through.
     """
-    joined: list[bytes | int] = []  # adjacent plain pieces encode as one: their lines run on
+    joined: list[bytes | int | _Encoded] = []  # adjacent plain pieces encode as one: their lines run on
     for p in pieces:
-        plain = isinstance(p, bytes) and not isinstance(p, _Encoded)
-        if plain and joined and isinstance(joined[-1], bytes) and not isinstance(joined[-1], _Encoded):
+        if isinstance(p, bytes) and joined and isinstance(joined[-1], bytes):
             joined[-1] = joined[-1] + p
         else:
             joined.append(p)
-    pieces = joined
-    encoded = iter(mime.encode_qp_many([p for p in pieces if isinstance(p, bytes) and not isinstance(p, _Encoded)]))
+    encoded = iter(mime.encode_qp_many([p for p in joined if isinstance(p, bytes)]))
     out: list[bytes | int] = []
     mid_line = False  # whether the previous piece ended inside a line
-    for p in pieces:
+    for p in joined:
+        if isinstance(p, _Encoded):  # whole lines, ending in a line break
+            out.append(p.data)
+            mid_line = False
+            continue
         if isinstance(p, int):
             if mid_line and isinstance(out[-1], bytes):
                 out[-1] = _with_soft_break(out[-1])
@@ -460,7 +466,7 @@ def _qp_template(pieces: list[bytes | int]) -> list[bytes | int]:
             continue
         if out and isinstance(out[-1], int) and not p.startswith(b"\r\n"):
             out.append(b"=\r\n")
-        out.append(p if isinstance(p, _Encoded) else next(encoded))
+        out.append(next(encoded))
         mid_line = not p.endswith(b"\r\n")
     return _merge(out)
 
@@ -504,35 +510,35 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
     None when the encoded lines do not map one to one onto decoded lines (encoded line ends, odd soft breaks).
     """
     lines_estimate = doc.count(b"\r\n") + 1
-    if len(edits) * 5 * len(doc) > len(doc) * lines_estimate:  # most lines change: encoding all is cheaper
+    if len(edits) * 8 > lines_estimate:  # many lines change: encoding everything at once is cheaper
         return None
     if b"\x00" in like or _ENCODED_LINE_END.search(like):
         return None
-    lines = like.replace(b"=\r\n", b"=\x00").split(b"\r\n")  # one item per decoded line, soft breaks marked
+    # One item per decoded line; soft breaks masked with a marker of the same length so offsets stay true.
+    lines = like.replace(b"=\r\n", b"=\x00\x00").split(b"\r\n")
     if len(lines) != lines_estimate:
         return None
-    groups = _line_groups(doc, sorted(edits, key=lambda e: (e[0], e[1])))
-    pieces: list[bytes | int] = []
+    offsets = [0, *accumulate(map(len, lines))]  # line k starts at offsets[k] + 2 * k in `like`
+    pieces: list = []
     done = 0  # decoded lines [0, done) are in `pieces`
-    crlf = _Encoded(b"\r\n")
     old, new = [], []  # the changed lines as encoded and as decoded, checked against each other at the end
-    for first, last, group in groups:
+    for first, last, group in _line_groups(doc, sorted(edits, key=lambda e: (e[0], e[1]))):
         if first > done:
-            pieces.append(_Encoded(b"\r\n".join(lines[done:first]).replace(b"=\x00", b"=\r\n") + b"\r\n"))
+            pieces.append(_Encoded(like[offsets[done] + 2 * done:offsets[first] + 2 * first]))
         start = doc.rfind(b"\r\n", 0, group[0][0]) + 2 if first else 0
         stop = doc.find(b"\r\n", group[-1][1])
         stop = len(doc) if stop < 0 else stop
-        old.extend(lines[first:last + 1])
+        old.append(like[offsets[first] + 2 * first:offsets[last + 1] + 2 * last])
         new.append(doc[start:stop])
         pieces.extend(_pieces(new[-1], [(s - start, e - start, r) for s, e, r in group]))
         if last + 1 < len(lines):
-            pieces.append(crlf)
+            pieces.append(_Encoded(b"\r\n"))
         done = last + 1
-    if binascii.a2b_qp(b"\r\n".join(old).replace(b"=\x00", b"=\r\n")) != b"\r\n".join(new):
+    if binascii.a2b_qp(b"\r\n".join(old)) != b"\r\n".join(new):
         return None
     if done < len(lines):
-        pieces.append(_Encoded(b"\r\n".join(lines[done:]).replace(b"=\x00", b"=\r\n")))
-    return _qp_template([p for p in pieces if p != b""])
+        pieces.append(_Encoded(like[offsets[done] + 2 * done:]))
+    return _qp_template(pieces)
 
 
 def _line_groups(doc: bytes, edits: list) -> list[tuple[int, int, list]]:
