@@ -502,6 +502,7 @@ def _merge(items: list[bytes | int]) -> list[bytes | int]:
 
 
 _ENCODED_LINE_END = re.compile(rb"=0[DdAa]")
+_REUSE_LINES_PER_EDIT = 8
 
 
 def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int] | None:
@@ -510,7 +511,7 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
     None when the encoded lines do not map one to one onto decoded lines (encoded line ends, odd soft breaks).
     """
     lines_estimate = doc.count(b"\r\n") + 1
-    if len(edits) * 8 > lines_estimate:  # many lines change: encoding everything at once is cheaper
+    if len(edits) * _REUSE_LINES_PER_EDIT > lines_estimate:  # many lines change: encoding all at once is cheaper
         return None
     if b"\x00" in like or _ENCODED_LINE_END.search(like):
         return None
