@@ -84,10 +84,5 @@ def test_unescape_attribute_like_a_browser(raw, want):
     assert html.unescape_attribute(raw) == want
 
 
-def test_ambiguous_entities():
-    assert html.ambiguous_entities("http://x/?a=1&region=eu")
-    assert not html.ambiguous_entities("http://x/?a=1&amp;b=2")
-
-
 def test_escape_attribute():
     assert html.escape_attribute("http://t/c/a?b=1&c='\"") == "http://t/c/a?b=1&amp;c=&#39;&quot;"

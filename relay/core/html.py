@@ -220,13 +220,6 @@ def unescape_attribute(value: str) -> str:
     return _CHARREF.sub(repl, value)
 
 
-def ambiguous_entities(value: str) -> bool:
-    """Whether a naive unescape (html.unescape) would read this value differently from a browser."""
-    import html as html_module
-
-    return "&" in value and html_module.unescape(value) != unescape_attribute(value)
-
-
 def escape_attribute(value: str) -> str:
     """A URL made safe for any attribute quoting: & as &amp;, quotes and whitespace as references."""
     return (value.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&#39;").replace(">", "&gt;")

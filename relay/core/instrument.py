@@ -5,8 +5,8 @@ the decoded bytes with holes (slots) where tracking URLs and the pixel go, alrea
 sits. `render(plan, ...)` fills the slots with one recipient's signed URLs, encodes only what contains them
 and splices the part bodies into the original message bytes. Both are pure.
 
-Rules follow SES (see docs/ses-compat §3): only http(s) links valid per RFC 3986 (IRIs allowed) are wrapped, at
-most 250 per message; opt-out markers and `ses:tags` are always removed; the first `{{ses:openTracker}}` is the
+Rules follow SES (ses-compat.md §3 in the shared reference): only http(s) links valid per RFC 3986 (IRIs
+allowed) are wrapped, at most 250 per message; opt-out markers and `ses:tags` are always removed; the first `{{ses:openTracker}}` is the
 pixel and the others are deleted, whether or not opens are tracked.
 """
 
@@ -116,24 +116,22 @@ def _untouchable(part: mime.Part) -> str | None:
 
 
 def _analyse_html(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Plan, report: dict) -> None:
-    links_before = len(plan.links)
+    links_before, edits_before = len(plan.links), len(plan.static_edits)
     try:
         pp = _plan_part(raw, part, settings, plan, report)
+        if pp is not None and not pp.slots:  # markers or placeholders removed only: the same for everyone
+            _static_body(raw, part, pp, b"".join(pp.pieces), plan)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - any failure leaves the part as it was
         del plan.links[links_before:]
+        del plan.static_edits[edits_before:]
         reason = str(exc) if isinstance(exc, PartError | mime.EncodingError) else f"{type(exc).__name__}: {exc}"
         plan.warnings.append(f"part {part.path} left unmodified: {reason}")
         report.update(action="untouched", reason=reason, links=[], skipped=[], pixel=None)
         _strip_only(raw, part, plan, report)
         return
-    if pp is None:
-        return
-    if any(isinstance(p, int) for p in pp.pieces):
+    if pp is not None and pp.slots:
         plan.parts.append(pp)
-        plan.open_slots = plan.open_slots or PIXEL in pp.pieces
-        return
-    body = b"".join(pp.pieces)  # markers or placeholders removed only: the same for every recipient
-    _static_body(raw, part, pp, body, plan)
+        plan.open_slots = plan.open_slots or PIXEL in pp.slots
 
 
 def _strip_only(raw: bytes, part: mime.Part, plan: Plan, report: dict) -> None:
