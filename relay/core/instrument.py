@@ -6,8 +6,8 @@ sits. `render(plan, ...)` fills the slots with one recipient's signed URLs, enco
 and splices the part bodies into the original message bytes. Both are pure.
 
 Rules follow SES (ses-compat.md §3 in the shared reference): only http(s) links valid per RFC 3986 (IRIs
-allowed) are wrapped, at most 250 per message; opt-out markers and `ses:tags` are always removed; the first `{{ses:openTracker}}` is the
-pixel and the others are deleted, whether or not opens are tracked.
+allowed) are wrapped, at most 250 per message; opt-out markers and `ses:tags` are always removed; the first
+`{{ses:openTracker}}` is the pixel and the others are deleted, whether or not opens are tracked.
 """
 
 from __future__ import annotations
