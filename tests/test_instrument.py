@@ -87,6 +87,25 @@ def test_https_policy_require_makes_every_url_https():
     assert links(out)[0]["tracking"].startswith("https://") and b'src="https://t.example.com/o/' in got
 
 
+def test_https_policy_require_open_only_keeps_link_schemes():
+    s = TrackingSettings(True, True, "t.example.com", https_policy="REQUIRE_OPEN_ONLY", tracking_hosts=HOSTS)
+    got, out = run(b'<a href="http://a.example/">a</a>', s)
+    assert links(out)[0]["tracking"].startswith("http://t.example.com/c/")
+    assert b'src="https://t.example.com/o/' in got
+
+
+def test_every_html_part_gets_a_pixel_and_links_are_numbered_across_parts():
+    raw = (b"From: a@example.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=m\r\n\r\n"
+           b"--m\r\nContent-Type: text/html\r\n\r\n<body><a href='https://a.example/'>a</a></body>\r\n"
+           b"--m\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+           b"<body><a href=3D'https://b.example/'>b</a></body>\r\n--m--\r\n")
+    out = copy(raw)
+    assert [x["index"] for x in links(out)] == [0, 1]
+    assert [claims(x["tracking"]).link_index for x in links(out)] == [0, 1]
+    assert [p["pixel"]["placement"] for p in out.report["parts"]] == ["before </body>", "before </body>"]
+    assert out.data.count(b"t.example.com/o/") == 2
+
+
 @pytest.mark.parametrize("href, reason", [
     ("mailto:x@example.com", "mailto: link"), ("tel:+123", "tel: link"), ("sms:+123", "sms: link"),
     ("#top", "fragment link"), ("/relative/path", "relative URL"), ("javascript:alert(1)", "javascript: link"),
@@ -362,7 +381,8 @@ def test_output_mime_tree_matches():
 
 
 @pytest.mark.parametrize("charset, text", [("iso-8859-1", "Grüße"), ("koi8-r", "Привет"), ("big5", "中文"),
-                                           ("shift_jis", "ソ表"), ("iso-2022-jp", "日本語"), ("utf-16", "Grüße")])
+                                           ("shift_jis", "ソ表"), ("iso-2022-jp", "日本語"), ("utf-16", "Grüße"),
+                                           ("utf-7", "Grüße")])
 def test_charsets_are_kept(charset, text):
     doc = f'<html><body><p>{text}</p><a href="https://x.example/?q=1&amp;r=2">{text}</a></body></html>'
     raw = message(doc.encode(charset), cte="base64" if charset == "utf-16" else "8bit", charset=charset)
