@@ -1,8 +1,9 @@
 """A tag scanner for email HTML that finds what tracking may change, and nothing else.
 
 It never builds a DOM: one compiled regex jumps between the few things that matter (comments, link elements,
-`<body>`, `</body>`, script/style, the open-tracker placeholder) and reports byte spans, so the caller can
-edit exactly those bytes and pass every other byte through (doctype, entities, quoting, VML, malformed markup).
+`<body>`, `</body>`, script/style; the open-tracker placeholder is found by a plain search) and reports byte
+spans, so the caller can edit exactly those bytes and pass every other byte through (doctype, entities,
+quoting, VML, malformed markup).
 Tag syntax is ASCII, so the scanner works on bytes of any ASCII-compatible charset.
 """
 
