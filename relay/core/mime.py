@@ -217,13 +217,12 @@ def encode_qp(data: bytes) -> bytes:
         # Without a CRLF in the input, soft breaks come out as bare LF; the input has no bare LF to confuse.
         if b"\r\n" not in data:
             out = out.replace(b"\n", b"\r\n")
+        # In text mode binascii only overruns 76 with an escaped space or tab ending a line: look only then.
+        suspect = b"=20\r\n" in out or b"=09\r\n" in out or out.endswith((b"=20", b"=09"))
     else:  # bare CR or LF inside lines must be escaped, so encode line by line in binary mode
         out = b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
-    # binascii only overruns 76 with an escaped space or tab ending a line: look further only then
-    if (b"=20\r\n" in out or b"=09\r\n" in out or out.endswith((b"=20", b"=09"))) and \
-            max(map(len, out.split(b"\r\n"))) > 76:
-        return _rewrap(out)
-    return out
+        suspect = True  # binary mode writes lines of 77
+    return _rewrap(out) if suspect and max(map(len, out.split(b"\r\n"))) > 76 else out
 
 
 def _rewrap(encoded: bytes) -> bytes:
