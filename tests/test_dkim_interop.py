@@ -8,17 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import dkim as dkimpy
-import dns.message
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rdtypes.ANY.TXT
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -27,6 +20,8 @@ from relay.config import DkimKey, DkimSettings
 from relay.core import dkim
 from relay.core.headers import to_crlf
 from relay.sign import Signer
+
+from .dnsstub import StubDns
 
 NOW = 1_763_800_000.0
 MESSAGE = (
@@ -269,45 +264,6 @@ def test_rfc8463_key_encoding_and_relays_ed25519_output():
 
 # --- relay dkim check against a DNS server on 127.0.0.1 -----------------------------------------------------
 
-class StubDns:
-    """Answers TXT queries from a dict over UDP on 127.0.0.1 (NXDOMAIN for anything else)."""
-
-    def __init__(self, records: dict[str, str]):
-        self.records = {name.rstrip(".").lower(): value for name, value in records.items()}
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                wire, peer = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            self.sock.sendto(self._answer(dns.message.from_wire(wire)).to_wire(), peer)
-
-    def _answer(self, query: dns.message.Message) -> dns.message.Message:
-        response = dns.message.make_response(query)
-        question = query.question[0]
-        value = self.records.get(question.name.to_text(omit_final_dot=True).lower())
-        if value is None or question.rdtype != dns.rdatatype.TXT:
-            response.set_rcode(dns.rcode.NXDOMAIN)
-            return response
-        chunks = [value[i : i + 255].encode() for i in range(0, len(value), 255)]
-        rrset = response.find_rrset(response.answer, question.name, dns.rdataclass.IN, dns.rdatatype.TXT,
-                                    create=True)
-        rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks), 300)
-        return response
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join()
-        self.sock.close()
-
 
 def _config(tmp_path: Path, keys) -> Path:
     rsa_file = write_key(tmp_path / "rsa.pem", keys["rsa"])
@@ -324,7 +280,7 @@ def _config(tmp_path: Path, keys) -> Path:
 
 def test_dkim_check_reports_match(tmp_path, keys, capsys):
     cfg = _config(tmp_path, keys)
-    server = StubDns({"r1._domainkey.example.com": dkim.key_record(keys["rsa"]),
+    server = StubDns(txt={"r1._domainkey.example.com": dkim.key_record(keys["rsa"]),
                       "e1._domainkey.example.com": dkim.key_record(keys["ed"])})
     try:
         code = cli.main(["dkim", "check", "--config", str(cfg), "--domain", "example.com",
@@ -339,7 +295,7 @@ def test_dkim_check_reports_match(tmp_path, keys, capsys):
 
 def test_dkim_check_reports_mismatch_and_missing_record(tmp_path, keys, capsys):
     cfg = _config(tmp_path, keys)
-    server = StubDns({"r1._domainkey.example.com": dkim.key_record(keys["rsa2"])})  # e1 not published
+    server = StubDns(txt={"r1._domainkey.example.com": dkim.key_record(keys["rsa2"])})  # e1 not published
     try:
         code = cli.main(["dkim", "check", "--config", str(cfg), "--domain", "example.com",
                          "--nameserver", "127.0.0.1", "--port", str(server.port)])

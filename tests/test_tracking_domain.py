@@ -5,64 +5,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import dns.message
-import dns.rcode
-import dns.rrset
 import pytest
 
 from relay.store import Store
 from relay.tracking import challenge_answer, make_challenge, tracking_domain_command
 
+from .dnsstub import StubDns
 from .test_tracking_helpers import Listener, load, request, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class TinyDns:
-    """Answers A queries from a table over UDP on 127.0.0.1; NXDOMAIN for anything else."""
-
-    def __init__(self, table: dict[str, str]):
-        self.table = {k.lower().rstrip(".") + ".": v for k, v in table.items()}
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                data, addr = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            query = dns.message.from_wire(data)
-            reply = dns.message.make_response(query)
-            question = query.question[0]
-            name = question.name.to_text().lower()
-            if name not in self.table:
-                reply.set_rcode(dns.rcode.NXDOMAIN)
-            elif dns.rdatatype.to_text(question.rdtype) == "A":
-                reply.answer.append(dns.rrset.from_text(question.name, 60, "IN", "A", self.table[name]))
-            self.sock.sendto(reply.to_wire(), addr)
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
-
-
 @pytest.fixture
 def dns_server():
-    server = TinyDns({"track.example.test": "127.0.0.1", "elsewhere.example.test": "127.0.0.1"})
+    server = StubDns(a={"track.example.test": "127.0.0.1", "elsewhere.example.test": "127.0.0.1"})
     yield server
     server.close()
 
