@@ -43,6 +43,13 @@ from relay.store import (
 log = logging.getLogger("relay.destinations")
 POLL_S = 0.1  # how often an idle destination looks for new events, and the supervisor for changes
 BATCH = 200  # events read per query
+SAVE_EVERY_S = 0.2  # a busy webhook destination writes its cursor this often
+
+
+async def _write(store: Store, work):
+    """store.write, shielded: a worker cancelled (stop, reconfiguration) while its write is queued must not
+    cancel the store's future under the writer thread, which sets its result later."""
+    return await asyncio.shield(store.write(work))
 
 
 class FileSink:
@@ -79,6 +86,8 @@ class Worker:
         self.types = tuple(EVENT_TYPES[t] for t in dest.event_types)
         self.sink = FileSink(dest.path) if dest.kind == "file" else None
         self.task: asyncio.Task | None = None
+        self.cursor = self.saved = -1  # last event delivered / last one on disk
+        self._saved_at = time.monotonic()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -86,25 +95,34 @@ class Worker:
 
     async def run(self) -> None:
         store = self.p.store
-        cursor = await store.write(lambda c: provision_cursor(c, self.set_name, self.dest.name, True))
+        self.cursor = self.saved = await _write(store,
+            lambda c: provision_cursor(c, self.set_name, self.dest.name, True))
         while True:
             rows = await asyncio.to_thread(configuration_read, store, destination_events, self.set_name,
-                                           self.types, cursor, BATCH)
+                                           self.types, self.cursor, BATCH)
             if not rows:
+                await self.save()
                 await asyncio.sleep(POLL_S)
                 continue
             if self.sink is not None:
                 await self._write_file(rows)
-                cursor = rows[-1][0]
-                await self._save(cursor)
+                self.cursor = rows[-1][0]
+                await self.save()
                 continue
             for event_id, record in rows:
                 await self._post(event_id, record)
-                cursor = event_id
-                await self._save(cursor)
+                self.cursor = event_id
+                if time.monotonic() - self._saved_at > SAVE_EVERY_S:
+                    await self.save()
 
-    async def _save(self, event_id: int) -> None:
-        await self.p.store.write(lambda c: save_cursor(c, self.set_name, self.dest.name, event_id))
+    async def save(self) -> None:
+        """Persist the cursor. Webhook cursors are written at most every SAVE_EVERY_S while busy (not one fsync
+        per event), on idle and at stop; a crash in between resends those events (at least once)."""
+        if self.cursor == self.saved:
+            return
+        event_id = self.cursor
+        await _write(self.p.store, lambda c: save_cursor(c, self.set_name, self.dest.name, event_id))
+        self.saved, self._saved_at = event_id, time.monotonic()
 
     async def _write_file(self, rows: list[tuple[int, str]]) -> None:
         lines = [publish.jsonl_line(record) for _, record in rows]
@@ -139,7 +157,7 @@ class Worker:
                 if refusals >= d.max_refusals:
                     log.error("destination %s/%s: event %d refused %d times (HTTP %d), set aside in"
                               " destination_failures", *self.key, event_id, refusals, status)
-                    await self.p.store.write(functools.partial(
+                    await _write(self.p.store, functools.partial(
                         record_destination_failure, set_name=self.set_name, destination=d.name, event_id=event_id,
                         time=iso_ms(int(time.time() * 1000)), status=status, reason=detail))
                     return
@@ -204,7 +222,7 @@ class Publisher:
                 else:
                     disabled.append((s.name, d.name))
         # Remember which are disabled, so enabling one later (even in the file) starts from the newest event.
-        await self.store.write(lambda c: [provision_cursor(c, s, n, False) for s, n in disabled])
+        await _write(self.store, lambda c: [provision_cursor(c, s, n, False) for s, n in disabled])
         for key, worker in list(self.workers.items()):
             if wanted.get(key) != worker.dest or worker.task is None or worker.task.done():
                 await self._stop_worker(key)
@@ -229,6 +247,8 @@ class Publisher:
             worker.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await worker.task
+        with contextlib.suppress(Exception):  # what was delivered before the stop
+            await worker.save()
         if worker.sink is not None:
             worker.sink.close()
 
