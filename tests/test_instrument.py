@@ -158,6 +158,16 @@ def test_destination_is_decoded_exactly_once_and_kept_whole(href, dest):
     assert link["original"] == dest and claims(link["tracking"]).url == dest
 
 
+def test_non_ascii_url_only_in_utf8_parts():
+    doc = "<a href='https://x.example/caf\u00e9?q=\u00e9'>x</a><a href='https://x.example/&eacute;'>y</a>"
+    _, out = run(doc.encode("cp1252"), CLICK, cte="8bit", charset="windows-1252")
+    assert links(out) == [] and skipped(out) == ["non-ASCII URL in a windows-1252 part"] * 2
+    _, out = run(doc.encode("ascii", "replace"), CLICK, cte="8bit", charset="x-unknown-charset")
+    assert skipped(out)[-1] == "non-ASCII URL in a x-unknown-charset part"
+    _, out = run(doc.encode("utf-8"), CLICK)
+    assert [x["original"] for x in links(out)] == ["https://x.example/caf\u00e9?q=\u00e9", "https://x.example/\u00e9"]
+
+
 def test_ambiguous_legacy_reference_is_left_alone():
     _, out = run(b'<a href="https://x.example/?a=1&region=eu">x</a>', CLICK)
     assert links(out) == [] and skipped(out) == ["ambiguous character reference in the URL"]

@@ -245,6 +245,9 @@ def _link_edits(doc: bytes, tag: html.Tag, charset: str, settings: TrackingSetti
     shown = url if url is not None else raw_value.decode("ascii", "replace")
     reason = ("opt-out marker" if no_track else "click tracking off" if not settings.click_tracking
               else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, settings))
+    if reason is None and not url.isascii() and not _is_utf8(charset):
+        # a browser would percent-encode the query in the page's own charset: which URL is meant is unclear
+        reason = f"non-ASCII URL in a {charset} part"
     if reason is None and len(plan.links) >= MAX_LINKS:
         reason = f"beyond SES's limit of {MAX_LINKS} links per message"
     if reason is not None:
@@ -305,6 +308,14 @@ def parse_link_tags(text: str) -> tuple[dict[str, list[str]], list[str]]:
 def _click_base(settings: TrackingSettings, https: bool) -> tuple[str, bytes]:
     base = settings.click_base("https" if https else "http")
     return base, html.escape_attribute(base).encode("ascii")
+
+
+@lru_cache(maxsize=64)
+def _is_utf8(charset: str) -> bool:
+    try:
+        return codecs.lookup(charset).name == "utf-8"
+    except LookupError:
+        return False
 
 
 def _attribute_text(value: bytes, charset: str) -> str | None:
