@@ -118,6 +118,8 @@ def test_every_html_part_gets_a_pixel_and_links_are_numbered_across_parts():
     ("https://x.example/a b", "not a valid URL (RFC 3986); SES leaves these untracked"),
     ("https://x.example/%zz", "not a valid URL (RFC 3986); SES leaves these untracked"),
     ("https://x.example/a|b", "not a valid URL (RFC 3986); SES leaves these untracked"),
+    ("https://x.example/\u00a0", "not a valid URL (RFC 3986); SES leaves these untracked"),
+    ("https://x.example/&nbsp;", "not a valid URL (RFC 3986); SES leaves these untracked"),
 ])
 def test_links_left_alone_with_their_reason(href, reason):
     doc = b'<a href="' + href.encode() + b'">x</a>'

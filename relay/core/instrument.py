@@ -345,6 +345,8 @@ def _valid_url(url: str) -> re.Match | None:
     m = _URL_SHAPE.fullmatch(url)
     if m is None or url.count("#") > 1 or _BAD_ESCAPE.search(url):
         return None
+    if not url.isascii() and any(c.isspace() or c in "\u200b\ufeff" for c in url):  # e.g. a pasted no-break space
+        return None
     host = m.group(1)
     rest = url[:m.start(1)] + url[m.end(1):] if host.startswith("[") else url
     return m if _URL_CHARS.fullmatch(rest) else None
