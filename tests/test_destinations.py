@@ -359,3 +359,33 @@ max_refusals = 2
     finally:
         r.stop()
         hook.stop()
+
+
+def test_cli_destinations_follow_while_serving_and_a_disabled_one_receives_nothing(tmp_path, upstream):
+    r = RelayProcess(tmp_path / "r", upstream.port).start()
+    out = tmp_path / "cli.jsonl"
+
+    def cli(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "relay.cli", *args, "--config", str(r.config_path)],
+                              capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def lines() -> list[dict]:
+        return [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+
+    try:
+        cli("config-set", "create", "live")
+        cli("destination", "add", "live", "f", "--type", "file", "--path", str(out), "--events", "send")
+        first = submit(r.smtp_port, MESSAGE, "live")
+        wait_until(lambda: len(lines()) == 1, what="first line")
+        cli("destination", "disable", "live", "f")
+        time.sleep(0.3)  # the publisher notices within POLL_S
+        submit(r.smtp_port, MESSAGE, "live")
+        r.wait_events("Send", 2)
+        cli("destination", "enable", "live", "f")
+        third = submit(r.smtp_port, MESSAGE, "live")
+        wait_until(lambda: len(lines()) == 2, what="line after enabling")
+        time.sleep(0.3)
+        assert [x["mail"]["messageId"] for x in lines()] == [first, third]
+    finally:
+        r.stop()
