@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.core.domains import InvalidTrackingOptions, validate_tracking_domain
 from relay.core.headers import CONFIG_SET_RE
 from relay.core.resolve import Destination, ModelError, TrackingOptions, check_destination, event_types
 from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, TrackingSettings
@@ -561,9 +562,7 @@ def _parse_sets(c: _Reader, problems: list[str]) -> dict[str, ConfigurationSet]:
         if not CONFIG_SET_RE.match(name):
             problems.append(f"configuration_sets.{name}: a set name is 1-64 characters from A-Z a-z 0-9 _ -")
         s = c.sub(name)
-        domain = s.get("custom_redirect_domain", str, "") or None
-        if domain and not HOST_RE.match(domain):
-            problems.append(f"configuration_sets.{name}.custom_redirect_domain: {domain!r} is not a host name")
+        domain = _redirect_domain(s, problems)
         sets[name] = ConfigurationSet(
             name=name,
             open_tracking=s.get("open_tracking", bool, None),
@@ -627,13 +626,24 @@ def _parse_destinations(s: _Reader, problems: list[str]) -> tuple[Destination, .
     return tuple(out)
 
 
-def _parse_options(r: _Reader, problems: list[str]) -> TrackingOptions:
+def _redirect_domain(r: _Reader, problems: list[str]) -> str | None:
+    """A custom redirect domain, by the tracking-domain rules of relay/core/domains.py (proof of DNS by
+    `relay tracking-domain verify` is required for domains set with the CLI; the file is the operator's)."""
     domain = r.get("custom_redirect_domain", str, "") or None
-    if domain and not HOST_RE.match(domain):
-        problems.append(f"{r.key('custom_redirect_domain')}: {domain!r} is not a host name")
+    if domain is None:
+        return None
+    try:
+        return validate_tracking_domain(domain)
+    except InvalidTrackingOptions as exc:
+        problems.append(f"{r.key('custom_redirect_domain')}: {domain!r} is not a host name ({exc.message})")
+        return None
+
+
+def _parse_options(r: _Reader, problems: list[str]) -> TrackingOptions:
+    domain = _redirect_domain(r, problems)
     options = TrackingOptions(
         open_tracking=r.get("open_tracking", bool, None), click_tracking=r.get("click_tracking", bool, None),
-        custom_redirect_domain=domain.lower() if domain else None,
+        custom_redirect_domain=domain,
         https_policy=r.choice("https_policy", HTTPS_POLICIES, None),
         pixel_position=r.choice("pixel_position", PIXEL_POSITIONS, None),
     )
