@@ -177,10 +177,19 @@ class Store:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            self._run_batch(conn, batch)
+            # From here a caller can no longer cancel; one that already gave up still gets its work done (a
+            # delivery outcome is still worth recording) but no result.
+            live = {id(f) for _, f in batch if f.set_running_or_notify_cancel()}
+            try:
+                self._run_batch(conn, batch, live)
+            except Exception as exc:  # never let the writer thread die: every later write would hang
+                log.exception("store writer: unexpected error")
+                for _, future in batch:
+                    if id(future) in live and not future.done():
+                        future.set_exception(exc)
         conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list, live: set[int]) -> None:
         results: list[tuple[concurrent.futures.Future, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -202,10 +211,12 @@ class Store:
             except sqlite3.Error:
                 pass
             for _, future in batch:
-                if not future.done():
+                if id(future) in live:
                     future.set_exception(exc)
             return
         for future, ok, value in results:
+            if id(future) not in live:
+                continue
             if ok:
                 future.set_result(value)
             else:

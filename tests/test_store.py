@@ -38,3 +38,33 @@ def test_async_write_and_close_drains(tmp_path):
     assert len(reopened.events(event_type="Click")) == 10
     reopened.close()
     assert reopened.submit(lambda c: None).exception() is not None  # closed stores refuse work
+
+
+def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    gate = threading.Event()
+    store.submit(lambda conn: gate.wait(5))
+    abandoned = store.submit(Store.events_work([EventRow("Send", "t", "gone", None, None, {})]))
+    assert abandoned.cancel()  # cancelled while queued, as asyncio does when its task is cancelled
+    gate.set()
+    later = store.submit(Store.events_work([EventRow("Send", "t", "later", None, None, {})]))
+    assert later.result(5) is None
+    assert len(store.events()) == 2  # the abandoned work was still done: its outcome may matter
+    store.close()
+
+
+def test_cancelled_async_write_is_harmless(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    gate = threading.Event()
+    store.submit(lambda conn: gate.wait(5))
+
+    async def main():
+        task = asyncio.ensure_future(store.write(Store.events_work([EventRow("Open", "t", "m", "r", None, {})])))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        gate.set()
+        await asyncio.sleep(0.05)
+        return await store.write(lambda conn: conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    assert asyncio.run(main()) == 1
+    store.close()
