@@ -90,7 +90,7 @@ def _header_end(data: bytes) -> int:
 
 def _from_domain(data: bytes) -> str | None:
     """The RFC5322.From domain (what DMARC aligns on), in A-label form."""
-    f = split_header_block(data[: _header_end(data) + 2]).get("from")
+    f = split_header_block(data[: _header_end(data) + 2], email_package_end=False).get("from")
     addrs = [a for _, a in getaddresses([f.value])] if f else []
     if not addrs or "@" not in addrs[0]:
         return None

@@ -39,3 +39,28 @@ def test_intake_crlf_and_message_id_added_only_when_missing():
     assert out.raw == b"From: a@b.c\r\nSubject: s\r\nMessage-ID: <ID@relay.test>\r\n\r\nline\r\n"
     kept = intake(b"Message-ID: <app@x>\r\n\r\nb", "a@b.c", "ID", "relay.test")
     assert kept.raw == b"Message-ID: <app@x>\r\n\r\nb"
+
+
+def test_a_non_header_line_ends_the_header_block_as_the_email_package_reads_it():
+    raw = b"Subject: a\r\nHello, no colon here\r\nFrom: x@y\r\n\r\nbody\r\n"
+    block = split_header_block(raw)
+    assert [f.name for f in block.fields] == ["Subject"] and block.separator == b""
+    assert block.body == b"Hello, no colon here\r\nFrom: x@y\r\n\r\nbody\r\n" and block.to_bytes() == raw
+    rfc = split_header_block(raw, email_package_end=False)  # as DKIM verifiers read it: up to the empty line
+    assert [f.name for f in rfc.fields] == ["Subject", "From"] and rfc.body == b"body\r\n"
+    assert rfc.to_bytes() == raw
+
+
+def test_message_id_goes_into_the_header_block_not_the_body():
+    out = intake(b"Hello, I am an attachment!\r\n", "a@b.c", "ID", "relay.test")
+    assert out.raw == b"Message-ID: <ID@relay.test>\r\nHello, I am an attachment!\r\n"
+    from email import message_from_bytes
+    assert message_from_bytes(out.raw).get_payload() == "Hello, I am an attachment!\r\n"
+
+
+def test_a_sealed_container_keeps_its_header_block():
+    signed = (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; boundary="b"\r\n\r\n'
+              b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--\r\n")
+    assert intake(signed, "a@b.c", "ID", "relay.test").raw == signed
+    wrapped = b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nx\r\n"
+    assert intake(wrapped, "a@b.c", "ID", "relay.test").raw == wrapped

@@ -240,7 +240,7 @@ def sign(
     canonicalization: tuple[str, str] = (RELAXED, RELAXED),
 ) -> bytes:
     """DKIM-Signature field(s), one per key, to prepend to `data` (CRLF message bytes exactly as sent)."""
-    block = split_header_block(data)
+    block = split_header_block(data, email_package_end=False)
     header_c, body_c = canonicalization
     bh = base64.b64encode(body_hash(block.body, body_c)).decode("ascii")
     names = header_names_to_sign(block.fields)
@@ -311,7 +311,7 @@ def parse_tags(value: str) -> dict[str, str]:
 def broken_signatures(data: bytes, original: bytes) -> list[HeaderField]:
     """The DKIM-Signature fields in `data` that no longer verify after `original` became `data`: the body hash
     recomputed over `data` differs from bh=, or a header field listed in h= changed."""
-    new, old = split_header_block(data), split_header_block(original)
+    new, old = split_header_block(data, email_package_end=False), split_header_block(original, email_package_end=False)
     body_hashes: dict[tuple[str, str, int | None], str] = {}  # several signatures often share one body hash
     broken = []
     for f in new.fields:
@@ -360,7 +360,7 @@ _B_VALUE = re.compile(rb"((?:^|[;:\s])b[ \t\r\n]*=)[^;]*")
 def verify_field(data: bytes, index: int, record: str) -> str | None:
     """Check the index-th DKIM-Signature field of `data` against its key record (TXT strings joined): None when it
     verifies, else why not. Pure: the caller looks the record up. Used to check relay's own output and in tests."""
-    block = split_header_block(data)
+    block = split_header_block(data, email_package_end=False)
     fields = [f for f in block.fields if f.lname == "dkim-signature"]
     if index >= len(fields):
         return "no such signature"
@@ -419,7 +419,7 @@ def remove_fields(data: bytes, remove: Iterable[HeaderField]) -> bytes:
     pending = [f.raw for f in remove]
     if not pending:
         return data
-    block = split_header_block(data)
+    block = split_header_block(data, email_package_end=False)
     kept = []
     for f in block.fields:
         if f.raw in pending:

@@ -19,6 +19,7 @@ RESERVED_TAG_NAMES = ("ses:feedback-id-a", "ses:feedback-id-b")
 MAX_TAGS = 50  # SES documents no limit; ours, so a header cannot carry unbounded data into every event
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_HEADER_LINE = re.compile(rb"From |[!-9;-~]*:|[ \t]")  # what the email package takes for a header line
 
 
 class HeaderError(ValueError):
@@ -62,33 +63,33 @@ def to_crlf(raw: bytes) -> bytes:
     return _BARE_LF.sub(b"\r\n", raw) if b"\n" in raw else raw
 
 
-def split_header_block(raw: bytes) -> HeaderBlock:
-    """Split CRLF message bytes into header fields and body, keeping every byte.
+def split_header_block(raw: bytes, *, email_package_end: bool = True) -> HeaderBlock:
+    """Split CRLF message bytes into header fields and body, keeping every byte (`to_bytes()` gives them back).
 
-    Lines before the blank line that are not fields (no colon) are kept as part of the previous field, or as a
-    nameless field when first, so that `to_bytes()` always gives back the input.
+    The header block ends at the first empty line or, as the email package (and relay's MIME reader) reads a
+    message, at the first line that is neither a field nor a continuation: that line then starts the body, with
+    no separator between. With `email_package_end=False` only the empty line ends it (RFC 5322, as DKIM
+    verifiers read it) and such a line is kept with the field before it.
     """
-    end = raw.find(b"\r\n\r\n")
-    if raw.startswith(b"\r\n"):
-        return HeaderBlock([], raw[2:], b"\r\n")
-    if end < 0:
-        head, sep, body = raw, b"", b""  # header-only message
-    else:
-        head, sep, body = raw[: end + 2], b"\r\n", raw[end + 4 :]
     fields: list[HeaderField] = []
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            last = fields[-1]
-            fields[-1] = HeaderField(last.name, last.raw + line)
-            continue
-        m = _FIELD_NAME.match(line)
-        name = m.group(1).decode("ascii") if m else ""
-        if not m and fields:
+    pos, size = 0, len(raw)
+    while pos < size:
+        end = raw.find(b"\r\n", pos)
+        stop = size if end < 0 else end + 2
+        line = raw[pos:stop]
+        if line == b"\r\n":
+            return HeaderBlock(fields, raw[stop:], b"\r\n")
+        malformed = not _HEADER_LINE.match(line)
+        if malformed and email_package_end:
+            return HeaderBlock(fields, raw[pos:], b"")
+        if (malformed or line[:1] in (b" ", b"\t")) and fields:
             last = fields[-1]
             fields[-1] = HeaderField(last.name, last.raw + line)
         else:
-            fields.append(HeaderField(name, line))
-    return HeaderBlock(fields, body, sep)
+            m = _FIELD_NAME.match(line)
+            fields.append(HeaderField(m.group(1).decode("ascii") if m else "", line))
+        pos = stop
+    return HeaderBlock(fields, b"", b"")  # a header-only message
 
 
 @dataclass

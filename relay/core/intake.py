@@ -3,7 +3,8 @@
 - line ends become CRLF (the SMTP wire form; nothing else in the bytes changes);
 - every X-SES-* field is removed from the header block (SES does the same) but kept for events' mail.headers;
 - X-SES-CONFIGURATION-SET and X-SES-MESSAGE-TAGS are read and validated (HeaderError on bad input);
-- a Message-ID is added only when the client sent none (threading depends on the client's own);
+- a Message-ID is added only when the client sent none (threading depends on the client's own), and not to a
+  message that is itself a signed, encrypted or wrapped container (relay treats it as sealed);
 - optionally a Received trace field is prepended, as every MTA does.
 """
 
@@ -21,6 +22,7 @@ from relay.core.headers import (
     split_header_block,
     to_crlf,
 )
+from relay.core.mime import PROTECTED
 
 
 @dataclass
@@ -42,7 +44,7 @@ def intake(raw: bytes, mail_from: str, relay_message_id: str, hostname: str, rec
     original = list(block.fields)
     control = extract_ses_control(block)
     mid = block.get("message-id")
-    if mid is None:
+    if mid is None and not sealed(block):
         value = f"<{relay_message_id}@{hostname}>"
         block.fields.append(HeaderField("Message-ID", f"Message-ID: {value}\r\n".encode("ascii")))
         original.append(block.fields[-1])
@@ -60,6 +62,12 @@ def intake(raw: bytes, mail_from: str, relay_message_id: str, hostname: str, rec
         message_id_header=mid.value if mid else None,
         subject=subject.value if subject else None,
     )
+
+
+def sealed(block: HeaderBlock) -> bool:
+    """A message that is itself a signed, encrypted or wrapped container: its header block stays as sent."""
+    ctype = block.get("content-type")
+    return ctype is not None and ctype.value.split(";")[0].strip().lower() in PROTECTED
 
 
 def mail_facts(item: Intake, *, message_id: str, now_ms: int, mail_from: str, recipients: list[str],
