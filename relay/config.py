@@ -20,7 +20,7 @@ from pathlib import Path
 from relay.core.domains import InvalidTrackingOptions, validate_tracking_domain
 from relay.core.headers import CONFIG_SET_RE
 from relay.core.resolve import Destination, ModelError, TrackingOptions, check_destination, event_types
-from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, TrackingSettings
+from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS
 from relay.core.tokens import Keyring, SigningKey
 
 UPSTREAM_TYPES = ("capture", "smtp")
@@ -178,28 +178,6 @@ class Config:
     @property
     def database_path(self) -> Path:
         return self.data_dir / "relay.sqlite3"
-
-    def tracking_settings(self, set_name: str | None) -> TrackingSettings:
-        """Effective tracking settings for a configuration set (none: relayed, not instrumented)."""
-        t = self.tracking
-        hosts = frozenset(
-            [t.default_host.lower()]
-            + [s.custom_redirect_domain.lower() for s in self.configuration_sets.values() if s.custom_redirect_domain]
-        )
-        cs = self.configuration_sets.get(set_name) if set_name else None
-        if cs is None:
-            return TrackingSettings(host=t.default_host, tracking_hosts=hosts,
-                                    https_available=self.https_available(t.default_host))
-        host = cs.custom_redirect_domain or t.default_host
-        return TrackingSettings(
-            open_tracking=bool(cs.open_tracking),
-            click_tracking=bool(cs.click_tracking),
-            host=host,
-            https_available=self.https_available(host),
-            https_policy=cs.https_policy or t.https_policy,
-            pixel_position=cs.pixel_position or t.pixel_position,
-            tracking_hosts=hosts,
-        )
 
     def https_available(self, host: str) -> bool:
         """Whether https://host reaches the tracking listener: a proxy in front, or our own certificate."""

@@ -71,12 +71,9 @@ def dry_run(args: argparse.Namespace) -> int:
     from relay.core.events import mint_message_id
     from relay.core.headers import HeaderError
     from relay.core.intake import intake
+    from relay.core.resolve import sender_identity
 
     cfg = config_module.load(args.config)
-    if args.config_set not in cfg.configuration_sets:
-        print(f"Configuration Set does not exist: Configuration set <{args.config_set}> does not exist.",
-              file=sys.stderr)
-        return 1
     now_ms = int(time.time() * 1000)
     message_id = args.message_id or mint_message_id(now_ms)
     try:
@@ -84,7 +81,11 @@ def dry_run(args: argparse.Namespace) -> int:
     except HeaderError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    settings = cfg.tracking_settings(args.config_set)
+    settings = _settings(cfg, args.config_set, sender_identity(item.block, ""))
+    if settings is None:
+        print(f"Configuration Set does not exist: Configuration set <{args.config_set}> does not exist.",
+              file=sys.stderr)
+        return 1
     rendered = Instrumenter(cfg.keyring()).copy(message_id, item.raw, settings, args.recipient, now_ms // 1000)
     sys.stdout.buffer.write(rendered.data)
     sys.stdout.buffer.flush()
@@ -94,3 +95,18 @@ def dry_run(args: argparse.Namespace) -> int:
             json.dump(rendered.report, f, indent=2)
             f.write("\n")
     return 0  # warnings went to the log (stderr) and the report
+
+
+def _settings(cfg, set_name: str, identity: str) -> TrackingSettings | None:
+    """The set's settings exactly as delivery would resolve them (every level, sets made with the CLI too)."""
+    from relay.core.resolve import UnknownSet
+    from relay.resolve import Resolver
+    from relay.store import Store
+
+    store = Store(cfg.database_path)
+    try:
+        return Resolver(cfg, store).resolve(set_name, identity).settings
+    except UnknownSet:
+        return None
+    finally:
+        store.close()

@@ -116,7 +116,7 @@ class Pipeline:
     async def _record_reject(self, sub: Submission, message_id: str, now_ms: int, exc: HeaderError) -> None:
         """A refusal of a message whose configuration set is known is that set's Reject event."""
         set_name = exc.configuration_set
-        if set_name not in self.config.configuration_sets:
+        if set_name not in self.resolver.model().sets:
             return
         block = split_header_block(to_crlf(sub.data))
         mail = ev.mail_object(ev.MailFacts(
@@ -131,13 +131,6 @@ class Pipeline:
                 [EventRow(ev.REJECT, ev.iso_ms(now_ms), message_id, None, set_name, record)]))
         except Exception as err:  # the refusal stands either way
             log.error("could not record a Reject event: %s", err)
-
-    def resolve_set(self, requested: str | None) -> str | None:
-        if requested is None:
-            return None
-        if requested not in self.config.configuration_sets:
-            raise Refusal(f"554 Configuration Set does not exist: Configuration set <{requested}> does not exist.")
-        return requested
 
     def _received(self, sub: Submission, message_id: str) -> str | None:
         if not self.config.smtp.add_received_header:
@@ -178,6 +171,7 @@ class Pipeline:
         return RetryPolicy(d.retry_initial, d.retry_max, d.max_age)
 
     def _fallback_domain(self, set_name: str | None) -> str | None:
+        """A DKIM fallback domain is a TOML key of a set (sets made with the CLI or the API have none)."""
         cs = self.config.configuration_sets.get(set_name) if set_name else None
         return cs.dkim_fallback_domain if cs else None
 

@@ -6,8 +6,17 @@ import pytest
 
 from relay import config
 from relay.config import ConfigError, check_password, hash_password
+from relay.core import resolve as core_resolve
+from relay.resolve import build_model
+from relay.store import StoredConfiguration
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_of(cfg, set_name):
+    """The settings delivery resolves for a set of this file (no database)."""
+    model, _ = build_model(cfg, StoredConfiguration([], [], [], [], 0))
+    return core_resolve.resolve(model, set_name, "sender@example.com", cfg.https_available).settings
 
 
 def parse(text: str, tmp_path: Path):
@@ -18,11 +27,11 @@ def parse(text: str, tmp_path: Path):
 
 def test_example_config_is_valid_and_defines_marketing():
     cfg = config.load(ROOT / "config.example.toml")
-    s = cfg.tracking_settings("marketing")
+    s = settings_of(cfg, "marketing")
     assert s.open_tracking and s.click_tracking
     assert cfg.smtp.max_message_size == 40 * 1024 * 1024
     assert cfg.upstream.type == "capture"
-    assert not cfg.tracking_settings(None).enabled
+    assert not settings_of(cfg, None).enabled
 
 
 def test_every_problem_is_named_by_its_key(tmp_path):
@@ -72,7 +81,7 @@ custom_redirect_domain = "click.example.com"
 """, tmp_path)
     assert cfg.delivery.max_age == 7200 and cfg.delivery.retry_initial == 5
     assert cfg.data_dir == tmp_path / "d"
-    s = cfg.tracking_settings("a")
+    s = settings_of(cfg, "a")
     assert (s.host, s.https_policy, s.open_tracking, s.click_tracking) == ("click.example.com", "REQUIRE", True, False)
     assert s.is_tracking_host("t.example.com") and s.is_tracking_host("CLICK.example.com")
 
@@ -112,11 +121,11 @@ def test_https_policy_needs_https_on_the_host(tmp_path):
 
 def test_https_links_are_not_pointed_at_a_host_without_https(tmp_path):
     plain = parse("[configuration_sets.a]\nclick_tracking = true\n", tmp_path)
-    s = plain.tracking_settings("a")
+    s = settings_of(plain, "a")
     assert not s.https_available and s.click_base("https") == "http://localhost:8080/c/"
     assert any("has no HTTPS" in w for w in config.warnings(plain))
     proxied = parse('[tracking]\ndefault_host = "t.example.com"\nhttps_hosts = ["t.example.com"]\n'
                     "[configuration_sets.a]\nclick_tracking = true\n", tmp_path)
-    s = proxied.tracking_settings("a")
+    s = settings_of(proxied, "a")
     assert s.click_base("https") == "https://t.example.com/c/" and s.click_base("http") == "http://t.example.com/c/"
     assert config.warnings(proxied) == []
