@@ -687,3 +687,100 @@ def record_destination_failure(conn: sqlite3.Connection, set_name: str, destinat
                                time: str, status: int | None, reason: str) -> None:
     conn.execute("INSERT INTO destination_failures (configuration_set, destination, event_id, time, status,"
                  " reason) VALUES (?, ?, ?, ?, ?, ?)", (set_name, destination, event_id, time, status, reason))
+
+
+# --- inspection views ---------------------------------------------------------------------------------------
+# Issue 8: the questions a sender asks, each one short query in the sqlite3 CLI (README: "Reading the
+# numbers"). Days are UTC days of the event's own time (an open today of yesterday's mail counts today, as in
+# SES's dashboards). "Human" opens are the verdicts human and proxy (an image proxy fetches when a person
+# opens); a human click counts as an open of its copy when images were blocked. Rates are on delivered.
+
+SCHEMA.extend([
+    # The funnel's typical query names a set and a range of days: this index serves both.
+    "CREATE INDEX IF NOT EXISTS events_set_day ON events (configuration_set, substr(time, 1, 10), type)",
+    # Per-recipient MAX(time) per type without reading the events themselves.
+    "CREATE INDEX IF NOT EXISTS events_recipient_time ON events (recipient, type, time)",
+    """CREATE VIEW IF NOT EXISTS funnel_daily AS
+    SELECT configuration_set, day, sent, delivered, bounced_permanent, bounced_transient, delayed, complained,
+        rejected, opens, unique_opens, human_opens, machine_opens, unique_human_opens,
+        clicks, unique_clicks, human_clicks, machine_clicks, unique_human_clicks,
+        CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_opens / delivered, 4) END AS open_rate,
+        CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_human_opens / delivered, 4) END AS human_open_rate,
+        CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_clicks / delivered, 4) END AS click_rate,
+        CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_human_clicks / delivered, 4) END AS human_click_rate
+    FROM (SELECT e.configuration_set AS configuration_set, substr(e.time, 1, 10) AS day,
+        SUM(e.type = 'Send') AS sent,
+        SUM(e.type = 'Delivery') AS delivered,
+        SUM(e.type = 'Bounce' AND json_extract(e.record, '$.bounce.bounceType') = 'Permanent') AS bounced_permanent,
+        SUM(e.type = 'Bounce' AND json_extract(e.record, '$.bounce.bounceType') <> 'Permanent') AS bounced_transient,
+        SUM(e.type = 'DeliveryDelay') AS delayed,
+        SUM(e.type = 'Complaint') AS complained,
+        SUM(e.type = 'Reject') AS rejected,
+        SUM(e.type = 'Open') AS opens,
+        COUNT(DISTINCT CASE WHEN e.type = 'Open' THEN e.message_id || ' ' || e.recipient END) AS unique_opens,
+        SUM(e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
+        SUM(e.type = 'Open' AND v.verdict = 'machine') AS machine_opens,
+        COUNT(DISTINCT CASE WHEN (e.type = 'Open' AND v.verdict IN ('human', 'proxy'))
+                             OR (e.type = 'Click' AND v.verdict = 'human')
+                            THEN e.message_id || ' ' || e.recipient END) AS unique_human_opens,
+        SUM(e.type = 'Click') AS clicks,
+        COUNT(DISTINCT CASE WHEN e.type = 'Click' THEN e.message_id || ' ' || e.recipient END) AS unique_clicks,
+        SUM(e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
+        SUM(e.type = 'Click' AND v.verdict = 'machine') AS machine_clicks,
+        COUNT(DISTINCT CASE WHEN e.type = 'Click' AND v.verdict = 'human'
+                            THEN e.message_id || ' ' || e.recipient END) AS unique_human_clicks
+        FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id AND e.type IN ('Open', 'Click')
+        GROUP BY e.configuration_set, substr(e.time, 1, 10))""",
+    # Per link of a set: unique = distinct recipient copies that clicked it.
+    """CREATE VIEW IF NOT EXISTS link_clicks AS
+    SELECT e.configuration_set AS configuration_set,
+        json_extract(e.record, '$.click.link') AS link,
+        json_extract(e.record, '$.click.linkTags') AS link_tags,
+        COUNT(*) AS clicks,
+        COUNT(DISTINCT e.message_id || ' ' || e.recipient) AS unique_clicks,
+        SUM(v.verdict = 'human') AS human_clicks,
+        COUNT(DISTINCT CASE WHEN v.verdict = 'human' THEN e.message_id || ' ' || e.recipient END)
+            AS unique_human_clicks,
+        MIN(e.time) AS first_click,
+        MAX(e.time) AS last_click
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id
+    WHERE e.type = 'Click'
+    GROUP BY e.configuration_set, json_extract(e.record, '$.click.link'), json_extract(e.record, '$.click.linkTags')""",
+    # Per recipient address: SES's "narrow a list to its engaged recipients". Index seeks per address, so
+    # `WHERE recipient = ?` is instant and the whole list costs one pass over the distinct addresses.
+    """CREATE VIEW IF NOT EXISTS recipient_engagement AS
+    SELECT a.recipient AS recipient,
+        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS delivered,
+        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS last_delivered,
+        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Open') AS opens,
+        (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+         WHERE e.recipient = a.recipient AND e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
+        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Click') AS clicks,
+        (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+         WHERE e.recipient = a.recipient AND e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
+        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click'))
+            AS last_engaged,
+        (SELECT MAX(e.time) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+         WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')
+           AND v.verdict IN ('human', 'proxy') AND NOT (e.type = 'Click' AND v.verdict = 'proxy'))
+            AS last_human_engaged,
+        -- the latest bounce's type when no delivery came after it: the address bounces now
+        (SELECT CASE WHEN b.time >= COALESCE((SELECT MAX(d.time) FROM events d WHERE d.recipient = a.recipient
+                                                AND d.type = 'Delivery'), '')
+                     THEN json_extract(b.record, '$.bounce.bounceType') END
+         FROM events b WHERE b.recipient = a.recipient AND b.type = 'Bounce' ORDER BY b.time DESC LIMIT 1)
+            AS bounce_state,
+        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Complaint') AS complaints
+    FROM (SELECT DISTINCT recipient FROM events WHERE recipient IS NOT NULL) a""",
+    # Every event of a message in order, with the listener's verdict of opens and clicks.
+    """CREATE VIEW IF NOT EXISTS message_timeline AS
+    SELECT e.message_id, e.id AS event_id, e.time, e.type, e.recipient, e.configuration_set,
+        COALESCE(json_extract(e.record, '$.click.link'), json_extract(e.record, '$.bounce.bounceType'),
+                 json_extract(e.record, '$.deliveryDelay.delayType'),
+                 json_extract(e.record, '$.delivery.smtpResponse')) AS detail,
+        COALESCE(json_extract(e.record, '$.open.ipAddress'), json_extract(e.record, '$.click.ipAddress')) AS ip,
+        COALESCE(json_extract(e.record, '$.open.userAgent'), json_extract(e.record, '$.click.userAgent'))
+            AS user_agent,
+        v.verdict, v.reasons, v.device
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id""",
+])

@@ -1,0 +1,165 @@
+"""Benchmark of the inspection views (issue 8) on a generated database of N events (default 10 million).
+
+    python3 bench/bench_views.py [--events 10000000] [--db /tmp/relay-bench.sqlite3] [--keep]
+
+Generation: the events table is filled without its indexes (executemany, 200k rows per transaction), then
+relay's own SCHEMA builds every index and view, as on a real upgrade. Shape: 3 configuration sets, 60 days,
+200k recipient addresses; per copy a Send, then a Delivery (97 %), Bounce (2 %) or DeliveryDelay (1 %);
+30 % of copies opened 1-3 times, 5 % clicked on one of 20 links; each open and click has a verdict row.
+Records are short SES-shaped JSON (real ones carry the full mail object and are larger, which only matters
+for json_extract over many rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sqlite3
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from relay.store import SCHEMA  # noqa: E402
+
+SETS = ("marketing", "transactional", "newsletter")
+DAYS = 60
+RECIPIENTS = 200_000
+LINKS = [f"https://shop.example.com/p/{i}" for i in range(20)]
+VERDICTS = ("human", "human", "proxy", "machine")
+BATCH = 200_000
+
+
+def iso(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def copy_events(rng: random.Random, n: int, start: datetime) -> list[tuple]:
+    """The events of copy n: (type, time, message_id, recipient, set, record, verdict or None)."""
+    cs = SETS[n % len(SETS)]
+    rcpt = f"user{rng.randrange(RECIPIENTS)}@example.org"
+    sent = start + timedelta(seconds=rng.uniform(0, DAYS * 86400 - 3 * 86400))
+    mid = f"0100{int(sent.timestamp() * 1000):012x}-{n:08x}-0000-0000-0000-000000000000-000000"
+    mail = {"messageId": mid, "timestamp": iso(sent), "destination": [rcpt], "tags": {"ses:configuration-set": [cs]}}
+    out = [("Send", iso(sent), mid, rcpt, cs, {"eventType": "Send", "mail": mail, "send": {}}, None)]
+    t = sent + timedelta(seconds=rng.uniform(1, 30))
+    roll = rng.random()
+    if roll < 0.02:
+        kind = "Permanent" if rng.random() < 0.7 else "Transient"
+        out.append(("Bounce", iso(t), mid, rcpt, cs, {"eventType": "Bounce", "mail": mail,
+                                                      "bounce": {"bounceType": kind, "bounceSubType": "General"}},
+                    None))
+        return out
+    if roll < 0.03:
+        out.append(("DeliveryDelay", iso(t), mid, rcpt, cs, {"eventType": "DeliveryDelay", "mail": mail,
+                                                             "deliveryDelay": {"delayType": "MailboxFull"}}, None))
+        t += timedelta(hours=1)
+    out.append(("Delivery", iso(t), mid, rcpt, cs, {"eventType": "Delivery", "mail": mail,
+                                                    "delivery": {"smtpResponse": "250 ok"}}, None))
+    if rng.random() < 0.30:
+        for _ in range(rng.randint(1, 3)):
+            t += timedelta(seconds=rng.uniform(5, 86400))
+            out.append(("Open", iso(t), mid, rcpt, cs, {"eventType": "Open", "mail": mail, "open": {
+                "ipAddress": "192.0.2.1", "timestamp": iso(t), "userAgent": "Mozilla/5.0"}}, rng.choice(VERDICTS)))
+    if rng.random() < 0.05:
+        link = rng.choice(LINKS)
+        for _ in range(rng.randint(1, 2)):
+            t += timedelta(seconds=rng.uniform(5, 3600))
+            out.append(("Click", iso(t), mid, rcpt, cs, {"eventType": "Click", "mail": mail, "click": {
+                "ipAddress": "192.0.2.1", "timestamp": iso(t), "userAgent": "Mozilla/5.0", "link": link,
+                "linkTags": {"slot": ["hero"]}}}, rng.choice(VERDICTS[:2] + ("machine",))))
+    return out
+
+
+def generate(path: Path, total: int, seed: int = 8) -> datetime:
+    rng = random.Random(seed)
+    start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=DAYS - 1)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    # the events table alone: its indexes are built after the bulk load
+    conn.execute(next(s for s in SCHEMA if "CREATE TABLE IF NOT EXISTS events (" in s))
+    conn.execute("CREATE TABLE IF NOT EXISTS tracking_verdicts (event_id INTEGER PRIMARY KEY, method TEXT NOT NULL,"
+                 " verdict TEXT NOT NULL, reasons TEXT NOT NULL, client TEXT, os TEXT, device TEXT,"
+                 " computed_at TEXT NOT NULL)")
+    next_id, n = 1, 0
+    while next_id <= total:
+        events, verdicts = [], []
+        while len(events) < BATCH and next_id <= total:
+            for kind, when, mid, rcpt, cs, record, verdict in copy_events(rng, n, start):
+                if next_id > total:
+                    break
+                events.append((next_id, kind, when, mid, rcpt, cs, json.dumps(record, separators=(",", ":"))))
+                if verdict:
+                    verdicts.append((next_id, "GET", verdict, "[]", "Chrome", "Linux", "desktop", when))
+                next_id += 1
+            n += 1
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO events (id, type, time, message_id, recipient, configuration_set, record)"
+                         " VALUES (?,?,?,?,?,?,?)", events)
+        conn.executemany("INSERT INTO tracking_verdicts VALUES (?,?,?,?,?,?,?,?)", verdicts)
+        conn.execute("COMMIT")
+    for statement in SCHEMA:
+        conn.execute(statement)
+    conn.execute("ANALYZE")
+    conn.close()
+    return start
+
+
+def timed(conn: sqlite3.Connection, sql: str, params: tuple = ()) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    rows = conn.execute(sql, params).fetchall()
+    return time.perf_counter() - t0, len(rows)
+
+
+def queries(start: datetime) -> list[tuple[str, str, tuple]]:
+    week = (start + timedelta(days=DAYS - 7)).strftime("%Y-%m-%d")
+    return [
+        ("funnel: one set, last 7 days", "SELECT * FROM funnel_daily WHERE configuration_set = ? AND day >= ?"
+         " ORDER BY day", ("marketing", week)),
+        ("funnel: one set, one day", "SELECT * FROM funnel_daily WHERE configuration_set = ? AND day = ?",
+         ("marketing", week)),
+        ("links: one set, all time", "SELECT * FROM link_clicks WHERE configuration_set = ?"
+         " ORDER BY clicks DESC LIMIT 20", ("marketing",)),
+        ("recipient: one address", "SELECT * FROM recipient_engagement WHERE recipient = ?",
+         ("user4242@example.org",)),
+        ("recipients: engaged in the last 30 days (whole list)", "SELECT recipient FROM recipient_engagement"
+         " WHERE last_engaged >= ?", ((start + timedelta(days=DAYS - 30)).strftime("%Y-%m-%d"),)),
+        ("timeline: one message", "SELECT * FROM message_timeline WHERE message_id ="
+         " (SELECT message_id FROM events WHERE id = 5000000 % (SELECT MAX(id) FROM events) + 1) ORDER BY event_id",
+         ()),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--db", default="/tmp/relay-bench-views.sqlite3")
+    parser.add_argument("--keep", action="store_true", help="reuse an existing database of that path")
+    args = parser.parse_args()
+    path = Path(args.db)
+    if path.exists() and args.keep:
+        conn = sqlite3.connect(path)
+        first = conn.execute("SELECT MIN(time) FROM events").fetchone()[0]
+        conn.close()
+        start = datetime.strptime(first[:10], "%Y-%m-%d").replace(tzinfo=UTC)
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        start = generate(path, args.events)
+        print(f"generated {args.events:,} events in {time.perf_counter() - t0:.1f} s ({path})", flush=True)
+    conn = sqlite3.connect(path)
+    for name, sql, params in queries(start):
+        timed(conn, sql, params)  # warm the page cache: the figure is the steady state of a running system
+        seconds, rows = timed(conn, sql, params)
+        print(f"{seconds * 1000:9.1f} ms  {rows:7d} rows  {name}", flush=True)
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
