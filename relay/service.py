@@ -156,5 +156,14 @@ def serve(config_path: str) -> int:
     cfg = config_module.load(config_path)
     # aiosmtpd logs every command at INFO; relay logs one line per transaction and per delivery instead.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    asyncio.run(run(cfg))
+    run_event_loop(run(cfg))
     return 0
+
+
+def run_event_loop(main):
+    """uvloop where it is installed (a dependency on Linux: faster sockets and callbacks), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -649,16 +649,6 @@ class TrackingServer:
 
 # --- `relay track` ------------------------------------------------------------------------------------------
 
-def _event_loop_runner():
-    """uvloop when installed (faster sockets); asyncio's own loop otherwise."""
-    try:
-        import uvloop
-
-        return uvloop.run
-    except ImportError:
-        return asyncio.run
-
-
 WORKER_ENV = "RELAY_TRACK_WORKER_PORTS"  # set for the extra worker processes: "http-port,tls-port" to share
 
 
@@ -669,7 +659,9 @@ def track_command(args) -> int:
         http_port, tls_port = (int(p) for p in shared.split(","))
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
             cfg.tracking, listen_port=http_port, tls_listen_port=tls_port))
-    return _event_loop_runner()(_track(cfg, args.config, spawn=not shared))
+    from relay.service import run_event_loop
+
+    return run_event_loop(_track(cfg, args.config, spawn=not shared))
 
 
 def _spawn_workers(config_path: str, count: int, http_port: int, tls_port: int) -> list[subprocess.Popen]:
@@ -803,7 +795,7 @@ def tracking_domain_command(args) -> int:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
     try:
-        scheme, address, notes = _event_loop_runner()(
+        scheme, address, notes = asyncio.run(
             verify_domain(cfg.keyring(), domain, args.nameserver, args.port))
     except ValueError as exc:
         print(f"error: {domain} does not reach this tracking listener: {exc}", file=sys.stderr)
