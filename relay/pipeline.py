@@ -70,10 +70,11 @@ class QueuedMessage:
 
 
 class Pipeline:
-    def __init__(self, config: Config, store: Store, instrumenter, signer, upstream,
+    def __init__(self, config: Config, store: Store, resolver, instrumenter, signer, upstream,
                  clock: Callable[[], float] = time.time):
         self.config = config
         self.store = store
+        self.resolver = resolver  # relay.resolve.Resolver: the set and tracking settings of a message
         self.instrumenter = instrumenter
         self.signer = signer
         self.upstream = upstream
@@ -150,9 +151,8 @@ class Pipeline:
         rendered = self.instrumenter.copy(msg.id, msg.raw, msg.settings, recipient, msg.received_ms // 1000)
         warnings += [("instrument", w) for w in rendered.warnings]
         fallback = self._fallback_domain(msg.configuration_set)
-        signed = self.signer.sign(rendered.data, original=msg.raw, fallback_domain=fallback)
-        warnings += [("sign", w) for w in signed.warnings]
-        reply: Reply = await self.upstream.send(msg.mail_from, recipient, signed.data, msg.id)
+        data = self._sign(rendered.data, msg, fallback, warnings)
+        reply: Reply = await self.upstream.send(msg.mail_from, recipient, data, msg.id)
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
                          self.retry_policy())
@@ -165,6 +165,17 @@ class Pipeline:
         log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r", msg.id, recipient, attempts,
                  outcome.state, reply.text[:200])
         return outcome
+
+    def _sign(self, data: bytes, msg: QueuedMessage, fallback: str | None, warnings: list) -> bytes:
+        """Relay's DKIM signature; a signing fault sends the copy unsigned (with a warning), never holds it."""
+        try:
+            signed = self.signer.sign(data, original=msg.raw, fallback_domain=fallback)
+        except Exception as exc:
+            log.exception("signing %s failed; delivering it unsigned", msg.id)
+            warnings.append(("sign", f"not signed: {type(exc).__name__}: {exc}"))
+            return data
+        warnings += [("sign", w) for w in signed.warnings]
+        return signed.data
 
     def retry_policy(self) -> RetryPolicy:
         d = self.config.delivery

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from relay import config as config_module
 from relay.config import Config
 from relay.deliver import make_upstream
+from relay.destinations import Publisher
 from relay.instrument import Instrumenter
 from relay.pipeline import Pipeline
 from relay.queue import DeliveryQueue
+from relay.resolve import Resolver
 from relay.sign import Signer
 from relay.smtp import Handler, start_server
 from relay.store import Store
@@ -64,16 +66,12 @@ class Relay:
         store = Store(cfg.database_path)
         keyring = cfg.keyring()
         upstream = make_upstream(cfg.upstream, cfg.hostname)
-        pipeline = Pipeline(cfg, store, Instrumenter(keyring), Signer(cfg.dkim), upstream)
+        resolver = Resolver(cfg, store)  # configuration sets from the file and the database
+        pipeline = Pipeline(cfg, store, resolver, Instrumenter(keyring), Signer(cfg.dkim), upstream)
         queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency)
         handler = Handler(cfg.smtp, pipeline, queue.add)
         relay = cls(cfg, store, pipeline, queue, handler)
-        # issue 6: configuration sets (file + database) and event destinations
-        from relay.destinations import Publisher
-        from relay.resolve import Resolver
-
-        pipeline.resolver = Resolver(cfg, store)
-        relay.publisher = Publisher(cfg, store, pipeline.resolver)
+        relay.publisher = Publisher(cfg, store, resolver)  # event destinations
         return relay
 
     async def start(self, with_tracking: bool = True) -> None:
