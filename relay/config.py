@@ -174,6 +174,10 @@ class Config:
     # --- sending domains and identities (issue 6): [domains."D".tracking], [identities."X"] ---
     domains: dict[str, TrackingOptions] = field(default_factory=dict)
     identities: dict[str, str] = field(default_factory=dict)  # address or domain -> default configuration set
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings())  # inspection (issue 8)
+    retention: RetentionSettings = field(default_factory=lambda: RetentionSettings())  # inspection (issue 8)
+    privacy: PrivacySettings = field(default_factory=lambda: PrivacySettings())  # inspection (issue 8)
+    api: ApiSettings = field(default_factory=lambda: ApiSettings())  # api (issue 7)
 
     @property
     def database_path(self) -> Path:
@@ -360,10 +364,13 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     dkim = _parse_dkim(top.sub("dkim"), problems)
     sets = _parse_sets(top.sub("configuration_sets"), problems)
     domains, identities = _parse_domains(top.sub("domains"), problems), _parse_identities(top.sub("identities"))
+    api = _parse_api(top.sub("api"))  # api (issue 7)
+    inspection = _parse_inspection(top, problems)  # inspection (issue 8)
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
-                 **relay_kw)
+                 api=api, **relay_kw)
+    cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
     if problems:
@@ -664,3 +671,137 @@ def sets_problems(cfg: Config) -> list[str]:
             for d, o in cfg.domains.items()
             for host in [o.custom_redirect_domain or cfg.tracking.default_host]
             if o.https_policy in ("REQUIRE", "REQUIRE_OPEN_ONLY") and not cfg.https_available(host)]
+
+
+# --- api (issue 7): the SES-compatible management API ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ApiTarget:
+    """Where events sent to an SNS topic or EventBridge bus ARN go: a webhook (relay has no SNS of its own)."""
+
+    url: str
+    secret: str = field(default="", repr=False)
+    sns_envelope: bool = True  # SNS subscribers get the record as the Message of an SNS Notification
+
+
+@dataclass(frozen=True)
+class ApiAccessKey:
+    id: str
+    secret: str = field(repr=False)  # never in logs or reprs
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8081
+    access_keys: tuple[ApiAccessKey, ...] = ()  # none: the API is not started
+    regions: tuple[str, ...] = ()  # credential scopes accepted; empty: any region
+    max_skew: float = 900.0  # seconds between X-Amz-Date and now (AWS: 15 minutes)
+    sns_topics: dict[str, ApiTarget] = field(default_factory=dict)
+    event_buses: dict[str, ApiTarget] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.access_keys)
+
+
+_ARN_RE = re.compile(r"^arn:aws[a-z-]*:(sns|events):[a-z0-9-]*:\d{12}:\S+$")
+
+
+def _parse_api_targets(r: _Reader, service: str, sns_default: bool) -> dict[str, ApiTarget]:
+    out = {}
+    for arn in list(r.table):
+        t = r.sub(arn)
+        m = _ARN_RE.match(arn)
+        if not m or m.group(1) != service:
+            r.problems.append(f"{r.key(arn)}: not an {service} ARN (arn:aws:{service}:REGION:ACCOUNT:NAME)")
+        secret = t.get("secret", str, "")
+        secret_file = t.path("secret_file", None)
+        if secret_file is not None:
+            try:
+                secret = secret_file.read_text().strip()
+            except OSError as exc:
+                r.problems.append(f"{t.key('secret_file')}: {exc}")
+        url = t.get("url", str, "")
+        if not re.match(r"^https?://[^/\s]+", url):
+            r.problems.append(f"{t.key('url')}: required, an http:// or https:// URL")
+        out[arn] = ApiTarget(url, secret, t.get("sns_envelope", bool, sns_default))
+        t.finish()
+    return out
+
+
+def _parse_api(a: _Reader) -> ApiSettings:
+    host, port = a.listen("listen", "127.0.0.1", 8081)
+    keys = []
+    for i, k in enumerate(a.get("access_keys", list, [])):
+        kr = _Reader(k if isinstance(k, dict) else {}, f"api.access_keys[{i}]", a.problems, a.base)
+        key_id, secret = kr.get("id", str, ""), kr.get("secret", str, "")
+        secret_file = kr.path("secret_file", None)
+        if secret_file is not None:
+            try:
+                secret = secret_file.read_text().strip()
+            except OSError as exc:
+                a.problems.append(f"{kr.key('secret_file')}: {exc}")
+        if not re.fullmatch(r"[A-Za-z0-9]{4,128}", key_id):
+            a.problems.append(f"api.access_keys[{i}].id: required, 4-128 letters and digits")
+        if len(secret) < 16:
+            a.problems.append(f"api.access_keys[{i}].secret: required, at least 16 characters")
+        kr.finish()
+        keys.append(ApiAccessKey(key_id, secret))
+    if len({k.id for k in keys}) != len(keys):
+        a.problems.append("api.access_keys: an id is listed twice")
+    settings = ApiSettings(
+        listen_host=host, listen_port=port, access_keys=tuple(keys),
+        regions=tuple(str(x) for x in a.get("regions", list, [])),
+        max_skew=a.duration("max_skew", 900.0),
+        sns_topics=_parse_api_targets(a.sub("sns_topics"), "sns", True),
+        event_buses=_parse_api_targets(a.sub("event_buses"), "events", False),
+    )
+    a.finish()
+    return settings
+
+
+# --- inspection (issue 8): [metrics], [retention], [privacy] ----------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen_host: str | None = None  # None: no /metrics endpoint
+    listen_port: int = 0
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    days: int = 60  # events, verdicts and message records older than this are purged; 0 keeps them forever
+    interval: float = 3600.0  # how often the running relay purges
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    truncate_ip: bool = False  # Open/Click events store 192.0.2.0 (/24) and 2001:db8:1:: (/48)
+    drop_user_agent: bool = False  # Open/Click events store no User-Agent (the verdict is computed first)
+
+
+def _parse_inspection(top: _Reader, problems: list[str]) -> dict:
+    m = top.sub("metrics")
+    host, port = m.listen("listen", "", 0) if m.get("listen", str, "") else (None, 0)  # "": no endpoint
+    m.finish()
+    r = top.sub("retention")
+    days = r.get("days", int, 60)
+    if days < 0:
+        problems.append("retention.days: 0 (keep forever) or a positive number of days")
+        days = 60
+    retention = RetentionSettings(days=days, interval=r.duration("interval", 3600.0))
+    if retention.interval <= 0:
+        problems.append("retention.interval: must be a positive duration")
+    r.finish()
+    p = top.sub("privacy")
+    privacy = PrivacySettings(truncate_ip=p.get("truncate_ip", bool, False),
+                              drop_user_agent=p.get("drop_user_agent", bool, False))
+    p.finish()
+    return {"metrics": MetricsSettings(host, port), "retention": retention, "privacy": privacy}
+
+
+def _with_inspection(cfg: Config, inspection: dict) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, **inspection)

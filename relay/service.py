@@ -20,6 +20,7 @@ from relay.config import Config
 from relay.deliver import make_upstream
 from relay.destinations import Publisher
 from relay.instrument import Instrumenter
+from relay.metrics import start_operations, stop_operations  # inspection (issue 8)
 from relay.pipeline import Pipeline
 from relay.queue import DeliveryQueue
 from relay.resolve import Resolver
@@ -58,6 +59,7 @@ class Relay:
     handler: Handler
     tracking: object | None = None
     publisher: object | None = None  # relay.destinations.Publisher (issue 6)
+    api: object | None = None  # relay.api.server.ApiServer (issue 7)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
 
     @classmethod
@@ -84,7 +86,12 @@ class Relay:
 
             self.tracking = TrackingServer(self.config, self.store, self.config.keyring())
             await self.tracking.start()
+        from relay.api.server import ApiServer  # api (issue 7): SES-compatible management API
+
+        self.api = ApiServer(lambda: self.config, self.store)
+        await self.api.start()
         tracking_port = self.tracking.port if self.tracking else 0
+        self.operations = await start_operations(self)  # inspection (issue 8): /metrics, retention
         log.info("relay listening: smtp %s:%d, tracking %s:%d, data %s", self.config.smtp.listen_host,
                  self.config.smtp.listen_port, self.config.tracking.listen_host, tracking_port, self.config.data_dir)
 
@@ -129,8 +136,11 @@ class Relay:
         await self.queue.stop(DELIVERY_GRACE_S)
         if self.tracking is not None:
             await self.tracking.stop()
+        if self.api is not None:
+            await self.api.stop()  # api (issue 7)
         await self.pipeline.upstream.close()
         await self.publisher.stop()  # issue 6: cursors are saved as events go; nothing to flush
+        await stop_operations(self)  # inspection (issue 8)
         await asyncio.to_thread(self.store.close)
 
 

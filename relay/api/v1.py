@@ -1,0 +1,268 @@
+"""SES v1 (Query/XML): form parameters in, XML out, over relay/sets.py.
+
+`dispatch(ctx, params)` returns the inner XML of `<ActionResult>`; `response_xml`/`error_xml` build the
+envelopes botocore's QueryParser reads. Failures are SesError with relay/sets.py's codes (the two
+`...Exception` codes are applied by relay/api/errors.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from xml.sax.saxutils import escape
+
+from relay import sets
+from relay.api.common import (
+    V1_EVENT_TYPES,
+    V2_TO_V1,
+    Context,
+    arn_of,
+    choice,
+    event_types,
+    has_tracking_options,
+    invalid,
+    page,
+    page_size,
+    required,
+)
+from relay.api.common import target_fields as _target_fields
+from relay.api.errors import WireError
+from relay.core.resolve import Destination, SetDef, TrackingOptions
+from relay.sets import SesError
+
+NAMESPACE = "http://ses.amazonaws.com/doc/2010-12-01/"
+VERSION = "2010-12-01"
+ATTRIBUTES = ("eventDestinations", "trackingOptions", "deliveryOptions", "reputationOptions")
+# Accepted as well as the model's enum: v1 describes v2-made destinations with them.
+_EVENT_TYPES_IN = V1_EVENT_TYPES + ("deliveryDelay", "subscription")
+_TRACKING_FIELDS = frozenset({"custom_redirect_domain", "https_policy"})
+
+
+# --- envelopes ----------------------------------------------------------------------------------------------------
+
+def response_xml(action: str, inner: str, request_id: str) -> str:
+    result = f"<{action}Result>{inner}</{action}Result>" if inner else f"<{action}Result/>"
+    return (f'<{action}Response xmlns="{NAMESPACE}">{result}'
+            f"<ResponseMetadata><RequestId>{request_id}</RequestId></ResponseMetadata></{action}Response>")
+
+
+def error_xml(err: WireError, request_id: str) -> str:
+    kind = "Sender" if err.sender else "Receiver"
+    return (f'<ErrorResponse xmlns="{NAMESPACE}"><Error><Type>{kind}</Type><Code>{escape(err.code)}</Code>'
+            f"<Message>{escape(err.message)}</Message></Error><RequestId>{request_id}</RequestId></ErrorResponse>")
+
+
+def _el(name: str, value: object) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return f"<{name}>{escape(text)}</{name}>"
+
+
+def _members(name: str, items: list[str]) -> str:
+    return f"<{name}>{''.join(f'<member>{i}</member>' for i in items)}</{name}>" if items else f"<{name}/>"
+
+
+# --- parameters ---------------------------------------------------------------------------------------------------
+
+def unflatten(params: list[tuple[str, str]]) -> dict:
+    """`A.B.member.2.C=v` -> {"A": {"B": [.., {"C": "v"}]}} (lists are `member.N`, 1-based)."""
+    root: dict = {}
+    for key, value in params:
+        node = root
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SesError("ValidationError", f"Parameter {key} conflicts with another parameter.")
+        node[parts[-1]] = value
+    return _lists(root)
+
+
+def _lists(node: object) -> object:
+    if not isinstance(node, dict):
+        return node
+    if set(node) == {"member"} and isinstance(node["member"], dict):
+        items = node["member"]
+        try:
+            order = sorted(items, key=int)
+        except ValueError as exc:
+            raise SesError("ValidationError", "List members are numbered member.1, member.2, ...") from exc
+        return [_lists(items[i]) for i in order]
+    return {k: _lists(v) for k, v in node.items()}
+
+
+def _bool(value: object, where: str) -> bool:
+    if value in (None, ""):
+        return False  # v1 documents Enabled as false when absent
+    if value not in ("true", "false"):
+        raise invalid(value, where, "Member must be true or false")
+    return value == "true"
+
+
+def _list(value: object) -> list:
+    return value if isinstance(value, list) else [] if value in (None, "") else [value]
+
+
+# --- shaping ------------------------------------------------------------------------------------------------------
+
+def destination_xml(d: Destination) -> str:
+    parts = [_el("Name", d.name), _el("Enabled", d.enabled),
+             _members("MatchingEventTypes", [V2_TO_V1[t] for t in d.event_types])]
+    target = arn_of(d)
+    if target and target[0] == "sns":  # v1 has no EventBridge destinations
+        parts.append(f"<SNSDestination>{_el('TopicARN', target[1])}</SNSDestination>")
+    return f"<member>{''.join(parts)}</member>"
+
+
+def describe_xml(s: SetDef, attributes: list[str]) -> str:
+    parts = [f"<ConfigurationSet>{_el('Name', s.name)}</ConfigurationSet>"]
+    if "eventDestinations" in attributes:
+        inner = "".join(destination_xml(d) for d in s.destinations)
+        parts.append(f"<EventDestinations>{inner}</EventDestinations>" if inner else "<EventDestinations/>")
+    if "trackingOptions" in attributes and s.tracking.custom_redirect_domain:
+        parts.append(f"<TrackingOptions>{_el('CustomRedirectDomain', s.tracking.custom_redirect_domain)}"
+                     "</TrackingOptions>")
+    if "deliveryOptions" in attributes:
+        parts.append("<DeliveryOptions><TlsPolicy>Optional</TlsPolicy></DeliveryOptions>")
+    if "reputationOptions" in attributes:
+        parts.append("<ReputationOptions><SendingEnabled>true</SendingEnabled>"
+                     "<ReputationMetricsEnabled>false</ReputationMetricsEnabled></ReputationOptions>")
+    return "".join(parts)
+
+
+# --- actions ------------------------------------------------------------------------------------------------------
+
+def _set_name(p: dict) -> str:
+    return str(required(p.get("ConfigurationSetName"), "configurationSetName"))
+
+
+def create_set(ctx: Context, p: dict) -> str:
+    cs = p.get("ConfigurationSet")
+    sets.create_set(ctx.config, ctx.store, str(required(cs.get("Name") if isinstance(cs, dict) else None,
+                                                        "configurationSet.name")))
+    return ""
+
+
+def describe_set(ctx: Context, p: dict) -> str:
+    attributes = _list(p.get("ConfigurationSetAttributeNames"))
+    for i, a in enumerate(attributes, 1):
+        choice(a, ATTRIBUTES, f"configurationSetAttributeNames.{i}.member")
+    return describe_xml(ctx.model_set(_set_name(p)), attributes)
+
+
+def list_sets(ctx: Context, p: dict) -> str:
+    size = page_size(p.get("MaxItems"), "maxItems")
+    names = [s["Name"] for s in sets.list_sets(ctx.config, ctx.store)]
+    chunk, token = page(names, p.get("NextToken") or None, size)
+    items = "".join(f"<member>{_el('Name', n)}</member>" for n in chunk)
+    out = f"<ConfigurationSets>{items}</ConfigurationSets>" if items else "<ConfigurationSets/>"
+    return out + (_el("NextToken", token) if token else "")
+
+
+def delete_set(ctx: Context, p: dict) -> str:
+    sets.delete_set(ctx.config, ctx.store, _set_name(p))
+    return ""
+
+
+def _tracking_state(ctx: Context, name: str) -> SetDef:
+    return ctx.model_set(name)
+
+
+def _domain(p: dict) -> TrackingOptions:
+    t = p.get("TrackingOptions")
+    domain = t.get("CustomRedirectDomain") if isinstance(t, dict) else None
+    return TrackingOptions(custom_redirect_domain=domain or None)
+
+
+def create_tracking(ctx: Context, p: dict) -> str:
+    name = _set_name(p)
+    s = _tracking_state(ctx, name)
+    if s.source == "database" and has_tracking_options(s):
+        raise SesError("TrackingOptionsAlreadyExists", f"Configuration set <{name}> already has tracking options.")
+    sets.put_tracking(ctx.config, ctx.store, "set", name, _domain(p))
+    return ""
+
+
+def update_tracking(ctx: Context, p: dict) -> str:
+    name = _set_name(p)
+    s = _tracking_state(ctx, name)
+    if s.source == "database" and not has_tracking_options(s):
+        raise SesError("TrackingOptionsDoesNotExist", f"There are no tracking options for configuration set"
+                       f" <{name}>.")
+    sets.put_tracking(ctx.config, ctx.store, "set", name, _domain(p))
+    return ""
+
+
+def delete_tracking(ctx: Context, p: dict) -> str:
+    name = _set_name(p)
+    s = _tracking_state(ctx, name)
+    if s.source == "database" and not has_tracking_options(s):
+        raise SesError("TrackingOptionsDoesNotExist", f"There are no tracking options for configuration set"
+                       f" <{name}>.")
+    # Only SES's tracking options go; open/click switches (VDM, CLI) stay.
+    sets.put_tracking(ctx.config, ctx.store, "set", name, TrackingOptions(), _TRACKING_FIELDS)
+    return ""
+
+
+_TARGETS = (("SNSDestination", "TopicARN", "sns"), ("KinesisFirehoseDestination", None, "firehose"),
+            ("CloudWatchDestination", None, "cloudwatch"))
+
+
+def _destination(ctx: Context, p: dict) -> Destination:
+    """v1 EventDestination: the whole definition (Create and Update both send every field)."""
+    d = p.get("EventDestination")
+    if not isinstance(d, dict):
+        required(None, "eventDestination")
+    assert isinstance(d, dict)
+    name = str(required(d.get("Name"), "eventDestination.name"))
+    types = event_types(_list(d.get("MatchingEventTypes")), _EVENT_TYPES_IN, "eventDestination.matchingEventTypes")
+    given = [t for t in _TARGETS if d.get(t[0]) is not None]
+    if len(given) != 1:
+        code = "InvalidSNSDestination" if not given else "ValidationError"
+        raise SesError(code, "An event destination needs exactly one of SNSDestination, KinesisFirehoseDestination,"
+                       " CloudWatchDestination; relay accepts SNSDestination topics mapped in [api.sns_topics].")
+    member, key, kind = given[0]
+    arn = d[member].get(key) if key and isinstance(d[member], dict) else None
+    return Destination(name=name, event_types=types, enabled=_bool(d.get("Enabled"), "eventDestination.enabled"),
+                       **_target_fields(ctx.config, kind, arn))
+
+
+def create_destination(ctx: Context, p: dict) -> str:
+    name = _set_name(p)
+    sets.add_destination(ctx.config, ctx.store, name, _destination(ctx, p))
+    return ""
+
+
+def update_destination(ctx: Context, p: dict) -> str:
+    name = _set_name(p)
+    d = _destination(ctx, p)
+    changes = {f: getattr(d, f) for f in ("enabled", "event_types", "kind", "url", "secret", "sns_envelope",
+                                          "topic_arn")}
+    sets.update_destination(ctx.config, ctx.store, name, d.name, changes)
+    return ""
+
+
+def delete_destination(ctx: Context, p: dict) -> str:
+    sets.delete_destination(ctx.config, ctx.store, _set_name(p),
+                            str(required(p.get("EventDestinationName"), "eventDestinationName")))
+    return ""
+
+
+ACTIONS: dict[str, Callable[[Context, dict], str]] = {
+    "CreateConfigurationSet": create_set, "DescribeConfigurationSet": describe_set,
+    "ListConfigurationSets": list_sets, "DeleteConfigurationSet": delete_set,
+    "CreateConfigurationSetTrackingOptions": create_tracking,
+    "UpdateConfigurationSetTrackingOptions": update_tracking,
+    "DeleteConfigurationSetTrackingOptions": delete_tracking,
+    "CreateConfigurationSetEventDestination": create_destination,
+    "UpdateConfigurationSetEventDestination": update_destination,
+    "DeleteConfigurationSetEventDestination": delete_destination,
+}
+
+
+def action_of(params: list[tuple[str, str]]) -> str | None:
+    return next((v for k, v in params if k == "Action"), None)
+
+
+def dispatch(ctx: Context, action: str, params: list[tuple[str, str]]) -> str:
+    """The inner XML of `<{action}Result>`; the caller checked that `action` is in ACTIONS."""
+    p = unflatten([(k, v) for k, v in params if k not in ("Action", "Version")])
+    return ACTIONS[action](ctx, p)

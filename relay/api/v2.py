@@ -1,0 +1,292 @@
+"""SES v2 (REST-JSON): routes, request parsing and response shaping over relay/sets.py.
+
+`dispatch` takes the decoded request and returns (status, JSON object); SesError carries failures, shaped by
+the server into `x-amzn-ErrorType` + `{"message": ...}` with the v2 status (relay/api/errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, unquote
+
+from relay import sets
+from relay.api.common import (
+    FEATURE_STATUS,
+    HTTPS_POLICIES,
+    V2_EVENT_TYPES,
+    Context,
+    arn_of,
+    choice,
+    event_types,
+    invalid,
+    page,
+    page_size,
+    required,
+    target_fields,
+    undo_on_error,
+)
+from relay.core.resolve import Destination, SetDef, TrackingOptions
+from relay.sets import SesError
+
+_SEG = r"([^/]+)"
+
+
+@dataclass(frozen=True)
+class Call:
+    params: tuple[str, ...]  # path parameters, decoded
+    query: dict[str, str]
+    body: dict
+
+
+Handler = Callable[[Context, Call], dict]
+ROUTES: list[tuple[str, re.Pattern, str]] = [
+    ("POST", re.compile(r"^/v2/email/configuration-sets$"), "CreateConfigurationSet"),
+    ("GET", re.compile(r"^/v2/email/configuration-sets$"), "ListConfigurationSets"),
+    ("GET", re.compile(rf"^/v2/email/configuration-sets/{_SEG}$"), "GetConfigurationSet"),
+    ("DELETE", re.compile(rf"^/v2/email/configuration-sets/{_SEG}$"), "DeleteConfigurationSet"),
+    ("PUT", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/tracking-options$"),
+     "PutConfigurationSetTrackingOptions"),
+    ("PUT", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/vdm-options$"), "PutConfigurationSetVdmOptions"),
+    ("POST", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/event-destinations$"),
+     "CreateConfigurationSetEventDestination"),
+    ("GET", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/event-destinations$"),
+     "GetConfigurationSetEventDestinations"),
+    ("PUT", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/event-destinations/{_SEG}$"),
+     "UpdateConfigurationSetEventDestination"),
+    ("DELETE", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/event-destinations/{_SEG}$"),
+     "DeleteConfigurationSetEventDestination"),
+    ("PUT", re.compile(rf"^/v2/email/identities/{_SEG}/configuration-set$"),
+     "PutEmailIdentityConfigurationSetAttributes"),
+    ("PUT", re.compile(r"^/v2/email/account/vdm$"), "PutAccountVdmAttributes"),
+]
+
+
+def route(method: str, raw_path: str) -> tuple[str, tuple[str, ...]] | None:
+    """(operation, decoded path parameters) or None."""
+    for verb, pattern, op in ROUTES:
+        m = pattern.match(raw_path)
+        if m and verb == method.upper():
+            return op, tuple(unquote(g) for g in m.groups())
+    return None
+
+
+def parse_body(body: bytes) -> dict:
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SesError("BadRequestException", "The request body is not valid JSON.") from exc
+    if not isinstance(data, dict):
+        raise SesError("BadRequestException", "The request body must be a JSON object.")
+    return data
+
+
+def dispatch(ctx: Context, op: str, params: tuple[str, ...], raw_query: str, body: bytes) -> dict:
+    call = Call(params, dict(parse_qsl(raw_query, keep_blank_values=True)), parse_body(body))
+    return HANDLERS[op](ctx, call)
+
+
+# --- shaping ------------------------------------------------------------------------------------------------
+
+def destination_json(d: Destination) -> dict:
+    data: dict = {"Name": d.name, "Enabled": d.enabled, "MatchingEventTypes": list(d.event_types)}
+    target = arn_of(d)
+    if target and target[0] == "sns":
+        data["SnsDestination"] = {"TopicArn": target[1]}
+    elif target:
+        data["EventBridgeDestination"] = {"EventBusArn": target[1]}
+    return data
+
+
+def set_json(s: SetDef, default_host: str) -> dict:
+    data: dict = {"ConfigurationSetName": s.name}
+    t = s.tracking
+    if t.custom_redirect_domain or t.https_policy:
+        # CustomRedirectDomain is required in the shape: without its own, the set uses relay's default host.
+        data["TrackingOptions"] = {"CustomRedirectDomain": t.custom_redirect_domain or default_host}
+        if t.https_policy:
+            data["TrackingOptions"]["HttpsPolicy"] = t.https_policy
+    if t.open_tracking is not None and t.open_tracking == t.click_tracking:
+        status = "ENABLED" if t.open_tracking else "DISABLED"
+        data["VdmOptions"] = {"DashboardOptions": {"EngagementMetrics": status}}
+    return data
+
+
+# --- input ----------------------------------------------------------------------------------------------------
+
+def _obj(value: object, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(value, where, "Member must be a structure")
+    return value
+
+
+def _tracking(body: dict, where: str) -> tuple[TrackingOptions, frozenset[str]]:
+    """(options given, fields cleared): PutConfigurationSetTrackingOptions replaces the set's options."""
+    domain = body.get("CustomRedirectDomain")
+    if domain is not None and not isinstance(domain, str):
+        raise invalid(domain, f"{where}customRedirectDomain", "Member must be a string")
+    policy = choice(body.get("HttpsPolicy"), HTTPS_POLICIES, f"{where}httpsPolicy")
+    cleared = frozenset(f for f, v in (("custom_redirect_domain", domain), ("https_policy", policy)) if not v)
+    return TrackingOptions(custom_redirect_domain=domain or None, https_policy=policy), cleared
+
+
+def _engagement(vdm: object) -> bool | None:
+    vdm = _obj(vdm, "vdmOptions")
+    choice(_obj(vdm.get("GuardianOptions"), "vdmOptions.guardianOptions").get("OptimizedSharedDelivery"),
+           FEATURE_STATUS, "vdmOptions.guardianOptions.optimizedSharedDelivery")
+    status = choice(_obj(vdm.get("DashboardOptions"), "vdmOptions.dashboardOptions").get("EngagementMetrics"),
+                    FEATURE_STATUS, "vdmOptions.dashboardOptions.engagementMetrics")
+    return None if status is None else status == "ENABLED"
+
+
+def _put_switches(ctx: Context, level: str, scope: str, on: bool | None) -> None:
+    """Engagement metrics = relay's open and click switches; None: inherit again."""
+    if on is None:
+        sets.put_tracking(ctx.config, ctx.store, level, scope, TrackingOptions(),
+                          frozenset({"open_tracking", "click_tracking"}))
+    else:
+        sets.put_tracking(ctx.config, ctx.store, level, scope, TrackingOptions(open_tracking=on, click_tracking=on))
+
+
+_TARGETS = (("SnsDestination", "TopicArn", "sns"), ("EventBridgeDestination", "EventBusArn", "events"),
+            ("KinesisFirehoseDestination", None, "firehose"), ("CloudWatchDestination", None, "cloudwatch"),
+            ("PinpointDestination", None, "pinpoint"))
+
+
+def _definition(ctx: Context, raw: object) -> dict:
+    """EventDestinationDefinition -> the Destination fields it gives (absent members are left out)."""
+    d = _obj(raw, "eventDestination")
+    fields: dict = {}
+    if d.get("Enabled") is not None:
+        if not isinstance(d["Enabled"], bool):
+            raise invalid(d["Enabled"], "eventDestination.enabled", "Member must be a boolean")
+        fields["enabled"] = d["Enabled"]
+    if d.get("MatchingEventTypes") is not None:
+        fields["event_types"] = event_types(d["MatchingEventTypes"], V2_EVENT_TYPES,
+                                            "eventDestination.matchingEventTypes")
+    given = [(member, key, kind) for member, key, kind in _TARGETS if d.get(member) is not None]
+    if len(given) > 1:
+        raise SesError("BadRequestException", "An event destination has exactly one destination;"
+                       f" got {', '.join(g[0] for g in given)}.")
+    for member, key, kind in given:
+        arn = _obj(d[member], f"eventDestination.{member}").get(key) if key else None
+        fields.update(target_fields(ctx.config, kind, arn))
+    return fields
+
+
+# --- operations -------------------------------------------------------------------------------------------------
+
+def create_set(ctx: Context, call: Call) -> dict:
+    name = str(required(call.body.get("ConfigurationSetName"), "configurationSetName"))
+    tracking = call.body.get("TrackingOptions")
+    options = cleared = None
+    if tracking is not None:
+        required(_obj(tracking, "trackingOptions").get("CustomRedirectDomain"), "trackingOptions.customRedirectDomain")
+        options, cleared = _tracking(tracking, "trackingOptions.")
+    engagement = _engagement(call.body.get("VdmOptions"))
+    sets.create_set(ctx.config, ctx.store, name)
+
+    def configure() -> None:
+        if options is not None:
+            sets.put_tracking(ctx.config, ctx.store, "set", name, options, cleared)
+        if engagement is not None:
+            _put_switches(ctx, "set", name, engagement)
+
+    # SES creates the set whole or not at all: a refused tracking domain takes the new set away again.
+    undo_on_error(configure, lambda: sets.delete_set(ctx.config, ctx.store, name))
+    return {}
+
+
+def get_set(ctx: Context, call: Call) -> dict:
+    return set_json(ctx.model_set(call.params[0]), ctx.config.tracking.default_host)
+
+
+def list_sets(ctx: Context, call: Call) -> dict:
+    size = page_size(call.query.get("PageSize"), "pageSize")
+    names = [s["Name"] for s in sets.list_sets(ctx.config, ctx.store)]
+    chunk, token = page(names, call.query.get("NextToken"), size)
+    return {"ConfigurationSets": chunk, **({"NextToken": token} if token else {})}
+
+
+def delete_set(ctx: Context, call: Call) -> dict:
+    sets.delete_set(ctx.config, ctx.store, call.params[0])
+    return {}
+
+
+def put_tracking(ctx: Context, call: Call) -> dict:
+    options, cleared = _tracking(call.body, "")
+    sets.put_tracking(ctx.config, ctx.store, "set", call.params[0], options, cleared)
+    return {}
+
+
+def put_set_vdm(ctx: Context, call: Call) -> dict:
+    _put_switches(ctx, "set", call.params[0], _engagement(call.body.get("VdmOptions")))
+    return {}
+
+
+def put_account_vdm(ctx: Context, call: Call) -> dict:
+    attrs = _obj(required(call.body.get("VdmAttributes"), "vdmAttributes"), "vdmAttributes")
+    enabled = choice(required(attrs.get("VdmEnabled"), "vdmAttributes.vdmEnabled"), FEATURE_STATUS,
+                     "vdmAttributes.vdmEnabled")
+    choice(_obj(attrs.get("GuardianAttributes"), "vdmAttributes.guardianAttributes").get("OptimizedSharedDelivery"),
+           FEATURE_STATUS, "vdmAttributes.guardianAttributes.optimizedSharedDelivery")
+    dashboard = _obj(attrs.get("DashboardAttributes"), "vdmAttributes.dashboardAttributes")
+    engagement = choice(dashboard.get("EngagementMetrics"), FEATURE_STATUS,
+                        "vdmAttributes.dashboardAttributes.engagementMetrics")
+    # VDM off turns engagement tracking off; on, the dashboard switch decides (absent: on).
+    _put_switches(ctx, "account", "", enabled == "ENABLED" and (engagement or "ENABLED") == "ENABLED")
+    return {}
+
+
+def create_destination(ctx: Context, call: Call) -> dict:
+    name = str(required(call.body.get("EventDestinationName"), "eventDestinationName"))
+    fields = _definition(ctx, required(call.body.get("EventDestination"), "eventDestination"))
+    if "kind" not in fields:
+        raise SesError("BadRequestException", f"An event destination needs a destination: {_ONE_OF}.")
+    fields.setdefault("enabled", False)  # as SES v1 documents
+    fields.setdefault("event_types", ())
+    sets.add_destination(ctx.config, ctx.store, call.params[0], Destination(name=name, **fields))
+    return {}
+
+
+_ONE_OF = "SnsDestination or EventBridgeDestination (mapped to a webhook in relay's configuration)"
+
+
+def get_destinations(ctx: Context, call: Call) -> dict:
+    return {"EventDestinations": [destination_json(d) for d in ctx.model_set(call.params[0]).destinations]}
+
+
+def update_destination(ctx: Context, call: Call) -> dict:
+    # Members left out keep their value (the CLI sends only what was given).
+    changes = _definition(ctx, required(call.body.get("EventDestination"), "eventDestination"))
+    sets.update_destination(ctx.config, ctx.store, call.params[0], call.params[1], changes)
+    return {}
+
+
+def delete_destination(ctx: Context, call: Call) -> dict:
+    sets.delete_destination(ctx.config, ctx.store, call.params[0], call.params[1])
+    return {}
+
+
+def put_identity_set(ctx: Context, call: Call) -> dict:
+    name = call.body.get("ConfigurationSetName") or None
+    sets.set_identity_default(ctx.config, ctx.store, call.params[0], name)
+    return {}
+
+
+HANDLERS: dict[str, Handler] = {
+    "CreateConfigurationSet": create_set, "GetConfigurationSet": get_set, "ListConfigurationSets": list_sets,
+    "DeleteConfigurationSet": delete_set, "PutConfigurationSetTrackingOptions": put_tracking,
+    "PutConfigurationSetVdmOptions": put_set_vdm, "PutAccountVdmAttributes": put_account_vdm,
+    "CreateConfigurationSetEventDestination": create_destination,
+    "GetConfigurationSetEventDestinations": get_destinations,
+    "UpdateConfigurationSetEventDestination": update_destination,
+    "DeleteConfigurationSetEventDestination": delete_destination,
+    "PutEmailIdentityConfigurationSetAttributes": put_identity_set,
+}
