@@ -210,3 +210,43 @@ def test_v2_routes():
     assert v2.route("PATCH", "/v2/email/configuration-sets") is None
     with pytest.raises(SesError):
         v2.parse_body(b"[1]")
+
+
+def test_api_settings_parse_and_hide_secrets(tmp_path):
+    from relay import config
+
+    cfg = config.parse({"api": {
+        "listen": "127.0.0.1:0", "regions": ["us-east-1"], "max_skew": "5m",
+        "access_keys": [{"id": "AKIDONE", "secret": "s" * 20}],
+        "sns_topics": {"arn:aws:sns:us-east-1:123456789012:t": {"url": "http://127.0.0.1:9/h", "secret": "hs"}},
+        "event_buses": {"arn:aws:events:us-east-1:123456789012:event-bus/default": {"url": "https://h.example/b"}},
+    }}, tmp_path)
+    api = cfg.api
+    assert api.enabled and api.listen_port == 0 and api.max_skew == 300.0 and api.regions == ("us-east-1",)
+    assert api.sns_topics["arn:aws:sns:us-east-1:123456789012:t"].sns_envelope is True
+    assert api.event_buses["arn:aws:events:us-east-1:123456789012:event-bus/default"].sns_envelope is False
+    assert "s" * 20 not in repr(cfg) and "'hs'" not in repr(cfg)
+    assert not config.parse({}, tmp_path).api.enabled
+    with pytest.raises(config.ConfigError) as exc:
+        config.parse({"api": {"access_keys": [{"id": "AK", "secret": "short"}, {"id": "AK", "secret": "x" * 16}],
+                              "sns_topics": {"arn:aws:events:us-east-1:123456789012:x": {"url": "ftp://x"}},
+                              "colour": "blue"}}, tmp_path)
+    text = "\n".join(exc.value.problems)
+    for expected in ("api.access_keys[0].id", "api.access_keys[0].secret", "an id is listed twice",
+                     "not an sns ARN", "url: required", "api.colour: unknown key"):
+        assert expected in text
+
+
+def test_the_api_stays_off_without_keys(tmp_path, caplog):
+    import asyncio
+    import logging
+
+    from relay import config
+    from relay.api.server import ApiServer
+
+    cfg = config.parse({"api": {"listen": "127.0.0.1:0"}}, tmp_path)
+    server = ApiServer(lambda: cfg, store=None)
+    with caplog.at_level(logging.INFO, logger="relay.api"):
+        asyncio.run(server.start())
+    assert server.port == 0 and "management API disabled" in caplog.text
+    asyncio.run(server.stop())
