@@ -250,3 +250,39 @@ def test_the_api_stays_off_without_keys(tmp_path, caplog):
         asyncio.run(server.start())
     assert server.port == 0 and "management API disabled" in caplog.text
     asyncio.run(server.stop())
+
+
+def test_a_store_fault_is_an_internal_failure_in_each_protocol(tmp_path):
+    """Anything but an SES error (a broken store here) answers 500 InternalFailure in the protocol's shape."""
+    import asyncio
+
+    import aiohttp
+
+    from relay import config
+    from relay.api.server import ApiServer
+
+    cfg = config.parse({"api": {"listen": "127.0.0.1:0",
+                                "access_keys": [{"id": "AKIDTEST", "secret": KEYS["AKIDTEST"]}]}}, tmp_path)
+
+    async def run() -> list[tuple[int, str, str]]:
+        server = ApiServer(lambda: cfg, store=None)
+        await server.start()
+        out = []
+        try:
+            base = f"http://127.0.0.1:{server.port}"
+            form = b"Action=ListConfigurationSets&Version=2010-12-01"
+            for method, path, body, headers in (
+                    ("GET", "/v2/email/configuration-sets", b"", {}),
+                    ("POST", "/", form, {"Content-Type": "application/x-www-form-urlencoded"})):
+                signed = botocore_signed(method, base + path, body, headers, when=datetime.now(UTC))
+                async with aiohttp.ClientSession() as http, http.request(
+                        method, base + path, data=body,
+                        headers={k: v for k, v in signed.headers if k.lower() != "host"}) as resp:
+                    out.append((resp.status, resp.headers.get("x-amzn-ErrorType", ""), await resp.text()))
+        finally:
+            await server.stop()
+        return out
+
+    (s2, t2, _), (s1, _, body1) = asyncio.run(run())
+    assert (s2, t2) == (500, "InternalFailure")
+    assert s1 == 500 and "<Type>Receiver</Type><Code>InternalFailure</Code>" in body1

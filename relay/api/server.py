@@ -26,6 +26,7 @@ from relay.store import Store
 
 log = logging.getLogger("relay.api")
 MAX_BODY = 1024 * 1024
+INTERNAL = WireError(500, "InternalFailure", "The request processing has failed because of an unknown error.", False)
 
 
 def _json_response(status: int, data: dict, request_id: str, error_type: str | None = None) -> web.Response:
@@ -117,6 +118,9 @@ class ApiServer:
         except SesError as exc:
             log.info("api %s by %s: %s", op, key_id, exc.code)
             return error_response("v2", v2_error(exc.code, exc.message), request_id)
+        except Exception:  # a store fault: SES's shape, so clients retry it as a server error
+            log.exception("api %s by %s failed", op, key_id)
+            return error_response("v2", INTERNAL, request_id)
         log.info("api %s by %s: ok", op, key_id)
         return _json_response(200, data, request_id)
 
@@ -130,5 +134,8 @@ class ApiServer:
         except SesError as exc:
             log.info("api %s by %s: %s", action, key_id, exc.code)
             return error_response("v1", v1_error(exc.code, exc.message), request_id)
+        except Exception:
+            log.exception("api %s by %s failed", action, key_id)
+            return error_response("v1", INTERNAL, request_id)
         log.info("api %s by %s: ok", action, key_id)
         return _xml_response(200, v1.response_xml(action, inner, request_id), request_id)
