@@ -91,6 +91,30 @@ def cmd_destination(args: argparse.Namespace) -> int:
     return destination_command(args)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from relay.inspect import stats_command
+
+    return stats_command(args)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from relay.inspect import tail_command
+
+    return tail_command(args)
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from relay.inspect import purge_command
+
+    return purge_command(args)
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from relay.inspect import forget_command
+
+    return forget_command(args)
+
+
 def check_database(cfg) -> int:
     """`relay check`, issue 6: the SQLite-held sets, levels and identities, and conflicts with the file."""
     if not cfg.database_path.exists():  # no database yet: identities can only name sets of the file
@@ -174,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     funcs = {"config-set": cmd_config_set, "tracking": cmd_tracking, "destination": cmd_destination}
     for name in set(sub.choices) - before:
         sub.choices[name].set_defaults(func=funcs[name])
+    from relay.inspect import add_parsers as add_inspection  # issue 8: stats, events tail, purge, forget
+
+    add_inspection(sub, {"stats": cmd_stats, "events": cmd_events, "purge": cmd_purge, "forget": cmd_forget})
     return parser
 
 

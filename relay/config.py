@@ -174,6 +174,9 @@ class Config:
     # --- sending domains and identities (issue 6): [domains."D".tracking], [identities."X"] ---
     domains: dict[str, TrackingOptions] = field(default_factory=dict)
     identities: dict[str, str] = field(default_factory=dict)  # address or domain -> default configuration set
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings())  # inspection (issue 8)
+    retention: RetentionSettings = field(default_factory=lambda: RetentionSettings())  # inspection (issue 8)
+    privacy: PrivacySettings = field(default_factory=lambda: PrivacySettings())  # inspection (issue 8)
     api: ApiSettings = field(default_factory=lambda: ApiSettings())  # api (issue 7)
 
     @property
@@ -362,10 +365,12 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     sets = _parse_sets(top.sub("configuration_sets"), problems)
     domains, identities = _parse_domains(top.sub("domains"), problems), _parse_identities(top.sub("identities"))
     api = _parse_api(top.sub("api"))  # api (issue 7)
+    inspection = _parse_inspection(top, problems)  # inspection (issue 8)
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
                  api=api, **relay_kw)
+    cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
     if problems:
@@ -754,3 +759,49 @@ def _parse_api(a: _Reader) -> ApiSettings:
     )
     a.finish()
     return settings
+
+
+# --- inspection (issue 8): [metrics], [retention], [privacy] ----------------------------------------------------
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen_host: str | None = None  # None: no /metrics endpoint
+    listen_port: int = 0
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    days: int = 60  # events, verdicts and message records older than this are purged; 0 keeps them forever
+    interval: float = 3600.0  # how often the running relay purges
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    truncate_ip: bool = False  # Open/Click events store 192.0.2.0 (/24) and 2001:db8:1:: (/48)
+    drop_user_agent: bool = False  # Open/Click events store no User-Agent (the verdict is computed first)
+
+
+def _parse_inspection(top: _Reader, problems: list[str]) -> dict:
+    m = top.sub("metrics")
+    host, port = m.listen("listen", "", 0) if m.get("listen", str, "") else (None, 0)  # "": no endpoint
+    m.finish()
+    r = top.sub("retention")
+    days = r.get("days", int, 60)
+    if days < 0:
+        problems.append("retention.days: 0 (keep forever) or a positive number of days")
+        days = 60
+    retention = RetentionSettings(days=days, interval=r.duration("interval", 3600.0))
+    if retention.interval <= 0:
+        problems.append("retention.interval: must be a positive duration")
+    r.finish()
+    p = top.sub("privacy")
+    privacy = PrivacySettings(truncate_ip=p.get("truncate_ip", bool, False),
+                              drop_user_agent=p.get("drop_user_agent", bool, False))
+    p.finish()
+    return {"metrics": MetricsSettings(host, port), "retention": retention, "privacy": privacy}
+
+
+def _with_inspection(cfg: Config, inspection: dict) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, **inspection)

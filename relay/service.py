@@ -20,6 +20,7 @@ from relay.config import Config
 from relay.deliver import make_upstream
 from relay.destinations import Publisher
 from relay.instrument import Instrumenter
+from relay.metrics import start_operations, stop_operations  # inspection (issue 8)
 from relay.pipeline import Pipeline
 from relay.queue import DeliveryQueue
 from relay.resolve import Resolver
@@ -90,6 +91,7 @@ class Relay:
         self.api = ApiServer(lambda: self.config, self.store)
         await self.api.start()
         tracking_port = self.tracking.port if self.tracking else 0
+        self.operations = await start_operations(self)  # inspection (issue 8): /metrics, retention
         log.info("relay listening: smtp %s:%d, tracking %s:%d, data %s", self.config.smtp.listen_host,
                  self.config.smtp.listen_port, self.config.tracking.listen_host, tracking_port, self.config.data_dir)
 
@@ -138,6 +140,7 @@ class Relay:
             await self.api.stop()  # api (issue 7)
         await self.pipeline.upstream.close()
         await self.publisher.stop()  # issue 6: cursors are saved as events go; nothing to flush
+        await stop_operations(self)  # inspection (issue 8)
         await asyncio.to_thread(self.store.close)
 
 

@@ -695,6 +695,21 @@ def record_destination_failure(conn: sqlite3.Connection, set_name: str, destinat
 # SES's dashboards). "Human" opens are the verdicts human and proxy (an image proxy fetches when a person
 # opens); a human click counts as an open of its copy when images were blocked. Rates are on delivered.
 
+# Per link of a set: unique = distinct recipient copies that clicked it. `where` narrows it (relay stats).
+LINK_CLICKS = """SELECT e.configuration_set AS configuration_set,
+        json_extract(e.record, '$.click.link') AS link,
+        json_extract(e.record, '$.click.linkTags') AS link_tags,
+        COUNT(*) AS clicks,
+        COUNT(DISTINCT e.message_id || ' ' || e.recipient) AS unique_clicks,
+        SUM(v.verdict = 'human') AS human_clicks,
+        COUNT(DISTINCT CASE WHEN v.verdict = 'human' THEN e.message_id || ' ' || e.recipient END)
+            AS unique_human_clicks,
+        MIN(e.time) AS first_click,
+        MAX(e.time) AS last_click
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id
+    WHERE e.type = 'Click' {where}
+    GROUP BY e.configuration_set, json_extract(e.record, '$.click.link'), json_extract(e.record, '$.click.linkTags')"""
+
 SCHEMA.extend([
     # The funnel's typical query names a set and a range of days: this index serves both.
     "CREATE INDEX IF NOT EXISTS events_set_day ON events (configuration_set, substr(time, 1, 10), type)",
@@ -732,20 +747,7 @@ SCHEMA.extend([
         FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id AND e.type IN ('Open', 'Click')
         GROUP BY e.configuration_set, substr(e.time, 1, 10))""",
     # Per link of a set: unique = distinct recipient copies that clicked it.
-    """CREATE VIEW IF NOT EXISTS link_clicks AS
-    SELECT e.configuration_set AS configuration_set,
-        json_extract(e.record, '$.click.link') AS link,
-        json_extract(e.record, '$.click.linkTags') AS link_tags,
-        COUNT(*) AS clicks,
-        COUNT(DISTINCT e.message_id || ' ' || e.recipient) AS unique_clicks,
-        SUM(v.verdict = 'human') AS human_clicks,
-        COUNT(DISTINCT CASE WHEN v.verdict = 'human' THEN e.message_id || ' ' || e.recipient END)
-            AS unique_human_clicks,
-        MIN(e.time) AS first_click,
-        MAX(e.time) AS last_click
-    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id
-    WHERE e.type = 'Click'
-    GROUP BY e.configuration_set, json_extract(e.record, '$.click.link'), json_extract(e.record, '$.click.linkTags')""",
+    "CREATE VIEW IF NOT EXISTS link_clicks AS " + LINK_CLICKS.format(where=""),
     # Per recipient address: SES's "narrow a list to its engaged recipients". Index seeks per address, so
     # `WHERE recipient = ?` is instant and the whole list costs one pass over the distinct addresses.
     """CREATE VIEW IF NOT EXISTS recipient_engagement AS
@@ -764,6 +766,7 @@ SCHEMA.extend([
          WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')
            AND v.verdict IN ('human', 'proxy') AND NOT (e.type = 'Click' AND v.verdict = 'proxy'))
             AS last_human_engaged,
+        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Bounce') AS last_bounce,
         -- the latest bounce's type when no delivery came after it: the address bounces now
         (SELECT CASE WHEN b.time >= COALESCE((SELECT MAX(d.time) FROM events d WHERE d.recipient = a.recipient
                                                 AND d.type = 'Delivery'), '')
@@ -784,3 +787,168 @@ SCHEMA.extend([
         v.verdict, v.reasons, v.device
     FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id""",
 ])
+
+
+def _funnel_where(set_name: str | None) -> str:
+    return "configuration_set IS NULL" if set_name is None else "configuration_set = ?"
+
+
+def funnel_rows(conn: sqlite3.Connection, set_name: str | None, since_day: str) -> list[dict]:
+    """funnel_daily of one set (None: mail sent without a set) from `since_day` (YYYY-MM-DD) on, by day."""
+    params = ([] if set_name is None else [set_name]) + [since_day]
+    cur = conn.execute(f"SELECT * FROM funnel_daily WHERE {_funnel_where(set_name)} AND day >= ? ORDER BY day",
+                       params)
+    return _dicts(cur)
+
+
+def event_sets(conn: sqlite3.Connection) -> list[str]:
+    """Configuration sets created with the CLI or the API (the file's are in the configuration)."""
+    return [r[0] for r in conn.execute("SELECT name FROM configuration_sets ORDER BY name")]
+
+
+def link_rows(conn: sqlite3.Connection, set_name: str | None, since: str) -> list[dict]:
+    """link_clicks of one set, counting only clicks at or after `since` (an ISO time), most clicked first."""
+    where = "AND e.time >= ? AND " + ("e.configuration_set IS NULL" if set_name is None else "e.configuration_set = ?")
+    params = [since] + ([] if set_name is None else [set_name])
+    return _dicts(conn.execute(LINK_CLICKS.format(where=where) + " ORDER BY clicks DESC, link", params))
+
+
+def recipient_rows(conn: sqlite3.Connection, since: str, limit: int) -> list[dict]:
+    """recipient_engagement of the addresses delivered to, engaged or bounced since `since`, latest engaged
+    first."""
+    return _dicts(conn.execute(
+        "SELECT * FROM recipient_engagement WHERE last_engaged >= ? OR last_delivered >= ? OR last_bounce >= ?"
+        " ORDER BY last_engaged IS NULL, last_engaged DESC, recipient LIMIT ?", (since, since, since, limit)))
+
+
+def events_after(conn: sqlite3.Connection, after_id: int, types: tuple[str, ...], set_name: str | None,
+                 limit: int) -> list[tuple]:
+    """(id, type, time, message_id, recipient, configuration_set, record JSON) with id > after_id."""
+    sql = "SELECT id, type, time, message_id, recipient, configuration_set, record FROM events WHERE id > ?"
+    params: list = [after_id]
+    if types:
+        sql += f" AND type IN ({','.join('?' * len(types))})"
+        params += types
+    if set_name is not None:
+        sql += " AND configuration_set = ?"
+        params.append(set_name)
+    return conn.execute(sql + " ORDER BY id LIMIT ?", [*params, limit]).fetchall()
+
+
+def _dicts(cur: sqlite3.Cursor) -> list[dict]:
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+# Metrics: cheap indexed reads at scrape time. Counters are kept by tailing the tables by id from where the
+# previous scrape stopped, so each scrape reads only what is new, and events written by `relay track`
+# workers (other processes) are counted too.
+
+def queue_by_set(conn: sqlite3.Connection) -> list[tuple[str | None, int, str | None]]:
+    """(configuration set, queued copies, oldest acceptance time) of the delivery queue."""
+    return conn.execute(
+        "SELECT m.configuration_set, COUNT(*), MIN(m.received_at) FROM recipients r"
+        " JOIN messages m ON m.id = r.message_id WHERE r.state = 'queued' GROUP BY m.configuration_set").fetchall()
+
+
+def outbox_by_destination(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    """(set, destination, events of the set beyond the destination's cursor) of enabled destinations."""
+    return conn.execute(
+        "SELECT c.configuration_set, c.destination, (SELECT COUNT(*) FROM events e"
+        " WHERE e.configuration_set = c.configuration_set AND e.id > c.last_event_id)"
+        " FROM destination_cursors c WHERE c.enabled = 1").fetchall()
+
+
+def high_water(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """The newest events.id, messages rowid and message_warnings rowid."""
+    return conn.execute("SELECT (SELECT COALESCE(MAX(id), 0) FROM events), (SELECT COALESCE(MAX(rowid), 0)"
+                        " FROM messages), (SELECT COALESCE(MAX(rowid), 0) FROM message_warnings)").fetchone()
+
+
+def counts_after(conn: sqlite3.Connection, marks: tuple[int, int, int], limit: int = 200_000) -> tuple[dict, tuple]:
+    """Counts of what was written after `marks` (see high_water), and the new marks. Keys:
+    ("event", set, type, detail) where detail is the bounce type or the verdict of an open/click,
+    ("message", set) and ("warning", set, stage)."""
+    counts: dict[tuple, int] = {}
+    ev_mark, msg_mark, warn_mark = marks
+    top = ev_mark
+    for set_name, kind, detail, n, last in conn.execute(
+            "SELECT configuration_set, type, CASE WHEN type = 'Bounce' THEN json_extract(record,"
+            " '$.bounce.bounceType') WHEN type IN ('Open', 'Click') THEN (SELECT verdict FROM tracking_verdicts"
+            " WHERE event_id = id) END, COUNT(*), MAX(id) FROM (SELECT * FROM events WHERE id > ? ORDER BY id"
+            " LIMIT ?) GROUP BY 1, 2, 3", (ev_mark, limit)):
+        counts[("event", set_name, kind, detail)] = n
+        top = max(top, last)
+    msg_top = msg_mark
+    for set_name, n, last in conn.execute(
+            "SELECT configuration_set, COUNT(*), MAX(rowid) FROM messages WHERE rowid > ? GROUP BY 1", (msg_mark,)):
+        counts[("message", set_name)] = n
+        msg_top = max(msg_top, last)
+    warn_top = warn_mark
+    for set_name, stage, n, last in conn.execute(
+            "SELECT m.configuration_set, w.stage, COUNT(*), MAX(w.rowid) FROM message_warnings w"
+            " LEFT JOIN messages m ON m.id = w.message_id WHERE w.rowid > ? GROUP BY 1, 2", (warn_mark,)):
+        counts[("warning", set_name, stage)] = n
+        warn_top = max(warn_top, last)
+    return counts, (top, msg_top, warn_top)
+
+
+# Retention. Event ids follow time (an event is written when it happens), so old events are the lowest ids:
+# purging walks them in small chunks from the bottom, each chunk its own store work, so SMTP acceptance and
+# tracking writes are never held behind one long DELETE.
+
+def purge_events_chunk(conn: sqlite3.Connection, cutoff: str, chunk: int) -> tuple[int, bool]:
+    """Delete events (and their verdicts) older than `cutoff` among the `chunk` lowest ids: (deleted, more)."""
+    row = conn.execute("SELECT MIN(id) FROM events").fetchone()
+    if row[0] is None:
+        return 0, False
+    lo, hi = row[0], row[0] + chunk - 1
+    old = "SELECT id FROM events WHERE id BETWEEN ? AND ? AND time < ?"
+    conn.execute(f"DELETE FROM tracking_verdicts WHERE event_id IN ({old})", (lo, hi, cutoff))
+    deleted = conn.execute(f"DELETE FROM events WHERE id IN ({old})", (lo, hi, cutoff)).rowcount
+    # a newer event in the chunk means the old ones are behind us (ids follow time)
+    return deleted, deleted > 0 and conn.execute("SELECT COUNT(*) FROM events WHERE id BETWEEN ? AND ?",
+                                                 (lo, hi)).fetchone()[0] == 0
+
+
+def purge_messages_chunk(conn: sqlite3.Connection, cutoff: str, chunk: int) -> tuple[int, bool]:
+    """Delete up to `chunk` message records accepted before `cutoff` with no copy still queued, with their
+    recipients, warnings and spool: (deleted, more)."""
+    ids = [r[0] for r in conn.execute(
+        "SELECT id FROM messages m WHERE received_at < ? AND NOT EXISTS (SELECT 1 FROM recipients r"
+        " WHERE r.message_id = m.id AND r.state = 'queued') ORDER BY received_at LIMIT ?", (cutoff, chunk))]
+    for table, column in (("recipients", "message_id"), ("message_warnings", "message_id"),
+                          ("spool", "message_id"), ("messages", "id")):
+        conn.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(i,) for i in ids])
+    return len(ids), len(ids) == chunk
+
+
+def forget_address(conn: sqlite3.Connection, addresses: tuple[str, ...],
+                   redact: Callable[[str], str]) -> dict[str, int]:
+    """Delete a recipient's personal data in the caller's transaction: recipients rows, events with that
+    recipient and their verdicts, warnings; `redact(json)` rewrites the mail objects of messages it received
+    (stored message records and other recipients' events). Counts of what changed."""
+    marks = ",".join("?" * len(addresses))
+    messages = [r[0] for r in conn.execute(
+        f"SELECT DISTINCT message_id FROM recipients WHERE recipient IN ({marks}) UNION"
+        f" SELECT DISTINCT message_id FROM events WHERE recipient IN ({marks})", addresses * 2)]
+    out = {"verdicts": conn.execute(
+        f"DELETE FROM tracking_verdicts WHERE event_id IN (SELECT id FROM events WHERE recipient IN ({marks}))",
+        addresses).rowcount}
+    out["events"] = conn.execute(f"DELETE FROM events WHERE recipient IN ({marks})", addresses).rowcount
+    out["recipients"] = conn.execute(f"DELETE FROM recipients WHERE recipient IN ({marks})", addresses).rowcount
+    out["warnings"] = conn.execute(f"DELETE FROM message_warnings WHERE recipient IN ({marks})", addresses).rowcount
+    out["messages"] = out["other_events"] = 0
+    for message_id in messages:
+        for mail_json, in conn.execute("SELECT mail_json FROM messages WHERE id = ?", (message_id,)).fetchall():
+            new = redact(mail_json)
+            if new != mail_json:
+                conn.execute("UPDATE messages SET mail_json = ? WHERE id = ?", (new, message_id))
+                out["messages"] += 1
+        for event_id, record in conn.execute("SELECT id, record FROM events WHERE message_id = ?",
+                                             (message_id,)).fetchall():
+            new = redact(record)
+            if new != record:
+                conn.execute("UPDATE events SET record = ? WHERE id = ?", (new, event_id))
+                out["other_events"] += 1
+    return out

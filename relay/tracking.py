@@ -47,6 +47,7 @@ from relay.core.domains import InvalidTrackingOptions, split_port, validate_trac
 from relay.core.settings import CLICK_PATH, OPEN_PATH
 from relay.core.tokens import ClickClaims, Keyring, OpenClaims, verify
 from relay.core.useragent import summarize
+from relay.inspect import scrubber as privacy_scrubber  # privacy (issue 8)
 from relay.store import Store
 
 log = logging.getLogger("relay.tracking")
@@ -151,6 +152,7 @@ class EventWriter:
     `read(helper, *args)` runs a store read helper on a connection the caller's thread may use.
     """
 
+    scrub = staticmethod(lambda record: None)  # privacy (issue 8): relay.inspect.scrubber, set by TrackingServer
     MAX_RECENT = 64  # clicks kept per copy; a copy clicked more often than this within seconds is a flood
     MAX_COPIES = 20000
     NO_DELIVERY_TTL_MS = 2000  # how long "no Delivery event yet" is believed before asking the store again
@@ -208,6 +210,7 @@ class EventWriter:
                 click = _Click(None, verdicts.Hit(kind, method, ip, ua, ms, claims.url))
                 copies.setdefault((claims.message_id, claims.recipient), []).append(click)
                 placed.append((click, i))
+            self.scrub(record)  # privacy (issue 8): the verdict is judged from the hit, not from the record
             records.append((kind, stamp, claims.message_id, claims.recipient, cset, _splice(record, mail_json)))
         for copy, new in copies.items():
             verdict_rows += self._judge_new_clicks(copy, new, now)
@@ -512,6 +515,7 @@ class TrackingServer:
         self.lists = load_lists(t)
         summarize("Mozilla/5.0 (X11; Linux x86_64)")  # ua-parser loads its regexes on first use (~0.1 s)
         writer = EventWriter(config.account_id, self.lists, thresholds(t), read=store.tracking_read)
+        writer.scrub = privacy_scrubber(config.privacy)  # privacy (issue 8)
         self.recorder = Recorder(store, writer, t.flush_interval, t.flush_batch)
         self._trusted = verdicts.NetworkSet([(net, "proxy") for net in t.trusted_proxies])
         self._max_age = int(t.max_link_age)
@@ -550,6 +554,7 @@ class TrackingServer:
         self.config = config
         self.lists = load_lists(t)
         self.recorder.writer.configure(self.lists, thresholds(t))
+        self.recorder.writer.scrub = privacy_scrubber(config.privacy)  # privacy (issue 8)
         self._trusted = verdicts.NetworkSet([(net, "proxy") for net in t.trusted_proxies])
         self._max_age = int(t.max_link_age)
         if keyring is not None:

@@ -1,0 +1,113 @@
+"""The pure parts of issue 8: durations, cut-offs, IP truncation, scrubbing, redaction, tables; the store's
+purge and forget helpers on a small real database."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from relay import config as config_module
+from relay import inspect as ops
+from relay import store as store_module
+from relay.config import PrivacySettings
+
+NOW = datetime(2026, 11, 23, 12, 30, 0, tzinfo=UTC)
+
+
+def test_since_and_cutoff():
+    assert ops.iso(ops.since_time("7d", NOW)) == "2026-11-16T12:30:00.000Z"
+    assert ops.iso(ops.since_time("24h", NOW)) == "2026-11-22T12:30:00.000Z"
+    assert ops.iso(ops.since_time("2w", NOW)) == "2026-11-09T12:30:00.000Z"
+    assert ops.iso(ops.since_time("2026-11-01", NOW)) == "2026-11-01T00:00:00.000Z"
+    with pytest.raises(ValueError):
+        ops.since_time("last week", NOW)
+    assert ops.purge_cutoff(60, NOW) == "2026-09-24T12:30:00.000Z"
+    assert ops.purge_cutoff(0, NOW) is None
+
+
+@pytest.mark.parametrize(("ip", "truncated"), [
+    ("192.0.2.77", "192.0.2.0"), ("2001:db8:1:2::5", "2001:db8:1::"), ("::ffff:198.51.100.9", "198.51.100.0"),
+    ("", ""), ("not-an-ip", ""),
+])
+def test_truncate_ip(ip, truncated):
+    assert ops.truncate_ip(ip) == truncated
+
+
+def test_scrubber():
+    record = {"eventType": "Click", "click": {"ipAddress": "203.0.113.9", "userAgent": "UA", "link": "x"}}
+    ops.scrubber(PrivacySettings(truncate_ip=True))(record)
+    assert record["click"] == {"ipAddress": "203.0.113.0", "userAgent": "UA", "link": "x"}
+    ops.scrubber(PrivacySettings(drop_user_agent=True))(record)
+    assert record["click"]["userAgent"] == ""
+    untouched = {"open": {"ipAddress": "203.0.113.9", "userAgent": "UA"}}
+    ops.scrubber(PrivacySettings())(untouched)
+    assert untouched == {"open": {"ipAddress": "203.0.113.9", "userAgent": "UA"}}
+
+
+def test_redactor():
+    redact = ops.redactor("Ann@Example.org")
+    doc = json.dumps({"destination": ["ann@example.org", "bob@example.org"],
+                      "commonHeaders": {"to": ["Ann <ANN@example.org>"]}}, separators=(",", ":"))
+    out = json.loads(redact(doc))
+    assert out["destination"] == [ops.FORGOTTEN, "bob@example.org"]
+    assert out["commonHeaders"]["to"] == [f"Ann <{ops.FORGOTTEN}>"]
+    assert redact('{"a":"bob@example.org"}') == '{"a":"bob@example.org"}'
+
+
+def test_format_table_and_total():
+    rows = [{"day": "2026-11-22", "configuration_set": "m", "sent": 10, "delivered": 8, "unique_opens": 2,
+             "unique_human_opens": 1, "unique_clicks": 1, "unique_human_clicks": 0, "open_rate": 0.25},
+            {"day": "2026-11-23", "configuration_set": "m", "sent": 5, "delivered": 0, "open_rate": None}]
+    total = ops.total_row(rows)
+    assert (total["sent"], total["delivered"], total["open_rate"], total["human_click_rate"]) == (15, 8, 0.25, 0.0)
+    text = ops.format_table(rows, [("day", "day"), ("sent", "sent"), ("open_rate", "open%")])
+    assert text.splitlines() == ["day         sent  open%", "----------  ----  -----",
+                                 "2026-11-22    10  25.0%", "2026-11-23     5      -"]
+
+
+def test_config_keys(tmp_path: Path):
+    cfg = config_module.parse(tomllib.loads(
+        '[metrics]\nlisten = "127.0.0.1:9108"\n[retention]\ndays = 0\ninterval = "10m"\n'
+        '[privacy]\ntruncate_ip = true\ndrop_user_agent = true\n'), tmp_path)
+    assert (cfg.metrics.listen_host, cfg.metrics.listen_port) == ("127.0.0.1", 9108)
+    assert (cfg.retention.days, cfg.retention.interval) == (0, 600.0)
+    assert cfg.privacy == PrivacySettings(True, True)
+    default = config_module.parse({}, tmp_path)
+    assert default.metrics.listen_host is None and default.retention.days == 60 and not default.privacy.truncate_ip
+    with pytest.raises(config_module.ConfigError) as err:
+        config_module.parse(tomllib.loads('[retention]\ndays = -1\n[privacy]\ntruncate = true\n'), tmp_path)
+    assert any("retention.days" in p for p in err.value.problems)
+    assert any("privacy.truncate: unknown key" in p for p in err.value.problems)
+
+
+def test_example_config_is_valid():
+    cfg = config_module.load(Path(__file__).resolve().parent.parent / "config.example.toml")
+    assert cfg.retention.days == 60
+
+
+def _event(kind: str, time: str, message_id: str, recipient: str) -> tuple:
+    return (kind, time, message_id, recipient, "m", json.dumps({"eventType": kind, "mail": {
+        "messageId": message_id, "destination": ["ann@example.org", "zed@example.org"]}}))
+
+
+def test_purge_in_chunks_and_forget(tmp_path: Path):
+    store = store_module.Store(tmp_path / "relay.sqlite3")
+    try:
+        old, new = "2020-01-01T00:00:00.000Z", "2026-11-23T00:00:00.000Z"
+        rows = [_event("Send", old, f"m{i}", f"u{i}@example.org") for i in range(12)]
+        rows += [_event("Send", new, "n1", "ann@example.org"), _event("Send", new, "n1", "zed@example.org")]
+        store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
+        deleted = ops._chunks(store, lambda conn, cutoff, _n: store_module.purge_events_chunk(conn, cutoff, 5),
+                              "2026-01-01T00:00:00.000Z", 30.0)
+        assert deleted == 12
+        assert [r[0] for r in store.query("SELECT message_id FROM events")] == ["n1", "n1"]
+        done = ops.forget(store, "Ann@example.org")
+        assert done["events"] == 1 and done["other_events"] == 1
+        (record,) = [json.loads(r[0]) for r in store.query("SELECT record FROM events")]
+        assert record["mail"]["destination"] == [ops.FORGOTTEN, "zed@example.org"]
+    finally:
+        store.close()
