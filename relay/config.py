@@ -547,18 +547,14 @@ def _parse_sets(c: _Reader, problems: list[str]) -> dict[str, ConfigurationSet]:
         if not CONFIG_SET_RE.match(name):
             problems.append(f"configuration_sets.{name}: a set name is 1-64 characters from A-Z a-z 0-9 _ -")
         s = c.sub(name)
-        domain = _redirect_domain(s, problems)
+        fallback = s.get("dkim_fallback_domain", str, "") or None
+        destinations = _parse_destinations(s, problems)
+        o = _parse_options(s, problems)  # the set's tracking options; also reports the table's unknown keys
         sets[name] = ConfigurationSet(
-            name=name,
-            open_tracking=s.get("open_tracking", bool, None),
-            click_tracking=s.get("click_tracking", bool, None),
-            custom_redirect_domain=domain,
-            https_policy=s.choice("https_policy", HTTPS_POLICIES, None),
-            pixel_position=s.choice("pixel_position", PIXEL_POSITIONS, None),
-            dkim_fallback_domain=s.get("dkim_fallback_domain", str, "") or None,
-            destinations=_parse_destinations(s, problems),
+            name=name, open_tracking=o.open_tracking, click_tracking=o.click_tracking,
+            custom_redirect_domain=o.custom_redirect_domain, https_policy=o.https_policy,
+            pixel_position=o.pixel_position, dkim_fallback_domain=fallback, destinations=destinations,
         )
-        s.finish()
     return sets
 
 
