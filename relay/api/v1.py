@@ -181,22 +181,24 @@ def create_tracking(ctx: Context, p: dict) -> str:
     return ""
 
 
-def update_tracking(ctx: Context, p: dict) -> str:
-    name = _set_name(p)
+def _existing_tracking(ctx: Context, name: str) -> None:
+    """SES's error when a set of the database has no tracking options to update or delete."""
     s = _tracking_state(ctx, name)
     if s.source == "database" and not has_tracking_options(s):
         raise SesError("TrackingOptionsDoesNotExist", f"There are no tracking options for configuration set"
                        f" <{name}>.")
+
+
+def update_tracking(ctx: Context, p: dict) -> str:
+    name = _set_name(p)
+    _existing_tracking(ctx, name)
     sets.put_tracking(ctx.config, ctx.store, "set", name, _domain(p))
     return ""
 
 
 def delete_tracking(ctx: Context, p: dict) -> str:
     name = _set_name(p)
-    s = _tracking_state(ctx, name)
-    if s.source == "database" and not has_tracking_options(s):
-        raise SesError("TrackingOptionsDoesNotExist", f"There are no tracking options for configuration set"
-                       f" <{name}>.")
+    _existing_tracking(ctx, name)
     # Only SES's tracking options go; open/click switches (VDM, CLI) stay.
     sets.put_tracking(ctx.config, ctx.store, "set", name, TrackingOptions(), _TRACKING_FIELDS)
     return ""
