@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.store import SCHEMA  # noqa: E402
+from relay.inspect import rollup  # noqa: E402
+from relay.store import LINK_CLICKS, SCHEMA, Store  # noqa: E402
 
 SETS = ("marketing", "transactional", "newsletter")
 DAYS = 60
@@ -120,10 +121,14 @@ def queries(start: datetime) -> list[tuple[str, str, tuple]]:
     return [
         ("funnel: one set, last 7 days", "SELECT * FROM funnel_daily WHERE configuration_set = ? AND day >= ?"
          " ORDER BY day", ("marketing", week)),
+        ("funnel: one set, today (live, not rolled up)", "SELECT * FROM funnel_daily WHERE configuration_set = ?"
+         " AND day = ?", ("marketing", (start + timedelta(days=DAYS - 1)).strftime("%Y-%m-%d"))),
         ("funnel: one set, one day", "SELECT * FROM funnel_daily WHERE configuration_set = ? AND day = ?",
          ("marketing", week)),
         ("links: one set, all time", "SELECT * FROM link_clicks WHERE configuration_set = ?"
          " ORDER BY clicks DESC LIMIT 20", ("marketing",)),
+        ("links: one set, last 7 days (relay stats --by link)", LINK_CLICKS.format(
+            where="AND e.time >= ? AND e.configuration_set = ?") + " ORDER BY clicks DESC", (week, "marketing")),
         ("recipient: one address", "SELECT * FROM recipient_engagement WHERE recipient = ?",
          ("user4242@example.org",)),
         ("recipients: engaged in the last 30 days (whole list)", "SELECT recipient FROM recipient_engagement"
@@ -142,7 +147,11 @@ def main() -> int:
     args = parser.parse_args()
     path = Path(args.db)
     if path.exists() and args.keep:
-        conn = sqlite3.connect(path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        for (view,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'").fetchall():
+            conn.execute(f"DROP VIEW {view}")  # views of an older relay: take this one's
+        for statement in SCHEMA:
+            conn.execute(statement)
         first = conn.execute("SELECT MIN(time) FROM events").fetchone()[0]
         conn.close()
         start = datetime.strptime(first[:10], "%Y-%m-%d").replace(tzinfo=UTC)
@@ -152,6 +161,11 @@ def main() -> int:
         t0 = time.perf_counter()
         start = generate(path, args.events)
         print(f"generated {args.events:,} events in {time.perf_counter() - t0:.1f} s ({path})", flush=True)
+    store = Store(path)
+    t0 = time.perf_counter()
+    days = rollup(store)  # what the running relay does hourly: closed days of the funnel, computed once
+    store.close()
+    print(f"funnel rollup of {days} closed days in {time.perf_counter() - t0:.1f} s", flush=True)
     conn = sqlite3.connect(path)
     for name, sql, params in queries(start):
         timed(conn, sql, params)  # warm the page cache: the figure is the steady state of a running system

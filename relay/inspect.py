@@ -291,20 +291,39 @@ def purge(store: store_module.Store, days: int, now: datetime | None = None, bud
             "messages": _chunks(store, store_module.purge_messages_chunk, cutoff, budget)}
 
 
+def first_open_day(now: datetime) -> str:
+    """The funnel's days before this one are closed (a few minutes' grace for events written late)."""
+    return (now - timedelta(minutes=10)).astimezone(UTC).date().isoformat()
+
+
+def rollup(store: store_module.Store, now: datetime | None = None, max_days: int = 3660) -> int:
+    """Roll the funnel's closed days up into funnel_rollup, one day per store work; how many days."""
+    day, done = first_open_day(now or datetime.now(UTC)), 0
+    while done < max_days and store.submit(lambda conn: store_module.rollup_funnel_day(conn, day)).result():
+        done += 1
+    return done
+
+
+def maintain(store: store_module.Store, days: int) -> dict:
+    """One round of the periodic work: funnel rollup, then the retention purge."""
+    rolled = rollup(store)
+    done = purge(store, days) if days > 0 else {"events": 0, "messages": 0}
+    return {**done, "rolled_up_days": rolled}
+
+
 async def retention_task(store: store_module.Store, get_config: Callable[[], Config]) -> None:
-    """Purge now and then every `retention.interval` (re-read, so SIGHUP changes apply); until cancelled."""
+    """Roll up and purge now, then every `retention.interval` (re-read: SIGHUP changes apply); until cancelled."""
     while True:
         cfg = get_config()
-        if cfg.retention.days > 0:
-            try:
-                done = await asyncio.to_thread(purge, store, cfg.retention.days)
-                if any(done.values()):
-                    log.info("retention purge days=%d events=%d messages=%d", cfg.retention.days,
-                             done["events"], done["messages"])
-            except store_module.StoreClosed:
-                return
-            except Exception:  # the next round tries again; never let the task die silently
-                log.exception("retention purge failed")
+        try:
+            done = await asyncio.to_thread(maintain, store, cfg.retention.days)
+            if any(done.values()):
+                log.info("maintenance retention_days=%d purged_events=%d purged_messages=%d rolled_up_days=%d",
+                         cfg.retention.days, done["events"], done["messages"], done["rolled_up_days"])
+        except store_module.StoreClosed:
+            return
+        except Exception:  # the next round tries again; never let the task die silently
+            log.exception("retention purge failed")
         await asyncio.sleep(cfg.retention.interval)
 
 
@@ -317,6 +336,7 @@ def purge_command(args: argparse.Namespace) -> int:
     store = _open(cfg)
     try:
         done = purge(store, days)
+        rollup(store)
     finally:
         store.close()
     print(f"purged {done['events']} events and {done['messages']} messages older than {days} days")

@@ -20,6 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -695,6 +696,40 @@ def record_destination_failure(conn: sqlite3.Connection, set_name: str, destinat
 # SES's dashboards). "Human" opens are the verdicts human and proxy (an image proxy fetches when a person
 # opens); a human click counts as an open of its copy when images were blocked. Rates are on delivered.
 
+FUNNEL_COUNTS = ("sent", "delivered", "bounced_permanent", "bounced_transient", "delayed", "complained", "rejected",
+                 "opens", "unique_opens", "human_opens", "machine_opens", "unique_human_opens", "clicks",
+                 "unique_clicks", "human_clicks", "machine_clicks", "unique_human_clicks")
+# The funnel of the events of `where`, per set and UTC day. Bounces are counted apart, by index seeks, so the
+# pass over every event never parses a record.
+FUNNEL_LIVE = """SELECT e.configuration_set AS configuration_set, substr(e.time, 1, 10) AS day,
+        SUM(e.type = 'Send') AS sent,
+        SUM(e.type = 'Delivery') AS delivered,
+        (SELECT COUNT(*) FROM events b WHERE b.configuration_set IS e.configuration_set
+         AND substr(b.time, 1, 10) = substr(e.time, 1, 10) AND b.type = 'Bounce'
+         AND json_extract(b.record, '$.bounce.bounceType') = 'Permanent') AS bounced_permanent,
+        SUM(e.type = 'Bounce') - (SELECT COUNT(*) FROM events b WHERE b.configuration_set IS e.configuration_set
+         AND substr(b.time, 1, 10) = substr(e.time, 1, 10) AND b.type = 'Bounce'
+         AND json_extract(b.record, '$.bounce.bounceType') = 'Permanent') AS bounced_transient,
+        SUM(e.type = 'DeliveryDelay') AS delayed,
+        SUM(e.type = 'Complaint') AS complained,
+        SUM(e.type = 'Reject') AS rejected,
+        SUM(e.type = 'Open') AS opens,
+        COUNT(DISTINCT CASE WHEN e.type = 'Open' THEN e.message_id || ' ' || e.recipient END) AS unique_opens,
+        SUM(e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
+        SUM(e.type = 'Open' AND v.verdict = 'machine') AS machine_opens,
+        COUNT(DISTINCT CASE WHEN (e.type = 'Open' AND v.verdict IN ('human', 'proxy'))
+                             OR (e.type = 'Click' AND v.verdict = 'human')
+                            THEN e.message_id || ' ' || e.recipient END) AS unique_human_opens,
+        SUM(e.type = 'Click') AS clicks,
+        COUNT(DISTINCT CASE WHEN e.type = 'Click' THEN e.message_id || ' ' || e.recipient END) AS unique_clicks,
+        SUM(e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
+        SUM(e.type = 'Click' AND v.verdict = 'machine') AS machine_clicks,
+        COUNT(DISTINCT CASE WHEN e.type = 'Click' AND v.verdict = 'human'
+                            THEN e.message_id || ' ' || e.recipient END) AS unique_human_clicks
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id AND e.type IN ('Open', 'Click')
+    {where}
+    GROUP BY e.configuration_set, substr(e.time, 1, 10)"""
+
 # Per link of a set: unique = distinct recipient copies that clicked it. `where` narrows it (relay stats).
 LINK_CLICKS = """SELECT e.configuration_set AS configuration_set,
         json_extract(e.record, '$.click.link') AS link,
@@ -715,38 +750,30 @@ SCHEMA.extend([
     "CREATE INDEX IF NOT EXISTS events_set_day ON events (configuration_set, substr(time, 1, 10), type)",
     # Per-recipient MAX(time) per type without reading the events themselves.
     "CREATE INDEX IF NOT EXISTS events_recipient_time ON events (recipient, type, time)",
-    """CREATE VIEW IF NOT EXISTS funnel_daily AS
-    SELECT configuration_set, day, sent, delivered, bounced_permanent, bounced_transient, delayed, complained,
-        rejected, opens, unique_opens, human_opens, machine_opens, unique_human_opens,
-        clicks, unique_clicks, human_clicks, machine_clicks, unique_human_clicks,
+    # A set's clicks (link_clicks) without visiting its other events.
+    "CREATE INDEX IF NOT EXISTS events_type_set_time ON events (type, configuration_set, time)",
+    # Closed days of the funnel, computed once (rollup_funnel_day) with the live query below: a day's numbers
+    # never change once it is over (events are dated when they happen). configuration_set '' = no set.
+    f"""CREATE TABLE IF NOT EXISTS funnel_rollup (
+        configuration_set TEXT NOT NULL,
+        day TEXT NOT NULL,
+        {", ".join(f"{c} INTEGER NOT NULL" for c in FUNNEL_COUNTS)},
+        PRIMARY KEY (configuration_set, day)
+    )""",
+    # Every day up to and including `day` is in funnel_rollup; later days are computed from the events.
+    "CREATE TABLE IF NOT EXISTS funnel_rollup_mark (id INTEGER PRIMARY KEY, day TEXT NOT NULL)",
+    "INSERT INTO funnel_rollup_mark (id, day) SELECT 1, '' WHERE NOT EXISTS (SELECT 1 FROM funnel_rollup_mark)",
+    "CREATE VIEW IF NOT EXISTS funnel_live AS " + FUNNEL_LIVE.format(
+        where="WHERE substr(e.time, 1, 10) > (SELECT day FROM funnel_rollup_mark WHERE id = 1)"),
+    f"""CREATE VIEW IF NOT EXISTS funnel_daily AS
+    SELECT configuration_set, day, {", ".join(FUNNEL_COUNTS)},
         CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_opens / delivered, 4) END AS open_rate,
         CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_human_opens / delivered, 4) END AS human_open_rate,
         CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_clicks / delivered, 4) END AS click_rate,
         CASE WHEN delivered > 0 THEN ROUND(1.0 * unique_human_clicks / delivered, 4) END AS human_click_rate
-    FROM (SELECT e.configuration_set AS configuration_set, substr(e.time, 1, 10) AS day,
-        SUM(e.type = 'Send') AS sent,
-        SUM(e.type = 'Delivery') AS delivered,
-        SUM(e.type = 'Bounce' AND json_extract(e.record, '$.bounce.bounceType') = 'Permanent') AS bounced_permanent,
-        SUM(e.type = 'Bounce' AND json_extract(e.record, '$.bounce.bounceType') <> 'Permanent') AS bounced_transient,
-        SUM(e.type = 'DeliveryDelay') AS delayed,
-        SUM(e.type = 'Complaint') AS complained,
-        SUM(e.type = 'Reject') AS rejected,
-        SUM(e.type = 'Open') AS opens,
-        COUNT(DISTINCT CASE WHEN e.type = 'Open' THEN e.message_id || ' ' || e.recipient END) AS unique_opens,
-        SUM(e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
-        SUM(e.type = 'Open' AND v.verdict = 'machine') AS machine_opens,
-        COUNT(DISTINCT CASE WHEN (e.type = 'Open' AND v.verdict IN ('human', 'proxy'))
-                             OR (e.type = 'Click' AND v.verdict = 'human')
-                            THEN e.message_id || ' ' || e.recipient END) AS unique_human_opens,
-        SUM(e.type = 'Click') AS clicks,
-        COUNT(DISTINCT CASE WHEN e.type = 'Click' THEN e.message_id || ' ' || e.recipient END) AS unique_clicks,
-        SUM(e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
-        SUM(e.type = 'Click' AND v.verdict = 'machine') AS machine_clicks,
-        COUNT(DISTINCT CASE WHEN e.type = 'Click' AND v.verdict = 'human'
-                            THEN e.message_id || ' ' || e.recipient END) AS unique_human_clicks
-        FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id AND e.type IN ('Open', 'Click')
-        GROUP BY e.configuration_set, substr(e.time, 1, 10))""",
-    # Per link of a set: unique = distinct recipient copies that clicked it.
+    FROM (SELECT NULLIF(configuration_set, '') AS configuration_set, day, {", ".join(FUNNEL_COUNTS)}
+          FROM funnel_rollup WHERE day <= (SELECT day FROM funnel_rollup_mark WHERE id = 1)
+          UNION ALL SELECT * FROM funnel_live)""",
     "CREATE VIEW IF NOT EXISTS link_clicks AS " + LINK_CLICKS.format(where=""),
     # Per recipient address: SES's "narrow a list to its engaged recipients". Index seeks per address, so
     # `WHERE recipient = ?` is instant and the whole list costs one pass over the distinct addresses.
@@ -952,3 +979,45 @@ def forget_address(conn: sqlite3.Connection, addresses: tuple[str, ...],
                 conn.execute("UPDATE events SET record = ? WHERE id = ?", (new, event_id))
                 out["other_events"] += 1
     return out
+
+
+def _event_sets(conn: sqlite3.Connection) -> list[str | None]:
+    """Every configuration_set value of the events, by seeks on the index (a loose index scan), NULL last."""
+    out: list[str | None] = []
+    row = conn.execute("SELECT MIN(configuration_set) FROM events").fetchone()
+    while row is not None and row[0] is not None:
+        out.append(row[0])
+        row = conn.execute("SELECT configuration_set FROM events WHERE configuration_set > ?"
+                           " ORDER BY configuration_set LIMIT 1", (row[0],)).fetchone()
+    if conn.execute("SELECT 1 FROM events WHERE configuration_set IS NULL LIMIT 1").fetchone():
+        out.append(None)
+    return out
+
+
+def rollup_funnel_day(conn: sqlite3.Connection, first_open_day: str) -> str | None:
+    """Compute the funnel of the day after the rollup mark into funnel_rollup and move the mark, if that day is
+    before `first_open_day` (YYYY-MM-DD; events may still arrive from then on). The day done, or None."""
+    mark = conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = 1").fetchone()[0]
+    if mark:
+        day = (date.fromisoformat(mark) + timedelta(days=1)).isoformat()
+    else:  # the first day with events: the oldest time of each type, by seeks on events_type_time
+        types = [r[0] for r in conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", ("",))]
+        while types and types[-1] is not None:
+            row = conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", (types[-1],)).fetchone()
+            types.append(row[0] if row else None)
+        times = [conn.execute("SELECT MIN(time) FROM events WHERE type = ?", (t,)).fetchone()[0] for t in types if t]
+        if not times:
+            return None
+        day = min(times)[:10]
+    if day >= first_open_day:
+        return None
+    columns = ", ".join(FUNNEL_COUNTS)
+    for set_name in _event_sets(conn):
+        where = ("WHERE e.configuration_set IS NULL" if set_name is None else "WHERE e.configuration_set = ?") \
+            + " AND substr(e.time, 1, 10) = ?"
+        live = FUNNEL_LIVE.format(where=where)
+        conn.execute(f"INSERT OR REPLACE INTO funnel_rollup (configuration_set, day, {columns})"
+                     f" SELECT COALESCE(configuration_set, ''), day, {columns} FROM ({live})",
+                     ([] if set_name is None else [set_name]) + [day])
+    conn.execute("UPDATE funnel_rollup_mark SET day = ? WHERE id = 1", (day,))
+    return day

@@ -111,3 +111,37 @@ def test_purge_in_chunks_and_forget(tmp_path: Path):
         assert record["mail"]["destination"] == [ops.FORGOTTEN, "zed@example.org"]
     finally:
         store.close()
+
+
+def test_funnel_rollup_gives_the_live_numbers(tmp_path: Path):
+    """Closed days are computed once into funnel_rollup; funnel_daily shows the same rows either way."""
+    store = store_module.Store(tmp_path / "relay.sqlite3")
+    try:
+        rows = []
+        for day, n in (("2026-11-20", 3), ("2026-11-21", 2), ("2026-11-23", 1)):
+            for i in range(n):
+                rows.append(_event("Send", f"{day}T10:00:00.000Z", f"{day}-{i}", f"u{i}@example.org"))
+                kind = "Permanent" if day == "2026-11-20" else "Transient"
+                rows.append(("Bounce" if i == 0 else "Delivery", f"{day}T10:00:01.000Z", f"{day}-{i}",
+                             f"u{i}@example.org", None if day == "2026-11-21" else "m",
+                             json.dumps({"bounce": {"bounceType": kind}})))
+                rows.append(("Open", f"{day}T11:00:00.000Z", f"{day}-{i}", f"u{i}@example.org", "m", "{}"))
+        ids = store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
+        verdicts = [store_module.VerdictRow(i, "GET", "human", "[]", "", "", "", "2026-11-23T00:00:00.000Z")
+                    for i, row in zip(ids, rows, strict=True) if row[0] == "Open"]
+        store.submit(lambda conn: store_module.upsert_verdicts(conn, verdicts)).result()
+
+        def funnel() -> list[tuple]:
+            return store.query("SELECT * FROM funnel_daily ORDER BY day, configuration_set")
+
+        live = funnel()
+        assert ops.rollup(store, datetime(2026, 11, 23, 0, 5, tzinfo=UTC)) == 2  # the 22nd is not closed yet
+        assert store.query("SELECT day FROM funnel_rollup_mark") == [("2026-11-21",)]
+        assert ops.rollup(store, NOW) == 1  # the 22nd (no events); the 23rd stays open
+        assert len(store.query("SELECT * FROM funnel_rollup")) == 3
+        assert funnel() == live
+        marketing = {r["day"]: r for r in store_module.funnel_rows(store._reader(), "m", "2026-11-01")}
+        assert (marketing["2026-11-20"]["bounced_permanent"], marketing["2026-11-20"]["delivered"]) == (1, 2)
+        assert marketing["2026-11-20"]["unique_human_opens"] == 3
+    finally:
+        store.close()
