@@ -184,10 +184,9 @@ def _read(store: store_module.Store, helper: Callable, *args):
     return store_module.configuration_read(store, helper, *args)
 
 
-def _sets(cfg: Config, store: store_module.Store, only: str | None) -> list[str | None]:
-    if only is not None:
-        return [only]
-    return sorted(set(cfg.configuration_sets) | set(_read(store, store_module.event_sets))) + [None]
+def _sets(store: store_module.Store, only: str | None) -> list[str | None]:
+    """The set asked for, or every set that has events (sets since deleted included; None: no set)."""
+    return [only] if only is not None else _read(store, store_module.sets_with_events)
 
 
 def _load(path: str) -> Config:
@@ -202,11 +201,11 @@ def stats(cfg: Config, by: str, set_name: str | None, since: datetime, limit: in
     store = _open(cfg)
     try:
         if by == "day":
-            rows = [r for s in _sets(cfg, store, set_name)
+            rows = [r for s in _sets(store, set_name)
                     for r in _read(store, store_module.funnel_rows, s, iso(since)[:10])]
             return sorted(rows, key=lambda r: (r["day"], r["configuration_set"] or ""))
         if by == "link":
-            rows = [r for s in _sets(cfg, store, set_name) for r in _read(store, store_module.link_rows, s, iso(since))]
+            rows = [r for s in _sets(store, set_name) for r in _read(store, store_module.link_rows, s, iso(since))]
             return sorted(rows, key=lambda r: -r["clicks"])
         return _read(store, store_module.recipient_rows, iso(since), limit)
     finally:
