@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -121,16 +122,17 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     numeric = [all(isinstance(r.get(k), (int, float)) or r.get(k) is None for r in rows) for k, _ in columns]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
+        cells = (v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
+        return "  ".join(cells).rstrip()
 
     return "\n".join([line([h for _, h in columns]), line(["-" * w for w in widths])] + [line(g) for g in grid])
 
 
 DAY_COLUMNS = [("day", "day"), ("configuration_set", "set"), ("sent", "sent"), ("delivered", "delivered"),
-               ("bounced_permanent", "bounced"), ("bounced_transient", "soft"), ("delayed", "delayed"),
-               ("complained", "complaints"), ("opens", "opens"), ("unique_opens", "uniq"),
-               ("unique_human_opens", "human"), ("clicks", "clicks"), ("unique_clicks", "uniq"),
-               ("unique_human_clicks", "human"), ("open_rate", "open%"), ("human_open_rate", "human open%"),
+               ("bounced_permanent", "hard"), ("bounced_transient", "soft"), ("delayed", "delayed"),
+               ("complained", "complaints"), ("opens", "opens"), ("unique_opens", "uniq opens"),
+               ("unique_human_opens", "human opens"), ("clicks", "clicks"), ("unique_clicks", "uniq clicks"),
+               ("unique_human_clicks", "human clicks"), ("open_rate", "open%"), ("human_open_rate", "human open%"),
                ("click_rate", "click%"), ("human_click_rate", "human click%")]
 LINK_COLUMNS = [("configuration_set", "set"), ("link", "link"), ("link_tags", "tags"), ("clicks", "clicks"),
                 ("unique_clicks", "unique"), ("human_clicks", "human"), ("first_click", "first"),
@@ -259,8 +261,15 @@ def tail(cfg: Config, types: tuple[str, ...], set_name: str | None, out: Callabl
         store.close()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def tail_command(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    # Ctrl-C and SIGTERM stop it, even when started in the background (where a shell ignores SIGINT)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
     def show(row: tuple) -> None:
         print(row[6] if args.json else event_line(row), flush=True)
