@@ -145,3 +145,21 @@ def test_funnel_rollup_gives_the_live_numbers(tmp_path: Path):
         assert marketing["2026-11-20"]["unique_human_opens"] == 3
     finally:
         store.close()
+
+
+def test_purge_keeps_queued_messages(tmp_path: Path):
+    store = store_module.Store(tmp_path / "relay.sqlite3")
+    try:
+        old = "2020-01-01T00:00:00.000Z"
+        for message_id, state in (("done", "delivered"), ("waiting", "queued")):
+            msg = store_module.MessageRow(message_id, old, "a@example.com", "m", "s", None, 1, "127.0.0.1", None,
+                                          {"messageId": message_id}, {})
+            store.submit(store_module.Store.accept_work(msg, ["r@example.org"], b"raw", [])).result()
+            if state != "queued":
+                store.submit(store_module.Store.recipient_work(message_id, "r@example.org", state, 1, None, "250",
+                                                               old, [])).result()
+        assert ops.purge(store, 60, NOW) == {"events": 0, "messages": 1}
+        assert store.query("SELECT id FROM messages") == [("waiting",)]
+        assert store.query("SELECT message_id, state FROM recipients") == [("waiting", "queued")]
+    finally:
+        store.close()

@@ -257,3 +257,23 @@ def check_forget(relay: RelayProcess) -> None:
         dump = "\n".join(conn.iterdump())
     assert "ann@example.org" not in dump
     assert "forgotten@forgotten.invalid" in dump and "bob@example.org" in dump
+
+
+def test_running_relay_purges_old_records_periodically(tmp_path):
+    relay = RelayProcess(tmp_path / "r", extra='[retention]\ndays = 30\ninterval = "0.2s"\n').start()
+    try:
+        old, new = "2020-01-01T00:00:00.000Z", "2099-01-01T00:00:00.000Z"
+        with contextlib.closing(relay.db()) as conn, conn:
+            conn.executemany("INSERT INTO events (type, time, message_id, recipient, configuration_set, record)"
+                             " VALUES (?, ?, ?, 'x@example.org', NULL, '{}')",
+                             [("Send", old, "m-old"), ("Send", new, "m-new")])
+            conn.execute("INSERT INTO messages (id, received_at, mail_from, size, mail_json, settings_json)"
+                         " VALUES ('m-old', ?, 'a@example.com', 1, '{}', '{}')", (old,))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and query(relay, "SELECT COUNT(*) AS n FROM messages")[0]["n"]:
+            time.sleep(0.1)
+        assert query(relay, "SELECT message_id FROM events") == [{"message_id": "m-new"}]
+        assert query(relay, "SELECT COUNT(*) AS n FROM messages")[0]["n"] == 0
+    finally:
+        relay.stop()
+    assert re.search(r"maintenance retention_days=30 purged_events=\d+ purged_messages=\d+", relay.log())
