@@ -900,10 +900,10 @@ def counts_after(conn: sqlite3.Connection, marks: tuple[int, int, int], limit: i
     ev_mark, msg_mark, warn_mark = marks
     top = ev_mark
     for set_name, kind, detail, n, last in conn.execute(
-            "SELECT configuration_set, type, CASE WHEN type = 'Bounce' THEN json_extract(record,"
-            " '$.bounce.bounceType') WHEN type IN ('Open', 'Click') THEN (SELECT verdict FROM tracking_verdicts"
-            " WHERE event_id = id) END, COUNT(*), MAX(id) FROM (SELECT * FROM events WHERE id > ? ORDER BY id"
-            " LIMIT ?) GROUP BY 1, 2, 3", (ev_mark, limit)):
+            "SELECT e.configuration_set, e.type, CASE WHEN e.type = 'Bounce' THEN json_extract(e.record,"
+            " '$.bounce.bounceType') WHEN e.type IN ('Open', 'Click') THEN (SELECT v.verdict FROM tracking_verdicts v"
+            " WHERE v.event_id = e.id) END, COUNT(*), MAX(e.id) FROM (SELECT * FROM events WHERE id > ? ORDER BY id"
+            " LIMIT ?) e GROUP BY 1, 2, 3", (ev_mark, limit)):
         counts[("event", set_name, kind, detail)] = n
         top = max(top, last)
     msg_top = msg_mark
@@ -978,6 +978,12 @@ def forget_address(conn: sqlite3.Connection, addresses: tuple[str, ...],
             if new != record:
                 conn.execute("UPDATE events SET record = ? WHERE id = ?", (new, event_id))
                 out["other_events"] += 1
+    # refused messages have no recipient rows: their Reject events name the address only in `mail`
+    for event_id, record in conn.execute("SELECT id, record FROM events WHERE type = 'Reject'").fetchall():
+        new = redact(record)
+        if new != record:
+            conn.execute("UPDATE events SET record = ? WHERE id = ?", (new, event_id))
+            out["other_events"] += 1
     return out
 
 
