@@ -305,9 +305,17 @@ def first_open_day(now: datetime) -> str:
 
 
 def rollup(store: store_module.Store, now: datetime | None = None, max_days: int = 3660) -> int:
-    """Roll the funnel's closed days up into funnel_rollup, one day per store work; how many days."""
-    day, done = first_open_day(now or datetime.now(UTC)), 0
-    while done < max_days and store.submit(lambda conn: store_module.rollup_funnel_day(conn, day)).result():
+    """Roll the funnel's closed days up into funnel_rollup, a day at a time: computed on this thread's reader
+    connection, stored by a short store work. How many days were stored."""
+    open_day, done = first_open_day(now or datetime.now(UTC)), 0
+    while done < max_days:
+        nxt = _read(store, store_module.next_rollup_day, open_day)
+        if nxt is None:
+            return done
+        mark, day = nxt
+        rows = _read(store, store_module.funnel_day_rows, day)
+        if not store.submit(lambda conn, m=mark, d=day, r=rows: store_module.store_funnel_day(conn, m, d, r)).result():
+            return done  # another process rolls up at the same time
         done += 1
     return done
 

@@ -752,8 +752,8 @@ SCHEMA.extend([
     "CREATE INDEX IF NOT EXISTS events_recipient_time ON events (recipient, type, time)",
     # A set's clicks (link_clicks) without visiting its other events; partial, so only clicks pay for it.
     "CREATE INDEX IF NOT EXISTS events_click_set_time ON events (configuration_set, time) WHERE type = 'Click'",
-    # Closed days of the funnel, computed once (rollup_funnel_day) with the live query below: a day's numbers
-    # never change once it is over (events are dated when they happen). configuration_set '' = no set.
+    # Closed days of the funnel, computed once (funnel_day_rows, store_funnel_day) with the live query below: a
+    # day's numbers never change once it is over (events are dated when they happen). configuration_set '' = none.
     f"""CREATE TABLE IF NOT EXISTS funnel_rollup (
         configuration_set TEXT NOT NULL,
         day TEXT NOT NULL,
@@ -1000,9 +1000,9 @@ def _event_sets(conn: sqlite3.Connection) -> list[str | None]:
     return out
 
 
-def rollup_funnel_day(conn: sqlite3.Connection, first_open_day: str) -> str | None:
-    """Compute the funnel of the day after the rollup mark into funnel_rollup and move the mark, if that day is
-    before `first_open_day` (YYYY-MM-DD; events may still arrive from then on). The day done, or None."""
+def next_rollup_day(conn: sqlite3.Connection, first_open_day: str) -> tuple[str, str] | None:
+    """(current mark, the day after it) when that day is before `first_open_day` (YYYY-MM-DD; events may still
+    arrive from then on) and so can be rolled up; None when the rollup is up to date."""
     mark = conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = 1").fetchone()[0]
     if mark:
         day = (date.fromisoformat(mark) + timedelta(days=1)).isoformat()
@@ -1015,15 +1015,28 @@ def rollup_funnel_day(conn: sqlite3.Connection, first_open_day: str) -> str | No
         if not times:
             return None
         day = min(times)[:10]
-    if day >= first_open_day:
-        return None
-    columns = ", ".join(FUNNEL_COUNTS)
+    return (mark, day) if day < first_open_day else None
+
+
+def funnel_day_rows(conn: sqlite3.Connection, day: str) -> list[tuple]:
+    """The funnel rows of one closed day, one per set ('' for no set), as funnel_rollup stores them. A read:
+    run it on a reader connection, so the writer (and SMTP acceptance behind it) never waits for it."""
+    rows = []
     for set_name in _event_sets(conn):
         where = ("WHERE e.configuration_set IS NULL" if set_name is None else "WHERE e.configuration_set = ?") \
             + " AND substr(e.time, 1, 10) = ?"
         live = FUNNEL_LIVE.format(where=where)
-        conn.execute(f"INSERT OR REPLACE INTO funnel_rollup (configuration_set, day, {columns})"
-                     f" SELECT COALESCE(configuration_set, ''), day, {columns} FROM ({live})",
-                     ([] if set_name is None else [set_name]) + [day])
+        rows += conn.execute(f"SELECT COALESCE(configuration_set, ''), day, {', '.join(FUNNEL_COUNTS)} FROM ({live})",
+                             ([] if set_name is None else [set_name]) + [day]).fetchall()
+    return rows
+
+
+def store_funnel_day(conn: sqlite3.Connection, mark: str, day: str, rows: list[tuple]) -> bool:
+    """Store a day's rows and move the mark to it, unless another process moved the mark meanwhile."""
+    if conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = 1").fetchone()[0] != mark:
+        return False
+    columns = ("configuration_set", "day") + FUNNEL_COUNTS
+    conn.executemany(f"INSERT OR REPLACE INTO funnel_rollup ({', '.join(columns)})"
+                     f" VALUES ({','.join('?' * len(columns))})", rows)
     conn.execute("UPDATE funnel_rollup_mark SET day = ? WHERE id = 1", (day,))
-    return day
+    return True
