@@ -604,3 +604,16 @@ def test_click_reaches_the_sns_mapped_webhook(env):
     assert record["mail"]["messageId"] == message_id and record["click"]["link"] == "https://example.com/x"
     assert "X-Relay-Signature" in headers
     v2.delete_configuration_set(ConfigurationSetName="e2e")
+
+
+def test_list_configuration_sets_in_both_wire_forms(env):
+    """botocore up to 1.43 lists with GET and a query string; 1.44 with POST and a JSON body (and a filter)."""
+    v2 = env.client("sesv2")
+    v2.create_configuration_set(ConfigurationSetName="wire-form-alpha")
+    status, body, _ = _send(_signed(env, "GET", "/v2/email/configuration-sets?PageSize=1000", b"", {}))
+    assert status == 200 and "wire-form-alpha" in json.loads(body)["ConfigurationSets"]
+    payload = json.dumps({"PageSize": 1000, "Filter": {"CONFIGURATION_SET_NAME_CONTAINS": "wire-form"}}).encode()
+    status, body, _ = _send(_signed(env, "POST", "/v2/email/list-configuration-sets", payload,
+                                    {"Content-Type": "application/json"}))
+    assert status == 200 and json.loads(body)["ConfigurationSets"] == ["wire-form-alpha"]
+    v2.delete_configuration_set(ConfigurationSetName="wire-form-alpha")

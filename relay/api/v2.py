@@ -45,6 +45,8 @@ Handler = Callable[[Context, Call], dict]
 ROUTES: list[tuple[str, re.Pattern, str]] = [
     ("POST", re.compile(r"^/v2/email/configuration-sets$"), "CreateConfigurationSet"),
     ("GET", re.compile(r"^/v2/email/configuration-sets$"), "ListConfigurationSets"),
+    # botocore 1.44 moved the listing to a POST with its parameters in the body; both are in use.
+    ("POST", re.compile(r"^/v2/email/list-configuration-sets$"), "ListConfigurationSets"),
     ("GET", re.compile(rf"^/v2/email/configuration-sets/{_SEG}$"), "GetConfigurationSet"),
     ("DELETE", re.compile(rf"^/v2/email/configuration-sets/{_SEG}$"), "DeleteConfigurationSet"),
     ("PUT", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/tracking-options$"),
@@ -208,10 +210,22 @@ def get_set(ctx: Context, call: Call) -> dict:
 
 
 def list_sets(ctx: Context, call: Call) -> dict:
-    size = page_size(call.query.get("PageSize"), "pageSize")
+    params = {**call.body, **call.query}
+    size = page_size(params.get("PageSize"), "pageSize")
     names = [s["Name"] for s in sets.list_sets(ctx.config, ctx.store)]
-    chunk, token = page(names, call.query.get("NextToken"), size)
+    contains = name_filter(params.get("Filter"))
+    names = [n for n in names if contains in n]
+    chunk, token = page(names, params.get("NextToken"), size)
     return {"ConfigurationSets": chunk, **({"NextToken": token} if token else {})}
+
+
+def name_filter(raw: object) -> str:
+    """The newer API's `Filter: {"CONFIGURATION_SET_NAME_CONTAINS": "..."}` (empty: every set)."""
+    if raw is None:
+        return ""
+    if not isinstance(raw, dict) or set(raw) - {"CONFIGURATION_SET_NAME_CONTAINS"}:
+        raise invalid(raw, "filter", "Member must be a map with the key CONFIGURATION_SET_NAME_CONTAINS")
+    return str(raw.get("CONFIGURATION_SET_NAME_CONTAINS", ""))
 
 
 def delete_set(ctx: Context, call: Call) -> dict:
