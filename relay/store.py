@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
@@ -75,7 +76,7 @@ SCHEMA = [
     )""",
     "CREATE INDEX IF NOT EXISTS events_message ON events (message_id, id)",
     "CREATE INDEX IF NOT EXISTS events_type_time ON events (type, time)",
-    "CREATE INDEX IF NOT EXISTS events_recipient ON events (recipient, type)",
+    "DROP INDEX IF EXISTS events_recipient",  # superseded by events_recipient_time (recipient, type, time)
     # Warnings recorded against a message (instrumentation left a part unmodified, no DKIM key, ...).
     """CREATE TABLE IF NOT EXISTS message_warnings (
         message_id TEXT NOT NULL,
@@ -121,6 +122,25 @@ class PendingCopy:
     next_attempt_at: str | None
 
 
+_VIEW = re.compile(r"CREATE VIEW IF NOT EXISTS (\w+)")
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Tables and indexes are created when missing; views are replaced, so an upgrade brings their new
+    definitions. One transaction: another process never sees a view missing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in SCHEMA:
+            view = _VIEW.match(statement)
+            if view:
+                conn.execute(f"DROP VIEW IF EXISTS {view.group(1)}")
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class StoreClosed(RuntimeError):
     pass
 
@@ -141,8 +161,7 @@ class Store:
         self._queue: queue.Queue = queue.Queue()
         self._local = threading.local()
         conn = connect(self.path)
-        for statement in SCHEMA:
-            conn.execute(statement)
+        create_schema(conn)
         self._writer_conn = conn
         self._closed = False
         self._thread = threading.Thread(target=self._writer, name="relay-store-writer", daemon=True)
