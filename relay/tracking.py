@@ -664,9 +664,8 @@ def track_command(args) -> int:
         http_port, tls_port = (int(p) for p in shared.split(","))
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
             cfg.tracking, listen_port=http_port, tls_listen_port=tls_port))
-    from relay.service import run_event_loop
-
-    return run_event_loop(_track(cfg, args.config, spawn=not shared))
+    # asyncio's own loop: with uvloop the listener measured slower here (the store's writer thread shares the GIL).
+    return asyncio.run(_track(cfg, args.config, spawn=not shared))
 
 
 def _spawn_workers(config_path: str, count: int, http_port: int, tls_port: int) -> list[subprocess.Popen]:
