@@ -75,20 +75,22 @@ def event_types(values: object, allowed: tuple[str, ...], where: str) -> tuple[s
     return tuple(out)
 
 
+# Destination kinds relay serves through a webhook: (config table, SES error code, what the ARN names).
+_MAPPED_KINDS = {
+    "sns": ("sns_topics", "InvalidSNSDestination", "SNS topic"),
+    "events": ("event_buses", "InvalidEventBridgeDestination", "Event bus"),
+}
+
+
 def target_fields(config: Config, kind: str, arn: str | None) -> dict:
     """Destination fields for an SES destination: SNS topics and EventBridge buses mapped to webhooks in
     [api.sns_topics] / [api.event_buses]; every other kind is refused with SES's code for it."""
-    if kind == "sns":
-        target = config.api.sns_topics.get(arn or "")
+    if kind in _MAPPED_KINDS:
+        table, code, noun = _MAPPED_KINDS[kind]
+        target = getattr(config.api, table).get(arn or "")
         if target is None:
-            raise SesError("InvalidSNSDestination", f"SNS topic <{arn}> is not mapped to a webhook: add it to"
-                           " [api.sns_topics] in relay's configuration.")
-        return _webhook(target, arn or "")
-    if kind == "events":
-        target = config.api.event_buses.get(arn or "")
-        if target is None:
-            raise SesError("InvalidEventBridgeDestination", f"Event bus <{arn}> is not mapped to a webhook: add it"
-                           " to [api.event_buses] in relay's configuration.")
+            raise SesError(code, f"{noun} <{arn}> is not mapped to a webhook: add it to [api.{table}] in relay's"
+                           " configuration.")
         return _webhook(target, arn or "")
     code = {"firehose": "InvalidFirehoseDestination", "cloudwatch": "InvalidCloudWatchDestination"}.get(
         kind, "InvalidPinpointDestination")
