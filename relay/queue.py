@@ -79,10 +79,6 @@ class DeliveryQueue:
         self._dispatcher: asyncio.Task | None = None
         self._stopping = False
 
-    @property
-    def depth(self) -> int:
-        return len(self._heap) + len(self._tasks)
-
     async def start(self) -> None:
         pending = await asyncio.to_thread(self.store.pending_copies)
         for copy in pending:
@@ -170,13 +166,3 @@ class DeliveryQueue:
             for task in slow:
                 task.cancel()
             await asyncio.gather(*slow, return_exceptions=True)
-
-    async def drained(self, timeout: float) -> bool:
-        """True once nothing is queued or in flight (for tests and benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while self._heap or self._tasks:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-

@@ -60,5 +60,3 @@ class TrackingSettings:
         data["tracking_hosts"] = frozenset(data.get("tracking_hosts", ()))
         return cls(**data)
 
-
-NO_TRACKING = TrackingSettings()
