@@ -19,8 +19,17 @@ from pathlib import Path
 
 from relay.core.domains import InvalidTrackingOptions, validate_tracking_domain
 from relay.core.headers import CONFIG_SET_RE
-from relay.core.resolve import Destination, ModelError, TrackingOptions, check_destination, event_types
-from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS
+from relay.core.resolve import (
+    Destination,
+    FeedbackDefaults,
+    FeedbackOptions,
+    ModelError,
+    TrackingOptions,
+    check_destination,
+    check_suppression_reasons,
+    event_types,
+)
+from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, SUPPRESSION_REASONS
 from relay.core.tokens import Keyring, SigningKey
 
 UPSTREAM_TYPES = ("capture", "smtp")
@@ -152,6 +161,7 @@ class ConfigurationSet:
     pixel_position: str | None = None
     dkim_fallback_domain: str | None = None
     destinations: tuple[Destination, ...] = ()  # [[configuration_sets.NAME.destinations]]
+    feedback: FeedbackOptions = field(default_factory=FeedbackOptions)  # verp, list_unsubscribe, suppression
 
     def tracking_options(self) -> TrackingOptions:
         return TrackingOptions(self.open_tracking, self.click_tracking, self.custom_redirect_domain,
@@ -178,6 +188,9 @@ class Config:
     retention: RetentionSettings = field(default_factory=lambda: RetentionSettings())  # inspection (issue 8)
     privacy: PrivacySettings = field(default_factory=lambda: PrivacySettings())  # inspection (issue 8)
     api: ApiSettings = field(default_factory=lambda: ApiSettings())  # api (issue 7)
+    # --- bounces and feedback (issue 9): [bounces], [suppression] ---
+    feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
+    complaints_addresses: tuple[str, ...] = ()  # ARF reports are also accepted at these addresses (lower case)
 
     @property
     def database_path(self) -> Path:
@@ -366,10 +379,11 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     domains, identities = _parse_domains(top.sub("domains"), problems), _parse_identities(top.sub("identities"))
     api = _parse_api(top.sub("api"))  # api (issue 7)
     inspection = _parse_inspection(top, problems)  # inspection (issue 8)
+    feedback, complaints = _parse_feedback(top, problems)  # issue 9
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
-                 api=api, **relay_kw)
+                 api=api, feedback=feedback, complaints_addresses=complaints, **relay_kw)
     cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
@@ -548,12 +562,14 @@ def _parse_sets(c: _Reader, problems: list[str]) -> dict[str, ConfigurationSet]:
             problems.append(f"configuration_sets.{name}: a set name is 1-64 characters from A-Z a-z 0-9 _ -")
         s = c.sub(name)
         fallback = s.get("dkim_fallback_domain", str, "") or None
+        feedback = _parse_feedback_options(s, problems)
         destinations = _parse_destinations(s, problems)
         o = _parse_options(s, problems)  # the set's tracking options; also reports the table's unknown keys
         sets[name] = ConfigurationSet(
             name=name, open_tracking=o.open_tracking, click_tracking=o.click_tracking,
             custom_redirect_domain=o.custom_redirect_domain, https_policy=o.https_policy,
             pixel_position=o.pixel_position, dkim_fallback_domain=fallback, destinations=destinations,
+            feedback=feedback,
         )
     return sets
 
@@ -801,3 +817,44 @@ def _with_inspection(cfg: Config, inspection: dict) -> Config:
     from dataclasses import replace
 
     return replace(cfg, **inspection)
+
+
+# --- bounces and feedback (issue 9): [bounces], [suppression], per-set verp/list_unsubscribe/suppression_reasons --
+
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$|^localhost$")
+
+
+def _reasons(r: _Reader, name: str, problems: list[str]) -> tuple[str, ...] | None:
+    value = r.get(name, list, None)
+    if value is None:
+        return None
+    try:
+        return check_suppression_reasons(value)
+    except ModelError as exc:
+        problems.append(f"{r.key(name)}: {str(exc).split(': ', 1)[1]}")
+        return None
+
+
+def _parse_feedback_options(s: _Reader, problems: list[str]) -> FeedbackOptions:
+    return FeedbackOptions(verp=s.get("verp", bool, None), list_unsubscribe=s.get("list_unsubscribe", bool, None),
+                           suppression_reasons=_reasons(s, "suppression_reasons", problems))
+
+
+def _parse_feedback(top: _Reader, problems: list[str]) -> tuple[FeedbackDefaults, tuple[str, ...]]:
+    b = top.sub("bounces")
+    domain = b.get("domain", str, "").strip().lower().rstrip(".")
+    if domain and not _DOMAIN_RE.match(domain):
+        problems.append(f"bounces.domain: {domain!r} is not a domain name")
+        domain = ""
+    complaints = tuple(str(a).strip().lower() for a in b.get("complaints_addresses", list, []))
+    for i, address in enumerate(complaints):
+        if address.count("@") != 1 or any(c in address for c in " <>"):
+            problems.append(f"bounces.complaints_addresses[{i}]: {address!r} is not an email address")
+    verp = b.get("verp", bool, True)
+    unsubscribe = b.get("list_unsubscribe", bool, False)
+    b.finish()
+    s = top.sub("suppression")
+    reasons = _reasons(s, "reasons", problems)
+    s.finish()
+    defaults = FeedbackDefaults(domain, verp, unsubscribe, SUPPRESSION_REASONS if reasons is None else reasons)
+    return defaults, complaints

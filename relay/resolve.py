@@ -64,7 +64,7 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
             conflicts.append(f"configuration set {name} is defined in both {cfg.path} and the database;"
                              " the file's definition is used (delete it with `relay config-set delete`)")
         opts = cs.tracking_options()
-        sets[name] = SetDef(name, "config", opts, cs.destinations, not opts.empty)
+        sets[name] = SetDef(name, "config", opts, cs.destinations, not opts.empty, cs.feedback)
     domains: dict[str, Level] = {}
     for (level, scope), opts in db_tracking.items():
         if level == "domain":
@@ -86,7 +86,7 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
     base = Level("[tracking] (config file)", TrackingOptions(
         custom_redirect_domain=t.default_host, https_policy=t.https_policy, pixel_position=t.pixel_position))
     hosts = core.all_tracking_hosts(t.default_host, sets, domains, account)
-    return Model(sets, domains, identities, account, base, hosts), conflicts
+    return Model(sets, domains, identities, account, base, hosts, cfg.feedback), conflicts
 
 
 class Resolver:

@@ -709,6 +709,59 @@ def record_destination_failure(conn: sqlite3.Connection, set_name: str, destinat
                  " reason) VALUES (?, ?, ?, ?, ?, ?)", (set_name, destination, event_id, time, status, reason))
 
 
+# --- suppression list and inbound reports (issue 9) ---------------------------------------------------------
+# The account's suppression list: one row per address and reason (an address may be listed for a bounce and
+# later for a complaint); addresses are stored in lower case. A message is not sent to an address listed for
+# one of the reasons its configuration set applies (TrackingSettings.suppression_reasons).
+
+SCHEMA.extend([
+    """CREATE TABLE IF NOT EXISTS suppressed_destinations (
+        email_address TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        last_update_time TEXT NOT NULL,
+        message_id TEXT,
+        feedback_id TEXT,
+        PRIMARY KEY (email_address, reason)
+    )""",
+    "CREATE INDEX IF NOT EXISTS suppressed_destinations_time ON suppressed_destinations (last_update_time)",
+])
+
+
+@dataclass(frozen=True)
+class Suppression:
+    email_address: str
+    reason: str  # BOUNCE | COMPLAINT | UNSUBSCRIBE
+    last_update_time: str  # SES timestamp format
+    message_id: str | None = None
+    feedback_id: str | None = None
+
+
+def suppress(conn: sqlite3.Connection, entries: Iterable[Suppression]) -> None:
+    """Add or refresh entries (a newer report for the same address and reason replaces the older one)."""
+    rows = [(e.email_address.strip().lower(), e.reason, e.last_update_time, e.message_id, e.feedback_id)
+            for e in entries]
+    conn.executemany("DELETE FROM suppressed_destinations WHERE email_address = ? AND reason = ?",
+                     [r[:2] for r in rows])
+    conn.executemany("INSERT INTO suppressed_destinations (email_address, reason, last_update_time, message_id,"
+                     " feedback_id) VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def suppressed_among(conn: sqlite3.Connection, addresses: Iterable[str], reasons: Iterable[str]) -> dict[str, str]:
+    """Of `addresses`, those listed for one of `reasons`: lower-case address -> the reason listed."""
+    wanted = sorted({a.strip().lower() for a in addresses})
+    reasons = tuple(reasons)
+    if not wanted or not reasons:
+        return {}
+    found: dict[str, str] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        sql = (f"SELECT email_address, reason FROM suppressed_destinations WHERE email_address IN"
+               f" ({','.join('?' * len(chunk))}) AND reason IN ({','.join('?' * len(reasons))})")
+        for address, reason in conn.execute(sql, (*chunk, *reasons)):
+            found.setdefault(address, reason)
+    return found
+
+
 # --- inspection views ---------------------------------------------------------------------------------------
 # Issue 8: the questions a sender asks, each one short query in the sqlite3 CLI (README: "Reading the
 # numbers"). Days are UTC days of the event's own time (an open today of yesterday's mail counts today, as in

@@ -147,12 +147,92 @@ def bounce_record(
         "bounceSubType": sub_type,
         "bouncedRecipients": [bounced],
         "timestamp": iso_ms(now_ms),
-        "feedbackId": f"{mail['messageId']}-{now_ms:x}",
-        "reportingMTA": f"dns; {reporting_mta}",
+        "feedbackId": feedback_id(mail["messageId"], now_ms),
+        # SES writes "dsn; host" (not RFC 3464's "dns; host"), in its examples and in real notifications.
+        "reportingMTA": f"dsn; {reporting_mta}",
     }
     if remote_ip:
         detail["remoteMtaIp"] = remote_ip
     return record(BOUNCE, mail, detail)
+
+
+def feedback_id(message_id: str, now_ms: int) -> str:
+    """A feedbackId: unique per bounce or complaint report, tied to the message."""
+    return f"{message_id}-{now_ms:x}"
+
+
+SUPPRESSED_DIAGNOSTIC = ("Amazon SES did not send the message to this address because it is on the suppression list"
+                         " for your account. For more information about removing addresses from the suppression"
+                         " list, see the Amazon SES Developer Guide at"
+                         " https://docs.aws.amazon.com/ses/latest/DeveloperGuide/sending-email-suppression-list.html")
+
+
+def suppressed_record(mail: dict, recipient: str, now_ms: int, reporting_mta: str) -> dict:
+    """SES's Bounce for a recipient on the account's suppression list (the message is not sent to it)."""
+    return bounce_record(mail, recipient, now_ms, "Permanent", "OnAccountSuppressionList", SUPPRESSED_DIAGNOSTIC,
+                         "5.1.1", reporting_mta)
+
+
+def report_bounce_record(
+    mail: dict,
+    recipients: list[dict],
+    timestamp_ms: int,
+    bounce_type: str,
+    sub_type: str,
+    feedback: str,
+    reporting_mta: str | None = None,
+) -> dict:
+    """A Bounce from a later bounce report (DSN): `recipients` are SES bouncedRecipients objects
+    (`emailAddress`, and `action`, `status`, `diagnosticCode` when the report gave them); `reporting_mta` is
+    the DSN's Reporting-MTA value as written there (e.g. `dns; mx.example.net`), absent without a DSN."""
+    detail: dict = {
+        "bounceType": bounce_type,
+        "bounceSubType": sub_type,
+        "bouncedRecipients": [dict(r) for r in recipients],
+        "timestamp": iso_ms(timestamp_ms),
+        "feedbackId": feedback,
+    }
+    if reporting_mta:
+        detail["reportingMTA"] = reporting_mta
+    return record(BOUNCE, mail, detail)
+
+
+def complaint_record(
+    mail: dict,
+    recipients: list[str],
+    timestamp_ms: int,
+    feedback: str,
+    feedback_type: str | None = None,
+    user_agent: str | None = None,
+    arrival_ms: int | None = None,
+    sub_type: str | None = None,
+) -> dict:
+    """A Complaint; `feedback_type`, `user_agent` and `arrival_ms` come from an ARF report when there is one."""
+    detail: dict = {
+        "complainedRecipients": [{"emailAddress": r} for r in recipients],
+        "timestamp": iso_ms(timestamp_ms),
+        "feedbackId": feedback,
+        "complaintSubType": sub_type,
+    }
+    if user_agent is not None:
+        detail["userAgent"] = user_agent
+    if feedback_type is not None:
+        detail["complaintFeedbackType"] = feedback_type
+    if arrival_ms is not None:
+        detail["arrivalDate"] = iso_ms(arrival_ms)
+    return record(COMPLAINT, mail, detail)
+
+
+def subscription_record(mail: dict, timestamp_ms: int, contact_list: str, source: str = "UnsubscribeHeader") -> dict:
+    """A Subscription: the recipient unsubscribed from everything (relay has no topics)."""
+    detail = {
+        "contactList": contact_list,
+        "timestamp": iso_ms(timestamp_ms),
+        "source": source,
+        "newTopicPreferences": {"unsubscribeAll": True, "topicSubscriptionStatus": []},
+        "oldTopicPreferences": {"unsubscribeAll": False, "topicSubscriptionStatus": []},
+    }
+    return record(SUBSCRIPTION, mail, detail)
 
 
 def delay_record(

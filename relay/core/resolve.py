@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from email.utils import getaddresses
 
 from relay.core.headers import CONFIG_SET_RE, HeaderBlock
-from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, TrackingSettings
+from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, SUPPRESSION_REASONS, TrackingSettings
 
 MAX_DESTINATIONS = 10  # per configuration set (SES quota)
 MAX_SETS = 10000  # per account (SES quota)
@@ -79,6 +79,34 @@ class TrackingOptions:
 
 
 @dataclass(frozen=True)
+class FeedbackOptions:
+    """A set's bounce and feedback options (issue 9); None = follow the account defaults ([bounces], [suppression])."""
+
+    verp: bool | None = None
+    list_unsubscribe: bool | None = None
+    suppression_reasons: tuple[str, ...] | None = None  # SES SuppressionOptions.SuppressedReasons (+ UNSUBSCRIBE)
+
+
+@dataclass(frozen=True)
+class FeedbackDefaults:
+    """Account-level bounce and feedback settings: the configuration file's [bounces] and [suppression]."""
+
+    bounce_domain: str = ""  # empty: no VERP, no inbound reports
+    verp: bool = True
+    list_unsubscribe: bool = False
+    suppression_reasons: tuple[str, ...] = SUPPRESSION_REASONS
+
+
+def check_suppression_reasons(reasons) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(str(r).upper() for r in reasons))
+    bad = [r for r in out if r not in SUPPRESSION_REASONS]
+    if bad:
+        raise ModelError("SuppressionOptions.SuppressedReasons",
+                         f"{', '.join(bad)} not one of {', '.join(SUPPRESSION_REASONS)}")
+    return out
+
+
+@dataclass(frozen=True)
 class Destination:
     """An event destination of a configuration set. `secret` signs webhook bodies (X-Relay-Signature)."""
 
@@ -119,6 +147,7 @@ class SetDef:
     tracking: TrackingOptions = field(default_factory=TrackingOptions)
     destinations: tuple[Destination, ...] = ()
     has_tracking: bool = False  # tracking options exist at this level (TrackingOptionsAlreadyExists)
+    feedback: FeedbackOptions = field(default_factory=FeedbackOptions)
 
 
 @dataclass(frozen=True)
@@ -137,6 +166,7 @@ class Model:
     account: Level | None  # account level options set with the CLI
     base: Level  # the [tracking] table (custom_redirect_domain = default_host)
     tracking_hosts: frozenset[str]
+    feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
 
 
 @dataclass(frozen=True)
@@ -288,7 +318,7 @@ def resolve(model: Model, set_name: str | None, identity: str, https_available: 
     if set_name is None:
         host = model.base.options.custom_redirect_domain or "localhost"
         settings = TrackingSettings(host=host, tracking_hosts=model.tracking_hosts,
-                                    https_available=https_available(host))
+                                    https_available=https_available(host), **feedback_settings(model, None))
         return Resolution(None, settings, {f: "no configuration set: not instrumented" for f in TRACKING_FIELDS},
                           set_reason)
     levels = levels_for(model, set_name, identity)
@@ -312,8 +342,20 @@ def resolve(model: Model, set_name: str | None, identity: str, https_available: 
         open_tracking=bool(values["open_tracking"]), click_tracking=bool(values["click_tracking"]), host=host,
         https_policy=str(values["https_policy"]), pixel_position=str(values["pixel_position"]),
         tracking_hosts=model.tracking_hosts, https_available=https_available(host),
+        **feedback_settings(model, model.sets[set_name]),
     )
     return Resolution(set_name, settings, provenance, set_reason)
+
+
+def feedback_settings(model: Model, s: SetDef | None) -> dict:
+    """The set's bounce, unsubscribe and suppression settings over the account defaults. A message without a
+    set is not instrumented (no List-Unsubscribe) but its bounces are still tracked."""
+    base, own = model.feedback, s.feedback if s is not None else FeedbackOptions()
+    verp = base.verp if own.verp is None else own.verp
+    unsubscribe = s is not None and (base.list_unsubscribe if own.list_unsubscribe is None else own.list_unsubscribe)
+    reasons = base.suppression_reasons if own.suppression_reasons is None else own.suppression_reasons
+    return {"return_path_domain": base.bounce_domain if verp else "", "list_unsubscribe": unsubscribe,
+            "suppression_reasons": reasons}
 
 
 def all_tracking_hosts(base_host: str, sets: dict[str, SetDef], domains: dict[str, Level],

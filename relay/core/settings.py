@@ -13,6 +13,9 @@ HTTPS_POLICIES = ("REQUIRE", "REQUIRE_OPEN_ONLY", "OPTIONAL")
 PIXEL_POSITIONS = ("bottom", "top", "auto")
 OPEN_PATH = "/o/"
 CLICK_PATH = "/c/"
+UNSUBSCRIBE_PATH = "/u/"
+# Why an address is on the suppression list; SES knows the first two, relay adds its one-click unsubscribe.
+SUPPRESSION_REASONS = ("BOUNCE", "COMPLAINT", "UNSUBSCRIBE")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,14 @@ class TrackingSettings:
     # https link then goes through an http redirect (a downgrade `relay check` warns about) instead of
     # pointing at an https URL nobody answers, which would break the link.
     https_available: bool = True
+    # Bounces and feedback (issue 9). return_path_domain: when set, each copy's envelope sender is a signed
+    # VERP address on this domain (bounce+TOKEN@domain), which relay's SMTP listener accepts reports for.
+    return_path_domain: str = ""
+    # Add List-Unsubscribe (https on `host`, plus mailto on return_path_domain) and List-Unsubscribe-Post.
+    list_unsubscribe: bool = False
+    # Which suppression-list reasons apply to this message: an address listed for one of them is not sent
+    # to, and this message's permanent bounces, complaints and unsubscribes add its recipients for them.
+    suppression_reasons: tuple[str, ...] = SUPPRESSION_REASONS
 
     @property
     def enabled(self) -> bool:
@@ -52,11 +63,19 @@ class TrackingSettings:
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["tracking_hosts"] = sorted(self.tracking_hosts)
+        data["suppression_reasons"] = list(self.suppression_reasons)
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> TrackingSettings:
         data = dict(data)
         data["tracking_hosts"] = frozenset(data.get("tracking_hosts", ()))
+        if "suppression_reasons" in data:  # messages queued by an older relay have none: the defaults apply
+            data["suppression_reasons"] = tuple(data["suppression_reasons"])
         return cls(**data)
+
+    def unsubscribe_url(self, token: str) -> str:
+        """The one-click unsubscribe URL: https unless the tracking host has no HTTPS (RFC 8058 wants https)."""
+        scheme = "https" if self.https_available else "http"
+        return f"{scheme}://{self.host}{UNSUBSCRIBE_PATH}{token}"
 

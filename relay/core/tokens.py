@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 VERSION = 1
 KIND_OPEN = 0x4F  # "O"
 KIND_CLICK = 0x43  # "C"
+KIND_UNSUBSCRIBE = 0x55  # "U": the one-click unsubscribe URL (List-Unsubscribe)
 MAC_BYTES = 16
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _SES_ID_RE = re.compile(
@@ -80,6 +81,13 @@ class ClickClaims:
     link_index: int
     url: str
     tags: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class UnsubscribeClaims:
+    message_id: str
+    recipient: str
+    issued: int
 
 
 def pack_message_id(message_id: str) -> bytes:
@@ -167,6 +175,10 @@ def sign_open(keyring: Keyring, message_id: str, recipient: str, issued: int) ->
     return seal(keyring, token_prefix(keyring, KIND_OPEN, message_id, recipient, issued))
 
 
+def sign_unsubscribe(keyring: Keyring, message_id: str, recipient: str, issued: int) -> str:
+    return seal(keyring, token_prefix(keyring, KIND_UNSUBSCRIBE, message_id, recipient, issued))
+
+
 def sign_click(
     keyring: Keyring,
     message_id: str,
@@ -180,7 +192,7 @@ def sign_click(
     return seal(keyring, prefix + click_suffix(link_index, url, tags or {}))
 
 
-def verify(keyring: Keyring, token: str) -> OpenClaims | ClickClaims | None:
+def verify(keyring: Keyring, token: str) -> OpenClaims | ClickClaims | UnsubscribeClaims | None:
     """The claims of a genuine token, or None for anything forged, altered, truncated or unknown."""
     try:
         data = _unb64(token)
@@ -203,13 +215,15 @@ def verify(keyring: Keyring, token: str) -> OpenClaims | ClickClaims | None:
         return None
 
 
-def _decode_body(body: bytes, pos: int) -> OpenClaims | ClickClaims | None:
+def _decode_body(body: bytes, pos: int) -> OpenClaims | ClickClaims | UnsubscribeClaims | None:
     kind = body[1]
     (issued,) = struct.unpack_from(">I", body, pos)
     message_id, pos = _unpack_message_id(body, pos + 4)
     recipient, pos = _read_u16_text(body, pos)
-    if kind == KIND_OPEN:
-        return OpenClaims(message_id, recipient, issued) if pos == len(body) else None
+    if kind in (KIND_OPEN, KIND_UNSUBSCRIBE):
+        if pos != len(body):
+            return None
+        return (OpenClaims if kind == KIND_OPEN else UnsubscribeClaims)(message_id, recipient, issued)
     if kind != KIND_CLICK:
         return None
     (index,) = struct.unpack_from(">H", body, pos)
@@ -218,3 +232,56 @@ def _decode_body(body: bytes, pos: int) -> OpenClaims | ClickClaims | None:
     if pos != len(body):
         return None
     return ClickClaims(message_id, recipient, issued, index, url, parse_tags(tag_text))
+
+
+# --- addresses: VERP return paths and the mailto unsubscribe -------------------------------------------------
+# An address's local part holds at most 64 octets (RFC 5321 4.5.3.1.1) and some MTAs change its case, so
+# these tokens are short and case-insensitive: base32 of the packed message id (24 bytes), the recipient's
+# position in the message's recipient list (2 bytes) and a 64-bit MAC bound to the address kind. They carry
+# no key id: every key of the keyring is tried (a keyring holds a handful of keys).
+# `bounce+<55 chars>@domain` is 62 octets.
+ADDRESS_KINDS = ("bounce", "unsub")
+ADDRESS_MAC_BYTES = 8
+_ADDRESS_RE = re.compile(r"^(bounce|unsub)\+([a-z2-7]{55})@(.+)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class AddressClaims:
+    kind: str  # bounce | unsub
+    message_id: str
+    position: int  # index of the recipient in the message's recipient list (mail.destination)
+
+
+def _address_mac(secret: bytes, kind: str, body: bytes) -> bytes:
+    return hmac.digest(secret, b"relay-address:" + kind.encode("ascii") + b":" + body, "sha256")[:ADDRESS_MAC_BYTES]
+
+
+def sign_address(keyring: Keyring, kind: str, message_id: str, position: int, domain: str) -> str:
+    """`bounce+<token>@domain` or `unsub+<token>@domain` for one recipient of a message (SES-format id only)."""
+    if kind not in ADDRESS_KINDS:
+        raise ValueError(f"address kind {kind!r}")
+    m = _SES_ID_RE.match(message_id)
+    if not m or not 0 <= position <= 0xFFFF:
+        raise ValueError("address tokens need an SES-format message id and a recipient position < 65536")
+    body = binascii.unhexlify("".join(m.groups())) + struct.pack(">H", position)
+    token = base64.b32encode(body + _address_mac(keyring.signing.secret, kind, body)).decode("ascii")
+    return f"{kind}+{token.rstrip('=').lower()}@{domain}"
+
+
+def verify_address(keyring: Keyring, address: str) -> AddressClaims | None:
+    """The claims of a genuine `bounce+...`/`unsub+...` address (any domain, any case), else None."""
+    m = _ADDRESS_RE.match(address.strip().strip("<>"))
+    if not m:
+        return None
+    kind, token = m.group(1).lower(), m.group(2).upper()
+    try:
+        data = base64.b32decode(token + "=" * (-len(token) % 8))
+    except (binascii.Error, ValueError):
+        return None
+    body, mac = data[:-ADDRESS_MAC_BYTES], data[-ADDRESS_MAC_BYTES:]
+    if len(body) != 26 or not any(hmac.compare_digest(_address_mac(k.secret, kind, body), mac) for k in keyring.keys):
+        return None
+    h = body[:24].hex()
+    message_id = f"{h[:16]}-{h[16:24]}-{h[24:28]}-{h[28:32]}-{h[32:36]}-{h[36:48]}-000000"
+    (position,) = struct.unpack(">H", body[24:])
+    return AddressClaims(kind, message_id, position)
