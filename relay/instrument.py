@@ -48,8 +48,10 @@ class Instrumenter:
             self._plans.popitem(last=False)
         return plan
 
-    def copy(self, message_id: str, raw: bytes, settings: TrackingSettings, recipient: str, issued: int) -> Rendered:
-        """This recipient's copy; never raises: on any failure the input goes out unchanged, with a warning."""
+    def copy(self, message_id: str, raw: bytes, settings: TrackingSettings, recipient: str, issued: int,
+             position: int = 0) -> Rendered:
+        """This recipient's copy; never raises: on any failure the input goes out unchanged, with a warning.
+        `position` is the recipient's index in the message's recipient list (for the mailto unsubscribe)."""
         try:
             plan = self.plan(message_id, raw, settings)
             out = core.render(raw, plan, self.keyring, message_id, recipient, issued)

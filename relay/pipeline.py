@@ -29,6 +29,7 @@ from relay.core.intake import intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import sender_identity
 from relay.core.settings import TrackingSettings
+from relay.core.tokens import sign_address
 from relay.deliver import Reply
 from relay.store import EventRow, MessageRow, Store
 
@@ -67,6 +68,14 @@ class QueuedMessage:
     configuration_set: str | None
     settings: TrackingSettings
     received_ms: int
+
+
+def recipient_position(msg: QueuedMessage, recipient: str) -> int:
+    """The recipient's index in the message's recipient list (mail.destination); -1 if absent."""
+    try:
+        return msg.mail["destination"].index(recipient)
+    except (KeyError, ValueError):
+        return -1
 
 
 class Pipeline:
@@ -148,11 +157,13 @@ class Pipeline:
     async def deliver_copy(self, msg: QueuedMessage, recipient: str, attempts: int) -> Outcome:
         """One attempt for one recipient; records its events and the recipient's new state."""
         warnings: list[tuple[str, str]] = []
-        rendered = self.instrumenter.copy(msg.id, msg.raw, msg.settings, recipient, msg.received_ms // 1000)
+        position = recipient_position(msg, recipient)
+        rendered = self.instrumenter.copy(msg.id, msg.raw, msg.settings, recipient, msg.received_ms // 1000,
+                                          position=position)
         warnings += [("instrument", w) for w in rendered.warnings]
         fallback = self._fallback_domain(msg.configuration_set)
         data = self._sign(rendered.data, msg, fallback, warnings)
-        reply: Reply = await self.upstream.send(msg.mail_from, recipient, data, msg.id)
+        reply: Reply = await self.upstream.send(self._return_path(msg, position), recipient, data, msg.id)
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
                          self.retry_policy())
@@ -165,6 +176,18 @@ class Pipeline:
         log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r", msg.id, recipient, attempts,
                  outcome.state, reply.text[:200])
         return outcome
+
+    def _return_path(self, msg: QueuedMessage, position: int) -> str:
+        """The copy's envelope sender: a signed VERP address on the bounce domain when the set uses one, so a
+        bounce report arriving later names the message and recipient; else the client's MAIL FROM. A null
+        sender (<>, itself a bounce) stays null."""
+        domain = msg.settings.return_path_domain
+        if not domain or not msg.mail_from or position < 0:
+            return msg.mail_from
+        try:
+            return sign_address(self.instrumenter.keyring, "bounce", msg.id, position, domain)
+        except ValueError:  # not an SES-format id (never for relay's own ids)
+            return msg.mail_from
 
     def _sign(self, data: bytes, msg: QueuedMessage, fallback: str | None, warnings: list) -> bytes:
         """Relay's DKIM signature; a signing fault sends the copy unsigned (with a warning), never holds it."""

@@ -25,6 +25,8 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay.core.suppression import Suppression
+
 log = logging.getLogger("relay.store")
 T = TypeVar("T")
 MAX_BATCH = 512
@@ -725,15 +727,6 @@ SCHEMA.extend([
     )""",
     "CREATE INDEX IF NOT EXISTS suppressed_destinations_time ON suppressed_destinations (last_update_time)",
 ])
-
-
-@dataclass(frozen=True)
-class Suppression:
-    email_address: str
-    reason: str  # BOUNCE | COMPLAINT | UNSUBSCRIBE
-    last_update_time: str  # SES timestamp format
-    message_id: str | None = None
-    feedback_id: str | None = None
 
 
 def suppress(conn: sqlite3.Connection, entries: Iterable[Suppression]) -> None:
