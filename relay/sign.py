@@ -14,12 +14,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 from pathlib import Path
 
 from relay.config import HOST_RE, ConfigError, DkimKey, DkimSettings
 from relay.core import dkim
-from relay.core.headers import split_header_block
+from relay.core.headers import domain_of, from_address, split_header_block
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +89,11 @@ def _header_end(data: bytes) -> int:
 
 def _from_domain(data: bytes) -> str | None:
     """The RFC5322.From domain (what DMARC aligns on), in A-label form."""
-    f = split_header_block(data[: _header_end(data) + 2], email_package_end=False).get("from")
-    addrs = [a for _, a in getaddresses([f.value])] if f else []
-    if not addrs or "@" not in addrs[0]:
+    address = from_address(split_header_block(data[: _header_end(data) + 2], email_package_end=False))
+    if address is None:
         return None
-    domain = addrs[0].rpartition("@")[2]
-    return _a_label(domain) or domain.strip().lower()
+    domain = domain_of(address)
+    return _a_label(domain) or domain
 
 
 # --- keys --------------------------------------------------------------------------------------------------

@@ -202,10 +202,20 @@ def common_headers(fields: list[HeaderField], message_id: str) -> dict:
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].strip().strip(">").lower()
+    """The domain of an address, lower case, without a trailing root dot."""
+    return address.rpartition("@")[2].strip().strip(">").rstrip(".").lower()
+
+
+def from_address(block: HeaderBlock) -> str | None:
+    """The first address of the From header that has a domain: the sender identity, and what DMARC aligns on.
+    One rule for every stage (configuration set defaults, ses:from-domain, the DKIM signing domain)."""
+    f = block.get("from")
+    for _, addr in getaddresses([f.value]) if f else []:
+        if "@" in addr:
+            return addr.strip()
+    return None
 
 
 def from_domain(block: HeaderBlock, fallback: str) -> str:
-    f = block.get("from")
-    addrs = [a for _, a in getaddresses([f.value])] if f else []
-    return domain_of(addrs[0]) if addrs and "@" in addrs[0] else domain_of(fallback)
+    address = from_address(block)
+    return domain_of(address if address is not None else fallback)

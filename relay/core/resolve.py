@@ -20,9 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from email.utils import getaddresses
 
-from relay.core.headers import CONFIG_SET_RE, HeaderBlock
+from relay.core.headers import CONFIG_SET_RE, HeaderBlock, domain_of, from_address
 from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, SUPPRESSION_REASONS, TrackingSettings
 
 MAX_DESTINATIONS = 10  # per configuration set (SES quota)
@@ -252,15 +251,8 @@ def sender_identity(block: HeaderBlock, mail_from: str) -> str:
     SES applies an identity's default set by the identity the message is sent from, which is the From address
     (MAIL FROM may be a bounce address on another domain, such as a VERP return path).
     """
-    f = block.get("from")
-    for _, addr in getaddresses([f.value]) if f else []:
-        if "@" in addr:
-            return addr.strip().lower()
-    return mail_from.strip().strip("<>").lower()
-
-
-def domain_of(identity: str) -> str:
-    return identity.rpartition("@")[2].rstrip(".").lower()
+    address = from_address(block)
+    return (address if address is not None else mail_from.strip().strip("<>")).lower()
 
 
 def choose_set(model: Model, header_set: str | None, identity: str) -> SetChoice:
