@@ -15,6 +15,7 @@ delivered the way it was configured when it was accepted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,10 +26,10 @@ from email.utils import format_datetime
 from relay.config import Config
 from relay.core import clamd
 from relay.core import events as ev
-from relay.core.headers import HeaderError, from_domain, split_header_block, to_crlf
+from relay.core.headers import CONFIG_SET_HEADER, HeaderError, from_domain, split_header_block, to_crlf
 from relay.core.intake import intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
-from relay.core.resolve import sender_identity
+from relay.core.resolve import UnknownSet, sender_identity
 from relay.core.settings import TrackingSettings
 from relay.core.tokens import sign_address
 from relay.deliver import Reply
@@ -104,8 +105,8 @@ class Pipeline:
         try:
             item = intake(sub.data, sub.mail_from, message_id, self.config.hostname, self._received(sub, message_id))
         except HeaderError as exc:
-            await self._record_reject(self._refused_mail(sub, message_id, now_ms, exc.configuration_set),
-                                      exc.configuration_set, now_ms, str(exc))
+            mail, set_name = self._refused_mail(sub, message_id, now_ms, exc)
+            await self._record_reject(mail, set_name, now_ms, str(exc))
             raise Refusal(f"554 {exc}") from exc
         resolved = self.resolver.resolve_or_refuse(item.control.configuration_set,
                                                    sender_identity(item.block, sub.mail_from))  # issue 6
@@ -128,15 +129,21 @@ class Pipeline:
             raise StorageUnavailable(str(exc)) from exc
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms)
 
-    def _refused_mail(self, sub: Submission, message_id: str, now_ms: int, set_name: str | None) -> dict:
-        """The mail object of a message refused before intake could read it (its X-SES-* headers are bad)."""
+    def _refused_mail(self, sub: Submission, message_id: str, now_ms: int,
+                      exc: HeaderError) -> tuple[dict, str | None]:
+        """The mail object and set of a message refused before intake could read it (bad X-SES-* headers). Its
+        set: the header's; without that header, the sender identity's default (a malformed name names none)."""
         block = split_header_block(to_crlf(sub.data))
+        set_name = exc.configuration_set
+        if set_name is None and block.get(CONFIG_SET_HEADER) is None:
+            with contextlib.suppress(UnknownSet):
+                set_name = self.resolver.resolve(None, sender_identity(block, sub.mail_from)).set_name
         return ev.mail_object(ev.MailFacts(
             message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients,
             headers=block.fields, configuration_set=set_name, source_ip=sub.client_ip,
             from_domain=from_domain(block, sub.mail_from), caller_identity=sub.auth_user or "",
             account_id=self.config.account_id, region=self.config.region,
-        ))
+        )), set_name
 
     async def _record_reject(self, mail: dict, set_name: str | None, now_ms: int, reason: str) -> None:
         """A refusal of a message whose configuration set is known is that set's Reject event."""

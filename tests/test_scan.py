@@ -309,3 +309,24 @@ def test_on_error_accept_and_max_scan_size_let_mail_through_unscanned(tmp_path, 
         assert "failed, accepted unscanned" in relay.log()
     finally:
         relay.stop()
+
+
+def test_header_refusals_record_a_reject_in_the_identity_default_set(tmp_path, upstream):
+    """Bad X-SES-MESSAGE-TAGS without X-SES-CONFIGURATION-SET: the sender identity's default set is the
+    message's set, so the refusal is that set's Reject. A malformed set name names no set: no event."""
+    identities = '\n[identities."sender@example.com"]\ndefault_configuration_set = "plain"\n'
+    relay = RelayProcess(tmp_path / "relay", upstream.port, extra=identities).start()
+    try:
+        bad_tag = b"X-SES-MESSAGE-TAGS: bad=x.y\r\n" + CLEAN.split(b"\r\n", 1)[1]  # no set header
+        code, reply = submit(relay.smtp_port, bad_tag)
+        assert code == 554 and b"x.y" in reply
+        reject, = relay.wait_events("Reject", 1)
+        code, _ = submit(relay.smtp_port, b"X-SES-CONFIGURATION-SET: not a name\r\n" + bad_tag)
+        assert code == 554
+        time.sleep(0.3)
+        assert len(relay.events("Reject")) == 1 and relay.events("Send") == [] and upstream.messages == []
+    finally:
+        relay.stop()
+    record = json.loads(reject[4])
+    assert reject[3] == "plain" and record["mail"]["tags"]["ses:configuration-set"] == ["plain"]
+    assert "x.y" in record["reject"]["reason"] and record["mail"]["commonHeaders"]["subject"] == "clean"
