@@ -191,6 +191,7 @@ class Config:
     # --- bounces and feedback (issue 9): [bounces], [suppression] ---
     feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
     complaints_addresses: tuple[str, ...] = ()  # ARF reports are also accepted at these addresses (lower case)
+    scan: ScanSettings = field(default_factory=lambda: ScanSettings())  # [scan]: virus scan through clamd
 
     @property
     def database_path(self) -> Path:
@@ -380,10 +381,11 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     api = _parse_api(top.sub("api"))  # api (issue 7)
     inspection = _parse_inspection(top, problems)  # inspection (issue 8)
     feedback, complaints = _parse_feedback(top, problems)  # issue 9
+    scan = _parse_scan(top.sub("scan"), problems)  # issue 9: virus scan through clamd
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
-                 api=api, feedback=feedback, complaints_addresses=complaints, **relay_kw)
+                 api=api, feedback=feedback, complaints_addresses=complaints, scan=scan, **relay_kw)
     cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
@@ -858,3 +860,41 @@ def _parse_feedback(top: _Reader, problems: list[str]) -> tuple[FeedbackDefaults
     s.finish()
     defaults = FeedbackDefaults(domain, verp, unsubscribe, SUPPRESSION_REASONS if reasons is None else reasons)
     return defaults, complaints
+
+
+# --- virus scanning (issue 9): [scan] ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScanSettings:
+    clamd_socket: Path | None = None  # clamd's LocalSocket
+    clamd_host: str = ""  # or its TCPSocket (clamd_address = "host:port")
+    clamd_port: int = 3310
+    timeout: float = 30.0  # for one scan: connect, send, answer
+    on_error: str = "tempfail"  # clamd unreachable, slow or failing: "tempfail" (451) or "accept" (unscanned)
+    max_scan_size: int = 25 * 1024 * 1024  # larger messages are accepted unscanned; keep <= StreamMaxLength
+
+    @property
+    def enabled(self) -> bool:
+        return self.clamd_socket is not None or bool(self.clamd_host)
+
+
+def _parse_scan(s: _Reader, problems: list[str]) -> ScanSettings:
+    socket_path = s.path("clamd_socket", None)
+    address = s.get("clamd_address", str, "")
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if address and (not host or not port.isdigit() or not 0 < int(port) <= 65535):
+        problems.append(f"scan.clamd_address: {address!r} is not host:port")
+        host, port = "", "3310"
+    if socket_path is not None and host:
+        problems.append("scan.clamd_socket / scan.clamd_address: give one of them")
+    settings = ScanSettings(
+        clamd_socket=socket_path, clamd_host=host, clamd_port=int(port or 3310),
+        timeout=s.duration("timeout", 30.0),
+        on_error=s.choice("on_error", ("tempfail", "accept"), "tempfail") or "tempfail",
+        max_scan_size=s.positive("max_scan_size", 25 * 1024 * 1024),
+    )
+    if settings.timeout <= 0:
+        problems.append("scan.timeout: must be a positive duration")
+    s.finish()
+    return settings

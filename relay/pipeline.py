@@ -15,6 +15,7 @@ delivered the way it was configured when it was accepted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,14 +24,16 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from relay.config import Config
+from relay.core import clamd
 from relay.core import events as ev
-from relay.core.headers import HeaderError, from_domain, split_header_block, to_crlf
+from relay.core.headers import CONFIG_SET_HEADER, HeaderError, from_domain, split_header_block, to_crlf
 from relay.core.intake import intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
-from relay.core.resolve import sender_identity
+from relay.core.resolve import UnknownSet, sender_identity
 from relay.core.settings import TrackingSettings
 from relay.core.tokens import sign_address
 from relay.deliver import Reply
+from relay.scan import ClamdScanner
 from relay.store import EventRow, MessageRow, Store
 
 log = logging.getLogger("relay.pipeline")
@@ -80,7 +83,7 @@ def recipient_position(msg: QueuedMessage, recipient: str) -> int:
 
 class Pipeline:
     def __init__(self, config: Config, store: Store, resolver, instrumenter, signer, upstream,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, scanner: ClamdScanner | None = None):
         self.config = config
         self.store = store
         self.resolver = resolver  # relay.resolve.Resolver: the set and tracking settings of a message
@@ -88,6 +91,7 @@ class Pipeline:
         self.signer = signer
         self.upstream = upstream
         self.clock = clock
+        self.scanner = scanner  # None: messages are not scanned (no [scan] clamd configured)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -101,7 +105,8 @@ class Pipeline:
         try:
             item = intake(sub.data, sub.mail_from, message_id, self.config.hostname, self._received(sub, message_id))
         except HeaderError as exc:
-            await self._record_reject(sub, message_id, now_ms, exc)
+            mail, set_name = self._refused_mail(sub, message_id, now_ms, exc)
+            await self._record_reject(mail, set_name, now_ms, str(exc))
             raise Refusal(f"554 {exc}") from exc
         resolved = self.resolver.resolve_or_refuse(item.control.configuration_set,
                                                    sender_identity(item.block, sub.mail_from))  # issue 6
@@ -112,6 +117,7 @@ class Pipeline:
             source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,
             region=self.config.region,
         ))
+        await self._scan(sub, mail, set_name, now_ms)  # issue 9: refuses a virus (554) or, clamd down, 451
         when = ev.iso_ms(now_ms)
         row = MessageRow(message_id, when, sub.mail_from, set_name, item.subject, item.message_id_header,
                          len(item.raw), sub.client_ip, sub.auth_user, mail, settings.to_json())
@@ -123,24 +129,53 @@ class Pipeline:
             raise StorageUnavailable(str(exc)) from exc
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms)
 
-    async def _record_reject(self, sub: Submission, message_id: str, now_ms: int, exc: HeaderError) -> None:
-        """A refusal of a message whose configuration set is known is that set's Reject event."""
-        set_name = exc.configuration_set
-        if set_name not in self.resolver.model().sets:
-            return
+    def _refused_mail(self, sub: Submission, message_id: str, now_ms: int,
+                      exc: HeaderError) -> tuple[dict, str | None]:
+        """The mail object and set of a message refused before intake could read it (bad X-SES-* headers). Its
+        set: the header's; without that header, the sender identity's default (a malformed name names none)."""
         block = split_header_block(to_crlf(sub.data))
-        mail = ev.mail_object(ev.MailFacts(
+        set_name = exc.configuration_set
+        if set_name is None and block.get(CONFIG_SET_HEADER) is None:
+            with contextlib.suppress(UnknownSet):
+                set_name = self.resolver.resolve(None, sender_identity(block, sub.mail_from)).set_name
+        return ev.mail_object(ev.MailFacts(
             message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients,
             headers=block.fields, configuration_set=set_name, source_ip=sub.client_ip,
             from_domain=from_domain(block, sub.mail_from), caller_identity=sub.auth_user or "",
             account_id=self.config.account_id, region=self.config.region,
-        ))
-        record = ev.reject_record(mail, str(exc))
+        )), set_name
+
+    async def _record_reject(self, mail: dict, set_name: str | None, now_ms: int, reason: str) -> None:
+        """A refusal of a message whose configuration set is known is that set's Reject event."""
+        if set_name not in self.resolver.model().sets:
+            return
+        message_id = mail["messageId"]
+        record = ev.reject_record(mail, reason)
         try:
             await self.store.write(Store.events_work(
                 [EventRow(ev.REJECT, ev.iso_ms(now_ms), message_id, None, set_name, record)]))
         except Exception as err:  # the refusal stands either way
             log.error("could not record a Reject event: %s", err)
+
+    async def _scan(self, sub: Submission, mail: dict, set_name: str | None, now_ms: int) -> None:
+        """The optional virus scan of the message as received, before it is made durable. A virus: 554 and the
+        set's Reject event ("Bad content", SES's reason). clamd unreachable, slow or failing: `scan.on_error`
+        (451 by default: the client keeps the message). Over `scan.max_scan_size`: accepted unscanned."""
+        if self.scanner is None:
+            return
+        result = await self.scanner.scan(sub.data)
+        reply = clamd.refusal(result, self.scanner.settings.on_error)
+        facts = f"id={mail['messageId']} ip={sub.client_ip} from=<{sub.mail_from}> size={len(sub.data)}"
+        if result.status == clamd.INFECTED:
+            log.warning("scan %s virus=%s refused", facts, result.detail)
+            await self._record_reject(mail, set_name, now_ms, clamd.REJECT_REASON)
+        elif result.status == clamd.FAILED:
+            log.error("scan %s failed, %s: %s", facts, "answered 451" if reply else "accepted unscanned",
+                      result.detail)
+        elif result.status == clamd.TOO_LARGE:
+            log.warning("scan %s accepted unscanned: %s", facts, result.detail)
+        if reply is not None:
+            raise Refusal(reply)
 
     def _received(self, sub: Submission, message_id: str) -> str | None:
         if not self.config.smtp.add_received_header:

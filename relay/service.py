@@ -24,6 +24,7 @@ from relay.metrics import start_operations, stop_operations  # inspection (issue
 from relay.pipeline import Pipeline
 from relay.queue import DeliveryQueue
 from relay.resolve import Resolver
+from relay.scan import make_scanner
 from relay.sign import Signer
 from relay.smtp import Handler, start_server
 from relay.store import Store
@@ -69,7 +70,8 @@ class Relay:
         keyring = cfg.keyring()
         upstream = make_upstream(cfg.upstream, cfg.hostname)
         resolver = Resolver(cfg, store)  # configuration sets from the file and the database
-        pipeline = Pipeline(cfg, store, resolver, Instrumenter(keyring), Signer(cfg.dkim), upstream)
+        pipeline = Pipeline(cfg, store, resolver, Instrumenter(keyring), Signer(cfg.dkim), upstream,
+                            scanner=make_scanner(cfg.scan))  # issue 9: virus scan through clamd
         queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency)
         handler = Handler(cfg.smtp, pipeline, queue.add)
         relay = cls(cfg, store, pipeline, queue, handler)
@@ -109,6 +111,7 @@ class Relay:
         self.config = cfg
         self.pipeline.config = cfg
         self.pipeline.signer = signer
+        self.pipeline.scanner = make_scanner(cfg.scan)  # issue 9: [scan]
         self.pipeline.instrumenter.keyring = keyring
         self.handler.settings = cfg.smtp
         self.pipeline.resolver.config = cfg  # issue 6: sets from the reloaded file; reopen destination files
