@@ -704,7 +704,7 @@ class TrackingServer:
             added = await self.store.write(lambda conn: store_module.record_unsubscribe(
                 conn, claims.message_id, claims.recipient, now_ms))
         except Exception:  # the person is told to try again rather than told a lie
-            log.exception("unsubscribe of %s from %s not recorded", claims.recipient, claims.message_id)
+            log.exception("unsubscribe from %s not recorded", claims.message_id)  # no address in logs (privacy)
             return web.Response(status=503, body=UNSUBSCRIBE_FAILED, headers=_PAGE_HEADERS)
         log.info("unsubscribe id=%s recorded=%s", claims.message_id, added)
         return web.Response(body=UNSUBSCRIBED, headers=_PAGE_HEADERS)

@@ -11,20 +11,17 @@ import json
 import re
 import smtplib
 import time
-from email import message_from_bytes, policy
 from pathlib import Path
 
 import aiohttp
-import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay.core import dkim as relay_dkim
 from relay.core import tokens
 from relay.core.headers import split_header_block
 
 from .harness import RelayProcess, Upstream
+from .test_dkim import Keys, signature_tags, verify
 from .test_tracking_helpers import MID, RCPT, Listener, load, request, store_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,14 +66,11 @@ class HttpsRelay(RelayProcess):
                                                  f'default_host = "{host}"\nhttps_hosts = ["{host}"]\n', 1))
 
 
-def _dkim_key(tmp_path: Path) -> tuple[str, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    path = tmp_path / "example.com.s1.pem"
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-    record = relay_dkim.key_record(relay_dkim.load_private_key(path.read_bytes())).encode()
-    return f'[[dkim.keys]]\ndomain = "example.com"\nselector = "s1"\nprivate_key_file = "{path}"\n', record
+def _dkim_keys(tmp_path: Path) -> tuple[str, Keys]:
+    keys = Keys(tmp_path).add("example.com", "s1", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    (k,) = keys.keys
+    return f'[[dkim.keys]]\ndomain = "{k.domain}"\nselector = "{k.selector}"\n' \
+           f'private_key_file = "{k.private_key_file}"\n', keys
 
 
 def _shape(value, skip_names: bool = False):
@@ -122,7 +116,7 @@ def _suppressed(relay: RelayProcess) -> list[tuple]:
 
 
 def test_one_click_unsubscribe_end_to_end(tmp_path):
-    dkim_lines, record = _dkim_key(tmp_path)
+    dkim_lines, keys = _dkim_keys(tmp_path)
     upstream = Upstream().start()
     relay = HttpsRelay(tmp_path / "r", upstream.port, extra=SETS + dkim_lines)
     relay.start()
@@ -134,7 +128,7 @@ def test_one_click_unsubscribe_end_to_end(tmp_path):
             client.sendmail("news@example.com", ["dan@example.org"], _message("news", own))
         copies = {m.rcpt_tos[0]: m.data for m in upstream.wait_for(4)}
         for rcpt, data in copies.items():
-            assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record), rcpt
+            assert verify(data, keys.records), rcpt
 
         # the application's own List-Unsubscribe is kept exactly, nothing added
         assert _fields(copies["dan@example.org"], "list-unsubscribe") == ["<mailto:leave@example.com?subject=leave>"]
@@ -150,11 +144,10 @@ def test_one_click_unsubscribe_end_to_end(tmp_path):
             assert mailto.startswith("unsub+") and mailto.endswith("@" + BOUNCE_DOMAIN)
             urls[rcpt] = url.replace("https://", "http://", 1)  # the proxy's side of it
             # covered by relay's signature, over-signed: a second List-Unsubscribe added on top breaks it
-            sig = message_from_bytes(data, policy=policy.compat32)["DKIM-Signature"]
-            h = re.sub(r"\s", "", re.search(r"\bh=([^;]+)", sig).group(1)).split(":")
+            h = signature_tags(data)[0]["h"].split(":")
             assert h.count("list-unsubscribe") == 2 and h.count("list-unsubscribe-post") == 2
             forged = data.replace(b"\r\nFrom:", b"\r\nList-Unsubscribe: <https://evil.example/u>\r\nFrom:", 1)
-            assert not dkim.verify(forged, dnsfunc=lambda name, timeout=5: record)
+            assert not verify(forged, keys.records)
         assert "/c/" in copies["ann@example.org"].decode() and "/c/" not in copies["cat@example.org"].decode()
         assert _fields(copies["cat@example.org"], "x-ses-configuration-set") == []
 
