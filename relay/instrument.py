@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from relay.core import instrument as core
 from relay.core.settings import TrackingSettings
-from relay.core.tokens import Keyring
+from relay.core.tokens import Keyring, sign_address, sign_unsubscribe
+from relay.core.unsubscribe import add_list_unsubscribe
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class Instrumenter:
 
     def copy(self, message_id: str, raw: bytes, settings: TrackingSettings, recipient: str, issued: int,
              position: int = 0) -> Rendered:
-        """This recipient's copy; never raises: on any failure the input goes out unchanged, with a warning.
-        `position` is the recipient's index in the message's recipient list (for the mailto unsubscribe)."""
+        """This recipient's copy; never raises: when instrumenting fails the input goes out unchanged (with its
+        one-click unsubscribe fields, if the set adds them), with a warning. `position` is the recipient's index
+        in the message's recipient list (for the mailto unsubscribe)."""
         try:
             plan = self.plan(message_id, raw, settings)
             out = core.render(raw, plan, self.keyring, message_id, recipient, issued)
@@ -59,12 +61,33 @@ class Instrumenter:
             log.exception("instrumentation of %s failed; delivering it unmodified", message_id)
             warning = f"message left unmodified: {type(exc).__name__}: {exc}"
             report = {"message_id": message_id, "recipient": recipient, "parts": [], "warnings": [warning]}
-            return Rendered(raw, False, [warning], report)
+            out = core.Copy(raw, report, report["warnings"])
+        data = out.data
+        if settings.list_unsubscribe:
+            data = self._with_list_unsubscribe(data, message_id, settings, recipient, issued, position, out)
         for warning in out.warnings:
             log.warning("%s: %s", message_id, warning)
-        changed = out.data is not raw and out.data != raw
+        changed = data is not raw and data != raw
         out.report["changed"] = changed
-        return Rendered(out.data, changed, out.warnings, out.report)
+        return Rendered(data, changed, out.warnings, out.report)
+
+    def _with_list_unsubscribe(self, data: bytes, message_id: str, settings: TrackingSettings, recipient: str,
+                               issued: int, position: int, out: core.Copy) -> bytes:
+        """`data` with this recipient's one-click unsubscribe fields; on any failure `data` unchanged and a
+        warning (the copy still goes out). The mailto needs the bounce domain, which relay receives mail for."""
+        try:
+            url = settings.unsubscribe_url(sign_unsubscribe(self.keyring, message_id, recipient, issued))
+            mailto = None
+            if settings.return_path_domain and position >= 0:
+                mailto = sign_address(self.keyring, "unsub", message_id, position, settings.return_path_domain)
+            added = add_list_unsubscribe(data, url, mailto)
+        except Exception as exc:  # noqa: BLE001 - the copy goes out without the fields rather than not at all
+            log.exception("List-Unsubscribe for %s failed; delivering without it", message_id)
+            out.warnings.append(f"List-Unsubscribe not added: {type(exc).__name__}: {exc}")
+            out.report["list_unsubscribe"] = "failed"
+            return data
+        out.report["list_unsubscribe"] = "kept the message's own" if added is None else "added"
+        return data if added is None else added
 
 
 def dry_run(args: argparse.Namespace) -> int:

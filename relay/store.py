@@ -25,7 +25,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.core.suppression import Suppression
+from relay.core import events as ev
+from relay.core.settings import TrackingSettings
+from relay.core.suppression import Suppression, entries_for
 
 log = logging.getLogger("relay.store")
 T = TypeVar("T")
@@ -753,6 +755,39 @@ def suppressed_among(conn: sqlite3.Connection, addresses: Iterable[str], reasons
         for address, reason in conn.execute(sql, (*chunk, *reasons)):
             found.setdefault(address, reason)
     return found
+
+
+# --- one-click unsubscribe (issue 9) -----------------------------------------------------------------------
+# A recipient's unsubscribe (the tracking listener's one-click POST, or mail to the unsub+ address) becomes a
+# Subscription event beside the message's other events, so destinations publish it like any other, and an
+# UNSUBSCRIBE entry on the suppression list when the message's set applies that reason.
+
+
+def record_unsubscribe(conn: sqlite3.Connection, message_id: str, recipient: str, now_ms: int,
+                       source: str = "UnsubscribeHeader") -> bool:
+    """Record that `recipient` of `message_id` unsubscribed (call inside a work); False when this copy's
+    unsubscribe was recorded before (receivers and people repeat the POST), True when something was added.
+
+    A message already purged (retention) has no `mail` object and no set left: no event then, but the address
+    is still suppressed (for UNSUBSCRIBE) - the person's request counts more than the record of it."""
+    when = ev.iso_ms(now_ms)
+    row = conn.execute("SELECT mail_json, configuration_set, settings_json FROM messages WHERE id = ?",
+                       (message_id,)).fetchone()
+    if row is None:
+        if conn.execute("SELECT 1 FROM suppressed_destinations WHERE email_address = ? AND reason = ?"
+                        " AND message_id = ?", (recipient.strip().lower(), "UNSUBSCRIBE", message_id)).fetchone():
+            return False
+        suppress(conn, [Suppression(recipient.strip().lower(), "UNSUBSCRIBE", when, message_id)])
+        return True
+    if conn.execute("SELECT 1 FROM events WHERE message_id = ? AND type = ? AND recipient = ?",
+                    (message_id, ev.SUBSCRIPTION, recipient)).fetchone():
+        return False
+    mail_json, set_name, settings_json = row
+    settings = TrackingSettings.from_json(json.loads(settings_json))
+    record = ev.subscription_record(json.loads(mail_json), now_ms, set_name or "", source)
+    _insert_events(conn, [EventRow(ev.SUBSCRIPTION, when, message_id, recipient, set_name, record)])
+    suppress(conn, entries_for(record, recipient, settings.suppression_reasons, when))
+    return True
 
 
 # --- inspection views ---------------------------------------------------------------------------------------

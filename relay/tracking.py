@@ -17,7 +17,10 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import email
+import email.policy
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -33,6 +36,7 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import aiohttp
 from aiohttp import web
@@ -44,8 +48,8 @@ from relay import store as store_module
 from relay.config import Config, TrackingConfig
 from relay.core import events, verdicts
 from relay.core.domains import InvalidTrackingOptions, split_port, validate_tracking_domain
-from relay.core.settings import CLICK_PATH, OPEN_PATH
-from relay.core.tokens import ClickClaims, Keyring, OpenClaims, verify
+from relay.core.settings import CLICK_PATH, OPEN_PATH, UNSUBSCRIBE_PATH
+from relay.core.tokens import ClickClaims, Keyring, OpenClaims, UnsubscribeClaims, verify
 from relay.core.useragent import summarize
 from relay.inspect import scrubber as privacy_scrubber  # privacy (issue 8)
 from relay.store import Store
@@ -77,6 +81,14 @@ NOT_FOUND = (b"<!doctype html><html><head><meta charset=utf-8><title>Link not fo
              b"<h1>Link not found</h1><p>This link is damaged, incomplete or no longer valid. Copy the whole "
              b"link from the message, or contact its sender.</p></body></html>")
 BAD_REQUEST = b"<!doctype html><title>Bad request</title><h1>Bad request</h1>"
+UNSUBSCRIBED = (b"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content=\"width=device-width\">"
+                b"<title>Unsubscribed</title></head><body><h1>You are unsubscribed</h1><p>You will no longer "
+                b"receive these emails at this address.</p></body></html>")
+UNSUBSCRIBE_FAILED = (b"<!doctype html><html><head><meta charset=utf-8><title>Please try again</title></head><body>"
+                      b"<h1>Please try again</h1><p>Your request could not be recorded just now. Please try "
+                      b"again in a few minutes.</p></body></html>")
+ONE_CLICK_FIELD = ("List-Unsubscribe", "One-Click")  # the POST body RFC 8058 defines, as a form field
+ONE_CLICK_BODY_LIMIT = 4096  # RFC 8058's body is 26 bytes; multipart adds a boundary and a part header
 _UNSAFE_URL_CHARS = frozenset(chr(c) for c in range(0x20)) | {"\x7f"}
 
 
@@ -506,6 +518,56 @@ def _safe_destination(url: str) -> bool:
     return (head.startswith("http://") or head.startswith("https://")) and not (_UNSAFE_URL_CHARS & set(url))
 
 
+def mask_address(address: str) -> str:
+    """`j***@example.com`: enough for its owner to recognise, little for someone the page was forwarded to."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "this address"
+    return f"{local[:1]}***@{domain}"
+
+
+def unsubscribe_page(recipient: str) -> bytes:
+    """The confirmation page a GET shows: self-contained (the listener's CSP allows no external resource, not
+    even inline style), one button posting what a mail client's one-click POST sends, to the same URL."""
+    shown = html.escape(mask_address(recipient))
+    return ("<!doctype html><html><head><meta charset=utf-8><meta name=viewport content=\"width=device-width\">"
+            f"<title>Unsubscribe</title></head><body><h1>Unsubscribe</h1><p>Unsubscribe {shown} from these "
+            "emails?</p><form method=post enctype=application/x-www-form-urlencoded>"
+            f"<button type=submit name=List-Unsubscribe value=One-Click>Unsubscribe</button></form>"
+            "</body></html>").encode()
+
+
+async def _one_click_body(request: web.BaseRequest) -> bool:
+    """Whether the POST carries RFC 8058's `List-Unsubscribe=One-Click`, form-encoded or as multipart/form-data
+    (both are what mail clients send); at most ONE_CLICK_BODY_LIMIT bytes are read."""
+    if (request.content_length or 0) > ONE_CLICK_BODY_LIMIT:
+        return False
+    body = b""
+    while chunk := await request.content.read(ONE_CLICK_BODY_LIMIT + 1 - len(body)):
+        body += chunk
+        if len(body) > ONE_CLICK_BODY_LIMIT:
+            return False
+    if request.content_type == "application/x-www-form-urlencoded":
+        return ONE_CLICK_FIELD in parse_qsl(body.decode("ascii", "replace"))
+    if request.content_type == "multipart/form-data":
+        return _multipart_one_click(body, request.headers.get("Content-Type", ""))
+    return False
+
+
+def _multipart_one_click(body: bytes, content_type: str) -> bool:
+    """A form-data part named List-Unsubscribe whose content is One-Click."""
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    try:
+        message = email.message_from_bytes(head + body, policy=email.policy.HTTP)
+        name, value = ONE_CLICK_FIELD
+        return message.is_multipart() and any(
+            part.get_param("name", header="content-disposition") == name
+            and (part.get_payload(decode=True) or b"").strip() == value.encode("ascii")
+            for part in message.iter_parts())
+    except Exception:  # noqa: BLE001 - a body the email package cannot read is simply not a one-click POST
+        return False
+
+
 class TrackingServer:
     """The tracking listener; `relay serve` runs it beside SMTP, `relay track` runs it alone."""
 
@@ -594,6 +656,8 @@ class TrackingServer:
             if method in ("GET", "HEAD"):
                 return self._click(request, path[len(CLICK_PATH):], method)
             return web.Response(status=405, headers={"Allow": "GET, HEAD"})
+        if path.startswith(UNSUBSCRIBE_PATH):
+            return await self._unsubscribe(request, path[len(UNSUBSCRIBE_PATH):], method)
         if method not in ("GET", "HEAD"):
             return web.Response(status=405, headers={"Allow": "GET, HEAD"})
         if path == "/healthz":
@@ -620,6 +684,30 @@ class TrackingServer:
         if method == "GET":  # HEAD is what link scanners send: answer it, never count it
             self._record(events.CLICK, method, claims, request)
         return web.Response(status=302, headers={**_REDIRECT_HEADERS, "Location": claims.url})
+
+    async def _unsubscribe(self, request: web.BaseRequest, token: str, method: str) -> web.Response:
+        """RFC 8058 one-click: a POST of `List-Unsubscribe=One-Click` unsubscribes; GET and HEAD only show a
+        page with a button posting the same (link scanners and prefetchers GET every URL in a message). The
+        link never expires (max_link_age does not apply): RFC 8058 wants it to work long after delivery, and
+        the token is bound to one message and recipient."""
+        claims = verify(self.keyring, token)
+        if not isinstance(claims, UnsubscribeClaims):
+            return self._not_found()
+        if method in ("GET", "HEAD"):
+            return web.Response(body=unsubscribe_page(claims.recipient), headers=_PAGE_HEADERS)
+        if method != "POST":
+            return web.Response(status=405, headers={"Allow": "GET, HEAD, POST"})
+        if not await _one_click_body(request):
+            return web.Response(status=400, body=BAD_REQUEST, headers=_PAGE_HEADERS)
+        now_ms = int(time.time() * 1000)
+        try:
+            added = await self.store.write(lambda conn: store_module.record_unsubscribe(
+                conn, claims.message_id, claims.recipient, now_ms))
+        except Exception:  # the person is told to try again rather than told a lie
+            log.exception("unsubscribe from %s not recorded", claims.message_id)  # no address in logs (privacy)
+            return web.Response(status=503, body=UNSUBSCRIBE_FAILED, headers=_PAGE_HEADERS)
+        log.info("unsubscribe id=%s recorded=%s", claims.message_id, added)
+        return web.Response(body=UNSUBSCRIBED, headers=_PAGE_HEADERS)
 
     def _challenge(self, request: web.BaseRequest, token: str) -> web.Response:
         answer = challenge_answer(self.keyring, token, int(time.time()))

@@ -163,7 +163,7 @@ def test_signed_header_list(tmp_path, rsa_key):
     (tags,) = signature_tags(out)
     assert tags["h"].split(":") == [
         "from", "from", "to", "to", "cc", "content-transfer-encoding", "reply-to", "list-unsubscribe",
-        "list-unsubscribe-post", "feedback-id"]
+        "list-unsubscribe", "list-unsubscribe-post", "list-unsubscribe-post", "feedback-id"]
     assert verify(out, k.records)
 
 

@@ -34,6 +34,11 @@ SIGNED_HEADERS = (
 )
 # Listed once more than they occur, so nobody can add another instance later without breaking the signature.
 OVERSIGNED_HEADERS = ("from",)
+# The same, only when present. Verifiers select instances from the bottom: a List-Unsubscribe added above ours
+# would otherwise leave the signature valid while receivers, reading the first, offer the added URL (RFC 8058
+# section 4 wants both fields signed). Absent, they stay out of h=: a mailing list adding its own List-* fields
+# to a message without them does not break relay's signature.
+OVERSIGNED_WHEN_PRESENT = ("list-unsubscribe", "list-unsubscribe-post")
 
 _HASHES = {"sha256": hashlib.sha256, "sha1": hashlib.sha1}
 _TAB_TO_SPACE = bytes.maketrans(b"\t", b" ")
@@ -213,9 +218,10 @@ def select_headers(fields: Sequence[HeaderField], names: Iterable[str]) -> list[
 
 
 def header_names_to_sign(fields: Sequence[HeaderField]) -> list[str]:
-    """h=: each signed name once per instance (From once more). A name with a malformed instance is left out:
-    verifiers disagree about a line without a colon inside a header block (relay reads it as a continuation,
-    others as a field of its own or the start of the body), so signing it could never verify everywhere."""
+    """h=: each signed name once per instance (From, and List-Unsubscribe(-Post) when present, once more). A
+    name with a malformed instance is left out: verifiers disagree about a line without a colon inside a header
+    block (relay reads it as a continuation, others as a field of its own or the start of the body), so signing
+    it could never verify everywhere."""
     counts: dict[str, int] = {}
     malformed: set[str] = set()
     for f in fields:
@@ -226,7 +232,8 @@ def header_names_to_sign(fields: Sequence[HeaderField]) -> list[str]:
     for name in SIGNED_HEADERS:
         if name in malformed and name != "from":  # From must be signed whatever it looks like (RFC 6376 5.4)
             continue
-        names += [name] * (counts.get(name, 0) + (name in OVERSIGNED_HEADERS))
+        count = counts.get(name, 0)
+        names += [name] * (count + (name in OVERSIGNED_HEADERS or (count > 0 and name in OVERSIGNED_WHEN_PRESENT)))
     return names
 
 
