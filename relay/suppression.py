@@ -76,7 +76,7 @@ def parse_csv(text: str, when: str) -> ParsedCsv:
         cells = [c.strip() for c in row]
         if not any(cells):
             continue
-        if number == 1 and "@" not in cells[0]:  # a header line
+        if number == 1 and "@" not in cells[0] and cells[-1].upper() not in SUPPRESSION_REASONS:  # a header
             continue
         if len(cells) != 2:
             bad.append((number, f"expected 2 fields (email,reason), got {len(cells)}"))
