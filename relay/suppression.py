@@ -1,4 +1,5 @@
-"""The account suppression list (issue 9): its operations and `relay suppression list|add|remove|import|export`.
+"""The account suppression list (issue 9): its operations and `relay suppression list|add|remove|import|export`
+(and `options`, a set's reasons).
 
 The operations are SES's (PutSuppressedDestination, GetSuppressedDestination, DeleteSuppressedDestination,
 ListSuppressedDestinations, PutConfigurationSetSuppressionOptions) and fail with SesError, so the CLI here and
@@ -239,18 +240,41 @@ def _export_cmd(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def set_reasons(cfg: Config, store: Store, set_name: str) -> tuple[tuple[str, ...], str]:
+    """The reasons a set applies and where they come from."""
+    from relay import sets
+    from relay.resolve import Resolver
+
+    s = Resolver(cfg, store).model().sets.get(set_name)
+    if s is None:
+        raise sets._no_set(set_name)
+    own = s.feedback.suppression_reasons
+    if own is None:
+        return cfg.feedback.suppression_reasons, "the account's [suppression] reasons"
+    return own, f"configuration set {set_name}"
+
+
+def _options_cmd(cfg: Config, store: Store, args: argparse.Namespace) -> str:
+    if args.inherit or args.reasons is not None:
+        put_set_reasons(cfg, store, args.set, None if args.inherit else [r for r in args.reasons.split(",") if r])
+    reasons, source = set_reasons(cfg, store, args.set)
+    return f"{args.set}: {', '.join(reasons) or '(none: the list does not apply)'}  [{source}]"
+
+
 def suppression_command(args: argparse.Namespace) -> int:
     from relay.sets import SesError
     from relay.sets_cli import _open
 
-    _, store = _open(args)
+    cfg, store = _open(args)
     try:
         cmd = args.suppression_command
-        if cmd == "import":
+        if cmd == "options":
+            out = _options_cmd(cfg, store, args)
+        elif cmd == "import":
             return _import_cmd(store, args)
-        if cmd == "export":
+        elif cmd == "export":
             return _export_cmd(store, args)
-        if cmd == "list":
+        elif cmd == "list":
             out = _list_cmd(store, args)
         elif cmd == "add":
             e = put(store, args.address, args.reason)
@@ -271,9 +295,10 @@ def suppression_command(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    """`relay suppression list|add|remove|import|export`."""
+    """`relay suppression list|add|remove|import|export|options`."""
     reasons = ", ".join(SUPPRESSION_REASONS)
-    p = sub.add_parser("suppression", help="the account suppression list: list, add, remove, import, export")
+    p = sub.add_parser("suppression", help="the account suppression list: list, add, remove, import, export,"
+                       " a set's options")
     s = p.add_subparsers(dest="suppression_command", required=True)
     c = s.add_parser("list", help="the listed addresses, by address")
     c.add_argument("--reason", help=f"only this reason ({reasons})")
@@ -289,5 +314,11 @@ def add_parser(sub) -> None:
     c.add_argument("file")
     c = s.add_parser("export", help="the list as `email,reason` CSV (to stdout without FILE)")
     c.add_argument("file", nargs="?")
+    c = s.add_parser("options", help="the reasons a set applies (SES's SuppressionOptions); set them for a"
+                     " set made with the CLI or the API")
+    c.add_argument("set", help="configuration set")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--reasons", help=f"comma-separated ({reasons}); empty: none")
+    g.add_argument("--inherit", action="store_true", help="follow the account's [suppression] reasons again")
     for c in s.choices.values():
         c.add_argument("--config", required=True)

@@ -236,6 +236,26 @@ def test_cli_add_list_remove_import_export_round_trip(tmp_path):
     assert "someone@example.com" not in cli(config, "list").stdout
 
 
+def test_cli_set_options(tmp_path):
+    r = RelayProcess(tmp_path / "r", extra=SETS)
+    r.write_config()
+    made = subprocess.run([sys.executable, "-m", "relay.cli", "config-set", "create", "news", "--config",
+                           str(r.config_path)], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert made.returncode == 0
+    assert cli(r.config_path, "options", "news").stdout.strip() == \
+        "news: BOUNCE, COMPLAINT, UNSUBSCRIBE  [the account's [suppression] reasons]"
+    assert cli(r.config_path, "options", "news", "--reasons", "complaint").stdout.strip() == \
+        "news: COMPLAINT  [configuration set news]"
+    assert cli(r.config_path, "options", "news", "--reasons", "").stdout.strip() == \
+        "news: (none: the list does not apply)  [configuration set news]"
+    assert "[the account's [suppression] reasons]" in cli(r.config_path, "options", "news", "--inherit").stdout
+    assert cli(r.config_path, "options", "lenient").stdout.strip() == "lenient: COMPLAINT  [configuration set lenient]"
+    refused = cli(r.config_path, "options", "lenient", "--reasons", "BOUNCE")
+    assert refused.returncode == 1 and "read-only" in refused.stderr
+    assert cli(r.config_path, "options", "nope").returncode == 1
+    assert cli(r.config_path, "options", "news", "--reasons", "SPAM").returncode == 1
+
+
 # --- units -------------------------------------------------------------------------------------------------------
 
 def _row(message_id: str) -> MessageRow:
