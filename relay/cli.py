@@ -115,6 +115,12 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return forget_command(args)
 
 
+def cmd_suppression(args: argparse.Namespace) -> int:
+    from relay.suppression import suppression_command
+
+    return suppression_command(args)
+
+
 def check_database(cfg) -> int:
     """`relay check`, issue 6: the SQLite-held sets, levels and identities, and conflicts with the file."""
     if not cfg.database_path.exists():  # no database yet: identities can only name sets of the file
@@ -201,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.inspect import add_parsers as add_inspection  # issue 8: stats, events tail, purge, forget
 
     add_inspection(sub, {"stats": cmd_stats, "events": cmd_events, "purge": cmd_purge, "forget": cmd_forget})
+    from relay.suppression import add_parser as add_suppression  # issue 9
+
+    add_suppression(sub)
+    sub.choices["suppression"].set_defaults(func=cmd_suppression)
     return parser
 
 

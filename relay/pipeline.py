@@ -31,10 +31,11 @@ from relay.core.intake import intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
 from relay.core.settings import TrackingSettings
+from relay.core.suppression import entries_for
 from relay.core.tokens import sign_address
 from relay.deliver import Reply
 from relay.scan import ClamdScanner
-from relay.store import EventRow, MessageRow, Store
+from relay.store import EventRow, MessageRow, Store, suppressed_among, with_suppression
 
 log = logging.getLogger("relay.pipeline")
 
@@ -71,6 +72,10 @@ class QueuedMessage:
     configuration_set: str | None
     settings: TrackingSettings
     received_ms: int
+    suppressed: frozenset[str] = frozenset()  # recipients final at acceptance (suppression list): never delivered
+
+    def to_deliver(self, recipients: list[str]) -> list[str]:
+        return [r for r in recipients if r not in self.suppressed]
 
 
 def recipient_position(msg: QueuedMessage, recipient: str) -> int:
@@ -122,12 +127,23 @@ class Pipeline:
         row = MessageRow(message_id, when, sub.mail_from, set_name, item.subject, item.message_id_header,
                          len(item.raw), sub.client_ip, sub.auth_user, mail, settings.to_json())
         sends = [EventRow(ev.SEND, when, message_id, r, set_name, ev.send_record(mail)) for r in sub.recipients]
+        # SES accepts a message to a suppressed address and records a Send and a Bounce for it at once.
+        suppressed = self._suppressed(sub.recipients, settings)
+        bounces = [EventRow(ev.BOUNCE, when, message_id, r, set_name,
+                            ev.suppressed_record(mail, r, now_ms, self.config.hostname)) for r in suppressed]
+        final = {r: (BOUNCED, f"not sent: on the suppression list ({reason})") for r, reason in suppressed.items()}
         try:
-            await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends))
+            await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final))
         except Exception as exc:  # disk full, I/O error, locked database: never answer 250
             log.error("could not queue message from %s: %s", sub.client_ip, exc)
             raise StorageUnavailable(str(exc)) from exc
-        return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms)
+        return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms,
+                             frozenset(suppressed))
+
+    def _suppressed(self, recipients: list[str], settings: TrackingSettings) -> dict[str, str]:
+        """The recipients on the suppression list for a reason the message's set applies -> that reason."""
+        listed = self.store.tracking_read(suppressed_among, recipients, settings.suppression_reasons)
+        return {r: listed[r.strip().lower()] for r in recipients if r.strip().lower() in listed}
 
     def _refused_mail(self, sub: Submission, message_id: str, now_ms: int,
                       exc: HeaderError) -> tuple[dict, str | None]:
@@ -205,9 +221,11 @@ class Pipeline:
         record = self._event_for(msg, recipient, reply, outcome, now_ms)
         event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record)
         next_at = ev.iso_ms(outcome.next_attempt_ms) if outcome.next_attempt_ms else None
-        await self.store.write(Store.recipient_work(
+        # a permanent bounce puts the address on the suppression list in the same transaction as its event
+        entries = entries_for(record, recipient, msg.settings.suppression_reasons, ev.iso_ms(now_ms))
+        await self.store.write(with_suppression(Store.recipient_work(
             msg.id, recipient, outcome.state, attempts, next_at, reply.text, ev.iso_ms(now_ms), [event], warnings,
-        ))
+        ), entries))
         log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r", msg.id, recipient, attempts,
                  outcome.state, reply.text[:200])
         return outcome

@@ -90,6 +90,8 @@ class DeliveryQueue:
 
     def add(self, msg: QueuedMessage, recipients: list[str]) -> None:
         """A message that is durable in the store; its copies are due now."""
+        if not recipients:  # every recipient already final (suppressed): nothing to deliver or to cache
+            return
         self.cache.put(msg)
         for rcpt in recipients:
             self._schedule(0.0, msg.id, rcpt, 0)

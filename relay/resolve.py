@@ -16,7 +16,15 @@ import sqlite3
 
 from relay.config import Config
 from relay.core import resolve as core
-from relay.core.resolve import Destination, Level, Model, Resolution, SetDef, TrackingOptions
+from relay.core.resolve import (
+    Destination,
+    FeedbackOptions,
+    Level,
+    Model,
+    Resolution,
+    SetDef,
+    TrackingOptions,
+)
 from relay.store import (
     Store,
     StoredConfiguration,
@@ -56,9 +64,12 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
     db_dests: dict[str, list[Destination]] = {}
     for row in stored.destinations:
         db_dests.setdefault(row[0], []).append(destination_from_row(row))
+    db_reasons = dict(stored.suppression)
     for name in stored.sets:
         opts = db_tracking.get(("set", name))
-        sets[name] = SetDef(name, DB, opts or TrackingOptions(), tuple(db_dests.get(name, ())), opts is not None)
+        feedback = FeedbackOptions(suppression_reasons=db_reasons.get(name))  # None: the account's reasons
+        sets[name] = SetDef(name, DB, opts or TrackingOptions(), tuple(db_dests.get(name, ())), opts is not None,
+                            feedback)
     for name, cs in cfg.configuration_sets.items():
         if name in sets:
             conflicts.append(f"configuration set {name} is defined in both {cfg.path} and the database;"

@@ -27,6 +27,7 @@ from relay.store import (
     delete_cursor,
     load_configuration,
     provision_cursor,
+    put_set_suppression,
 )
 
 LEVELS = ("account", "domain", "set")
@@ -122,6 +123,7 @@ def delete_set(cfg: Config, store: Store, name: str) -> None:
         conn.execute("DELETE FROM tracking_options WHERE level = 'set' AND scope = ?", (name,))
         conn.execute("DELETE FROM event_destinations WHERE configuration_set = ?", (name,))
         delete_cursor(conn, name)
+        put_set_suppression(conn, name, None)  # issue 9: its SuppressionOptions go with it
         bump_configuration_version(conn)
 
     _run(store, work)

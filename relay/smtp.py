@@ -239,7 +239,7 @@ class Handler:
             return "451 4.3.0 Temporary service failure"
         finally:
             self.busy -= 1
-        self.on_accepted(msg, sub.recipients)
+        self.on_accepted(msg, msg.to_deliver(sub.recipients))  # suppressed ones are final
         log.info("smtp ip=%s from=<%s> rcpts=%d size=%d id=%s set=%s accepted", ip, sub.mail_from,
                  len(sub.recipients), len(sub.data), msg.id, msg.configuration_set or "-")
         return f"250 Ok {msg.id}"

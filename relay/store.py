@@ -268,8 +268,12 @@ class Store:
     # --- messages and the queue ----------------------------------------------------------------------------
 
     @staticmethod
-    def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list[EventRow]):
-        """The work that makes an accepted message durable: message, spool, recipients, Send events."""
+    def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list[EventRow],
+                    final: dict[str, tuple[str, str]] | None = None):
+        """The work that makes an accepted message durable: message, spool, recipients, Send events.
+        `final`: recipients already final at acceptance (suppressed), recipient -> (state, last response);
+        the body is spooled only when some recipient is left to deliver."""
+        final = final or {}
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -279,11 +283,12 @@ class Store:
                  msg.message_id_header, msg.size, msg.client_ip, msg.auth_user,
                  json.dumps(msg.mail, separators=(",", ":")), json.dumps(msg.settings, separators=(",", ":"))),
             )
-            conn.execute("INSERT INTO spool (message_id, raw) VALUES (?, ?)", (msg.id, raw))
+            if any(r not in final for r in recipients):
+                conn.execute("INSERT INTO spool (message_id, raw) VALUES (?, ?)", (msg.id, raw))
             conn.executemany(
-                "INSERT INTO recipients (message_id, recipient, position, state, updated_at)"
-                " VALUES (?, ?, ?, 'queued', ?)",
-                [(msg.id, r, i, msg.received_at) for i, r in enumerate(recipients)],
+                "INSERT INTO recipients (message_id, recipient, position, state, last_response, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(msg.id, r, i, *final.get(r, ("queued", None)), msg.received_at) for i, r in enumerate(recipients)],
             )
             _insert_events(conn, events)
 
@@ -624,6 +629,7 @@ class StoredConfiguration:
     identities: list[tuple[str, str]]
     destinations: list[tuple]  # (set, name, enabled, event_types JSON, kind, settings JSON)
     version: int
+    suppression: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (set, reasons): set_suppression_options
 
 
 def configuration_read(store: Store, helper: Callable[..., T], *args) -> T:
@@ -655,6 +661,7 @@ def load_configuration(conn: sqlite3.Connection) -> StoredConfiguration:
                 "SELECT configuration_set, name, enabled, event_types, kind, settings FROM event_destinations"
                 " ORDER BY configuration_set, name").fetchall(),
             version=configuration_version(conn),
+            suppression=set_suppression_options(conn),
         )
     finally:
         conn.execute("COMMIT")
@@ -728,6 +735,12 @@ SCHEMA.extend([
         PRIMARY KEY (email_address, reason)
     )""",
     "CREATE INDEX IF NOT EXISTS suppressed_destinations_time ON suppressed_destinations (last_update_time)",
+    # SES's SuppressionOptions of sets made with the CLI or the API: the reasons (comma-separated; '' = none)
+    # that stop a send; no row = the account's [suppression] reasons. The file's sets have suppression_reasons.
+    """CREATE TABLE IF NOT EXISTS suppression_options (
+        configuration_set TEXT PRIMARY KEY,
+        reasons TEXT NOT NULL
+    )""",
 ])
 
 
@@ -757,6 +770,69 @@ def suppressed_among(conn: sqlite3.Connection, addresses: Iterable[str], reasons
     return found
 
 
+def with_suppression(work: Callable[[sqlite3.Connection], T], entries: list[Suppression]):
+    """`work`, then the suppression entries its event adds, in the same transaction."""
+    if not entries:
+        return work
+
+    def both(conn: sqlite3.Connection) -> T:
+        value = work(conn)
+        suppress(conn, entries)
+        return value
+
+    return both
+
+
+def suppression_entries(conn: sqlite3.Connection, address: str | None = None, reasons: Iterable[str] = (),
+                        start: str | None = None, end: str | None = None, after: tuple[str, str] | None = None,
+                        limit: int | None = None) -> list[Suppression]:
+    """Entries by address and reason; filtered by `reasons`, `start` <= last update < `end` (ISO times) and
+    keyset-paged: entries after the (address, reason) `after`, at most `limit`."""
+    sql = ("SELECT email_address, reason, last_update_time, message_id, feedback_id FROM suppressed_destinations"
+           " WHERE 1 = 1")
+    params: list = []
+    reasons = tuple(reasons)
+    for clause, value in (("email_address = ?", address and address.strip().lower()),
+                          ("last_update_time >= ?", start), ("last_update_time < ?", end)):
+        if value:
+            sql += f" AND {clause}"
+            params.append(value)
+    if reasons:
+        sql += f" AND reason IN ({','.join('?' * len(reasons))})"
+        params += reasons
+    if after:
+        sql += " AND (email_address > ? OR (email_address = ? AND reason > ?))"
+        params += [after[0], after[0], after[1]]
+    sql += " ORDER BY email_address, reason"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [Suppression(*row) for row in conn.execute(sql, params)]
+
+
+def unsuppress(conn: sqlite3.Connection, address: str, reasons: Iterable[str] = ()) -> int:
+    """Remove an address's entries (only those of `reasons` when given); how many were removed."""
+    reasons = tuple(reasons)
+    sql, params = "DELETE FROM suppressed_destinations WHERE email_address = ?", [address.strip().lower()]
+    if reasons:
+        sql += f" AND reason IN ({','.join('?' * len(reasons))})"
+        params += reasons
+    return conn.execute(sql, params).rowcount
+
+
+def put_set_suppression(conn: sqlite3.Connection, set_name: str, reasons: tuple[str, ...] | None) -> None:
+    """A database set's suppression reasons (None: follow the account's again); running relays reload."""
+    conn.execute("DELETE FROM suppression_options WHERE configuration_set = ?", (set_name,))
+    if reasons is not None:
+        conn.execute("INSERT INTO suppression_options (configuration_set, reasons) VALUES (?, ?)",
+                     (set_name, ",".join(reasons)))
+    bump_configuration_version(conn)
+
+
+def set_suppression_options(conn: sqlite3.Connection) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(set, reasons) of every database set with its own suppression reasons."""
+    return tuple((name, tuple(r for r in text.split(",") if r)) for name, text in conn.execute(
+        "SELECT configuration_set, reasons FROM suppression_options ORDER BY configuration_set"))
 # --- one-click unsubscribe (issue 9) -----------------------------------------------------------------------
 # A recipient's unsubscribe (the tracking listener's one-click POST, or mail to the unsub+ address) becomes a
 # Subscription event beside the message's other events, so destinations publish it like any other, and an

@@ -125,6 +125,19 @@ def page(names: list[str], token: str | None, size: int) -> tuple[list[str], str
     return chunk, (_encode_token(chunk[-1]) if len(rest) > size else None)
 
 
+def key_token(key: str) -> str:
+    """A NextToken naming the last key of a page (keyset pagination of a listing)."""
+    return _encode_token(key)
+
+
+def token_key(token: str, code: str = "ValidationError") -> str:
+    """The key a NextToken of this server names; SesError `code` for any other token."""
+    try:
+        return _decode_token(token)
+    except SesError as exc:
+        raise SesError(code, exc.message) from exc
+
+
 def _encode_token(name: str) -> str:
     return base64.urlsafe_b64encode(name.encode("utf-8")).decode("ascii")
 

@@ -28,7 +28,7 @@ V2_SHAPES = {
 }
 V2_STATUS = {"NotFoundException": 404, "AlreadyExistsException": 400, "LimitExceededException": 400,
              "BadRequestException": 400, "TooManyRequestsException": 429, "ConcurrentModificationException": 500,
-             "UnknownOperationException": 404, "InternalFailure": 500}
+             "UnknownOperationException": 404, "InternalFailure": 500, "InvalidNextTokenException": 400}
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote
+from datetime import UTC, datetime
+from urllib.parse import parse_qs, parse_qsl, unquote
 
-from relay import sets
+from relay import sets, suppression
 from relay.api.common import (
     FEATURE_STATUS,
     HTTPS_POLICIES,
@@ -22,13 +23,17 @@ from relay.api.common import (
     choice,
     event_types,
     invalid,
+    key_token,
     page,
     page_size,
     required,
     target_fields,
+    token_key,
     undo_on_error,
 )
+from relay.core.events import iso_ms, ms_from_iso
 from relay.core.resolve import Destination, SetDef, TrackingOptions
+from relay.core.settings import SUPPRESSION_REASONS
 from relay.sets import SesError
 
 _SEG = r"([^/]+)"
@@ -39,6 +44,7 @@ class Call:
     params: tuple[str, ...]  # path parameters, decoded
     query: dict[str, str]
     body: dict
+    raw_query: str = ""  # for parameters that repeat (ListSuppressedDestinations' Reason)
 
 
 Handler = Callable[[Context, Call], dict]
@@ -63,6 +69,12 @@ ROUTES: list[tuple[str, re.Pattern, str]] = [
     ("PUT", re.compile(rf"^/v2/email/identities/{_SEG}/configuration-set$"),
      "PutEmailIdentityConfigurationSetAttributes"),
     ("PUT", re.compile(r"^/v2/email/account/vdm$"), "PutAccountVdmAttributes"),
+    ("PUT", re.compile(rf"^/v2/email/configuration-sets/{_SEG}/suppression-options$"),
+     "PutConfigurationSetSuppressionOptions"),
+    ("PUT", re.compile(r"^/v2/email/suppression/addresses$"), "PutSuppressedDestination"),
+    ("GET", re.compile(r"^/v2/email/suppression/addresses$"), "ListSuppressedDestinations"),
+    ("GET", re.compile(rf"^/v2/email/suppression/addresses/{_SEG}$"), "GetSuppressedDestination"),
+    ("DELETE", re.compile(rf"^/v2/email/suppression/addresses/{_SEG}$"), "DeleteSuppressedDestination"),
 ]
 
 
@@ -88,7 +100,7 @@ def parse_body(body: bytes) -> dict:
 
 
 def dispatch(ctx: Context, op: str, params: tuple[str, ...], raw_query: str, body: bytes) -> dict:
-    call = Call(params, dict(parse_qsl(raw_query, keep_blank_values=True)), parse_body(body))
+    call = Call(params, dict(parse_qsl(raw_query, keep_blank_values=True)), parse_body(body), raw_query)
     return HANDLERS[op](ctx, call)
 
 
@@ -115,6 +127,8 @@ def set_json(s: SetDef, default_host: str) -> dict:
     if t.open_tracking is not None and t.open_tracking == t.click_tracking:
         status = "ENABLED" if t.open_tracking else "DISABLED"
         data["VdmOptions"] = {"DashboardOptions": {"EngagementMetrics": status}}
+    if s.feedback.suppression_reasons is not None:  # the set's own; absent: the account's [suppression]
+        data["SuppressionOptions"] = {"SuppressedReasons": list(s.feedback.suppression_reasons)}
     return data
 
 
@@ -192,6 +206,8 @@ def create_set(ctx: Context, call: Call) -> dict:
         required(_obj(tracking, "trackingOptions").get("CustomRedirectDomain"), "trackingOptions.customRedirectDomain")
         options, cleared = _tracking(tracking, "trackingOptions.")
     engagement = _engagement(call.body.get("VdmOptions"))
+    reasons = _suppressed_reasons(_obj(call.body.get("SuppressionOptions"), "suppressionOptions"),
+                                  "suppressionOptions.")
     sets.create_set(ctx.config, ctx.store, name)
 
     def configure() -> None:
@@ -199,6 +215,8 @@ def create_set(ctx: Context, call: Call) -> dict:
             sets.put_tracking(ctx.config, ctx.store, "set", name, options, cleared)
         if engagement is not None:
             _put_switches(ctx, "set", name, engagement)
+        if reasons is not None:
+            suppression.put_set_reasons(ctx.config, ctx.store, name, reasons)
 
     # SES creates the set whole or not at all: a refused tracking domain takes the new set away again.
     undo_on_error(configure, lambda: sets.delete_set(ctx.config, ctx.store, name))
@@ -294,6 +312,80 @@ def put_identity_set(ctx: Context, call: Call) -> dict:
     return {}
 
 
+# --- suppression list (issue 9) ---------------------------------------------------------------------------------
+# SES's API knows the reasons BOUNCE and COMPLAINT; relay's UNSUBSCRIBE is accepted and listed too (botocore
+# checks neither enum: it sends and parses any string).
+
+def _suppressed_reasons(body: dict, where: str) -> list[str] | None:
+    raw = body.get("SuppressedReasons")
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise invalid(raw, f"{where}suppressedReasons", "Member must be a list")
+    return [str(choice(r, SUPPRESSION_REASONS, f"{where}suppressedReasons.{i}.member")) for i, r in enumerate(raw, 1)]
+
+
+def put_set_suppression(ctx: Context, call: Call) -> dict:
+    """Without SuppressedReasons the set follows the account's reasons again; [] suppresses nothing."""
+    ctx.model_set(call.params[0])  # NotFoundException before anything else
+    suppression.put_set_reasons(ctx.config, ctx.store, call.params[0], _suppressed_reasons(call.body, ""))
+    return {}
+
+
+def _epoch(time_text: str) -> float:
+    return ms_from_iso(time_text) / 1000
+
+
+def _date(raw: str | None, where: str) -> str | None:
+    """A query-string timestamp (ISO 8601 as botocore sends it, or epoch seconds) -> the list's time format."""
+    if not raw:
+        return None
+    try:
+        dt = datetime.fromtimestamp(float(raw), UTC) if re.fullmatch(r"\d+(\.\d+)?", raw) \
+            else datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except (ValueError, OverflowError) as exc:
+        raise invalid(raw, where, "Member must be a timestamp") from exc
+    return iso_ms(int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp() * 1000))
+
+
+def put_suppressed(ctx: Context, call: Call) -> dict:
+    address = str(required(call.body.get("EmailAddress"), "emailAddress"))
+    reason = choice(required(call.body.get("Reason"), "reason"), SUPPRESSION_REASONS, "reason")
+    suppression.put(ctx.store, address, str(reason))
+    return {}
+
+
+def get_suppressed(ctx: Context, call: Call) -> dict:
+    e = suppression.get(ctx.store, call.params[0])[0]  # the newest of its reasons
+    attributes = {k: v for k, v in (("MessageId", e.message_id), ("FeedbackId", e.feedback_id)) if v}
+    return {"SuppressedDestination": {"EmailAddress": e.email_address, "Reason": e.reason,
+                                      "LastUpdateTime": _epoch(e.last_update_time), "Attributes": attributes}}
+
+
+def delete_suppressed(ctx: Context, call: Call) -> dict:
+    suppression.remove(ctx.store, call.params[0])
+    return {}
+
+
+def list_suppressed(ctx: Context, call: Call) -> dict:
+    size = page_size(call.query.get("PageSize"), "pageSize")
+    reasons = [choice(r, SUPPRESSION_REASONS, f"reasons.{i}.member")
+               for i, r in enumerate(parse_qs(call.raw_query).get("Reason", []), 1)]
+    token = call.query.get("NextToken")
+    after = tuple(token_key(token, "InvalidNextTokenException").split("\n", 1)) if token else None
+    if after is not None and len(after) != 2:
+        raise SesError("InvalidNextTokenException", "Invalid NextToken.")
+    entries = suppression.listing(ctx.store, reasons, _date(call.query.get("StartDate"), "startDate"),
+                                  _date(call.query.get("EndDate"), "endDate"), after, size + 1)
+    out: dict = {"SuppressedDestinationSummaries": [
+        {"EmailAddress": e.email_address, "Reason": e.reason, "LastUpdateTime": _epoch(e.last_update_time)}
+        for e in entries[:size]]}
+    if len(entries) > size:
+        last = entries[size - 1]
+        out["NextToken"] = key_token(f"{last.email_address}\n{last.reason}")
+    return out
+
+
 HANDLERS: dict[str, Handler] = {
     "CreateConfigurationSet": create_set, "GetConfigurationSet": get_set, "ListConfigurationSets": list_sets,
     "DeleteConfigurationSet": delete_set, "PutConfigurationSetTrackingOptions": put_tracking,
@@ -303,4 +395,7 @@ HANDLERS: dict[str, Handler] = {
     "UpdateConfigurationSetEventDestination": update_destination,
     "DeleteConfigurationSetEventDestination": delete_destination,
     "PutEmailIdentityConfigurationSetAttributes": put_identity_set,
+    "PutConfigurationSetSuppressionOptions": put_set_suppression, "PutSuppressedDestination": put_suppressed,
+    "GetSuppressedDestination": get_suppressed, "DeleteSuppressedDestination": delete_suppressed,
+    "ListSuppressedDestinations": list_suppressed,
 }
