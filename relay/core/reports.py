@@ -20,7 +20,7 @@ import base64
 import binascii
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 from email import policy
 from email.message import Message
@@ -90,7 +90,7 @@ def _parse(raw: bytes) -> Report:
     original = _original_headers(parts)
     mentioned = _addresses_mentioned(raw, msg, original)
     feedback = [p for p in parts if p.get_content_type() in FEEDBACK_TYPES]
-    if feedback or report_type == "feedback-report":
+    if feedback:
         return _arf(feedback, original, mentioned)
     if report_type == "disposition-notification" or any(p.get_content_type() in DISPOSITION_TYPES for p in parts):
         return Report("unknown", "disposition notification", original_headers=original,
@@ -100,7 +100,10 @@ def _parse(raw: bytes) -> Report:
         dsn = _dsn(status_parts, original, mentioned)
         if dsn is not None:
             return dsn
-    return _non_standard(msg, parts, report_type, original, mentioned)
+    report = _non_standard(msg, parts, report_type, original, mentioned)
+    if status_parts and report.kind == "unknown":
+        return replace(report, reason="delivery-status part without recipient fields")
+    return report
 
 
 def _parts(msg: Message, depth: int = 0) -> Iterator[Message]:
@@ -168,22 +171,22 @@ def _field_blocks(part: Message) -> list[list[tuple[str, str]]]:
         blocks.append(fields)
         encoding = next((v.lower() for k, v in fields if k.lower() == "content-transfer-encoding"), encoding)
         body = block.get_payload()
-        if isinstance(body, str) and body.strip():
-            blocks.extend(_text_blocks(_block_body(encoding, body)))
-        elif isinstance(body, list):
+        if isinstance(body, list):
             blocks.extend(_field_blocks(block))
+        elif isinstance(body, str) and body.strip():  # as bytes: get_payload() would turn 8-bit text into "?"
+            blocks.extend(_text_blocks(_block_body(encoding, block.get_payload(decode=True) or b"")))
     return blocks
 
 
-def _block_body(encoding: str, body: str) -> str:
+def _block_body(encoding: str, body: bytes) -> str:
     """A status block's trailing text; base64 when a filter re-encoded the recipient fields (Proofpoint does,
     announcing it with a Content-Transfer-Encoding field among the per-message fields)."""
     if encoding == "base64":
         try:
-            return base64.b64decode("".join(body.split()), validate=False).decode("utf-8", "replace")
+            return base64.b64decode(b"".join(body.split()), validate=False).decode("utf-8", "replace")
         except (binascii.Error, ValueError):
             return ""
-    return _clean(body)
+    return body.decode("utf-8", "replace")
 
 
 def _part_text(part: Message) -> str:
@@ -273,7 +276,8 @@ def _recipient(group: dict[str, str]) -> ReportRecipient:
     action = (group.get("action") or "").strip().split(" ")[0].lower() or None
     # "Status: 5.0.0 (recipient reached disk quota)": the comment is the only diagnostic some MTAs give
     status_comment = status_field.replace(status or "", "", 1).strip(" ()")
-    bounce_type, sub_type = classify(status, " ".join(filter(None, (diagnostic, status_comment))), action)
+    bounce_type, sub_type = (None, None) if action in _SUCCESS_ACTIONS else \
+        classify(status, " ".join(filter(None, (diagnostic, status_comment))), action)
     return ReportRecipient(
         email=final or original or "", action=action, status=status, diagnostic_code=diagnostic,
         original_recipient=original, remote_mta=group.get("remote-mta") or None,
@@ -303,7 +307,7 @@ def _dsn(status_parts: list[Message], original: tuple[tuple[str, str], ...],
         kind, chosen = "bounce", by_action["failed"]
     elif by_action.get("delayed"):
         kind, chosen = "delay", by_action["delayed"]
-    elif success := [r for action in _SUCCESS_ACTIONS for r in by_action.get(action, [])]:
+    elif success := [r for r in recipients if _effective_action(r) in _SUCCESS_ACTIONS]:
         kind, chosen = "delivered", success
     else:
         return None
@@ -334,9 +338,8 @@ def _arf(feedback_parts: list[Message], original: tuple[tuple[str, str], ...], m
         if (address := _address_value(value))
     ))
     feedback_type = _feedback_type(first.get("feedback-type"))
-    reason = "ARF feedback report" if feedback_parts else "ARF report-type without a feedback-report part"
     return Report(
-        kind="complaint", reason=f"{reason} ({feedback_type})",
+        kind="complaint", reason=f"ARF feedback report ({feedback_type})",
         recipients=tuple(ReportRecipient(email=address) for address in rcpt_to),
         reporting_mta=first.get("reporting-mta") or None,
         # Arrival-Date per RFC 5965; AOL and Yahoo write Received-Date
@@ -383,6 +386,10 @@ def _quoted_headers(text: str) -> tuple[tuple[str, str], ...]:
         match = _QUOTED_FIELD.fullmatch(line.rstrip())
         if match:
             run.append((match[1], match[2]))
+            continue
+        if run and line[:1] in (" ", "\t") and line.strip():  # a folded field
+            name, value = run[-1]
+            run[-1] = (name, f"{value} {line.strip()}")
             continue
         names = {name.lower() for name, _ in run}
         if "message-id" in names or len(names & _IDENTIFYING) >= 2:
@@ -465,6 +472,7 @@ _TEXT_DIAGNOSTICS = (
     re.compile(r"Reported error:[ \t]*([^\n]+)", re.I),  # Office 365 "More Info for Email Admins"
     re.compile(r"Remote host said:[ \t]*([^\n]+)", re.I),  # qmail, Yahoo
     re.compile(r"response from the remote server was:\s*([^\n]+)", re.I),  # Gmail
+    re.compile(r"error that the other server returned was:\s*([^\n]+)", re.I),  # Gmail (2010-2015)
     re.compile(r"Technical details of (?:permanent|temporary) failure:\s*([^\n]+)", re.I),  # Gmail (old)
     re.compile(r"<\S+ #(\d\.\d{1,3}\.\d{1,3}[^>\n]*)>"),  # Exchange 2003 "<mx.example.com #5.1.1 smtp;550 ...>"
     re.compile(r"Status code:[ \t]*([^\n]+)", re.I),  # Office 365 (new layout)
@@ -570,7 +578,7 @@ def _non_standard(msg: Message, parts: list[Message], report_type: str, original
     if found or clearly:
         delay = any(s in subject for s in _DELAY_SUBJECTS)
         recipients = _text_bounce_recipients(msg, found, text, delay)
-        how = f"{writer} text" if writer else "sender/subject" if recipients or not found else "text"
+        how = f"{writer} text" if writer else "sender and subject"
         kind = "delay" if delay else "bounce"
         return Report(kind, f"non-standard {kind} ({how}; no DSN part)", recipients=recipients,
                       original_headers=original, addresses_mentioned=mentioned)
@@ -580,9 +588,10 @@ def _non_standard(msg: Message, parts: list[Message], report_type: str, original
     if _complaint_text(msg, text) and has_original:
         return Report("complaint", "non-standard feedback loop (abuse report text with the original attached)",
                       feedback_type="abuse", original_headers=original, addresses_mentioned=mentioned)
-    why = "delivery-status report without a status part" if report_type == "delivery-status" else \
-        f"multipart/report ({report_type}) of no known kind" if report_type else \
-        "no report part, no bounce or auto-reply signs"
+    why = {"delivery-status": "delivery-status report without a status part",
+           "feedback-report": "feedback-report without a feedback-report part"}.get(report_type) or \
+        (f"multipart/report ({report_type}) of no known kind" if report_type else
+         "no report part, no bounce or auto-reply signs")
     return Report("unknown", why, original_headers=original, addresses_mentioned=mentioned)
 
 
