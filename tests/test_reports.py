@@ -861,3 +861,26 @@ def test_huge_headers_bad_charsets_and_deep_nesting_never_raise():
     assert parse_report(crlf("From: a@b\n" + nested)).kind == "unknown"
     long_line = parse_report(b"From: MAILER-DAEMON@x\r\nSubject: failure notice\r\n\r\n<" + b"a" * 500_000 + b"@x.y>:")
     assert long_line.kind == "bounce"
+
+
+HOSTILE_TEXTS = {
+    "angles": b"<" * 200_000, "angle-lines": b"<a\n" * 60_000, "dots": b"a." * 100_000, "ats": b"@" * 200_000,
+    "long-address": b"<a@" + b"a." * 100_000, "spaces": b"Reported error:" + b" " * 100_000,
+    "statuses": b"5.5." * 50_000, "verp": b"bounce+" * 50_000, "blank-lines": b" \n" * 100_000,
+}
+
+
+@pytest.mark.parametrize("body", HOSTILE_TEXTS.values(), ids=HOSTILE_TEXTS.keys())
+@pytest.mark.parametrize("ctype", [b"text/plain", b"text/html"], ids=["plain", "html"])
+def test_hostile_text_is_scanned_in_linear_time(body: bytes, ctype: bytes):
+    """Shapes that make naive patterns backtrack quadratically (a hang here is a timeout failure)."""
+    raw = b"From: MAILER-DAEMON@x.example\r\nSubject: failure notice\r\nContent-Type: " + ctype + b"\r\n\r\n" + body
+    assert parse_report(raw).kind == "bounce"
+
+
+def test_hostile_address_headers():
+    """email.utils.getaddresses recurses once per address: thousands of them must not matter."""
+    to = ", ".join(f'"x{i}" <a{i}@example.org>' for i in range(5000))
+    report = parse_report(crlf(f"To: {to}\nDelivered-To: {VERP}\n" + QMAIL))
+    assert report.kind == "bounce" and VERP in report.addresses_mentioned
+    assert parse_report(b"To: " + b"a" * 1_000_000 + b"\r\n\r\n").kind == "unknown"

@@ -25,11 +25,14 @@ from datetime import UTC
 from email import policy
 from email.message import Message
 from email.parser import BytesParser, Parser
-from email.utils import getaddresses, parseaddr, parsedate_to_datetime
+from email.utils import collapse_rfc2231_value, parsedate_to_datetime
 
 from relay.core.headers import decoded
 
 SCAN_LIMIT = 256 * 1024  # characters of notification text searched for non-standard bounce patterns
+# An address in free text; the look-behind starts matches only at a token's start (linear time on hostile text).
+_ADDR = r"(?<![\w.!#$%&'*+/=?^`{|}~-])[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+"
+_ADDR_RE = re.compile(_ADDR)
 
 STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
 FEEDBACK_TYPES = ("message/feedback-report",)
@@ -86,7 +89,7 @@ def parse_report(raw: bytes) -> Report:
 def _parse(raw: bytes) -> Report:
     msg = BytesParser(policy=policy.compat32).parsebytes(raw)
     parts = list(_parts(msg))
-    report_type = _clean(str(msg.get_param("report-type", "") or "")).strip().lower()
+    report_type = _clean(collapse_rfc2231_value(msg.get_param("report-type", "") or "")).strip().lower()
     original = _original_headers(parts)
     mentioned = _addresses_mentioned(raw, msg, original)
     feedback = [p for p in parts if p.get_content_type() in FEEDBACK_TYPES]
@@ -110,9 +113,8 @@ def _parts(msg: Message, depth: int = 0) -> Iterator[Message]:
     """The report's own parts, not those inside the returned original message (a bounce of a bounce)."""
     yield msg
     payload = msg.get_payload()
-    if depth > 20 or not isinstance(payload, list) or msg.get_content_type() in ORIGINAL_TYPES:
-        return
-    if msg.get_content_maintype() == "message":  # the email package splits message/* bodies into Messages
+    # message/* bodies (the returned original, status fields) are split into Messages too: not walked into
+    if depth > 20 or not isinstance(payload, list) or msg.get_content_maintype() == "message":
         return
     for part in payload:
         if isinstance(part, Message):
@@ -411,7 +413,7 @@ def _addresses_mentioned(raw: bytes, msg: Message, original: tuple[tuple[str, st
     found = [m[1] for m in _VERP_ADDRESS.finditer(text)]
     for name in _ENVELOPE_FIELDS:
         for value in msg.get_all(name, []):
-            found.extend(address for _, address in getaddresses([_unfold(value)]))
+            found.extend(_addresses_in(value))
     found.extend(_address_value(v) or "" for k, v in original if k.lower() == "return-path")
     found.extend(_address_value(m[1]) or "" for m in _ENVELOPE_LINE.finditer(text))
     unique: dict[str, str] = {}
@@ -424,7 +426,6 @@ def _addresses_mentioned(raw: bytes, msg: Message, original: tuple[tuple[str, st
 
 # ---------------------------------------------------------------------------------------------------- non-standard
 
-_ADDR = r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+"
 _BLOCK_END = r"(?=\n[ \t]*\n|\Z)"  # the diagnostic runs to the next blank line
 
 
@@ -474,7 +475,7 @@ _TEXT_DIAGNOSTICS = (
     re.compile(r"response from the remote server was:\s*([^\n]+)", re.I),  # Gmail
     re.compile(r"error that the other server returned was:\s*([^\n]+)", re.I),  # Gmail (2010-2015)
     re.compile(r"Technical details of (?:permanent|temporary) failure:\s*([^\n]+)", re.I),  # Gmail (old)
-    re.compile(r"<\S+ #(\d\.\d{1,3}\.\d{1,3}[^>\n]*)>"),  # Exchange 2003 "<mx.example.com #5.1.1 smtp;550 ...>"
+    re.compile(r"<[^\s<>]{1,255} #(\d\.\d{1,3}\.\d{1,3}[^<>\n]*)>"),  # Exchange 2003 "<mx #5.1.1 smtp;550 ...>"
     re.compile(r"Status code:[ \t]*([^\n]+)", re.I),  # Office 365 (new layout)
 )
 
@@ -514,10 +515,15 @@ def _subject(msg: Message) -> str:
     return " ".join(decoded(_unfold(msg.get("subject", "") or "")).split()).lower()
 
 
+def _addresses_in(value: str) -> list[str]:
+    # a pattern, not email.utils.getaddresses: that one recurses per address and overflows on hostile headers
+    return _ADDR_RE.findall(_unfold(value))
+
+
 def _from_daemon(msg: Message) -> bool:
-    name, address = parseaddr(_unfold(msg.get("from", "") or ""))
-    local = address.rpartition("@")[0].lower() if "@" in address else address.lower()
-    return local in _DAEMON_LOCALS or any(hint in name.lower() for hint in _DAEMON_NAMES)
+    value = _unfold(msg.get("from", "") or "").lower()
+    locals_ = {address.rpartition("@")[0] for address in _addresses_in(value)}
+    return bool(locals_ & _DAEMON_LOCALS) or value in _DAEMON_LOCALS or any(hint in value for hint in _DAEMON_NAMES)
 
 
 def _notification_text(parts: list[Message]) -> str:
@@ -527,7 +533,7 @@ def _notification_text(parts: list[Message]) -> str:
     chosen = plain or [p for p in parts if p.get_content_type() == "text/html"]
     text = "\n\n".join(_part_text(p) for p in chosen)[:SCAN_LIMIT]
     if not plain and chosen:
-        text = re.sub(r"<[^>]*>", " ", text).replace("&lt;", "<").replace("&gt;", ">")
+        text = re.sub(r"<[^<>]*>", " ", text).replace("&lt;", "<").replace("&gt;", ">")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -598,8 +604,7 @@ def _non_standard(msg: Message, parts: list[Message], report_type: str, original
 def _text_bounce_recipients(msg: Message, found: list[tuple[str, str]], text: str,
                             delay: bool) -> tuple[ReportRecipient, ...]:
     # Exim also names the failed recipients in a header
-    failed = [(address, "") for value in msg.get_all("x-failed-recipients", [])
-              for _, address in getaddresses([_unfold(value)]) if address]
+    failed = [(address, "") for value in msg.get_all("x-failed-recipients", []) for address in _addresses_in(value)]
     general = _text_diagnostic(text)
     action = "delayed" if delay else "failed"
     out: dict[str, ReportRecipient] = {}
