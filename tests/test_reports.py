@@ -453,23 +453,6 @@ body
 """
 
 
-def test_qmail_text_bounce():
-    report = parse_report(crlf(QMAIL))
-    assert report.kind == "bounce" and report.reason == "non-standard bounce (Postfix/qmail text; no DSN part)"
-    assert only(report) == ReportRecipient(
-        email="big@example.org", action="failed", status="5.3.4",
-        diagnostic_code="192.0.2.30 does not like recipient. Remote host said: 552 5.3.4 Message size exceeds fixed "
-                        "maximum message size Giving up on 192.0.2.30.",
-        bounce_type="Transient", bounce_sub_type="MessageTooLarge",
-    )
-    assert original_header(report, "Message-ID") == f"<{MID}@email.example.com>"
-    received = [value for name, value in report.original_headers if name == "Received"]
-    assert received == ["(qmail 1234 invoked from network); 23 Nov 2026 00:59:59 -0000",
-                        "from relay.example.com (HELO relay.example.com) (192.0.2.1) by mail.example.net with SMTP; "
-                        "23 Nov 2026 00:59:59 -0000"]
-    assert report.addresses_mentioned[0] == VERP
-
-
 OFFICE365 = f"""\
 From: Microsoft Outlook <postmaster@contoso.onmicrosoft.com>
 To: {VERP}
@@ -495,17 +478,6 @@ Content-Type: text/html; charset="us-ascii"
 <p>Your message to user@contoso.com couldn't be delivered.</p>
 --alt--
 """
-
-
-def test_office365_text_ndr():
-    report = parse_report(crlf(OFFICE365))
-    assert report.kind == "bounce" and report.reason == "non-standard bounce (Office 365 text; no DSN part)"
-    assert only(report) == ReportRecipient(
-        email="user@contoso.com", action="failed", status="5.1.10",
-        diagnostic_code="550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient user@contoso.com not found by SMTP "
-                        "address lookup",
-        bounce_type="Permanent", bounce_sub_type="NoEmail",
-    )
 
 
 def test_office365_html_only_ndr():
@@ -536,14 +508,41 @@ The error that the other server returned was:
 """
 
 
-def test_gmail_text_bounce():
-    report = parse_report(crlf(GMAIL))
-    assert report.kind == "bounce" and report.reason == "non-standard bounce (Gmail text; no DSN part)"
-    assert only(report) == ReportRecipient(
+def test_qmail_text_bounce_quotes_the_original_headers():
+    report = parse_report(crlf(QMAIL))
+    assert original_header(report, "Message-ID") == f"<{MID}@email.example.com>"
+    received = [value for name, value in report.original_headers if name == "Received"]
+    assert received == ["(qmail 1234 invoked from network); 23 Nov 2026 00:59:59 -0000",
+                        "from relay.example.com (HELO relay.example.com) (192.0.2.1) by mail.example.net with SMTP; "
+                        "23 Nov 2026 00:59:59 -0000"]
+    assert report.addresses_mentioned[0] == VERP
+
+
+# name -> (message, pattern that finds its recipient, the recipient expected)
+TEXT_BOUNCES = {
+    "qmail": (QMAIL, "Postfix/qmail", ReportRecipient(
+        email="big@example.org", action="failed", status="5.3.4",
+        diagnostic_code="192.0.2.30 does not like recipient. Remote host said: 552 5.3.4 Message size exceeds fixed "
+                        "maximum message size Giving up on 192.0.2.30.",
+        bounce_type="Transient", bounce_sub_type="MessageTooLarge")),
+    "office365": (OFFICE365, "Office 365", ReportRecipient(
+        email="user@contoso.com", action="failed", status="5.1.10",
+        diagnostic_code="550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient user@contoso.com not found by SMTP "
+                        "address lookup",
+        bounce_type="Permanent", bounce_sub_type="NoEmail")),
+    "gmail": (GMAIL, "Gmail", ReportRecipient(
         email="someone@example.org", action="failed", status="5.2.1",
         diagnostic_code="550 5.2.1 The email account that you tried to reach is disabled.",
-        bounce_type="Permanent", bounce_sub_type="General",
-    )
+        bounce_type="Permanent", bounce_sub_type="General")),
+}
+
+
+@pytest.mark.parametrize("name", TEXT_BOUNCES)
+def test_text_bounces(name: str):
+    raw, writer, expected = TEXT_BOUNCES[name]
+    report = parse_report(crlf(raw))
+    assert (report.kind, report.reason) == ("bounce", f"non-standard bounce ({writer} text; no DSN part)")
+    assert report.recipients == (expected,)
 
 
 def test_sendmail_text_bounce_and_delay_warning():
@@ -680,6 +679,11 @@ def test_auto_replies_are_not_bounces(raw: bytes, reason: str):
     report = parse_report(raw)
     assert (report.kind, report.reason) == ("autoreply", reason)
     assert report.recipients == ()
+
+
+def test_bounce_of_an_out_of_office_is_a_bounce():
+    raw = OFFICE365.replace("Subject: Undeliverable: Our November news", "Subject: Undeliverable: Out of Office: hi")
+    assert parse_report(crlf(raw)).kind == "bounce"
 
 
 def test_auto_generated_notification_without_vacation_hint_is_unknown():

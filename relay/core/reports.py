@@ -570,13 +570,13 @@ def _status_in(text: str) -> str | None:
 def _non_standard(msg: Message, parts: list[Message], report_type: str, original: tuple[tuple[str, str], ...],
                   mentioned: tuple[str, ...]) -> Report:
     subject = _subject(msg)
-    oof = _autoreply_subject(subject)
+    bounce_subject = next((s for s in _BOUNCE_SUBJECTS + _DELAY_SUBJECTS if s in subject), "")
+    oof = _autoreply_subject(subject, bounce_subject)
     if oof:
         return Report("autoreply", f"auto-reply subject ({oof})", original_headers=original,
                       addresses_mentioned=mentioned)
     text = _notification_text(parts)
     daemon = _from_daemon(msg)
-    bounce_subject = next((s for s in _BOUNCE_SUBJECTS + _DELAY_SUBJECTS if s in subject), "")
     writer, found = _text_recipients(text) if (daemon or bounce_subject or report_type) else ("", [])
     failure_text = any(phrase in text.lower() for phrase in _FAILURE_PHRASES)
     has_original = any(p.get_content_type() in ORIGINAL_TYPES for p in parts)
@@ -635,9 +635,11 @@ _VACATION_BODY = (
 )
 
 
-def _autoreply_subject(subject: str) -> str:
+def _autoreply_subject(subject: str, bounce_subject: str) -> str:
     prefix = next((p for p in _OOF_PREFIXES if subject.startswith(p)), "")
-    return prefix or next((p for p in _OOF_PHRASES if p in subject), "")
+    if prefix or bounce_subject:  # "Undeliverable: Out of Office: ..." is the bounce of an auto-reply
+        return prefix
+    return next((p for p in _OOF_PHRASES if p in subject), "")
 
 
 def _autoreply_headers(msg: Message) -> str:
