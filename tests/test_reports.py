@@ -621,6 +621,19 @@ def test_arf_abuse_report_with_rfc822_headers():
     assert tokens.verify_address(RING, report.addresses_mentioned[0]) is not None
 
 
+def test_forwarded_abuse_report_without_arf_fields_is_a_complaint():
+    """Feedback loops that forward the message with the AOL/Yahoo wording but no message/feedback-report part."""
+    raw = ARF.replace("report-type=feedback-report; ", "")
+    raw = raw.split("--arf\nContent-Type: message/feedback-report")[0] + \
+        f"--arf\nContent-Type: message/rfc822\n\nMessage-ID: <{MID}@email.example.com>\nTo: reader@example.org\n\n" \
+        "hi\n--arf--\n"
+    report = parse_report(crlf(raw.replace("multipart/report", "multipart/mixed")))
+    assert (report.kind, report.feedback_type) == ("complaint", "abuse")
+    assert report.reason == "non-standard feedback loop (abuse report text with the original attached)"
+    assert original_header(report, "message-id") == f"<{MID}@email.example.com>"
+    assert parse_report(crlf(raw.replace("email abuse report", "newsletter"))).kind == "unknown"
+
+
 @pytest.mark.parametrize("written, mapped", [
     ("abuse", "abuse"), ("Fraud", "fraud"), ("virus", "virus"), ("not-spam", "not-spam"),
     ("auth-failure", "auth-failure"), ("other", "other"), ("opt-out", "other"), ("", "other"),

@@ -580,7 +580,7 @@ def _non_standard(msg: Message, parts: list[Message], report_type: str, original
     writer, found = _text_recipients(text) if (daemon or bounce_subject or report_type) else ("", [])
     failure_text = any(phrase in text.lower() for phrase in _FAILURE_PHRASES)
     has_original = any(p.get_content_type() in ORIGINAL_TYPES for p in parts)
-    clearly = (daemon or bounce_subject) and ((daemon and bounce_subject) or failure_text or has_original)
+    clearly = bool(daemon or bounce_subject) and bool((daemon and bounce_subject) or failure_text or has_original)
     if found or clearly:
         delay = any(s in subject for s in _DELAY_SUBJECTS)
         recipients = _text_bounce_recipients(msg, found, text, delay)
@@ -591,7 +591,7 @@ def _non_standard(msg: Message, parts: list[Message], report_type: str, original
     autoreply = _autoreply_headers(msg) or _autoreply_body(msg, text)
     if autoreply:
         return Report("autoreply", autoreply, original_headers=original, addresses_mentioned=mentioned)
-    if _complaint_text(msg, text) and has_original:
+    if _complaint_text(text) and has_original:  # an abuse report with no Feedback-Type: SES's "abuse"
         return Report("complaint", "non-standard feedback loop (abuse report text with the original attached)",
                       feedback_type="abuse", original_headers=original, addresses_mentioned=mentioned)
     why = {"delivery-status": "delivery-status report without a status part",
@@ -664,7 +664,7 @@ def _autoreply_body(msg: Message, text: str) -> str:
     return ""
 
 
-def _complaint_text(msg: Message, text: str) -> bool:
+def _complaint_text(text: str) -> bool:
     """Feedback loops that forward the complaint without ARF fields ("This is an email abuse report")."""
     lowered = text[:8192].lower()
     return "email abuse report" in lowered or "spam complaint" in lowered
