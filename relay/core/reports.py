@@ -3,7 +3,8 @@
 Pure: `parse_report(raw)` turns the bytes of a message received on the bounce domain (or a complaints address)
 into a `Report`; it never raises, whatever the bytes. What it recognises, in this order:
 
-1. ARF complaints (RFC 5965): multipart/report; report-type=feedback-report, or any message/feedback-report part.
+1. ARF complaints (RFC 5965): a message/feedback-report part (AOL's and Yahoo's loops are ARF too); feedback
+   loops that only forward the message with "This is an email abuse report" wording count as "abuse".
 2. Read receipts (RFC 8098, message/disposition-notification): "unknown", they are neither bounces nor complaints.
 3. DSNs (RFC 3464, RFC 6533): message/delivery-status or message/global-delivery-status parts, one field block
    per recipient; also when the MTA forgot the blank line between blocks.
@@ -681,7 +682,7 @@ class _Rule:
     sub_type: str
     statuses: frozenset[str]  # enhanced status codes that decide on their own
     phrases: tuple[str, ...]  # diagnostic wording that decides ...
-    classes: str  # ... when the status class is one of these ("" also matches a missing status)
+    classes: str  # ... when the status class is one of these, or when no status is known at all
 
 
 # SES's table (ses-compat.md §2.4). Statuses are checked first (a code naming the cause beats wording), then
@@ -697,19 +698,19 @@ _RULES = (
           ("too large", "too big", "size limit", "exceeds the maximum", "message size exceeds",
            "exceeds size"), "45"),
     # The address does not exist: 5.1.1 bad mailbox, 5.1.10 Office 365's RecipientNotFound, 5.1.6 moved away;
-    # a bare 5.0.0/5.1.0 counts when the wording says so.
+    # a bare 5.0.0/5.1.0 counts when the wording says so (Domino: "not listed in public Name & Address Book").
     _Rule(PERMANENT, "NoEmail", frozenset({"5.1.1", "5.1.10", "5.1.6"}),
           ("user unknown", "unknown user", "no such user", "nosuchuser", "does not exist", "doesn't exist",
            "mailbox unavailable", "recipient not found", "recipientnotfound", "user not found",
            "address not found", "unknown recipient", "no such recipient", "invalid recipient",
-           "no mailbox", "mailbox not found", "unknown address", "not listed"), "5"),
+           "no mailbox", "mailbox not found", "unknown address", "not listed in"), "5"),
     # Rejected attachments: checked before content, the more specific refusal.
     _Rule(TRANSIENT, "AttachmentRejected", frozenset(),
           ("attachment", "file type", "blocked extension"), "45"),
     # 5.6.x is a media error (the content as sent is unacceptable to the receiver: SES's ContentRejected, which is
     # Transient because different content would pass). 5.7.1 alone is mostly an access refusal (relaying denied,
     # sender blocked: Permanent General); with spam/content/policy wording it is a content rejection.
-    _Rule(TRANSIENT, "ContentRejected", frozenset({"5.6.0", "5.6.1", "5.6.2", "5.6.3", "5.6.5", "5.7.15"}),
+    _Rule(TRANSIENT, "ContentRejected", frozenset({"5.6.0", "5.6.1", "5.6.2", "5.6.3", "5.6.5"}),
           ("spam", "content", "virus", "malware", "phish", "policy", "blocked for", "message rejected"), "5"),
 )
 
