@@ -88,9 +88,9 @@ CORPUS_REPORTS: dict[str, dict] = {
         message_id="<31FC7EB4.41C6@netscape.com>",
         recipients=[("newsletter-request@imusic.com", "failed", None, "Permanent", "NoEmail")],
     ),
-    "eml/mimekit/messages__delivery-status2.txt.eml": dict(  # Exim DSN
+    "eml/mimekit/messages__delivery-status2.txt.eml": dict(  # Exim DSN: no Diagnostic-Code, "Unknown user" in text
         kind="bounce", reporting_mta="dns; smtp-out.dis-hosting.net", arrival_ms=None, message_id=None,
-        recipients=[("source@domain.com", "failed", "5.0.0", "Permanent", "General")],
+        recipients=[("source@domain.com", "failed", "5.0.0", "Permanent", "NoEmail")],
     ),
     "eml/postalmime/fixtures__bounce.eml": dict(  # Fastmail's Postfix: 5.0.0 whose text says the user is unknown
         kind="bounce", reporting_mta="dns; mailout.nyi.internal", arrival_ms=ms(2022, 10, 10, 1, 37, 21, -4),
@@ -406,6 +406,15 @@ def test_exim_dsn_field_order_and_enhanced_code_in_diagnostic():
     )
     assert original_header(report, "Message-ID") == f"<{MID}@email.example.com>"
     assert VERP in report.addresses_mentioned
+
+
+def test_dsn_without_diagnostic_is_classified_by_the_notification_text():
+    raw = EXIM_DSN.replace("Diagnostic-Code: smtp; 550 5.1.1 <gone@example.org>: No such user\n", "")
+    recipient = only(parse_report(crlf(raw)))
+    assert (recipient.status, recipient.diagnostic_code) == ("5.0.0", None)
+    assert (recipient.bounce_type, recipient.bounce_sub_type) == ("Permanent", "NoEmail")
+    unrelated = raw.replace("  gone@example.org\n    host", "  other@example.org\n    host")
+    assert only(parse_report(crlf(unrelated))).bounce_sub_type == "General"
 
 
 def test_exim_text_bounce_without_dsn_part():

@@ -101,7 +101,7 @@ def _parse(raw: bytes) -> Report:
                       addresses_mentioned=mentioned)
     status_parts = [p for p in parts if p.get_content_type() in STATUS_TYPES]
     if status_parts:
-        dsn = _dsn(status_parts, original, mentioned)
+        dsn = _dsn(status_parts, _notification_text(parts), original, mentioned)
         if dsn is not None:
             return dsn
     report = _non_standard(msg, parts, report_type, original, mentioned)
@@ -270,17 +270,20 @@ def _enhanced_status(text: str | None) -> str | None:
     return match[1] if match else None
 
 
-def _recipient(group: dict[str, str]) -> ReportRecipient:
+def _recipient(group: dict[str, str], text_hints: dict[str, str]) -> ReportRecipient:
     final = _address_value(group.get("final-recipient"))
     original = _address_value(group.get("original-recipient"))
     status_field = group.get("status") or ""
     status = _enhanced_status(status_field)
     diagnostic = group.get("diagnostic-code") or None
     action = (group.get("action") or "").strip().split(" ")[0].lower() or None
-    # "Status: 5.0.0 (recipient reached disk quota)": the comment is the only diagnostic some MTAs give
+    # "Status: 5.0.0 (recipient reached disk quota)": the comment is the only diagnostic some MTAs give; with
+    # no Diagnostic-Code at all, the notification text's words for this recipient classify it (Exim's
+    # "source@domain.com\n    Unknown user"), though diagnostic_code stays what the DSN wrote
     status_comment = status_field.replace(status or "", "", 1).strip(" ()")
+    hint = "" if diagnostic else text_hints.get((final or original or "").lower(), "")
     bounce_type, sub_type = (None, None) if action in _SUCCESS_ACTIONS else \
-        classify(status, " ".join(filter(None, (diagnostic, status_comment))), action)
+        classify(status, " ".join(filter(None, (diagnostic, status_comment, hint))), action)
     return ReportRecipient(
         email=final or original or "", action=action, status=status, diagnostic_code=diagnostic,
         original_recipient=original, remote_mta=group.get("remote-mta") or None,
@@ -296,11 +299,12 @@ def _effective_action(recipient: ReportRecipient) -> str:
     return "delivered" if status.startswith("2") else "delayed" if status.startswith("4") else "failed"
 
 
-def _dsn(status_parts: list[Message], original: tuple[tuple[str, str], ...],
+def _dsn(status_parts: list[Message], text: str, original: tuple[tuple[str, str], ...],
          mentioned: tuple[str, ...]) -> Report | None:
     blocks = [block for part in status_parts for block in _field_blocks(part)]
     per_message, groups = _recipient_groups(blocks)
-    recipients = [_recipient(group) for group in groups]
+    text_hints = {address.lower(): diagnostic for address, diagnostic in _text_recipients(text)[1]}
+    recipients = [_recipient(group, text_hints) for group in groups]
     if not recipients:
         return None
     by_action: dict[str, list[ReportRecipient]] = {}
