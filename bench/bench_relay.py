@@ -210,6 +210,12 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(kind: str, messages: list[bytes], total: int, connections: int) -> dict:
     counter = multiprocessing.Value("q", 0)
     sink_port, port = free_port(), free_port()
@@ -228,8 +234,13 @@ def measure(kind: str, messages: list[bytes], total: int, connections: int) -> d
             pid = proc.pid
         wait_port(port)
         try:
+            before = (cpu_seconds(pid), cpu_seconds(sink.pid), time.process_time())
             result = asyncio.run(drive(port, messages, total, connections, counter))
+            after = (cpu_seconds(pid), cpu_seconds(sink.pid), time.process_time())
             result["rss_mb"] = peak_rss_mb(pid)
+            # CPU per delivered message of each party: on 2 cores their sum bounds the rate (2 s / sum)
+            for i, key in enumerate(("cpu_server_ms", "cpu_sink_ms", "cpu_generator_ms")):
+                result[key] = 1000 * (after[i] - before[i]) / max(1, result["delivered"])
         finally:
             proc.terminate()
             (proc.wait if kind == "relay" else proc.join)(30)
@@ -261,6 +272,11 @@ def main() -> None:
               f"delivered end to end {r['e2e_rate']:7.0f} msg/s, accept p99 {r['p99_accept_ms']:.1f} ms, "
               f"peak RSS {r['rss_mb']:.0f} MB")
         print(f"  ratio relay/baseline end to end: {r['e2e_rate'] / b['e2e_rate']:.2f}")
+        for label, row in (("baseline", b), ("relay", r)):
+            parts = row["cpu_server_ms"] + row["cpu_sink_ms"] + row["cpu_generator_ms"]
+            print(f"  CPU per message, {label}: server {row['cpu_server_ms']:.2f} ms, sink {row['cpu_sink_ms']:.2f} ms,"
+                  f" generator {row['cpu_generator_ms']:.2f} ms; sum {parts:.2f} ms, so at most"
+                  f" {1000 * (os.cpu_count() or 1) / parts:.0f} msg/s on {os.cpu_count()} cores")
         if r["delivered"] < r["accepted"]:
             print(f"  WARNING: only {r['delivered']:.0f} of {r['accepted']:.0f} delivered within the wait")
 
