@@ -1,6 +1,8 @@
 """The accept stage's SMTP server (aiosmtpd): policy, authentication, and DATA handed to the pipeline.
 
-- Never an open relay: a client outside `smtp.trusted_networks` must authenticate before MAIL (530).
+- Never an open relay: a client outside `smtp.trusted_networks` must authenticate to send mail onwards (530 at
+  RCPT). Reports for the bounce domain and the complaints addresses are accepted from anyone (issue 9) and go
+  to the inbound stage, not the outbound pipeline; a forged report address is an unknown mailbox (550).
 - AUTH PLAIN/LOGIN against salted scrypt hashes; offered only after STARTTLS, except from
   `smtp.plaintext_auth_networks` (loopback by default).
   Failed attempts are limited per client address.
@@ -21,6 +23,7 @@ from collections import OrderedDict, defaultdict, deque
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import SmtpSettings, check_password
+from relay.inbound import INBOUND, OUTBOUND, InboundMail
 from relay.pipeline import Refusal, StorageUnavailable, Submission
 
 log = logging.getLogger("relay.smtp")
@@ -174,9 +177,10 @@ async def read_message_data(reader: asyncio.StreamReader, limit: int | None) -> 
 class Handler:
     """aiosmtpd hooks: the policy checks and the hand-off to the pipeline."""
 
-    def __init__(self, settings: SmtpSettings, pipeline, on_accepted):
+    def __init__(self, settings: SmtpSettings, pipeline, on_accepted, inbound=None):
         self.settings = settings
         self.pipeline = pipeline
+        self.inbound = inbound  # relay.inbound.InboundStage: reports for the bounce domain (issue 9)
         self.on_accepted = on_accepted  # called with (QueuedMessage, recipients) after a durable accept
         self.sessions: set[RelaySMTP] = set()
         self.busy = 0  # transactions between end of DATA and the reply
@@ -198,9 +202,7 @@ class Handler:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
-        ip = peer_ip(session)
-        if not session.authenticated and not self.trusted(ip):
-            return "530 5.7.0 Authentication required"
+        # Anyone may start a transaction: reports come from any MTA. RCPT decides (the relay stays closed).
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -210,6 +212,17 @@ class Handler:
             return f"452 4.5.3 Too many recipients (at most {self.settings.max_recipients} per message)"
         if "@" not in address or any(c in address for c in " <>\r\n"):
             return f"553 5.1.3 <{address}> Invalid email address"
+        kind = self.inbound.recipient_kind(address) if self.inbound is not None else OUTBOUND
+        if kind == OUTBOUND and not session.authenticated and not self.trusted(peer_ip(session)):
+            return "530 5.7.0 Authentication required"
+        if kind not in (INBOUND, OUTBOUND):
+            return f"550 5.1.1 <{address}> Recipient address rejected: mailbox unavailable"
+        # Reports and outgoing mail take different paths: one transaction carries one kind. 452 makes the
+        # client deliver what was accepted and send this recipient again in a new transaction (RFC 5321
+        # 4.5.3.1.10), so nothing is lost; a 5xx would bounce it.
+        if envelope.rcpt_tos and getattr(envelope, "inbound", False) != (kind == INBOUND):
+            return f"452 4.5.3 <{address}> Send reports and other mail in separate transactions"
+        envelope.inbound = kind == INBOUND
         if address not in envelope.rcpt_tos:  # one copy per distinct recipient
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
@@ -217,6 +230,8 @@ class Handler:
 
     async def handle_DATA(self, server, session, envelope):
         ip = peer_ip(session)
+        if getattr(envelope, "inbound", False):
+            return await self._receive_reports(ip, envelope)
         sub = Submission(
             mail_from=envelope.mail_from or "",
             recipients=list(envelope.rcpt_tos),
@@ -243,6 +258,20 @@ class Handler:
         log.info("smtp ip=%s from=<%s> rcpts=%d size=%d id=%s set=%s accepted", ip, sub.mail_from,
                  len(sub.recipients), len(sub.data), msg.id, msg.configuration_set or "-")
         return f"250 Ok {msg.id}"
+
+    async def _receive_reports(self, ip: str, envelope: Envelope) -> str:
+        """One stored report per envelope recipient (each names its own message); 250 once all are durable."""
+        self.busy += 1
+        try:
+            replies = [await self.inbound.receive(InboundMail(envelope.mail_from or "", rcpt,
+                                                              envelope.original_content or b"", ip))
+                       for rcpt in envelope.rcpt_tos]
+        except Exception:  # a bug must not cost a report: the sending MTA keeps it and retries
+            log.exception("smtp ip=%s: unexpected error receiving a report", ip)
+            return "451 4.3.0 Temporary service failure"
+        finally:
+            self.busy -= 1
+        return next((r for r in replies if not r.startswith("250")), replies[-1])
 
 
 def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
