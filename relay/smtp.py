@@ -174,6 +174,11 @@ async def read_message_data(reader: asyncio.StreamReader, limit: int | None) -> 
     return bytes(data[:-3]).replace(b"\r\n.", b"\r\n")[2:]
 
 
+def reverse_path(envelope: Envelope) -> str:
+    """MAIL FROM's address; "" for the null reverse-path (<>, a bounce's), which aiosmtpd keeps as "<>"."""
+    return "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+
+
 class Handler:
     """aiosmtpd hooks: the policy checks and the hand-off to the pipeline."""
 
@@ -233,7 +238,7 @@ class Handler:
         if getattr(envelope, "inbound", False):
             return await self._receive_reports(ip, envelope)
         sub = Submission(
-            mail_from=envelope.mail_from or "",
+            mail_from=reverse_path(envelope),
             recipients=list(envelope.rcpt_tos),
             data=envelope.original_content or b"",
             client_ip=ip,
@@ -263,7 +268,7 @@ class Handler:
         """One stored report per envelope recipient (each names its own message); 250 once all are durable."""
         self.busy += 1
         try:
-            replies = [await self.inbound.receive(InboundMail(envelope.mail_from or "", rcpt,
+            replies = [await self.inbound.receive(InboundMail(reverse_path(envelope), rcpt,
                                                               envelope.original_content or b"", ip))
                        for rcpt in envelope.rcpt_tos]
         except Exception:  # a bug must not cost a report: the sending MTA keeps it and retries
