@@ -129,12 +129,39 @@ class RelaySMTP(SMTP):
             await self.push("552 5.3.4 Message is too long.")
         else:
             self.envelope.original_content = self.envelope.content = content
-            status = await self._call_handler_hook("DATA")
+            self._in_data_hook = True
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self._in_data_hook = False
             await self.push(status)
+            if self._input_ended:
+                await self._close_after_input_ended()
+                return
         self._set_post_data_state()
+
+    def eof_received(self) -> bool | None:
+        """A client may shut its sending side while its message is being stored: Exim pipelines QUIT behind
+        the end of the message and then half-closes. aiosmtpd would cancel the transaction in progress, so
+        the reply (a 250 for a message or report already durable) would be lost and the client would send
+        it again, forever. The transaction finishes and is answered first (not over TLS: a TLS transport
+        cannot stay half-open)."""
+        if self._in_data_hook and self.session.ssl is None:
+            self._input_ended = True
+            return True
+        return super().eof_received()
+
+    async def _close_after_input_ended(self) -> None:
+        """Answer a QUIT pipelined behind the message, send every held reply, and close."""
+        if bytes(self._reader._buffer[:4]).upper() == b"QUIT":
+            await self.push("221 Bye")
+        self._writer.write(b"".join(self._held))
+        self._held.clear()
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._held: list[bytes] = []
+        self._in_data_hook = self._input_ended = False
         super().connection_made(transport)
         self._auth_require_tls = not self.event_handler.in_networks(
             peer_ip(self.session), self.event_handler.settings.plaintext_auth_networks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import smtplib
+import socket
 import sqlite3
 import time
 from email.utils import make_msgid
@@ -414,3 +415,22 @@ def test_the_same_report_twice_records_two_events(relay, upstream):
     rows = events_of(relay, message_id, "Bounce", count=2)
     assert len({json.loads(r[4])["bounce"]["feedbackId"] for r in rows}) == 2
     assert len(suppressed(relay, "ray@example.org")) == 1
+
+
+def test_a_client_that_half_closes_after_pipelining_quit_still_gets_its_reply(relay, upstream):
+    """Exim sends the end of the message, QUIT, and shuts its sending side at once: the report is stored
+    and answered (not cancelled, which would make the MTA send it again and again)."""
+    message_id, _, verp = send(relay, upstream, ["uma@example.org"])
+    with socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=30) as sock:
+        replies = sock.makefile("rb")
+        assert replies.readline().startswith(b"220")
+        sock.sendall(b"EHLO mx.example.org\r\n")
+        while replies.readline()[3:4] != b" ":
+            pass
+        sock.sendall(f"MAIL FROM:<>\r\nRCPT TO:<{verp[0]}>\r\nDATA\r\n".encode())
+        assert [replies.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        sock.sendall(dsn(verp[0], "uma@example.org") + b".\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert replies.readline().startswith(b"250 2.0.0 Ok report")
+        assert replies.readline().startswith(b"221")
+    events_of(relay, message_id, "Bounce")
