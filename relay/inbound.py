@@ -121,6 +121,8 @@ class InboundStage:
             return unsubscribe_outcome(conn, claims, now_ms)
         if report.kind not in ("bounce", "complaint"):
             return Outcome(f"{report.kind}: no event ({report.reason})")
+        if report.kind == "bounce" and not report.recipients:  # a cut DSN, a bounce text naming nobody
+            return Outcome(f"bounce naming no failed recipient: no event ({report.reason})")
         claims = claims or claims_in_original(self.keyring, report)
         if claims is not None:
             message = reported_message(conn, claims.message_id)

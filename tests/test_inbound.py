@@ -210,8 +210,7 @@ def test_dsn_to_the_verp_address_is_a_permanent_bounce_and_suppresses(relay, ups
     assert recipient == "carol@example.org"
     assert_ses_shape(record, "bounce")
     bounce = record["bounce"]
-    assert (bounce["bounceType"], bounce["bounceSubType"]) == ("Permanent", "General") or \
-        (bounce["bounceType"], bounce["bounceSubType"]) == ("Permanent", "NoEmail")
+    assert (bounce["bounceType"], bounce["bounceSubType"]) == ("Permanent", "NoEmail")  # 5.1.1 user unknown
     assert bounce["reportingMTA"] == "dns; mx.example.org"
     assert bounce["bouncedRecipients"] == [{
         "emailAddress": "carol@example.org", "action": "failed", "status": "5.1.1",
@@ -237,6 +236,40 @@ def test_forwarded_recipient_bounce_names_the_address_relay_sent_to(relay, upstr
     assert bounce["bouncedRecipients"][0]["emailAddress"] == "eve@example.org"
     assert bounce["bounceType"] == "Transient"
     assert suppressed(relay, "eve@example.org") == []  # only permanent bounces suppress
+
+
+@pytest.mark.parametrize("name, recipient, status", [
+    ("flanker/bounce__office365.eml", "noname@example.com", "5.1.10"),  # Exchange Online's DSN
+    ("postal/resource__postfix-bounce.msg.eml", "bob@nutty.tk", "5.1.1"),  # Postfix without a DSN part
+    ("flanker/bounce__zed.eml", "asdfasdfasdfasdfasdfasdfewrqertrtyrthsfgdfgadfqeadvxzvz@gmail.com", "5.1.1"),
+])
+def test_corpus_bounces_to_the_verp_address(relay, upstream, corpus, name, recipient, status):
+    path = corpus / "eml" / name
+    if not path.exists():
+        pytest.skip(f"{path} not in the corpus")
+    message_id, _, verp = send(relay, upstream, [recipient])
+    assert report(relay, verp[0], path.read_bytes())[0] == 250
+    (row,) = events_of(relay, message_id, "Bounce")
+    bounce = json.loads(row[4])["bounce"]
+    assert bounce["bounceType"] == "Permanent" and row[2] == recipient
+    assert bounce["bouncedRecipients"][0]["emailAddress"] == recipient
+    assert bounce["bouncedRecipients"][0]["status"] == status
+    assert suppressed(relay, recipient)[0][0] == "BOUNCE"
+
+
+def test_dsn_without_verp_naming_several_recipients_is_one_bounce_each(relay, upstream, corpus):
+    """A DSN reaching a complaints address is matched by the returned Message-ID; each failed recipient of
+    the message gets its own Bounce (relay delivers, and records, each recipient as its own copy)."""
+    path = corpus / "eml" / "rubymail" / "multipart_report_emails__multi_address_bounce1.eml"
+    if not path.exists():
+        pytest.skip(f"{path} not in the corpus")
+    failed = ["bbbbvhvbbvkjbhfbvbvjhb@gmail.com", "bscdbcjhasbcjhbdscbhbsdhcbj@gmail.com"]
+    message_id, header, _ = send(relay, upstream, [*failed, "fine@example.org"])
+    data = path.read_bytes().replace(b"<118707422.15521266992174819.JavaMail.root@lvmail01>", header.encode())
+    assert report(relay, COMPLAINTS, data)[0] == 250
+    rows = events_of(relay, message_id, "Bounce", count=2)
+    assert sorted(r[2] for r in rows) == failed  # the report's other recipients were not in this message
+    assert all(len(json.loads(r[4])["bounce"]["bouncedRecipients"]) == 1 for r in rows)
 
 
 def test_delay_notice_and_auto_reply_record_no_event_but_are_kept(relay, upstream):
