@@ -840,6 +840,12 @@ def inbound_reports(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
         " FROM inbound_reports ORDER BY id DESC LIMIT ?", (limit,)))
 
 
+def forget_inbound_reports(conn: sqlite3.Connection, addresses: tuple[str, ...]) -> int:
+    """Delete the reports about these recipients (`relay forget`): they quote the address and the message."""
+    marks = ",".join("?" * len(addresses))
+    return conn.execute(f"DELETE FROM inbound_reports WHERE recipient IN ({marks})", addresses).rowcount
+
+
 def purge_inbound_reports_chunk(conn: sqlite3.Connection, cutoff: str, chunk: int) -> tuple[int, bool]:
     """Delete up to `chunk` reports received before `cutoff`: (deleted, more)."""
     deleted = conn.execute("DELETE FROM inbound_reports WHERE id IN (SELECT id FROM inbound_reports"
@@ -1122,6 +1128,7 @@ def forget_address(conn: sqlite3.Connection, addresses: tuple[str, ...],
     out["events"] = conn.execute(f"DELETE FROM events WHERE recipient IN ({marks})", addresses).rowcount
     out["recipients"] = conn.execute(f"DELETE FROM recipients WHERE recipient IN ({marks})", addresses).rowcount
     out["warnings"] = conn.execute(f"DELETE FROM message_warnings WHERE recipient IN ({marks})", addresses).rowcount
+    out["inbound_reports"] = forget_inbound_reports(conn, addresses)  # issue 9
     out["messages"] = out["other_events"] = 0
     for message_id in messages:
         for mail_json, in conn.execute("SELECT mail_json FROM messages WHERE id = ?", (message_id,)).fetchall():

@@ -14,6 +14,7 @@ from email.utils import make_msgid
 
 import pytest
 
+from relay import store as store_module
 from relay.config import hash_password
 from relay.config import load as load_config
 from relay.core.tokens import sign_address, verify_address
@@ -467,3 +468,24 @@ def test_a_client_that_half_closes_after_pipelining_quit_still_gets_its_reply(re
         assert replies.readline().startswith(b"250 2.0.0 Ok report")
         assert replies.readline().startswith(b"221")
     events_of(relay, message_id, "Bounce")
+
+
+def test_retention_and_forget_remove_stored_reports(tmp_path):
+    store = store_module.Store(tmp_path / "db.sqlite3")
+    try:
+        def row(when: str, recipient: str | None) -> store_module.InboundReportRow:
+            return store_module.InboundReportRow(when, "192.0.2.1", "", "fbl@reports.test", b"raw", "complaint",
+                                                 "test", None, recipient)
+        for when, recipient in (("2026-01-01T00:00:00.000Z", "old@example.org"),
+                                ("2026-06-01T00:00:00.000Z", "new@example.org"),
+                                ("2026-06-02T00:00:00.000Z", "other@example.org")):
+            report_row = row(when, recipient)
+            store.submit(lambda conn, r=report_row: store_module.record_report(conn, r, [], [])).result()
+        purge = store_module.purge_inbound_reports_chunk
+        assert store.submit(lambda conn: purge(conn, "2026-03-01T00:00:00.000Z", 100)).result() == (1, False)
+        forget = store_module.forget_inbound_reports
+        assert store.submit(lambda conn: forget(conn, ("new@example.org",))).result() == 1
+        left = store.tracking_read(store_module.inbound_reports)
+        assert [r["recipient"] for r in left] == ["other@example.org"]
+    finally:
+        store.close()
