@@ -292,18 +292,15 @@ class Handler:
         return f"250 Ok {msg.id}"
 
     async def _receive_reports(self, ip: str, envelope: Envelope) -> str:
-        """One stored report per envelope recipient (each names its own message); 250 once all are durable."""
         self.busy += 1
         try:
-            replies = [await self.inbound.receive(InboundMail(reverse_path(envelope), rcpt,
-                                                              envelope.original_content or b"", ip))
-                       for rcpt in envelope.rcpt_tos]
+            return await self.inbound.receive(InboundMail(reverse_path(envelope), tuple(envelope.rcpt_tos),
+                                                          envelope.original_content or b"", ip))
         except Exception:  # a bug must not cost a report: the sending MTA keeps it and retries
             log.exception("smtp ip=%s: unexpected error receiving a report", ip)
             return "451 4.3.0 Temporary service failure"
         finally:
             self.busy -= 1
-        return next((r for r in replies if not r.startswith("250")), replies[-1])
 
 
 def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:

@@ -489,3 +489,18 @@ def test_retention_and_forget_remove_stored_reports(tmp_path):
         assert [r["recipient"] for r in left] == ["other@example.org"]
     finally:
         store.close()
+
+
+def test_one_report_transaction_to_two_verp_addresses_stores_one_row_each(relay, upstream):
+    """Each envelope recipient is matched on its own, and the rows are stored together (one 250 for both).
+    The token names the copy: a DSN arriving at a copy's VERP address is about that copy, as with a
+    forwarded recipient whose DSN names the forwarding target."""
+    first, _, verp_a = send(relay, upstream, ["vic@example.org"])
+    second, _, verp_b = send(relay, upstream, ["wes@example.org"])
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as c:
+        assert c.sendmail("", [verp_a[0], verp_b[0]], dsn(verp_a[0], "vic@example.org")) == {}
+    assert events_of(relay, first, "Bounce")[0][2] == "vic@example.org"
+    assert events_of(relay, second, "Bounce")[0][2] == "wes@example.org"
+    rows = {r["rcpt"]: r for r in stored_reports(relay) if r["rcpt"] in (verp_a[0], verp_b[0])}
+    assert {r["message_id"] for r in rows.values()} == {first, second}
+    assert rows[verp_a[0]]["raw"] == rows[verp_b[0]]["raw"]
