@@ -152,9 +152,11 @@ class RelaySMTP(SMTP):
         return super().eof_received()
 
     async def _close_after_input_ended(self) -> None:
-        """Answer a QUIT pipelined behind the message, send every held reply, and close."""
+        """Answer a QUIT pipelined behind the message, send every held reply, and close. Anything else the
+        client pipelined before closing is dropped unanswered, as a new transaction could not be finished."""
         if bytes(self._reader._buffer[:4]).upper() == b"QUIT":
             await self.push("221 Bye")
+        self._reader._buffer.clear()  # nothing left for the command loop until the close cancels it
         self._writer.write(b"".join(self._held))
         self._held.clear()
         self.transport.close()

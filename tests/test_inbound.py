@@ -467,6 +467,7 @@ def test_a_client_that_half_closes_after_pipelining_quit_still_gets_its_reply(re
         sock.shutdown(socket.SHUT_WR)
         assert replies.readline().startswith(b"250 2.0.0 Ok report")
         assert replies.readline().startswith(b"221")
+        assert replies.readline() == b""  # closed, nothing more
     events_of(relay, message_id, "Bounce")
 
 
