@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class InboundStage:
                                  o.text, o.message.id if o.message else None, o.recipient)
                 for rcpt, o in zip(mail.rcpts, outcomes, strict=True)]
 
-        def work(conn) -> list[int]:
+        def work(conn: sqlite3.Connection) -> list[int]:
             return [record_report(conn, row, list(o.events), o.entries) for row, o in zip(rows, outcomes, strict=True)]
 
         try:
@@ -118,12 +119,12 @@ class InboundStage:
 
     async def _outcome(self, rcpt: str, report: Report, now_ms: int) -> Outcome:
         try:
-            return await asyncio.to_thread(self.store.tracking_read, self._match_and_record, rcpt, report, now_ms)
+            return await asyncio.to_thread(self.store.tracking_read, self._match, rcpt, report, now_ms)
         except Exception:  # a fault in matching must not lose the report: keep it without events
             log.exception("inbound rcpt=<%s>: matching failed", rcpt)
             return Outcome("matching failed (see the log)")
 
-    def _match_and_record(self, conn, rcpt: str, report: Report, now_ms: int) -> Outcome:
+    def _match(self, conn: sqlite3.Connection, rcpt: str, report: Report, now_ms: int) -> Outcome:
         """Find the message and recipients the report is about and build its events (reads only)."""
         claims = verify_address(self.keyring, rcpt)
         if claims is not None and claims.kind == "unsub":
@@ -145,9 +146,9 @@ class InboundStage:
         recipients = [r for r in recipients if r]
         if report.kind == "complaint":
             return complaint_outcome(message, recipients, report, now_ms)
-        if claims is None:  # a DSN without VERP: the failed recipients it names that the message had
-            destination = {d.lower() for d in message.mail.get("destination", [])}
-            recipients = [r.email for r in failed(report) if r.email.lower() in destination]
+        if claims is None:  # a DSN without VERP: the message's recipients it names as failed
+            named = {a.lower() for r in failed(report) for a in (r.email, r.original_recipient or "")}
+            recipients = [d for d in message.mail.get("destination", []) if d.lower() in named]
         return bounce_outcome(message, recipients, report, now_ms)
 
 
@@ -239,7 +240,7 @@ def complaint_outcome(message: ReportedMessage, recipients: list[str], report: R
                    recipients[0], (event,), tuple(suppression_entries(message, record, recipients[0], now_ms)))
 
 
-def unsubscribe_outcome(conn, claims: AddressClaims, now_ms: int) -> Outcome:
+def unsubscribe_outcome(conn: sqlite3.Connection, claims: AddressClaims, now_ms: int) -> Outcome:
     """Mail to the List-Unsubscribe mailto: the recipient unsubscribes (whatever the mail says, as list
     managers treat it).
     LEAD: switch to the unsubscribe helper's store.record_unsubscribe(conn, message_id, recipient, now_iso,
