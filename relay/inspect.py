@@ -296,7 +296,8 @@ def purge(store: store_module.Store, days: int, now: datetime | None = None, bud
     if cutoff is None:
         return {"events": 0, "messages": 0}
     return {"events": _chunks(store, store_module.purge_events_chunk, cutoff, budget),
-            "messages": _chunks(store, store_module.purge_messages_chunk, cutoff, budget)}
+            "messages": _chunks(store, store_module.purge_messages_chunk, cutoff, budget),
+            "inbound_reports": _chunks(store, store_module.purge_inbound_reports_chunk, cutoff, budget)}  # issue 9
 
 
 def first_open_day(now: datetime) -> str:

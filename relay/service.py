@@ -19,6 +19,7 @@ from relay import config as config_module
 from relay.config import Config
 from relay.deliver import make_upstream
 from relay.destinations import Publisher
+from relay.inbound import InboundStage
 from relay.instrument import Instrumenter
 from relay.metrics import start_operations, stop_operations  # inspection (issue 8)
 from relay.pipeline import Pipeline
@@ -73,7 +74,7 @@ class Relay:
         pipeline = Pipeline(cfg, store, resolver, Instrumenter(keyring), Signer(cfg.dkim), upstream,
                             scanner=make_scanner(cfg.scan))  # issue 9: virus scan through clamd
         queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency)
-        handler = Handler(cfg.smtp, pipeline, queue.add)
+        handler = Handler(cfg.smtp, pipeline, queue.add, InboundStage(cfg, store, keyring))  # issue 9: reports
         relay = cls(cfg, store, pipeline, queue, handler)
         relay.publisher = Publisher(cfg, store, resolver)  # event destinations
         return relay
@@ -113,6 +114,7 @@ class Relay:
         self.pipeline.signer = signer
         self.pipeline.scanner = make_scanner(cfg.scan)  # issue 9: [scan]
         self.pipeline.instrumenter.keyring = keyring
+        self.handler.inbound.config, self.handler.inbound.keyring = cfg, keyring  # issue 9
         self.handler.settings = cfg.smtp
         self.pipeline.resolver.config = cfg  # issue 6: sets from the reloaded file; reopen destination files
         self.publisher.reopen(cfg)

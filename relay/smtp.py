@@ -1,6 +1,8 @@
 """The accept stage's SMTP server (aiosmtpd): policy, authentication, and DATA handed to the pipeline.
 
-- Never an open relay: a client outside `smtp.trusted_networks` must authenticate before MAIL (530).
+- Never an open relay: a client outside `smtp.trusted_networks` must authenticate to send mail onwards (530 at
+  RCPT). Reports for the bounce domain and the complaints addresses are accepted from anyone (issue 9) and go
+  to the inbound stage, not the outbound pipeline; a forged report address is an unknown mailbox (550).
 - AUTH PLAIN/LOGIN against salted scrypt hashes; offered only after STARTTLS, except from
   `smtp.plaintext_auth_networks` (loopback by default).
   Failed attempts are limited per client address.
@@ -21,6 +23,7 @@ from collections import OrderedDict, defaultdict, deque
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import SmtpSettings, check_password
+from relay.inbound import INBOUND, OUTBOUND, InboundMail
 from relay.pipeline import Refusal, StorageUnavailable, Submission
 
 log = logging.getLogger("relay.smtp")
@@ -126,12 +129,41 @@ class RelaySMTP(SMTP):
             await self.push("552 5.3.4 Message is too long.")
         else:
             self.envelope.original_content = self.envelope.content = content
-            status = await self._call_handler_hook("DATA")
+            self._in_data_hook = True
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self._in_data_hook = False
             await self.push(status)
+            if self._input_ended:
+                await self._close_after_input_ended()
+                return
         self._set_post_data_state()
+
+    def eof_received(self) -> bool | None:
+        """A client may shut its sending side while its message is being stored: Exim pipelines QUIT behind
+        the end of the message and then half-closes. aiosmtpd would cancel the transaction in progress, so
+        the reply (a 250 for a message or report already durable) would be lost and the client would send
+        it again, forever. The transaction finishes and is answered first (not over TLS: a TLS transport
+        cannot stay half-open)."""
+        if self._in_data_hook and self.session.ssl is None:
+            self._input_ended = True
+            return True
+        return super().eof_received()
+
+    async def _close_after_input_ended(self) -> None:
+        """Answer a QUIT pipelined behind the message, send every held reply, and close. Anything else the
+        client pipelined before closing is dropped unanswered, as a new transaction could not be finished."""
+        if bytes(self._reader._buffer[:4]).upper() == b"QUIT":
+            await self.push("221 Bye")
+        self._reader._buffer.clear()  # nothing left for the command loop until the close cancels it
+        self._writer.write(b"".join(self._held))
+        self._held.clear()
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._held: list[bytes] = []
+        self._in_data_hook = self._input_ended = False
         super().connection_made(transport)
         self._auth_require_tls = not self.event_handler.in_networks(
             peer_ip(self.session), self.event_handler.settings.plaintext_auth_networks)
@@ -171,12 +203,18 @@ async def read_message_data(reader: asyncio.StreamReader, limit: int | None) -> 
     return bytes(data[:-3]).replace(b"\r\n.", b"\r\n")[2:]
 
 
+def reverse_path(envelope: Envelope) -> str:
+    """MAIL FROM's address; "" for the null reverse-path (<>, a bounce's), which aiosmtpd keeps as "<>"."""
+    return "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+
+
 class Handler:
     """aiosmtpd hooks: the policy checks and the hand-off to the pipeline."""
 
-    def __init__(self, settings: SmtpSettings, pipeline, on_accepted):
+    def __init__(self, settings: SmtpSettings, pipeline, on_accepted, inbound=None):
         self.settings = settings
         self.pipeline = pipeline
+        self.inbound = inbound  # relay.inbound.InboundStage: reports for the bounce domain (issue 9)
         self.on_accepted = on_accepted  # called with (QueuedMessage, recipients) after a durable accept
         self.sessions: set[RelaySMTP] = set()
         self.busy = 0  # transactions between end of DATA and the reply
@@ -198,9 +236,7 @@ class Handler:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
-        ip = peer_ip(session)
-        if not session.authenticated and not self.trusted(ip):
-            return "530 5.7.0 Authentication required"
+        # Anyone may start a transaction: reports come from any MTA. RCPT decides (the relay stays closed).
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -210,6 +246,17 @@ class Handler:
             return f"452 4.5.3 Too many recipients (at most {self.settings.max_recipients} per message)"
         if "@" not in address or any(c in address for c in " <>\r\n"):
             return f"553 5.1.3 <{address}> Invalid email address"
+        kind = self.inbound.recipient_kind(address) if self.inbound is not None else OUTBOUND
+        if kind == OUTBOUND and not session.authenticated and not self.trusted(peer_ip(session)):
+            return "530 5.7.0 Authentication required"
+        if kind not in (INBOUND, OUTBOUND):
+            return f"550 5.1.1 <{address}> Recipient address rejected: mailbox unavailable"
+        # Reports and outgoing mail take different paths: one transaction carries one kind. 452 makes the
+        # client deliver what was accepted and send this recipient again in a new transaction (RFC 5321
+        # 4.5.3.1.10), so nothing is lost; a 5xx would bounce it.
+        if envelope.rcpt_tos and getattr(envelope, "inbound", False) != (kind == INBOUND):
+            return f"452 4.5.3 <{address}> Send reports and other mail in separate transactions"
+        envelope.inbound = kind == INBOUND
         if address not in envelope.rcpt_tos:  # one copy per distinct recipient
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
@@ -217,8 +264,10 @@ class Handler:
 
     async def handle_DATA(self, server, session, envelope):
         ip = peer_ip(session)
+        if getattr(envelope, "inbound", False):
+            return await self._receive_reports(ip, envelope)
         sub = Submission(
-            mail_from=envelope.mail_from or "",
+            mail_from=reverse_path(envelope),
             recipients=list(envelope.rcpt_tos),
             data=envelope.original_content or b"",
             client_ip=ip,
@@ -243,6 +292,17 @@ class Handler:
         log.info("smtp ip=%s from=<%s> rcpts=%d size=%d id=%s set=%s accepted", ip, sub.mail_from,
                  len(sub.recipients), len(sub.data), msg.id, msg.configuration_set or "-")
         return f"250 Ok {msg.id}"
+
+    async def _receive_reports(self, ip: str, envelope: Envelope) -> str:
+        self.busy += 1
+        try:
+            return await self.inbound.receive(InboundMail(reverse_path(envelope), tuple(envelope.rcpt_tos),
+                                                          envelope.original_content or b"", ip))
+        except Exception:  # a bug must not cost a report: the sending MTA keeps it and retries
+            log.exception("smtp ip=%s: unexpected error receiving a report", ip)
+            return "451 4.3.0 Temporary service failure"
+        finally:
+            self.busy -= 1
 
 
 def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:

@@ -720,7 +720,7 @@ def record_destination_failure(conn: sqlite3.Connection, set_name: str, destinat
                  " reason) VALUES (?, ?, ?, ?, ?, ?)", (set_name, destination, event_id, time, status, reason))
 
 
-# --- suppression list and inbound reports (issue 9) ---------------------------------------------------------
+# --- suppression list (issue 9) -------------------------------------------------------------------------------------
 # The account's suppression list: one row per address and reason (an address may be listed for a bounce and
 # later for a complaint); addresses are stored in lower case. A message is not sent to an address listed for
 # one of the reasons its configuration set applies (TrackingSettings.suppression_reasons).
@@ -864,6 +864,102 @@ def record_unsubscribe(conn: sqlite3.Connection, message_id: str, recipient: str
     _insert_events(conn, [EventRow(ev.SUBSCRIPTION, when, message_id, recipient, set_name, record)])
     suppress(conn, entries_for(record, recipient, settings.suppression_reasons, when))
     return True
+# --- inbound reports (issue 9) ------------------------------------------------------------------------------
+# Every report relay's SMTP listener accepts for the bounce domain or a complaints address, as received, with
+# what came of it (`kind`: the parser's verdict; `outcome`: the event recorded or why none was), so a report
+# that produced no event can still be read by the operator. Kept for retention.days, like events.
+
+SCHEMA.extend([
+    """CREATE TABLE IF NOT EXISTS inbound_reports (
+        id INTEGER PRIMARY KEY,
+        received_at TEXT NOT NULL,
+        client_ip TEXT,
+        mail_from TEXT NOT NULL,
+        rcpt TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        raw BLOB NOT NULL,
+        kind TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        message_id TEXT,
+        recipient TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS inbound_reports_received ON inbound_reports (received_at)",
+    "CREATE INDEX IF NOT EXISTS inbound_reports_message ON inbound_reports (message_id)",
+    # A complaint without VERP is matched by the original's Message-ID header.
+    "CREATE INDEX IF NOT EXISTS messages_message_id_header ON messages (message_id_header)",
+])
+
+
+@dataclass(frozen=True)
+class InboundReportRow:
+    received_at: str
+    client_ip: str
+    mail_from: str
+    rcpt: str
+    raw: bytes
+    kind: str
+    outcome: str
+    message_id: str | None
+    recipient: str | None
+
+
+@dataclass(frozen=True)
+class ReportedMessage:
+    """What a report needs of the message it is about."""
+
+    id: str
+    mail: dict
+    configuration_set: str | None
+    settings: dict
+
+
+def reported_message(conn: sqlite3.Connection, message_id: str) -> ReportedMessage | None:
+    row = conn.execute("SELECT id, mail_json, configuration_set, settings_json FROM messages WHERE id = ?",
+                       (message_id,)).fetchone()
+    return ReportedMessage(row[0], json.loads(row[1]), row[2], json.loads(row[3])) if row else None
+
+
+def message_by_header(conn: sqlite3.Connection, message_id_header: str) -> str | None:
+    """The id of the newest message sent with this Message-ID header (with or without angle brackets)."""
+    bare = message_id_header.strip().strip("<>").strip()
+    if not bare:
+        return None
+    row = conn.execute("SELECT id FROM messages WHERE message_id_header IN (?, ?, ?) ORDER BY received_at DESC"
+                       " LIMIT 1", (f"<{bare}>", bare, f" <{bare}>")).fetchone()
+    return row[0] if row else None
+
+
+def record_report(conn: sqlite3.Connection, report: InboundReportRow, events: list[EventRow],
+                  entries: Iterable[Suppression]) -> int:
+    """Store a received report with the events and suppression entries it produced; its id."""
+    cur = conn.execute(
+        "INSERT INTO inbound_reports (received_at, client_ip, mail_from, rcpt, size, raw, kind, outcome,"
+        " message_id, recipient) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (report.received_at, report.client_ip, report.mail_from, report.rcpt, len(report.raw), report.raw,
+         report.kind, report.outcome, report.message_id, report.recipient))
+    _insert_events(conn, events)
+    suppress(conn, entries)
+    return cur.lastrowid
+
+
+def inbound_reports(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
+    """The newest reports without their raw text, newest first (the operator's view; tests)."""
+    return _dicts(conn.execute(
+        "SELECT id, received_at, client_ip, mail_from, rcpt, size, kind, outcome, message_id, recipient"
+        " FROM inbound_reports ORDER BY id DESC LIMIT ?", (limit,)))
+
+
+def forget_inbound_reports(conn: sqlite3.Connection, addresses: tuple[str, ...]) -> int:
+    """Delete the reports about these recipients (`relay forget`): they quote the address and the message."""
+    marks = ",".join("?" * len(addresses))
+    return conn.execute(f"DELETE FROM inbound_reports WHERE recipient IN ({marks})", addresses).rowcount
+
+
+def purge_inbound_reports_chunk(conn: sqlite3.Connection, cutoff: str, chunk: int) -> tuple[int, bool]:
+    """Delete up to `chunk` reports received before `cutoff`: (deleted, more)."""
+    deleted = conn.execute("DELETE FROM inbound_reports WHERE id IN (SELECT id FROM inbound_reports"
+                           " WHERE received_at < ? ORDER BY received_at LIMIT ?)", (cutoff, chunk)).rowcount
+    return deleted, deleted == chunk
 
 
 # --- inspection views ---------------------------------------------------------------------------------------
@@ -1141,6 +1237,7 @@ def forget_address(conn: sqlite3.Connection, addresses: tuple[str, ...],
     out["events"] = conn.execute(f"DELETE FROM events WHERE recipient IN ({marks})", addresses).rowcount
     out["recipients"] = conn.execute(f"DELETE FROM recipients WHERE recipient IN ({marks})", addresses).rowcount
     out["warnings"] = conn.execute(f"DELETE FROM message_warnings WHERE recipient IN ({marks})", addresses).rowcount
+    out["inbound_reports"] = forget_inbound_reports(conn, addresses)  # issue 9
     out["messages"] = out["other_events"] = 0
     for message_id in messages:
         for mail_json, in conn.execute("SELECT mail_json FROM messages WHERE id = ?", (message_id,)).fetchall():

@@ -158,7 +158,7 @@ def test_purge_keeps_queued_messages(tmp_path: Path):
             if state != "queued":
                 store.submit(store_module.Store.recipient_work(message_id, "r@example.org", state, 1, None, "250",
                                                                old, [])).result()
-        assert ops.purge(store, 60, NOW) == {"events": 0, "messages": 1}
+        assert ops.purge(store, 60, NOW) == {"events": 0, "messages": 1, "inbound_reports": 0}
         assert store.query("SELECT id FROM messages") == [("waiting",)]
         assert store.query("SELECT message_id, state FROM recipients") == [("waiting", "queued")]
     finally:

@@ -278,6 +278,8 @@ def verify_address(keyring: Keyring, address: str) -> AddressClaims | None:
         data = base64.b32decode(token + "=" * (-len(token) % 8))
     except (binascii.Error, ValueError):
         return None
+    if base64.b32encode(data).decode("ascii").rstrip("=") != token:  # the last character's spare bits are zero
+        return None
     body, mac = data[:-ADDRESS_MAC_BYTES], data[-ADDRESS_MAC_BYTES:]
     if len(body) != 26 or not any(hmac.compare_digest(_address_mac(k.secret, kind, body), mac) for k in keyring.keys):
         return None
