@@ -409,9 +409,18 @@ def warnings(cfg: Config) -> list[str]:
     """What works but an operator should know."""
     hosts = {cfg.tracking.default_host} | {cs.custom_redirect_domain for cs in cfg.configuration_sets.values()
                                            if cs.custom_redirect_domain and cs.click_tracking is not False}
-    return [f"tracking host {h} has no HTTPS: https links are wrapped with http:// tracking URLs (the redirect"
-            " still lands on https); list it in tracking.https_hosts or serve a certificate for it"
-            for h in sorted(hosts) if not cfg.https_available(h)]
+    notes = [f"tracking host {h} has no HTTPS: https links are wrapped with http:// tracking URLs (the redirect"
+             " still lands on https); list it in tracking.https_hosts or serve a certificate for it"
+             for h in sorted(hosts) if not cfg.https_available(h)]
+    for cs in cfg.configuration_sets.values():  # issue 9: RFC 8058 one-click needs an https URL
+        own = cs.feedback.list_unsubscribe
+        unsubscribe = cfg.feedback.list_unsubscribe if own is None else own
+        host = cs.custom_redirect_domain or cfg.tracking.default_host
+        if unsubscribe and not cfg.https_available(host):
+            notes.append(f"configuration_sets.{cs.name}: list_unsubscribe without HTTPS on {host}: copies get"
+                         " List-Unsubscribe but not List-Unsubscribe-Post, so Gmail and Yahoo offer no one-click"
+                         " unsubscribe; list the host in tracking.https_hosts or serve a certificate for it")
+    return notes
 
 
 def _parse_smtp(s: _Reader, problems: list[str]) -> SmtpSettings:

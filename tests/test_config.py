@@ -129,3 +129,15 @@ def test_https_links_are_not_pointed_at_a_host_without_https(tmp_path):
     s = settings_of(proxied, "a")
     assert s.click_base("https") == "https://t.example.com/c/" and s.click_base("http") == "http://t.example.com/c/"
     assert config.warnings(proxied) == []
+
+
+def test_one_click_unsubscribe_without_https_is_warned_about(tmp_path):
+    plain = parse("[configuration_sets.a]\nlist_unsubscribe = true\n[configuration_sets.b]\n", tmp_path)
+    notes = [w for w in config.warnings(plain) if "list_unsubscribe" in w]
+    assert len(notes) == 1 and notes[0].startswith("configuration_sets.a:")
+    account = parse("[bounces]\nlist_unsubscribe = true\n[configuration_sets.b]\nlist_unsubscribe = false\n"
+                    "[configuration_sets.c]\n", tmp_path)
+    assert [w.split(":")[0] for w in config.warnings(account) if "list_unsubscribe" in w] == ["configuration_sets.c"]
+    proxied = parse('[tracking]\ndefault_host = "t.example.com"\nhttps_hosts = ["t.example.com"]\n'
+                    "[configuration_sets.a]\nlist_unsubscribe = true\n", tmp_path)
+    assert config.warnings(proxied) == []
