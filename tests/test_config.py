@@ -7,6 +7,7 @@ import pytest
 from relay import config
 from relay.config import ConfigError, check_password, hash_password
 from relay.core import resolve as core_resolve
+from relay.core.settings import TrackingSettings
 from relay.resolve import build_model
 from relay.store import StoredConfiguration
 
@@ -141,3 +142,29 @@ def test_one_click_unsubscribe_without_https_is_warned_about(tmp_path):
     proxied = parse('[tracking]\ndefault_host = "t.example.com"\nhttps_hosts = ["t.example.com"]\n'
                     "[configuration_sets.a]\nlist_unsubscribe = true\n", tmp_path)
     assert config.warnings(proxied) == []
+
+
+def test_bounce_and_suppression_settings_resolve_per_set(tmp_path):
+    cfg = parse('[bounces]\ndomain = "Bounces.Example.COM."\ncomplaints_addresses = ["FBL@example.com"]\n'
+                '[suppression]\nreasons = ["bounce", "COMPLAINT"]\n'
+                '[configuration_sets.plain]\n'
+                '[configuration_sets.own]\nverp = false\nlist_unsubscribe = true\nsuppression_reasons = []\n',
+                tmp_path)
+    assert cfg.feedback.bounce_domain == "bounces.example.com" and cfg.complaints_addresses == ("fbl@example.com",)
+    plain, own = settings_of(cfg, "plain"), settings_of(cfg, "own")
+    assert (plain.return_path_domain, plain.list_unsubscribe, plain.suppression_reasons) == (
+        "bounces.example.com", False, ("BOUNCE", "COMPLAINT"))
+    assert (own.return_path_domain, own.list_unsubscribe, own.suppression_reasons) == ("", True, ())
+    no_set = settings_of(cfg, None)  # not instrumented, but its bounces come back through VERP
+    assert no_set.return_path_domain == "bounces.example.com" and not no_set.list_unsubscribe
+    assert TrackingSettings.from_json(own.to_json()) == own
+
+
+def test_bounce_and_suppression_mistakes_name_their_keys(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse('[bounces]\ndomain = "not a domain"\ncomplaints_addresses = ["nobody"]\nverp = "yes"\n'
+              '[suppression]\nreasons = ["SPAM"]\n[configuration_sets.a]\nsuppression_reasons = ["X"]\n', tmp_path)
+    text = "\n".join(err.value.problems)
+    for key in ("bounces.domain", "bounces.complaints_addresses[0]", "bounces.verp", "suppression.reasons",
+                "configuration_sets.a.suppression_reasons"):
+        assert key in text, key
