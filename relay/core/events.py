@@ -141,19 +141,14 @@ def bounce_record(
     reporting_mta: str,
     remote_ip: str = "",
 ) -> dict:
+    """A Bounce relay observed itself (the upstream's reply, or the end of its retries)."""
     bounced = {"emailAddress": recipient, "action": "failed", "status": status, "diagnosticCode": diagnostic}
-    detail = {
-        "bounceType": bounce_type,
-        "bounceSubType": sub_type,
-        "bouncedRecipients": [bounced],
-        "timestamp": iso_ms(now_ms),
-        "feedbackId": feedback_id(mail["messageId"], now_ms),
-        # SES writes "dsn; host" (not RFC 3464's "dns; host"), in its examples and in real notifications.
-        "reportingMTA": f"dsn; {reporting_mta}",
-    }
+    # SES writes "dsn; host" (not RFC 3464's "dns; host"), in its examples and in real notifications.
+    out = report_bounce_record(mail, [bounced], now_ms, bounce_type, sub_type, feedback_id(mail["messageId"], now_ms),
+                               f"dsn; {reporting_mta}")
     if remote_ip:
-        detail["remoteMtaIp"] = remote_ip
-    return record(BOUNCE, mail, detail)
+        out[DETAIL_KEY[BOUNCE]]["remoteMtaIp"] = remote_ip
+    return out
 
 
 def feedback_id(message_id: str, now_ms: int) -> str:
