@@ -156,6 +156,7 @@ class EventWriter:
     MAX_RECENT = 64  # clicks kept per copy; a copy clicked more often than this within seconds is a flood
     MAX_COPIES = 20000
     NO_DELIVERY_TTL_MS = 2000  # how long "no Delivery event yet" is believed before asking the store again
+    CLOCK_SKEW_MS = 60_000  # between the node that accepted a message and the one that delivered it
 
     def __init__(self, account_id: str, lists: verdicts.Lists, th: verdicts.Thresholds, read):
         self.account_id, self.read = account_id, read
@@ -246,7 +247,9 @@ class EventWriter:
         key = (message_id, recipient)
         known = self._delivered.get(key)
         if known is None or (known[0] is None and now_ms - known[1] > self.NO_DELIVERY_TTL_MS):
-            stamp = self.read(store_module.copy_delivery_time, message_id, recipient)
+            accepted = self._mail(message_id, recipient)[2]  # a Delivery comes after acceptance (bounds the search)
+            since = events.iso_ms(accepted - self.CLOCK_SKEW_MS) if accepted is not None else ""
+            stamp = self.read(store_module.copy_delivery_time, message_id, recipient, since)
             if len(self._delivered) >= 65536:
                 self._delivered.clear()
             known = self._delivered[key] = (iso_to_ms(stamp) if stamp else None, now_ms)
