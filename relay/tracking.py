@@ -5,10 +5,12 @@ verdicts (`relay.core.verdicts`), device summaries (`relay.core.useragent`), dom
 (`relay.core.domains`). This module only talks HTTP and hands hits to the store.
 
 Hot path: a request is answered from memory (token check, constant GIF or a 302) after its hit is appended to
-an in-memory buffer. Every `flush_interval` (or `flush_batch` hits) the buffer becomes SES records and verdicts
-on the event loop, and one insert-only work in the store's group commit. `stop()` closes the sockets, waits
-for in-flight requests, then drains the buffer: an answered hit is never lost. `relay track` can run several
-worker processes on one port (SO_REUSEPORT), each with its own buffer into the shared store.
+an in-memory buffer. Plain GET/HEAD pixel and click requests never build aiohttp request or response objects
+(`_FastConnection`); every other request goes through aiohttp and `_handle`. Every `flush_interval` (or
+`flush_batch` hits) the buffer becomes SES records and verdicts on the event loop, and one insert-only work in
+the store's group commit. `stop()` closes the sockets, waits for in-flight requests, then drains the buffer: an
+answered hit is never lost. `relay track` can run several worker processes on one port (SO_REUSEPORT), each
+with its own buffer into the shared store.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ NOT_FOUND = (b"<!doctype html><html><head><meta charset=utf-8><title>Link not fo
              b"<h1>Link not found</h1><p>This link is damaged, incomplete or no longer valid. Copy the whole "
              b"link from the message, or contact its sender.</p></body></html>")
 BAD_REQUEST = b"<!doctype html><title>Bad request</title><h1>Bad request</h1>"
-_UNSAFE_URL_CHARS = frozenset(chr(c) for c in range(0x20)) | {"\x7f"}
+_UNSAFE_URL_CHAR = re.compile("[\x00-\x1f\x7f]")
 
 
 # --- verdict lists ------------------------------------------------------------------------------------------
@@ -540,7 +542,11 @@ class _FastConnection(asyncio.Protocol):
                 if len(self.buffer) > _FAST_HEAD_LIMIT or b"\n\n" in self.buffer:
                     self._hand_over()
                 return
-            answer = self.server.fast(self.buffer[:end], self.peer) if end <= _FAST_HEAD_LIMIT else None
+            try:
+                answer = self.server.fast(self.buffer[:end], self.peer) if end <= _FAST_HEAD_LIMIT else None
+            except Exception:  # answered like aiohttp answers a handler's error (its hit may be buffered: no replay)
+                log.exception("tracking request failed")
+                answer = (_INTERNAL_ERROR, True)
             if answer is None:
                 self._hand_over()
                 return
@@ -564,6 +570,9 @@ class _FastConnection(asyncio.Protocol):
             handler.data_received(data)
 
 
+_FAST_PATHS = (OPEN_PATH.encode("ascii"), CLICK_PATH.encode("ascii"))
+_INTERNAL_ERROR = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   b"Content-Length: 25\r\nConnection: close\r\n\r\n500 Internal Server Error")
 _FAST_HEAD_LIMIT = 8192  # request line and headers; longer requests go to aiohttp, which applies the exact rules
 _HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a head without its CRLFs: a stray CR or LF included
@@ -578,7 +587,7 @@ def _plain_request(head: bytes) -> tuple[str, str, dict[bytes, bytes], bool] | N
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
         return None
     target = parts[1].split(b"?", 1)[0]
-    if not (target.startswith(b"/o/") or target.startswith(b"/c/")) or not target.isascii():
+    if not target.startswith(_FAST_PATHS) or not target.isascii():
         return None
     if len(rest) > MAX_HEADER_BYTES - 1024 or _CONTROL.search(head.replace(b"\r\n", b"")):
         return None
@@ -659,7 +668,7 @@ def _safe_destination(url: str) -> bool:
     """Only http(s) URLs without control characters leave as a Location (the token is trusted; this is
     defence in depth against a bad instrumenter)."""
     head = url[:8].lower()
-    return (head.startswith("http://") or head.startswith("https://")) and not (_UNSAFE_URL_CHARS & set(url))
+    return (head.startswith("http://") or head.startswith("https://")) and _UNSAFE_URL_CHAR.search(url) is None
 
 
 class TrackingServer:

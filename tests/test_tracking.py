@@ -363,3 +363,10 @@ def test_fast_path_honours_connection_close_and_closes(listener):
             answer += chunk
     [(status, fields, body)] = _responses(answer)
     assert (status, fields[b"connection"], body) == (b"HTTP/1.1 200 OK", b"close", GIF)
+
+
+def test_click_whose_destination_cannot_be_sent_gets_500_and_the_listener_lives(listener):
+    token = listener.click_token("https://shop.example/\ud800")  # a lone surrogate: signable, not sendable
+    answer = raw_request(listener.port, f"GET /c/{token} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    assert request(listener.port, "GET", "/o/" + listener.open_token())[0] == 200
