@@ -60,6 +60,31 @@ def wait_http(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing answers on port {port}")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (relay's workers, nginx's workers), all threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or int(fields[1]) == pid:  # fields[1] is the parent's pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measured(pid: int, port: int, path: str, args: argparse.Namespace) -> dict:
+    """One load run, with the server's CPU time per answered request: a figure that other load on this
+    shared machine disturbs much less than requests per second."""
+    before = tree_cpu_seconds(pid)
+    result = load(port, path, args.duration, args.connections, args.threads)
+    result["cpu_us"] = (tree_cpu_seconds(pid) - before) / max(result["requests"], 1) * 1e6
+    return result
+
+
 # --- load generators -----------------------------------------------------------------------------------------
 
 def run_wrk(url: str, duration: float, connections: int, threads: int) -> dict:
@@ -223,7 +248,7 @@ def main() -> int:
             load(port, paths["pixel"], 1.0, args.connections, args.threads)  # warm-up (caches, JIT-free Python)
             for _ in range(args.runs):
                 for kind in ("pixel", "click"):
-                    results[kind].append(load(port, paths[kind], args.duration, args.connections, args.threads))
+                    results[kind].append(measured(proc.pid, port, paths[kind], args))
         finally:
             stop(proc)
         answered = {k: sum(r["requests"] - r["non_2xx_3xx"] for r in results[k]) for k in ("pixel", "click")}
@@ -235,8 +260,7 @@ def main() -> int:
         if nginx is not None:
             try:
                 for _ in range(args.runs):
-                    results["nginx_gif"].append(load(nginx_port, "/o/pixel", args.duration, args.connections,
-                                                     args.threads))
+                    results["nginx_gif"].append(measured(nginx.pid, nginx_port, "/o/pixel", args))
             finally:
                 stop(nginx)
     summary = {}
@@ -244,19 +268,23 @@ def main() -> int:
         if not runs:
             continue
         summary[kind] = {"rps_median": statistics.median(r["rps"] for r in runs),
-                         "p99_ms_median": statistics.median(r["p99_ms"] for r in runs), "runs": runs}
+                         "p99_ms_median": statistics.median(r["p99_ms"] for r in runs),
+                         "cpu_us_median": statistics.median(r["cpu_us"] for r in runs), "runs": runs}
         for r in runs:
-            print(f"{kind:10s} {r['rps']:10.0f} req/s  p99 {r['p99_ms']:7.2f} ms  ({r['requests']} requests"
+            print(f"{kind:10s} {r['rps']:10.0f} req/s  p99 {r['p99_ms']:7.2f} ms  cpu {r['cpu_us']:6.1f} us/req"
+                  f"  ({r['requests']} requests"
                   f"{', errors ' + r['socket_errors'] if r['socket_errors'] else ''})")
     print(f"\nload: {tool}, {args.connections} connections, {args.duration:g} s x {args.runs} runs, "
           f"{os.cpu_count()} CPUs, relay workers: {args.workers}")
     for kind in ("pixel", "click"):
         s = summary[kind]
-        print(f"{kind:10s} median {s['rps_median']:10.0f} req/s  p99 {s['p99_ms_median']:6.2f} ms   "
+        print(f"{kind:10s} median {s['rps_median']:10.0f} req/s  p99 {s['p99_ms_median']:6.2f} ms  "
+              f"cpu {s['cpu_us_median']:6.1f} us/req   "
               f"persisted {stored[kind] - (warm if kind == 'pixel' else 0)} / answered {answered[kind]}")
     if "nginx_gif" in summary:
         base = summary["nginx_gif"]["rps_median"]
         print(f"nginx GIF  median {base:10.0f} req/s  p99 {summary['nginx_gif']['p99_ms_median']:6.2f} ms  "
+              f"cpu {summary['nginx_gif']['cpu_us_median']:6.1f} us/req  "
               f"(relay pixel = {summary['pixel']['rps_median'] / base:.1%} of nginx, "
               f"click = {summary['click']['rps_median'] / base:.1%})")
     else:
@@ -265,7 +293,8 @@ def main() -> int:
     print(f"every answered hit persisted: {ok}")
     print(f"targets: {TARGETS}")
     print(json.dumps({"tool": tool, "connections": args.connections, "workers": args.workers, "summary": {
-        k: {"rps_median": round(v["rps_median"]), "p99_ms_median": round(v["p99_ms_median"], 2)}
+        k: {"rps_median": round(v["rps_median"]), "p99_ms_median": round(v["p99_ms_median"], 2),
+            "cpu_us_median": round(v["cpu_us_median"], 1)}
         for k, v in summary.items()}, "persisted": stored, "answered": answered}))
     return 0 if ok else 1
 

@@ -512,11 +512,19 @@ def insert_events_json(conn: sqlite3.Connection, rows: list[tuple]) -> range:
     return range(first, last + 1)
 
 
-def copy_delivery_time(conn: sqlite3.Connection, message_id: str, recipient: str) -> str | None:
-    """`delivery.timestamp` of the copy's Delivery event, if there is one."""
+def copy_delivery_time(conn: sqlite3.Connection, message_id: str, recipient: str, since: str = "") -> str | None:
+    """`delivery.timestamp` of the copy's Delivery event, if there is one; `since` (ISO) bounds the search from
+    below (the message's acceptance time).
+
+    The copy queries below read through events_recipient_time (recipient, type, time, then the rowid) and order by
+    (time, id), so SQLite walks that index in order and stops at the LIMIT. Ordered by id alone, it preferred
+    events_message (message_id, id) and scanned every event of the message (O(events of a bulk message) per
+    lookup: 118 ms at 100k events), or read the whole time range and sorted it.
+    """
     row = conn.execute(
-        "SELECT record FROM events WHERE message_id = ? AND type = 'Delivery' AND recipient = ? ORDER BY id LIMIT 1",
-        (message_id, recipient),
+        "SELECT record FROM events WHERE recipient = ? AND type = 'Delivery' AND time >= ? AND message_id = ?"
+        " ORDER BY time, id LIMIT 1",
+        (recipient, since, message_id),
     ).fetchone()
     return json.loads(row[0])["delivery"]["timestamp"] if row else None
 
@@ -528,9 +536,9 @@ def copy_clicks(conn: sqlite3.Connection, message_id: str, recipient: str, since
     rows = conn.execute(
         "SELECT e.id, e.record, COALESCE(v.method, 'GET') FROM events e"
         " LEFT JOIN tracking_verdicts v ON v.event_id = e.id"
-        " WHERE e.message_id = ? AND e.type = 'Click' AND e.recipient = ? AND e.time >= ? AND e.time <= ?"
-        " ORDER BY e.id DESC LIMIT ?",
-        (message_id, recipient, since, until, limit),
+        " WHERE e.recipient = ? AND e.type = 'Click' AND e.time >= ? AND e.time <= ? AND e.message_id = ?"
+        " ORDER BY e.time DESC, e.id DESC LIMIT ?",
+        (recipient, since, until, message_id, limit),
     ).fetchall()
     rows.reverse()
     return rows

@@ -5,10 +5,12 @@ verdicts (`relay.core.verdicts`), device summaries (`relay.core.useragent`), dom
 (`relay.core.domains`). This module only talks HTTP and hands hits to the store.
 
 Hot path: a request is answered from memory (token check, constant GIF or a 302) after its hit is appended to
-an in-memory buffer. Every `flush_interval` (or `flush_batch` hits) the buffer becomes SES records and verdicts
-on the event loop, and one insert-only work in the store's group commit. `stop()` closes the sockets, waits
-for in-flight requests, then drains the buffer: an answered hit is never lost. `relay track` can run several
-worker processes on one port (SO_REUSEPORT), each with its own buffer into the shared store.
+an in-memory buffer. Plain GET/HEAD pixel and click requests never build aiohttp request or response objects
+(`_FastConnection`); every other request goes through aiohttp and `_handle`. Every `flush_interval` (or
+`flush_batch` hits) the buffer becomes SES records and verdicts on the event loop, and one insert-only work in
+the store's group commit. `stop()` closes the sockets, waits for in-flight requests, then drains the buffer: an
+answered hit is never lost. `relay track` can run several worker processes on one port (SO_REUSEPORT), each
+with its own buffer into the shared store.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import binascii
 import dataclasses
 import email
 import email.policy
+import gc
 import hmac
 import html
 import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -35,6 +39,7 @@ import sys
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -89,7 +94,7 @@ UNSUBSCRIBE_FAILED = (b"<!doctype html><html><head><meta charset=utf-8><title>Pl
                       b"again in a few minutes.</p></body></html>")
 ONE_CLICK_FIELD = ("List-Unsubscribe", "One-Click")  # the POST body RFC 8058 defines, as a form field
 ONE_CLICK_BODY_LIMIT = 4096  # RFC 8058's body is 26 bytes; multipart adds a boundary and a part header
-_UNSAFE_URL_CHARS = frozenset(chr(c) for c in range(0x20)) | {"\x7f"}
+_UNSAFE_URL_CHAR = re.compile("[\x00-\x1f\x7f]")
 
 
 # --- verdict lists ------------------------------------------------------------------------------------------
@@ -124,12 +129,13 @@ def thresholds(cfg: TrackingConfig) -> verdicts.Thresholds:
 
 _MAIL_SLOT = "\x00mail\x00"
 _MAIL_SLOT_JSON = json.dumps(_MAIL_SLOT)
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators) builds one per call
 
 
 def _splice(record: dict, mail_json: str) -> str:
     """The record as JSON with the stored mail JSON spliced in unparsed (it is most of the bytes). `mail` is
     the record's second key, after `eventType`, so the first occurrence of the slot is the mail's."""
-    return json.dumps(record, separators=(",", ":")).replace(_MAIL_SLOT_JSON, mail_json, 1)
+    return _compact_json(record).replace(_MAIL_SLOT_JSON, mail_json, 1)
 
 
 def iso_to_ms(text: str) -> int:
@@ -168,6 +174,7 @@ class EventWriter:
     MAX_RECENT = 64  # clicks kept per copy; a copy clicked more often than this within seconds is a flood
     MAX_COPIES = 20000
     NO_DELIVERY_TTL_MS = 2000  # how long "no Delivery event yet" is believed before asking the store again
+    CLOCK_SKEW_MS = 60_000  # between the node that accepted a message and the one that delivered it
 
     def __init__(self, account_id: str, lists: verdicts.Lists, th: verdicts.Thresholds, read):
         self.account_id, self.read = account_id, read
@@ -179,6 +186,9 @@ class EventWriter:
     def configure(self, lists: verdicts.Lists, th: verdicts.Thresholds) -> None:
         self.lists, self.th = lists, th
         self.window_ms = int(th.burst_window_seconds * 1000)
+        # An open's verdict is a function of (method, ip, user agent) and the lists alone: judged once per
+        # distinct triple (image proxies and repeat readers send the same ones over and over).
+        self._open_verdicts: dict[tuple[str, str, str], tuple] = {}
 
     def forget(self) -> None:
         """After a failed batch: its clicks never reached the store, so the memory of recent clicks is wrong."""
@@ -215,7 +225,7 @@ class EventWriter:
             if kind == events.OPEN:
                 record = events.open_record(_MAIL_SLOT, ms, ip, ua)
                 stamp = record["open"]["timestamp"]
-                verdict_rows.append((i, self._judge(verdicts.Hit(kind, method, ip, ua, ms), verdicts.Context(), now)))
+                verdict_rows.append((i, (*self._judge_open(method, ip, ua, ms), now)))
             else:
                 record = events.click_record(_MAIL_SLOT, ms, ip, ua, claims.url, claims.tags)
                 stamp = record["click"]["timestamp"]
@@ -246,19 +256,32 @@ class EventWriter:
 
         return work
 
+    def _judge_open(self, method: str, ip: str, ua: str, ms: int) -> tuple:
+        """An open's verdict row fields after the event id, without `computed_at`."""
+        key = (method, ip, ua)
+        fields = self._open_verdicts.get(key)
+        if fields is None:
+            if len(self._open_verdicts) >= 8192:
+                self._open_verdicts.clear()
+            hit = verdicts.Hit(events.OPEN, method, ip, ua, ms)
+            fields = self._open_verdicts[key] = self._judge(hit, verdicts.Context(), "")[:-1]
+        return fields
+
     def _judge(self, hit: verdicts.Hit, ctx: verdicts.Context, now: str) -> tuple:
         """A verdict row's fields after the event id."""
         v = verdicts.classify(hit, ctx, self.lists, self.th)
         d = summarize(hit.user_agent)
         kind = verdicts.PROXY if v.verdict == verdicts.PROXY else d.kind
-        reasons = json.dumps(v.reasons_json(), separators=(",", ":")) if v.reasons else "[]"
+        reasons = _compact_json(v.reasons_json()) if v.reasons else "[]"
         return hit.method, v.verdict, reasons, d.client, d.os, kind, now
 
     def _delivered_ms(self, message_id: str, recipient: str, now_ms: int) -> tuple[int | None, str]:
         key = (message_id, recipient)
         known = self._delivered.get(key)
         if known is None or (known[0] is None and now_ms - known[1] > self.NO_DELIVERY_TTL_MS):
-            stamp = self.read(store_module.copy_delivery_time, message_id, recipient)
+            accepted = self._mail(message_id, recipient)[2]  # a Delivery comes after acceptance (bounds the search)
+            since = events.iso_ms(accepted - self.CLOCK_SKEW_MS) if accepted is not None else ""
+            stamp = self.read(store_module.copy_delivery_time, message_id, recipient, since)
             if len(self._delivered) >= 65536:
                 self._delivered.clear()
             known = self._delivered[key] = (iso_to_ms(stamp) if stamp else None, now_ms)
@@ -437,15 +460,23 @@ def challenge_answer(keyring: Keyring, token: str, now: int) -> str | None:
 # --- the HTTP server ----------------------------------------------------------------------------------------
 
 class _Server(web.Server):
-    """aiohttp's low-level server plus a per-connection deadline: aiohttp has no timeout on reading a
-    request's headers, so a client that dribbles them (slowloris) would hold a connection forever."""
+    """aiohttp's low-level server, whose connections start on the fast path (`_FastConnection`), plus a
+    per-connection deadline: aiohttp has no timeout on reading a request's headers, so a client that dribbles
+    them (slowloris) would hold a connection forever."""
 
-    def __init__(self, handler, timeout: float, **kwargs):
+    def __init__(self, handler, timeout: float, fast, **kwargs):
         super().__init__(handler, **kwargs)
         self.timeout = timeout
+        self.fast = fast  # TrackingServer._fast_answer
         self.tick = 0.0  # coarse clock, advanced by the sweeper (cheaper than a clock call per request)
-        self.seen: dict[RequestHandler, float] = {}
-        self.transports: dict[RequestHandler, asyncio.BaseTransport] = {}
+        self.seen: dict[asyncio.BaseProtocol, float] = {}
+        self.transports: dict[asyncio.BaseProtocol, asyncio.BaseTransport] = {}
+
+    def __call__(self) -> asyncio.Protocol:
+        return _FastConnection(self)
+
+    def aiohttp_connection(self) -> RequestHandler:
+        return super().__call__()
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
@@ -457,6 +488,14 @@ class _Server(web.Server):
         self.seen.pop(handler, None)
         self.transports.pop(handler, None)
 
+    def pre_shutdown(self) -> None:
+        """After the listening sockets closed: fast-path connections have nothing in flight (each answer is
+        written whole, its hit already buffered), so they close now; aiohttp's finish their requests."""
+        super().pre_shutdown()
+        for protocol, transport in list(self.transports.items()):
+            if isinstance(protocol, _FastConnection):
+                transport.close()
+
     async def sweep(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -466,6 +505,132 @@ class _Server(web.Server):
                     transport = self.transports.get(handler)
                     if transport is not None:
                         transport.close()
+
+
+class _FastConnection(asyncio.Protocol):
+    """A connection answering plain HTTP/1.1 GET/HEAD pixel and click requests itself, keep-alive, in order;
+    at the first request that is anything else (another path or method, a body, HTTP/1.0, oversized or unusual
+    headers, a damaged click token) it hands the connection, from that request on, to aiohttp's
+    RequestHandler, so every other behaviour stays aiohttp's and `_handle`'s.
+
+    Why: aiohttp's request and response objects were most of the listener's CPU per hit (measured: a bare
+    protocol answered the GIF at ~3x aiohttp's rate on the same machine and load)."""
+
+    def __init__(self, server: _Server):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.buffer = b""
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.server.seen[self] = self.server.tick
+        self.server.transports[self] = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.seen.pop(self, None)
+        self.server.transports.pop(self, None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._answer_buffered()
+
+    def pause_writing(self) -> None:  # the client does not read: stop reading its requests (bounded memory)
+        self.paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.transport.resume_reading()
+        self._answer_buffered()
+
+    def _answer_buffered(self) -> None:
+        while self.buffer and not self.paused:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > _FAST_HEAD_LIMIT or b"\n\n" in self.buffer:
+                    self._hand_over()
+                return
+            try:
+                answer = self.server.fast(self.buffer[:end], self.peer) if end <= _FAST_HEAD_LIMIT else None
+            except Exception:  # answered like aiohttp answers a handler's error (its hit may be buffered: no replay)
+                log.exception("tracking request failed")
+                answer = (_INTERNAL_ERROR, True)
+            if answer is None:
+                self._hand_over()
+                return
+            self.buffer = self.buffer[end + 4:]
+            self.server.seen[self] = self.server.tick
+            self.transport.write(answer[0])
+            if answer[1]:
+                self.transport.close()
+                return
+
+    def _hand_over(self) -> None:
+        self.server.seen.pop(self, None)
+        self.server.transports.pop(self, None)
+        handler = self.server.aiohttp_connection()
+        self.transport.set_protocol(handler)
+        handler.connection_made(self.transport)
+        if self.paused:  # aiohttp tracks its own write flow control from here on
+            self.transport.resume_reading()
+        data, self.buffer = self.buffer, b""
+        if data:
+            handler.data_received(data)
+
+
+_FAST_PATHS = (OPEN_PATH.encode("ascii"), CLICK_PATH.encode("ascii"))
+_INTERNAL_ERROR = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   b"Content-Length: 25\r\nConnection: close\r\n\r\n500 Internal Server Error")
+_FAST_HEAD_LIMIT = 8192  # request line and headers; longer requests go to aiohttp, which applies the exact rules
+_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a head without its CRLFs: a stray CR or LF included
+_NO_FAST_FIELDS = (b"content-length", b"transfer-encoding", b"expect", b"upgrade")
+
+
+def _plain_request(head: bytes) -> tuple[str, str, dict[bytes, bytes], bool] | None:
+    """(method, path, first value of each lower-cased header, close after answering) of a plain HTTP/1.1
+    GET/HEAD without a body to a pixel or click path, from its head (without the blank line); else None."""
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
+        return None
+    target = parts[1].split(b"?", 1)[0]
+    if not target.startswith(_FAST_PATHS) or not target.isascii():
+        return None
+    if len(rest) > MAX_HEADER_BYTES - 1024 or _CONTROL.search(head.replace(b"\r\n", b"")):
+        return None
+    fields: dict[bytes, bytes] = {}
+    for field in rest.split(b"\r\n") if rest else ():
+        name, sep, value = field.partition(b":")
+        if not sep or _HEADER_NAME.fullmatch(name) is None:
+            return None
+        fields.setdefault(name.lower(), value.strip(b" \t"))
+    if any(name in fields for name in _NO_FAST_FIELDS):
+        return None
+    options = {o.strip() for o in fields.get(b"connection", b"").lower().split(b",")}
+    if b"upgrade" in options:
+        return None
+    return parts[0].decode("ascii"), target.decode("ascii"), fields, b"close" in options
+
+
+def _header_block(status: str, headers: dict[str, str]) -> bytes:
+    return (f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())).encode("ascii")
+
+
+_PIXEL_HEAD = _header_block("200 OK", {**_PIXEL_HEADERS, "Content-Length": str(len(GIF))})
+_REDIRECT_HEAD = _header_block("302 Found", _REDIRECT_HEADERS)
+_date_line = [0, b""]  # (second, b"Date: ...\r\n"): formatted once a second
+
+
+def _fast_response(head: bytes, body: bytes, close: bool) -> bytes:
+    now = int(time.time())
+    if now != _date_line[0]:
+        _date_line[:] = [now, b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"]
+    return head + _date_line[1] + (b"Connection: close\r\n\r\n" if close else b"\r\n") + body
 
 
 def _tls_context(certs) -> ssl.SSLContext:
@@ -515,7 +680,7 @@ def _safe_destination(url: str) -> bool:
     """Only http(s) URLs without control characters leave as a Location (the token is trusted; this is
     defence in depth against a bad instrumenter)."""
     head = url[:8].lower()
-    return (head.startswith("http://") or head.startswith("https://")) and not (_UNSAFE_URL_CHARS & set(url))
+    return (head.startswith("http://") or head.startswith("https://")) and _UNSAFE_URL_CHAR.search(url) is None
 
 
 def mask_address(address: str) -> str:
@@ -591,8 +756,9 @@ class TrackingServer:
 
     async def start(self) -> None:
         t = self.settings
-        self._server = _Server(self._handle, t.client_timeout, access_log=None, keepalive_timeout=t.client_timeout,
-                               max_line_size=32768, max_field_size=8190, max_headers=100)
+        self._server = _Server(self._handle, t.client_timeout, self._fast_answer, access_log=None,
+                               keepalive_timeout=t.client_timeout, max_line_size=32768, max_field_size=8190,
+                               max_headers=100)
         self._runner = web.ServerRunner(self._server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         reuse_port = t.workers > 1  # `relay track` workers share the listening ports
@@ -669,21 +835,52 @@ class TrackingServer:
         return self._not_found()
 
     def _pixel(self, request: web.BaseRequest, token: str, method: str) -> web.Response:
-        try:
-            claims = verify(self.keyring, token)
-            if isinstance(claims, OpenClaims) and not self._expired(claims.issued):
-                self._record(events.OPEN, method, claims, request)
-        except Exception:  # never a broken image in someone's mailbox, whatever went wrong here
-            log.exception("pixel hit not recorded")
+        self._count_open(token, method, request.remote or "", request.headers.get("X-Forwarded-For"),
+                         request.headers.get("User-Agent", ""))
         return web.Response(body=GIF, headers=_PIXEL_HEADERS)
 
     def _click(self, request: web.BaseRequest, token: str, method: str) -> web.Response:
+        url = self._count_click(token, method, request.remote or "", request.headers.get("X-Forwarded-For"),
+                                request.headers.get("User-Agent", ""))
+        if url is None:
+            return self._not_found()
+        return web.Response(status=302, headers={**_REDIRECT_HEADERS, "Location": url})
+
+    def _count_open(self, token: str, method: str, peer: str, forwarded: str | None, ua: str) -> None:
+        try:
+            claims = verify(self.keyring, token)
+            if isinstance(claims, OpenClaims) and not self._expired(claims.issued):
+                self._record(events.OPEN, method, claims, peer, forwarded, ua)
+        except Exception:  # never a broken image in someone's mailbox, whatever went wrong here
+            log.exception("pixel hit not recorded")
+
+    def _count_click(self, token: str, method: str, peer: str, forwarded: str | None, ua: str) -> str | None:
+        """The destination of a genuine click token (the click recorded for a GET), else None."""
         claims = verify(self.keyring, token)
         if not isinstance(claims, ClickClaims) or self._expired(claims.issued) or not _safe_destination(claims.url):
-            return self._not_found()
+            return None
         if method == "GET":  # HEAD is what link scanners send: answer it, never count it
-            self._record(events.CLICK, method, claims, request)
-        return web.Response(status=302, headers={**_REDIRECT_HEADERS, "Location": claims.url})
+            self._record(events.CLICK, method, claims, peer, forwarded, ua)
+        return claims.url
+
+    def _fast_answer(self, head: bytes, peer: str) -> tuple[bytes, bool] | None:
+        """The whole response to a plain GET/HEAD of a pixel or a genuine click, and whether to close after
+        it; None hands the request to aiohttp and `_handle` (anything else, a damaged click included)."""
+        request = _plain_request(head)
+        if request is None:
+            return None
+        method, path, fields, close = request
+        forwarded = fields.get(b"x-forwarded-for")
+        forwarded_text = forwarded.decode("latin-1") if forwarded is not None else None
+        ua = fields.get(b"user-agent", b"").decode("utf-8", "replace")
+        if path.startswith(OPEN_PATH):
+            self._count_open(path[len(OPEN_PATH):], method, peer, forwarded_text, ua)
+            return _fast_response(_PIXEL_HEAD, GIF if method == "GET" else b"", close), close
+        url = self._count_click(path[len(CLICK_PATH):], method, peer, forwarded_text, ua)
+        if url is None:
+            return None
+        length = b"\r\nContent-Length: 0\r\n" if method == "GET" else b"\r\n"  # as aiohttp: none on a HEAD
+        return _fast_response(_REDIRECT_HEAD + b"Location: " + url.encode("utf-8") + length, b"", close), close
 
     async def _unsubscribe(self, request: web.BaseRequest, token: str, method: str) -> web.Response:
         """RFC 8058 one-click: a POST of `List-Unsubscribe=One-Click` unsubscribes; GET and HEAD only show a
@@ -722,11 +919,10 @@ class TrackingServer:
     def _expired(self, issued: int) -> bool:
         return self._max_age > 0 and time.time() - issued > self._max_age
 
-    def _record(self, kind: str, method: str, claims, request: web.BaseRequest) -> None:
-        ip = request.remote or ""
+    def _record(self, kind: str, method: str, claims, peer: str, forwarded: str | None, ua: str) -> None:
+        ip = peer
         if self._trusted.lookup(ip) is not None:
-            ip = _client_ip(ip, request.headers.get("X-Forwarded-For"), self._trusted)
-        ua = request.headers.get("User-Agent", "")
+            ip = _client_ip(ip, forwarded, self._trusted)
         if not ua.isascii():  # aiohttp keeps undecodable bytes as lone surrogates; SQLite refuses those
             ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         self.recorder.add((kind, method, claims, ip, ua, int(time.time() * 1000)))
@@ -785,6 +981,10 @@ async def _track(cfg: Config, config_path: str, spawn: bool) -> int:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await server.start()
+        # Everything loaded so far (aiohttp, ua-parser's regexes, the lists) lives as long as the process: out of
+        # the collector's sight, a full collection walks only request garbage (measured: 30-135 ms pauses of
+        # the event loop with ~50k startup objects, 2-8 ms without them).
+        gc.freeze()
         print(f"relay track: listening on {cfg.tracking.listen_host}:{server.port} (pid {os.getpid()})",
               file=sys.stderr, flush=True)
         if spawn and cfg.tracking.workers > 1:

@@ -301,3 +301,72 @@ def test_forwarded_proto_honoured_only_from_trusted_proxies(listener):
     headers = {"User-Agent": CHROME, "X-Forwarded-Proto": "https"}
     assert request(listener.port, "GET", path, headers, source="127.0.0.2")[2].split()[-1] == b"https"
     assert request(listener.port, "GET", path, headers, source="127.0.0.1")[2].split()[-1] == b"http"
+
+
+# --- the fast path and aiohttp answer alike -----------------------------------------------------------------
+
+def _responses(answer: bytes, head_requests: bool = False) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+    """Split keep-alive responses read from one socket: (status line, headers without Date/Server, body)."""
+    out = []
+    while answer:
+        head, _, answer = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+        length = 0 if head_requests else int(fields.get(b"content-length", b"0"))
+        body, answer = answer[:length], answer[length:]
+        for volatile in (b"date", b"server"):
+            fields.pop(volatile, None)
+        out.append((lines[0], fields, body))
+    return out
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_fast_path_answers_as_aiohttp_does(listener, method):
+    # `Content-Length: 0` is harmless, and is one of the things that send a request to aiohttp's handler
+    requests = {}
+    for label, extra in (("fast", b""), ("aiohttp", b"Content-Length: 0\r\n")):
+        pixel = f"{method} /o/{listener.open_token()} HTTP/1.1\r\nHost: t\r\n".encode() + extra
+        click = f"{method} /c/{listener.click_token('https://shop.example/ü?a=1&b=2#x')} HTTP/1.1\r\nHost: t\r\n"
+        answer = raw_request(listener.port, pixel + b"\r\n" + click.encode() + extra + b"Connection: close\r\n\r\n")
+        requests[label] = _responses(answer, head_requests=method == "HEAD")
+    assert requests["fast"] == requests["aiohttp"]
+    (pixel_status, pixel_fields, gif), (click_status, click_fields, _) = requests["fast"]
+    assert (pixel_status, pixel_fields[b"content-length"], gif) == (b"HTTP/1.1 200 OK", b"43",
+                                                                    GIF if method == "GET" else b"")
+    assert click_status == b"HTTP/1.1 302 Found"
+    assert click_fields[b"location"] == "https://shop.example/ü?a=1&b=2#x".encode()
+    listener.flush()
+    assert len(stored(listener.store, "Open")) == 2  # a HEAD open counts too (with a machine verdict)
+    assert len(stored(listener.store, "Click")) == (2 if method == "GET" else 0)
+
+
+def test_connection_handed_to_aiohttp_mid_stream_keeps_order(listener):
+    pixel = f"GET /o/{listener.open_token()} HTTP/1.1\r\nHost: t\r\nUser-Agent: {CHROME}\r\n\r\n".encode()
+    damaged = f"GET /c/{listener.click_token('https://shop.example/a')[:-3]} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    post = b"POST /o/x HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+    last = f"GET /o/{listener.open_token()} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+    # pipelined: two answered on the fast path, then aiohttp from the damaged click on, in the order sent
+    answer = raw_request(listener.port, pixel + pixel + damaged + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+                         + post + last)
+    statuses = [status for status, _, _ in _responses(answer)]
+    assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found", b"HTTP/1.1 200 OK",
+                        b"HTTP/1.1 405 Method Not Allowed", b"HTTP/1.1 200 OK"]
+    listener.flush()
+    assert len(stored(listener.store, "Open")) == 3
+
+
+def test_fast_path_honours_connection_close_and_closes(listener):
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as s:
+        s.sendall(f"GET /o/{listener.open_token()} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(65536):  # ends because the server closes
+            answer += chunk
+    [(status, fields, body)] = _responses(answer)
+    assert (status, fields[b"connection"], body) == (b"HTTP/1.1 200 OK", b"close", GIF)
+
+
+def test_click_whose_destination_cannot_be_sent_gets_500_and_the_listener_lives(listener):
+    token = listener.click_token("https://shop.example/\ud800")  # a lone surrogate: signable, not sendable
+    answer = raw_request(listener.port, f"GET /c/{token} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    assert request(listener.port, "GET", "/o/" + listener.open_token())[0] == 200

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.core import events as events_module
 from relay.store import Store
 from relay.tracking import recompute_verdicts
 
@@ -271,3 +272,37 @@ def test_reload_takes_new_lists_for_new_hits(tmp_path):
         assert [v[1:] for v in _verdicts(server)] == [("human", []), ("machine", ["apple-mpp"])]
     finally:
         server.stop()
+
+
+def test_copy_lookups_do_not_grow_with_the_message(tmp_path):
+    """The verdict lookups of one copy (its Delivery, its recent clicks) walk the recipient's index to their
+    LIMIT: their cost must not grow with the events of the message (a bulk message, a flood of clicks)."""
+    from relay import store as store_module
+
+    store = Store(tmp_path / "relay.sqlite3")
+    try:
+        mail = store_message(store, recipients=(RCPT, "other@example.org"))
+        now = int(time.time() * 1000)
+        store_delivery(store, mail, RCPT, now - 600_000)
+
+        def steps(n_clicks: int) -> tuple[int, int]:
+            rows = [("Click", events_module.iso_ms(now - 1000 + i % 900), MID, r, "marketing", "{}")
+                    for i in range(n_clicks) for r in (RCPT, "other@example.org")]
+            store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
+            conn = sqlite3.connect(store.path)
+            counted = [0]
+            conn.set_progress_handler(lambda: counted.__setitem__(0, counted[0] + 1), 100)
+            assert store_module.copy_delivery_time(conn, MID, RCPT, mail["timestamp"]) is not None
+            assert store_module.copy_delivery_time(conn, MID, "other@example.org", mail["timestamp"]) is None
+            delivery, counted[0] = counted[0], 0
+            clicks = store_module.copy_clicks(conn, MID, RCPT, events_module.iso_ms(now - 5000),
+                                              events_module.iso_ms(now), 64)
+            assert len(clicks) == 64 and clicks[0][0] < clicks[-1][0]
+            conn.close()
+            return delivery, counted[0]
+
+        small = steps(100)
+        large = steps(5000)  # 100 times more events in the message
+        assert large[0] <= small[0] + 2 and large[1] <= small[1] + 2, (small, large)
+    finally:
+        store.close()

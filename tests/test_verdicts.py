@@ -138,3 +138,13 @@ def test_list_parsers_report_bad_lines():
     assert problems == ["line 2: 'bogus' is not a network"]
     assert nets.lookup("10.9.9.9") == "corp" and nets.lookup("192.0.2.9") == "x"
     assert verdicts.parse_user_agents("a: b\nnot a rule\nc:\n") == [("a", "b")]
+
+
+def test_scanner_agent_answers_stay_per_list_when_remembered(lists):
+    ua = "Mozilla/5.0 Mimecast-LinkScanner"
+    assert [lists.scanner_agent(ua) for _ in range(3)] == [("mimecast", "mimecast")] * 3
+    assert [lists.scanner_agent(CHROME) for _ in range(3)] == [None] * 3
+    # a reload builds new lists: what the old ones remembered does not carry over
+    reloaded = Lists(scanner_user_agents=(("chrome-scanner", "Chrome/120"),))
+    assert reloaded.scanner_agent(ua) is None
+    assert reloaded.scanner_agent(CHROME) == ("chrome-scanner", "chrome/120")
