@@ -305,19 +305,24 @@ def first_open_day(now: datetime) -> str:
 
 
 def rollup(store: store_module.Store, now: datetime | None = None, max_days: int = 3660) -> int:
-    """Roll the funnel's closed days up into funnel_rollup, a day at a time: computed on this thread's reader
-    connection, stored by a short store work. How many days were stored."""
-    open_day, done = first_open_day(now or datetime.now(UTC)), 0
-    while done < max_days:
-        nxt = _read(store, store_module.next_rollup_day, open_day)
-        if nxt is None:
-            return done
-        mark, day = nxt
-        rows = _read(store, store_module.funnel_day_rows, day)
-        if not store.submit(lambda conn, m=mark, d=day, r=rows: store_module.store_funnel_day(conn, m, d, r)).result():
-            return done  # another process rolls up at the same time
-        done += 1
-    return done
+    """Roll the closed days of the funnel and of link_clicks up into funnel_rollup and link_rollup, a day at a
+    time: computed on this thread's reader connection, stored by a short store work. How many days were stored
+    (the most of either rollup)."""
+    open_day, most = first_open_day(now or datetime.now(UTC)), 0
+    for mark_id, (_table, _columns, day_rows) in store_module.ROLLUPS.items():
+        done = 0
+        while done < max_days:
+            nxt = _read(store, store_module.next_rollup_day, open_day, mark_id)
+            if nxt is None:
+                break
+            mark, day = nxt
+            rows = _read(store, day_rows, day)
+            if not store.submit(lambda conn, i=mark_id, m=mark, d=day, r=rows:
+                                store_module.store_rollup_day(conn, i, m, d, r)).result():
+                break  # another process rolls up at the same time
+            done += 1
+        most = max(most, done)
+    return most
 
 
 def maintain(store: store_module.Store, days: int) -> dict:

@@ -810,6 +810,36 @@ LINK_CLICKS = """SELECT e.configuration_set AS configuration_set,
     WHERE e.type = 'Click' {where}
     GROUP BY e.configuration_set, json_extract(e.record, '$.click.link'), json_extract(e.record, '$.click.linkTags')"""
 
+# A click that is its copy's first of that link (and tags) among the events kept: counting these per day and
+# summing the days gives LINK_CLICKS's all-time unique counts, so closed days can be rolled up (link_rollup).
+_EARLIER_CLICK = """SELECT 1 FROM events p WHERE p.message_id = e.message_id AND p.id < e.id AND p.type = 'Click'
+         AND p.recipient IS e.recipient
+         AND json_extract(p.record, '$.click.link') IS json_extract(e.record, '$.click.link')
+         AND json_extract(p.record, '$.click.linkTags') IS json_extract(e.record, '$.click.linkTags')"""
+# The link rows of the clicks of `where` (per set, day and link), with first-click unique counts.
+LINK_DAYS = f"""SELECT e.configuration_set AS configuration_set, substr(e.time, 1, 10) AS day,
+        json_extract(e.record, '$.click.link') AS link,
+        json_extract(e.record, '$.click.linkTags') AS link_tags,
+        COUNT(*) AS clicks,
+        SUM(NOT EXISTS ({_EARLIER_CLICK})) AS unique_clicks,
+        SUM(v.verdict = 'human') AS human_clicks,
+        SUM(v.verdict = 'human' AND NOT EXISTS ({_EARLIER_CLICK}
+            AND EXISTS (SELECT 1 FROM tracking_verdicts pv WHERE pv.event_id = p.id AND pv.verdict = 'human')))
+            AS unique_human_clicks,
+        MIN(e.time) AS first_click,
+        MAX(e.time) AS last_click
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id
+    WHERE e.type = 'Click' {{where}}
+    GROUP BY e.configuration_set, substr(e.time, 1, 10), json_extract(e.record, '$.click.link'),
+        json_extract(e.record, '$.click.linkTags')"""
+LINK_COUNTS = ("clicks", "unique_clicks", "human_clicks", "unique_human_clicks", "first_click", "last_click")
+# Rollup marks (rollup_mark.id): every day up to and including `day` is rolled up in that table.
+FUNNEL_MARK, LINK_MARK = 1, 2
+# The events after a mark ('' = none rolled up): '~' sorts after every time of the mark's day, so an index on
+# time serves it.
+_AFTER_MARK = ("e.time > (SELECT CASE WHEN day = '' THEN '' ELSE day || '~' END FROM funnel_rollup_mark"
+               " WHERE id = {mark})")
+
 SCHEMA.extend([
     # The funnel's typical query names a set and a range of days: this index serves both.
     "CREATE INDEX IF NOT EXISTS events_set_day ON events (configuration_set, substr(time, 1, 10), type)",
@@ -839,7 +869,31 @@ SCHEMA.extend([
     FROM (SELECT NULLIF(configuration_set, '') AS configuration_set, day, {", ".join(FUNNEL_COUNTS)}
           FROM funnel_rollup WHERE day <= (SELECT day FROM funnel_rollup_mark WHERE id = 1)
           UNION ALL SELECT * FROM funnel_live)""",
-    "CREATE VIEW IF NOT EXISTS link_clicks AS " + LINK_CLICKS.format(where=""),
+    # Closed days of link_clicks (link_day_rows, store_rollup_day); '' = no set. Unique counts are first clicks.
+    """CREATE TABLE IF NOT EXISTS link_rollup (
+        configuration_set TEXT NOT NULL,
+        day TEXT NOT NULL,
+        link TEXT,
+        link_tags TEXT,
+        clicks INTEGER NOT NULL,
+        unique_clicks INTEGER NOT NULL,
+        human_clicks INTEGER,
+        unique_human_clicks INTEGER,
+        first_click TEXT NOT NULL,
+        last_click TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS link_rollup_set_day ON link_rollup (configuration_set, day)",
+    f"INSERT INTO funnel_rollup_mark (id, day) SELECT {LINK_MARK}, '' WHERE NOT EXISTS"
+    f" (SELECT 1 FROM funnel_rollup_mark WHERE id = {LINK_MARK})",
+    f"""CREATE VIEW IF NOT EXISTS link_clicks AS
+    SELECT configuration_set, link, link_tags, SUM(clicks) AS clicks, SUM(unique_clicks) AS unique_clicks,
+        SUM(human_clicks) AS human_clicks, SUM(unique_human_clicks) AS unique_human_clicks,
+        MIN(first_click) AS first_click, MAX(last_click) AS last_click
+    FROM (SELECT NULLIF(configuration_set, '') AS configuration_set, link, link_tags, {", ".join(LINK_COUNTS)}
+          FROM link_rollup WHERE day <= (SELECT day FROM funnel_rollup_mark WHERE id = {LINK_MARK})
+          UNION ALL SELECT configuration_set, link, link_tags, {", ".join(LINK_COUNTS)} FROM ({LINK_DAYS.format(
+              where="AND " + _AFTER_MARK.format(mark=LINK_MARK))}))
+    GROUP BY configuration_set, link, link_tags""",
     # Per recipient address: SES's "narrow a list to its engaged recipients". Index seeks per address, so
     # `WHERE recipient = ?` is instant and the whole list costs one pass over the distinct addresses.
     """CREATE VIEW IF NOT EXISTS recipient_engagement AS
@@ -1065,10 +1119,11 @@ def _event_sets(conn: sqlite3.Connection) -> list[str | None]:
     return out
 
 
-def next_rollup_day(conn: sqlite3.Connection, first_open_day: str) -> tuple[str, str] | None:
+def next_rollup_day(conn: sqlite3.Connection, first_open_day: str,
+                    mark_id: int = FUNNEL_MARK) -> tuple[str, str] | None:
     """(current mark, the day after it) when that day is before `first_open_day` (YYYY-MM-DD; events may still
     arrive from then on) and so can be rolled up; None when the rollup is up to date."""
-    mark = conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = 1").fetchone()[0]
+    mark = conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = ?", (mark_id,)).fetchone()[0]
     if mark:
         day = (date.fromisoformat(mark) + timedelta(days=1)).isoformat()
     else:  # the first day with events: the oldest time of each type, by seeks on events_type_time
@@ -1083,25 +1138,42 @@ def next_rollup_day(conn: sqlite3.Connection, first_open_day: str) -> tuple[str,
     return (mark, day) if day < first_open_day else None
 
 
-def funnel_day_rows(conn: sqlite3.Connection, day: str) -> list[tuple]:
-    """The funnel rows of one closed day, one per set ('' for no set), as funnel_rollup stores them. A read:
-    run it on a reader connection, so the writer (and SMTP acceptance behind it) never waits for it."""
+def _per_set(conn: sqlite3.Connection, template: str, where: str, params: list, columns: str) -> list[tuple]:
+    """`template` (FUNNEL_LIVE, LINK_DAYS) run once per set ('' for no set), so each run seeks the set's index."""
     rows = []
     for set_name in _event_sets(conn):
-        where = ("WHERE e.configuration_set IS NULL" if set_name is None else "WHERE e.configuration_set = ?") \
-            + " AND substr(e.time, 1, 10) = ?"
-        live = FUNNEL_LIVE.format(where=where)
-        rows += conn.execute(f"SELECT COALESCE(configuration_set, ''), day, {', '.join(FUNNEL_COUNTS)} FROM ({live})",
-                             ([] if set_name is None else [set_name]) + [day]).fetchall()
+        narrowed = ("e.configuration_set IS NULL" if set_name is None else "e.configuration_set = ?") + where
+        sql = template.format(where=("WHERE " if template is FUNNEL_LIVE else "AND ") + narrowed)
+        rows += conn.execute(f"SELECT COALESCE(configuration_set, ''), day, {columns} FROM ({sql})",
+                             ([] if set_name is None else [set_name]) + params).fetchall()
     return rows
 
 
-def store_funnel_day(conn: sqlite3.Connection, mark: str, day: str, rows: list[tuple]) -> bool:
+def funnel_day_rows(conn: sqlite3.Connection, day: str) -> list[tuple]:
+    """The funnel rows of one closed day, one per set ('' for no set), as funnel_rollup stores them. A read:
+    run it on a reader connection, so the writer (and SMTP acceptance behind it) never waits for it."""
+    return _per_set(conn, FUNNEL_LIVE, " AND substr(e.time, 1, 10) = ?", [day], ", ".join(FUNNEL_COUNTS))
+
+
+def link_day_rows(conn: sqlite3.Connection, day: str) -> list[tuple]:
+    """The link_clicks rows of one closed day, per set ('' for no set) and link, as link_rollup stores them."""
+    return _per_set(conn, LINK_DAYS, " AND e.time >= ? AND e.time < ?", [day, day + "~"],
+                    "link, link_tags, " + ", ".join(LINK_COUNTS))
+
+
+# The rollups: mark id, the table and its columns, and the rows of one closed day.
+ROLLUPS: dict[int, tuple[str, tuple[str, ...], Callable[[sqlite3.Connection, str], list[tuple]]]] = {
+    FUNNEL_MARK: ("funnel_rollup", ("configuration_set", "day") + FUNNEL_COUNTS, funnel_day_rows),
+    LINK_MARK: ("link_rollup", ("configuration_set", "day", "link", "link_tags") + LINK_COUNTS, link_day_rows),
+}
+
+
+def store_rollup_day(conn: sqlite3.Connection, mark_id: int, mark: str, day: str, rows: list[tuple]) -> bool:
     """Store a day's rows and move the mark to it, unless another process moved the mark meanwhile."""
-    if conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = 1").fetchone()[0] != mark:
+    if conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = ?", (mark_id,)).fetchone()[0] != mark:
         return False
-    columns = ("configuration_set", "day") + FUNNEL_COUNTS
-    conn.executemany(f"INSERT OR REPLACE INTO funnel_rollup ({', '.join(columns)})"
-                     f" VALUES ({','.join('?' * len(columns))})", rows)
-    conn.execute("UPDATE funnel_rollup_mark SET day = ? WHERE id = 1", (day,))
+    table, columns, _rows = ROLLUPS[mark_id]
+    conn.execute(f"DELETE FROM {table} WHERE day = ?", (day,))
+    conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})", rows)
+    conn.execute("UPDATE funnel_rollup_mark SET day = ? WHERE id = ?", (day, mark_id))
     return True
