@@ -322,7 +322,22 @@ def rollup(store: store_module.Store, now: datetime | None = None, max_days: int
                 break  # another process rolls up at the same time
             done += 1
         most = max(most, done)
+    roll_recipients(store, now)
     return most
+
+
+def roll_recipients(store: store_module.Store, now: datetime | None = None, chunk: int = 20_000) -> int:
+    """Add the events settled by `now` (a few minutes' grace, as for days) to recipient_rollup, `chunk` event
+    ids per short store work; how many ids the mark moved."""
+    cutoff = iso((now or datetime.now(UTC)) - timedelta(minutes=10))
+    top = _read(store, store_module.settled_event_id, cutoff)
+    start = mark = _read(store, store_module.recipient_mark)
+    while mark < top:
+        step = min(mark + chunk, top)
+        if not store.submit(lambda conn, m=mark, t=step: store_module.roll_recipients(conn, m, t)).result():
+            break  # another process rolls up at the same time
+        mark = step
+    return mark - start
 
 
 def maintain(store: store_module.Store, days: int) -> dict:

@@ -840,6 +840,56 @@ FUNNEL_MARK, LINK_MARK = 1, 2
 _AFTER_MARK = ("e.time > (SELECT CASE WHEN day = '' THEN '' ELSE day || '~' END FROM funnel_rollup_mark"
                " WHERE id = {mark})")
 
+# recipient_engagement's columns (before bounce_state): name, SQL type, the aggregate over the events `e` (with
+# their verdicts `v`) of one address, and how a later part (x) and an earlier one (y) combine.
+_HUMAN_ENGAGED = ("e.type IN ('Open', 'Click') AND v.verdict IN ('human', 'proxy')"
+                  " AND NOT (e.type = 'Click' AND v.verdict = 'proxy')")
+_LATER = "max(COALESCE({x}, {y}), COALESCE({y}, {x}))"
+_SUMMED = "{x} + {y}"
+RECIPIENT_PARTS = (
+    ("delivered", "INTEGER NOT NULL", "SUM(e.type = 'Delivery')", _SUMMED),
+    ("last_delivered", "TEXT", "MAX(CASE WHEN e.type = 'Delivery' THEN e.time END)", _LATER),
+    ("opens", "INTEGER NOT NULL", "SUM(e.type = 'Open')", _SUMMED),
+    ("human_opens", "INTEGER NOT NULL", "SUM(e.type = 'Open' AND v.verdict IN ('human', 'proxy'))", _SUMMED),
+    ("clicks", "INTEGER NOT NULL", "SUM(e.type = 'Click')", _SUMMED),
+    ("human_clicks", "INTEGER NOT NULL", "SUM(e.type = 'Click' AND v.verdict = 'human')", _SUMMED),
+    ("last_engaged", "TEXT", "MAX(CASE WHEN e.type IN ('Open', 'Click') THEN e.time END)", _LATER),
+    ("last_human_engaged", "TEXT", f"MAX(CASE WHEN {_HUMAN_ENGAGED} THEN e.time END)", _LATER),
+    ("last_bounce", "TEXT", "MAX(CASE WHEN e.type = 'Bounce' THEN e.time END)", _LATER),
+    # the type of the latest bounce among the events summed
+    ("bounce_type", "TEXT", "CASE WHEN MAX(e.type = 'Bounce') THEN (SELECT json_extract(b.record,"
+     " '$.bounce.bounceType') FROM events b WHERE b.recipient = e.recipient AND b.type = 'Bounce' AND {range}"
+     " ORDER BY b.time DESC LIMIT 1) END", None),
+    ("complaints", "INTEGER NOT NULL", "SUM(e.type = 'Complaint')", _SUMMED),
+)
+RECIPIENT_COLUMNS = [(c, t) for c, t, _agg, _merge in RECIPIENT_PARTS]
+RECIPIENT_EMPTY = ["NULL" if "NULL" not in t else "0" for _c, t in RECIPIENT_COLUMNS]
+_RECIPIENT_MARK = "(SELECT last_event_id FROM recipient_rollup_mark WHERE id = 1)"
+# The rows of recipient_rollup for the events of `where` (`range` narrows the bounce subquery alike).
+RECIPIENT_ROWS = f"""SELECT e.recipient, {", ".join(agg for _c, _t, agg, _m in RECIPIENT_PARTS)}
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id AND e.type IN ('Open', 'Click')
+    WHERE e.recipient IS NOT NULL AND {{where}}
+    GROUP BY e.recipient"""
+
+
+def _live(column: str) -> str:
+    """One column of an address's events after the mark, by seeks on events_recipient_time."""
+    agg = next(a for c, _t, a, _m in RECIPIENT_PARTS if c == column)
+    joined = "LEFT JOIN tracking_verdicts v ON v.event_id = e.id" if "v." in agg else ""
+    return (f"(SELECT {agg.format(range=f'b.id > {_RECIPIENT_MARK}')} FROM events e {joined}"
+            f" WHERE e.recipient = a.recipient AND e.id > {_RECIPIENT_MARK})")
+
+
+def _merged(column: str, merge: str | None) -> str:
+    if merge is None:  # bounce_type: the live part's latest bounce when it is the later one
+        return (f"CASE WHEN a.live AND {_live('last_bounce')} >= COALESCE(a.last_bounce, '')"
+                f" THEN {_live(column)} ELSE a.bounce_type END AS bounce_type")
+    live = merge.format(x=f"a.{column}", y=f"COALESCE({_live(column)}, {'0' if merge == _SUMMED else 'NULL'})")
+    return f"CASE WHEN a.live THEN {live} ELSE a.{column} END AS {column}"
+
+
+_RECIPIENT_MERGED = ", ".join(_merged(c, m) for c, _t, _a, m in RECIPIENT_PARTS)
+
 SCHEMA.extend([
     # The funnel's typical query names a set and a range of days: this index serves both.
     "CREATE INDEX IF NOT EXISTS events_set_day ON events (configuration_set, substr(time, 1, 10), type)",
@@ -894,33 +944,31 @@ SCHEMA.extend([
           UNION ALL SELECT configuration_set, link, link_tags, {", ".join(LINK_COUNTS)} FROM ({LINK_DAYS.format(
               where="AND " + _AFTER_MARK.format(mark=LINK_MARK))}))
     GROUP BY configuration_set, link, link_tags""",
-    # Per recipient address: SES's "narrow a list to its engaged recipients". Index seeks per address, so
-    # `WHERE recipient = ?` is instant and the whole list costs one pass over the distinct addresses.
-    """CREATE VIEW IF NOT EXISTS recipient_engagement AS
-    SELECT a.recipient AS recipient,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS delivered,
-        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS last_delivered,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Open') AS opens,
-        (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-         WHERE e.recipient = a.recipient AND e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Click') AS clicks,
-        (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-         WHERE e.recipient = a.recipient AND e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
-        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click'))
-            AS last_engaged,
-        (SELECT MAX(e.time) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-         WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')
-           AND v.verdict IN ('human', 'proxy') AND NOT (e.type = 'Click' AND v.verdict = 'proxy'))
-            AS last_human_engaged,
-        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Bounce') AS last_bounce,
+    # Per recipient address: SES's "narrow a list to its engaged recipients". The events up to a mark (an event
+    # id) are summed up in recipient_rollup, one row per address (rolled up hourly, recomputed for the addresses
+    # a purge touches, deleted by `relay forget`); the events after it are read live by index seeks, only for
+    # the addresses that have any, so the whole list costs one pass over recipient_rollup.
+    f"""CREATE TABLE IF NOT EXISTS recipient_rollup (
+        recipient TEXT PRIMARY KEY,
+        {", ".join(f"{c} {t}" for c, t in RECIPIENT_COLUMNS)}
+    )""",
+    "CREATE TABLE IF NOT EXISTS recipient_rollup_mark (id INTEGER PRIMARY KEY, last_event_id INTEGER NOT NULL)",
+    "INSERT INTO recipient_rollup_mark (id, last_event_id) SELECT 1, 0"
+    " WHERE NOT EXISTS (SELECT 1 FROM recipient_rollup_mark)",
+    f"""CREATE VIEW IF NOT EXISTS recipient_engagement AS
+    SELECT recipient, delivered, last_delivered, opens, human_opens, clicks, human_clicks, last_engaged,
+        last_human_engaged, last_bounce,
         -- the latest bounce's type when no delivery came after it: the address bounces now
-        (SELECT CASE WHEN b.time >= COALESCE((SELECT MAX(d.time) FROM events d WHERE d.recipient = a.recipient
-                                                AND d.type = 'Delivery'), '')
-                     THEN json_extract(b.record, '$.bounce.bounceType') END
-         FROM events b WHERE b.recipient = a.recipient AND b.type = 'Bounce' ORDER BY b.time DESC LIMIT 1)
-            AS bounce_state,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Complaint') AS complaints
-    FROM (SELECT DISTINCT recipient FROM events WHERE recipient IS NOT NULL) a""",
+        CASE WHEN last_bounce >= COALESCE(last_delivered, '') THEN bounce_type END AS bounce_state,
+        complaints
+    FROM (SELECT a.recipient AS recipient, {_RECIPIENT_MERGED}
+          FROM (SELECT r.*, r.recipient IN (SELECT recipient FROM events WHERE id > {_RECIPIENT_MARK}) AS live
+                FROM recipient_rollup r
+                UNION ALL
+                SELECT recipient, {", ".join(RECIPIENT_EMPTY)}, 1 FROM events
+                WHERE id > {_RECIPIENT_MARK} AND recipient IS NOT NULL
+                  AND recipient NOT IN (SELECT recipient FROM recipient_rollup)
+                GROUP BY recipient) a)""",
     # Every event of a message in order, with the listener's verdict of opens and clicks.
     """CREATE VIEW IF NOT EXISTS message_timeline AS
     SELECT e.message_id, e.id AS event_id, e.time, e.type, e.recipient, e.configuration_set,
@@ -1050,8 +1098,11 @@ def purge_events_chunk(conn: sqlite3.Connection, cutoff: str, chunk: int) -> tup
         return 0, False
     lo, hi = row[0], row[0] + chunk - 1
     old = "SELECT id FROM events WHERE id BETWEEN ? AND ? AND time < ?"
+    rolled = [r[0] for r in conn.execute(f"SELECT DISTINCT recipient FROM events WHERE id IN ({old})"
+                                         f" AND recipient IS NOT NULL AND id <= {_RECIPIENT_MARK}", (lo, hi, cutoff))]
     conn.execute(f"DELETE FROM tracking_verdicts WHERE event_id IN ({old})", (lo, hi, cutoff))
     deleted = conn.execute(f"DELETE FROM events WHERE id IN ({old})", (lo, hi, cutoff)).rowcount
+    _recompute_recipients(conn, rolled)
     # a newer event in the chunk means the old ones are behind us (ids follow time)
     return deleted, deleted > 0 and conn.execute("SELECT COUNT(*) FROM events WHERE id BETWEEN ? AND ?",
                                                  (lo, hi)).fetchone()[0] == 0
@@ -1084,6 +1135,8 @@ def forget_address(conn: sqlite3.Connection, addresses: tuple[str, ...],
     out["events"] = conn.execute(f"DELETE FROM events WHERE recipient IN ({marks})", addresses).rowcount
     out["recipients"] = conn.execute(f"DELETE FROM recipients WHERE recipient IN ({marks})", addresses).rowcount
     out["warnings"] = conn.execute(f"DELETE FROM message_warnings WHERE recipient IN ({marks})", addresses).rowcount
+    conn.execute(f"DELETE FROM recipient_rollup WHERE recipient IN ({marks})", addresses)
+    _lower_recipient_mark(conn)
     out["messages"] = out["other_events"] = 0
     for message_id in messages:
         for mail_json, in conn.execute("SELECT mail_json FROM messages WHERE id = ?", (message_id,)).fetchall():
@@ -1177,3 +1230,57 @@ def store_rollup_day(conn: sqlite3.Connection, mark_id: int, mark: str, day: str
     conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})", rows)
     conn.execute("UPDATE funnel_rollup_mark SET day = ? WHERE id = ?", (day, mark_id))
     return True
+
+
+# recipient_rollup: the events up to recipient_rollup_mark, summed per address (see recipient_engagement).
+
+def recipient_mark(conn: sqlite3.Connection) -> int:
+    return conn.execute(f"SELECT {_RECIPIENT_MARK}").fetchone()[0]
+
+
+def settled_event_id(conn: sqlite3.Connection, cutoff: str, scan: int = 200_000) -> int:
+    """The newest event id older than `cutoff` (an ISO time), looking back from the newest event: the events
+    after it may still change (a click's verdict is re-judged when the next clicks of its burst arrive)."""
+    top = 0
+    for event_id, time in conn.execute("SELECT id, time FROM events ORDER BY id DESC LIMIT ?", (scan,)):
+        top = event_id - 1
+        if time < cutoff:
+            return event_id
+    return top
+
+
+_RECIPIENT_UPSERT = ", ".join(
+    f"{c} = " + ("CASE WHEN excluded.last_bounce >= COALESCE(recipient_rollup.last_bounce, '')"
+                 " THEN excluded.bounce_type ELSE recipient_rollup.bounce_type END" if m is None
+                 else m.format(x=f"recipient_rollup.{c}", y=f"excluded.{c}"))
+    for c, _t, _a, m in RECIPIENT_PARTS)
+
+
+def roll_recipients(conn: sqlite3.Connection, mark: int, top: int) -> bool:
+    """Add the events after `mark` up to `top` (ids) to recipient_rollup and move the mark to `top`, unless
+    another process moved the mark meanwhile. In the writer: a purge or `relay forget` never interleaves."""
+    if recipient_mark(conn) != mark:
+        return False
+    rows = RECIPIENT_ROWS.format(where="e.id > :lo AND e.id <= :hi", range="b.id > :lo AND b.id <= :hi")
+    conn.execute(f"INSERT INTO recipient_rollup SELECT * FROM ({rows}) WHERE true"
+                 f" ON CONFLICT (recipient) DO UPDATE SET {_RECIPIENT_UPSERT}", {"lo": mark, "hi": top})
+    conn.execute("UPDATE recipient_rollup_mark SET last_event_id = ? WHERE id = 1", (top,))
+    return True
+
+
+def _recompute_recipients(conn: sqlite3.Connection, addresses: list[str]) -> None:
+    """Sum the rolled-up events of these addresses again (after some of them were deleted)."""
+    mark = recipient_mark(conn)
+    for i in range(0, len(addresses), 500):
+        some = addresses[i:i + 500]
+        marks = ",".join("?" * len(some))
+        conn.execute(f"DELETE FROM recipient_rollup WHERE recipient IN ({marks})", some)
+        rows = RECIPIENT_ROWS.format(where=f"e.recipient IN ({marks}) AND e.id <= ?", range="b.id <= ?")
+        conn.execute(f"INSERT INTO recipient_rollup {rows}", [mark, *some, mark])
+    _lower_recipient_mark(conn)
+
+
+def _lower_recipient_mark(conn: sqlite3.Connection) -> None:
+    """After the newest events were deleted, their ids are given again: the mark must not cover them."""
+    conn.execute("UPDATE recipient_rollup_mark SET last_event_id = (SELECT COALESCE(MAX(id), 0) FROM events)"
+                 " WHERE last_event_id > (SELECT COALESCE(MAX(id), 0) FROM events)")

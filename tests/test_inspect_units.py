@@ -191,6 +191,96 @@ def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
         store.close()
 
 
+# recipient_engagement as it was before recipient_rollup (one pass of index seeks per address): the oracle.
+RECIPIENTS_ONE_PASS = """SELECT a.recipient AS recipient,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS delivered,
+    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS last_delivered,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Open') AS opens,
+    (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+     WHERE e.recipient = a.recipient AND e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Click') AS clicks,
+    (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+     WHERE e.recipient = a.recipient AND e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
+    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')) AS last_engaged,
+    (SELECT MAX(e.time) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+     WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')
+       AND v.verdict IN ('human', 'proxy') AND NOT (e.type = 'Click' AND v.verdict = 'proxy')) AS last_human_engaged,
+    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Bounce') AS last_bounce,
+    (SELECT CASE WHEN b.time >= COALESCE((SELECT MAX(d.time) FROM events d WHERE d.recipient = a.recipient
+                                            AND d.type = 'Delivery'), '')
+                 THEN json_extract(b.record, '$.bounce.bounceType') END
+     FROM events b WHERE b.recipient = a.recipient AND b.type = 'Bounce' ORDER BY b.time DESC LIMIT 1) AS bounce_state,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Complaint') AS complaints
+FROM (SELECT DISTINCT recipient FROM events WHERE recipient IS NOT NULL) a ORDER BY recipient"""
+
+
+def _copy(day: str, n: int, rcpt: str, outcome: str, verdicts: tuple[str, ...] = ()) -> list[tuple]:
+    mid = f"{day}-{n}-{rcpt}"
+    rows = [_event("Send", f"{day}T10:00:00.000Z", mid, rcpt)]
+    if outcome in ("Permanent", "Transient"):
+        rows.append(("Bounce", f"{day}T10:00:01.000Z", mid, rcpt, "m", json.dumps({"bounce": {"bounceType": outcome}})))
+    else:
+        rows.append(_event(outcome, f"{day}T10:00:01.000Z", mid, rcpt))
+    for i, verdict in enumerate(verdicts):
+        kind = "Click" if verdict.startswith("click") else "Open"
+        rows.append((kind, f"{day}T1{i + 1}:00:00.000Z", mid, rcpt, "m",
+                     json.dumps({"click": {"link": "https://x.example/a"}} if kind == "Click" else {})))
+    return rows
+
+
+def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
+    """recipient_engagement from recipient_rollup plus the events after its mark gives the numbers of one pass
+    over every event: rolled part way, with new events after the mark (a bounce after a rolled delivery, an
+    address seen only after it, opens of a rolled copy), after a purge and after `relay forget`."""
+    store = store_module.Store(tmp_path / "relay.sqlite3")
+    verdict_of = {"open-human": "human", "open-proxy": "proxy", "open-machine": "machine",
+                  "click-human": "human", "click-proxy": "proxy", "click-machine": "machine"}
+
+    def add(rows: list[tuple], verdicts: list[str | None]) -> None:
+        ids = store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
+        store.submit(lambda conn: store_module.upsert_verdicts(conn, [
+            store_module.VerdictRow(i, "GET", verdict_of[v], "[]", "", "", "", "2026-11-23T00:00:00.000Z")
+            for i, v in zip(ids, verdicts, strict=True) if v])).result()
+
+    def batch(*copies: tuple) -> None:
+        rows, verdicts = [], []
+        for day, n, rcpt, outcome, engaged in copies:
+            rows += _copy(day, n, rcpt, outcome, engaged)
+            verdicts += [None, None, *engaged]
+        add(rows, verdicts)
+
+    def check() -> None:
+        assert store.query("SELECT * FROM recipient_engagement ORDER BY recipient") == store.query(RECIPIENTS_ONE_PASS)
+
+    try:
+        batch(("2020-01-02", 0, "old@example.org", "Delivery", ("open-human",)),
+              ("2026-11-01", 0, "ann@example.org", "Delivery", ("open-human", "open-machine", "click-human")),
+              ("2026-11-02", 1, "ann@example.org", "Transient", ()),
+              ("2026-11-02", 0, "bob@example.org", "Delivery", ("click-proxy", "open-proxy")),
+              ("2026-11-03", 0, "cy@example.org", "Permanent", ()),
+              ("2026-11-03", 0, "old@example.org", "Delivery", ()))
+        check()
+        assert ops.roll_recipients(store, NOW, chunk=5) == 18
+        assert store.query("SELECT COUNT(*) FROM recipient_rollup") == [(4,)]
+        check()
+        batch(("2026-11-20", 0, "bob@example.org", "Permanent", ()),  # after a rolled delivery: bounces now
+              ("2026-11-20", 1, "ann@example.org", "Delivery", ("open-machine", "click-machine")),  # after a bounce
+              ("2026-11-21", 0, "dee@example.org", "Delivery", ("open-human",)))  # only after the mark
+        check()
+        people = {r[0]: r for r in store.query("SELECT recipient, bounce_state FROM recipient_engagement")}
+        assert (people["bob@example.org"][1], people["ann@example.org"][1]) == ("Permanent", None)
+        assert ops.roll_recipients(store, NOW, chunk=3) == 9
+        check()
+        assert ops.purge(store, 60, NOW)["events"] == 3  # old@example.org's copy of 2020
+        check()
+        assert store.query("SELECT opens FROM recipient_rollup WHERE recipient = 'old@example.org'") == [(0,)]
+        ops.forget(store, "ann@example.org")
+        check()
+        assert store.query("SELECT COUNT(*) FROM recipient_rollup WHERE recipient = 'ann@example.org'") == [(0,)]
+    finally:
+        store.close()
+
+
 def test_purge_keeps_queued_messages(tmp_path: Path):
     store = store_module.Store(tmp_path / "relay.sqlite3")
     try:
