@@ -191,29 +191,6 @@ def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
         store.close()
 
 
-# recipient_engagement as it was before recipient_rollup (one pass of index seeks per address): the oracle.
-RECIPIENTS_ONE_PASS = """SELECT a.recipient AS recipient,
-    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS delivered,
-    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS last_delivered,
-    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Open') AS opens,
-    (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-     WHERE e.recipient = a.recipient AND e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
-    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Click') AS clicks,
-    (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-     WHERE e.recipient = a.recipient AND e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
-    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')) AS last_engaged,
-    (SELECT MAX(e.time) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-     WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')
-       AND v.verdict IN ('human', 'proxy') AND NOT (e.type = 'Click' AND v.verdict = 'proxy')) AS last_human_engaged,
-    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Bounce') AS last_bounce,
-    (SELECT CASE WHEN b.time >= COALESCE((SELECT MAX(d.time) FROM events d WHERE d.recipient = a.recipient
-                                            AND d.type = 'Delivery'), '')
-                 THEN json_extract(b.record, '$.bounce.bounceType') END
-     FROM events b WHERE b.recipient = a.recipient AND b.type = 'Bounce' ORDER BY b.time DESC LIMIT 1) AS bounce_state,
-    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Complaint') AS complaints
-FROM (SELECT DISTINCT recipient FROM events WHERE recipient IS NOT NULL) a ORDER BY recipient"""
-
-
 def _copy(day: str, n: int, rcpt: str, outcome: str, verdicts: tuple[str, ...] = ()) -> list[tuple]:
     mid = f"{day}-{n}-{rcpt}"
     rows = [_event("Send", f"{day}T10:00:00.000Z", mid, rcpt)]
@@ -250,7 +227,8 @@ def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
         add(rows, verdicts)
 
     def check() -> None:
-        assert store.query("SELECT * FROM recipient_engagement ORDER BY recipient") == store.query(RECIPIENTS_ONE_PASS)
+        by_seeks = store.query(store_module.RECIPIENTS_BY_SEEKS + " ORDER BY recipient")
+        assert store.query("SELECT * FROM recipient_engagement ORDER BY recipient") == by_seeks
 
     try:
         batch(("2020-01-02", 0, "old@example.org", "Delivery", ("open-human",)),
