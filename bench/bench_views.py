@@ -156,11 +156,12 @@ def queries(start: datetime) -> list[tuple[str, str, tuple]]:
 
 
 def unrolled(conn: sqlite3.Connection, start: datetime) -> None:
-    """The whole-list query with the newest hour and day of events (at 10M events in 60 days) not rolled up
-    yet: what a running relay sees between two hourly rollups, and after a day stopped. Rolled back."""
+    """The whole-list and one-address queries with the newest events not rolled up yet (at 10M events in 60
+    days): a quarter of an hour is what a running relay leaves (rolled every 5 minutes, 10 minutes' grace);
+    a day, what a relay stopped for a day has until its first rollup at start. Rolled back."""
     month = (start + timedelta(days=DAYS - 30)).strftime("%Y-%m-%d")
     top = conn.execute("SELECT MAX(id) FROM events").fetchone()[0]
-    for label, behind in (("1 hour", top // (DAYS * 24)), ("1 day", top // DAYS)):
+    for label, behind in (("15 minutes", top // (DAYS * 96)), ("1 hour", top // (DAYS * 24)), ("1 day", top // DAYS)):
         conn.execute("BEGIN")
         conn.execute("UPDATE recipient_rollup_mark SET last_event_id = last_event_id - ?", (behind,))
         ms, rows = median_ms(conn, "SELECT recipient FROM recipient_engagement WHERE last_engaged >= ?", (month,))

@@ -25,6 +25,9 @@ from relay.config import Config, PrivacySettings
 
 log = logging.getLogger("relay.inspect")
 PURGE_CHUNK = 5000
+# recipient_rollup is brought up to date this often (seconds), so recipient_engagement reads only the last
+# quarter of an hour or so of events live
+RECIPIENT_ROLL_EVERY = 300.0
 _SINCE = re.compile(r"^(\d+)([hdw])$")
 _HOURS = {"h": 1, "d": 24, "w": 24 * 7}
 
@@ -326,7 +329,7 @@ def rollup(store: store_module.Store, now: datetime | None = None, max_days: int
     return most
 
 
-def roll_recipients(store: store_module.Store, now: datetime | None = None, chunk: int = 20_000) -> int:
+def roll_recipients(store: store_module.Store, now: datetime | None = None, chunk: int = 5000) -> int:
     """Add the events settled by `now` (a few minutes' grace, as for days) to recipient_rollup, `chunk` event
     ids per short store work; how many ids the mark moved."""
     cutoff = iso((now or datetime.now(UTC)) - timedelta(minutes=10))
@@ -360,7 +363,16 @@ async def retention_task(store: store_module.Store, get_config: Callable[[], Con
             return
         except Exception:  # the next round tries again; never let the task die silently
             log.exception("retention purge failed")
-        await asyncio.sleep(cfg.retention.interval)
+        deadline = time.monotonic() + cfg.retention.interval
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, RECIPIENT_ROLL_EVERY))
+            if left > RECIPIENT_ROLL_EVERY:  # between rounds: keep recipient_engagement's live part small
+                try:
+                    await asyncio.to_thread(roll_recipients, store)
+                except store_module.StoreClosed:
+                    return
+                except Exception:
+                    log.exception("recipient rollup failed")
 
 
 def purge_command(args: argparse.Namespace) -> int:

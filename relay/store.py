@@ -844,7 +844,7 @@ _AFTER_MARK = ("e.time > (SELECT CASE WHEN day = '' THEN '' ELSE day || '~' END 
 # their verdicts `v`) of one address, and how a later part (x) and an earlier one (y) combine.
 _HUMAN_ENGAGED = ("e.type IN ('Open', 'Click') AND v.verdict IN ('human', 'proxy')"
                   " AND NOT (e.type = 'Click' AND v.verdict = 'proxy')")
-_LATER = "max(COALESCE({x}, {y}), COALESCE({y}, {x}))"
+_LATER = "COALESCE(max({x}, {y}), {x}, {y})"  # max() of SQLite is NULL when either is: the other then
 _SUMMED = "{x} + {y}"
 RECIPIENT_PARTS = (
     ("delivered", "INTEGER NOT NULL", "SUM(e.type = 'Delivery')", _SUMMED),
@@ -872,12 +872,19 @@ RECIPIENT_ROWS = f"""SELECT e.recipient, {", ".join(agg for _c, _t, agg, _m in R
     GROUP BY e.recipient"""
 
 
+# The event types each column reads, so a seek for the events after the mark reads no others.
+_TYPES = {"delivered": "'Delivery'", "last_delivered": "'Delivery'", "opens": "'Open'", "human_opens": "'Open'",
+          "clicks": "'Click'", "human_clicks": "'Click'", "last_engaged": "'Open', 'Click'",
+          "last_human_engaged": "'Open', 'Click'", "last_bounce": "'Bounce'", "bounce_type": "'Bounce'",
+          "complaints": "'Complaint'"}
+
+
 def _live(column: str) -> str:
     """One column of an address's events after the mark, by seeks on events_recipient_time."""
     agg = next(a for c, _t, a, _m in RECIPIENT_PARTS if c == column)
     joined = "LEFT JOIN tracking_verdicts v ON v.event_id = e.id" if "v." in agg else ""
     return (f"(SELECT {agg.format(range=f'b.id > {_RECIPIENT_MARK}')} FROM events e {joined}"
-            f" WHERE e.recipient = a.recipient AND e.id > {_RECIPIENT_MARK})")
+            f" WHERE e.recipient = a.recipient AND e.type IN ({_TYPES[column]}) AND e.id > {_RECIPIENT_MARK})")
 
 
 def _merged(column: str, live: str, base: dict[str, str]) -> str:
@@ -904,12 +911,12 @@ def _engagement(source: str, live: str, base: dict[str, str]) -> str:
 
 # Two parts, each computing its own columns, so a query on the view computes only the columns it names:
 # the addresses of recipient_rollup, and the addresses whose events all came after the mark (by the first).
-RECIPIENT_ENGAGEMENT = _engagement(
-    "recipient_rollup a", f"a.recipient IN (SELECT recipient FROM events WHERE id > {_RECIPIENT_MARK})",
+RECIPIENT_ENGAGEMENT = f"WITH live AS (SELECT recipient FROM events WHERE id > {_RECIPIENT_MARK})\n" + _engagement(
+    "recipient_rollup a LEFT JOIN (SELECT DISTINCT recipient FROM live) l ON l.recipient = a.recipient",
+    "l.recipient IS NOT NULL",
     {c: f"a.{c}" for c, _t in RECIPIENT_COLUMNS}) + "\nUNION ALL\n" + _engagement(
-    f"""events a WHERE a.id > {_RECIPIENT_MARK} AND a.recipient IS NOT NULL
-        AND a.recipient NOT IN (SELECT recipient FROM recipient_rollup)
-        AND a.id = (SELECT MIN(f.id) FROM events f WHERE f.recipient = a.recipient AND f.id > {_RECIPIENT_MARK})""",
+    "(SELECT DISTINCT recipient FROM live) a WHERE a.recipient IS NOT NULL"
+    " AND NOT EXISTS (SELECT 1 FROM recipient_rollup r WHERE r.recipient = a.recipient)",
     "1", dict(zip([c for c, _t in RECIPIENT_COLUMNS], RECIPIENT_EMPTY, strict=True)))
 
 SCHEMA.extend([
