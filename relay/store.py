@@ -1190,20 +1190,22 @@ def _event_sets(conn: sqlite3.Connection) -> list[str | None]:
 
 def next_rollup_day(conn: sqlite3.Connection, first_open_day: str,
                     mark_id: int = FUNNEL_MARK) -> tuple[str, str] | None:
-    """(current mark, the day after it) when that day is before `first_open_day` (YYYY-MM-DD; events may still
-    arrive from then on) and so can be rolled up; None when the rollup is up to date."""
+    """(current mark, the next day with events after it) when that day is before `first_open_day` (YYYY-MM-DD;
+    events may still arrive from then on) and so can be rolled up; None when the rollup is up to date. Days
+    without events are passed over (a database with a few old events does not roll up every day since)."""
     mark = conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = ?", (mark_id,)).fetchone()[0]
-    if mark:
-        day = (date.fromisoformat(mark) + timedelta(days=1)).isoformat()
-    else:  # the first day with events: the oldest time of each type, by seeks on events_type_time
-        types = [r[0] for r in conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", ("",))]
-        while types and types[-1] is not None:
-            row = conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", (types[-1],)).fetchone()
-            types.append(row[0] if row else None)
-        times = [conn.execute("SELECT MIN(time) FROM events WHERE type = ?", (t,)).fetchone()[0] for t in types if t]
-        if not times:
-            return None
-        day = min(times)[:10]
+    since = (date.fromisoformat(mark) + timedelta(days=1)).isoformat() if mark else ""
+    # the oldest time of each type from `since` on, by seeks on events_type_time
+    types = [r[0] for r in conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", ("",))]
+    while types and types[-1] is not None:
+        row = conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", (types[-1],)).fetchone()
+        types.append(row[0] if row else None)
+    times = [conn.execute("SELECT MIN(time) FROM events WHERE type = ? AND time >= ?", (t, since)).fetchone()[0]
+             for t in types if t]
+    times = [t for t in times if t is not None]
+    if not times:
+        return None
+    day = min(times)[:10]
     return (mark, day) if day < first_open_day else None
 
 

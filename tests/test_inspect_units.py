@@ -137,7 +137,7 @@ def test_funnel_rollup_gives_the_live_numbers(tmp_path: Path):
         live = funnel()
         assert ops.rollup(store, datetime(2026, 11, 23, 0, 5, tzinfo=UTC)) == 2  # the 22nd is not closed yet
         assert store.query("SELECT day FROM funnel_rollup_mark ORDER BY id") == [("2026-11-21",)] * 2
-        assert ops.rollup(store, NOW) == 1  # the 22nd (no events); the 23rd stays open
+        assert ops.rollup(store, NOW) == 0  # the 22nd has no events; the 23rd stays open
         assert len(store.query("SELECT * FROM funnel_rollup")) == 3
         assert funnel() == live
         marketing = {r["day"]: r for r in store_module.funnel_rows(store._reader(), "m", "2026-11-01")}
@@ -181,7 +181,7 @@ def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
         assert links() == one_pass
         a = next(r for r in one_pass if r[0] == "m" and r[1] == "https://x.example/a")
         assert a[3:] == (6, 3, 4, 2, "2026-11-20T10:00:00.000Z", "2026-11-23T08:00:00.000Z")
-        assert ops.rollup(store, NOW) == 3
+        assert ops.rollup(store, NOW) == 2  # the 20th and 21st; the 22nd has no events
         assert store.query("SELECT COUNT(DISTINCT day) FROM link_rollup") == [(2,)]
         assert links() == one_pass
         marketing = store_module.link_rows(store._reader(), "m", "2026-11-21T00:00:00.000Z")
