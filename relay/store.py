@@ -879,12 +879,17 @@ _TYPES = {"delivered": "'Delivery'", "last_delivered": "'Delivery'", "opens": "'
           "complaints": "'Complaint'"}
 
 
-def _live(column: str) -> str:
-    """One column of an address's events after the mark, by seeks on events_recipient_time."""
+def _part(column: str, recipient: str, events: str) -> str:
+    """One column over an address's events of condition `events` (on `e`), by seeks on events_recipient_time."""
     agg = next(a for c, _t, a, _m in RECIPIENT_PARTS if c == column)
     joined = "LEFT JOIN tracking_verdicts v ON v.event_id = e.id" if "v." in agg else ""
-    return (f"(SELECT {agg.format(range=f'b.id > {_RECIPIENT_MARK}')} FROM events e {joined}"
-            f" WHERE e.recipient = a.recipient AND e.type IN ({_TYPES[column]}) AND e.id > {_RECIPIENT_MARK})")
+    return (f"(SELECT {agg.format(range=events.replace('e.', 'b.'))} FROM events e {joined}"
+            f" WHERE e.recipient = {recipient} AND e.type IN ({_TYPES[column]}) AND {events})")
+
+
+def _live(column: str) -> str:
+    """One column of an address's events after the mark."""
+    return _part(column, "a.recipient", f"e.id > {_RECIPIENT_MARK}")
 
 
 def _merged(column: str, live: str, base: dict[str, str]) -> str:
@@ -1114,11 +1119,12 @@ def purge_events_chunk(conn: sqlite3.Connection, cutoff: str, chunk: int) -> tup
         return 0, False
     lo, hi = row[0], row[0] + chunk - 1
     old = "SELECT id FROM events WHERE id BETWEEN ? AND ? AND time < ?"
-    rolled = [r[0] for r in conn.execute(f"SELECT DISTINCT recipient FROM events WHERE id IN ({old})"
-                                         f" AND recipient IS NOT NULL AND id <= {_RECIPIENT_MARK}", (lo, hi, cutoff))]
+    mark = recipient_mark(conn)
+    rolled = conn.execute(RECIPIENT_ROWS.format(where=f"e.id IN ({old}) AND e.id <= {mark}", range="0"),
+                          (lo, hi, cutoff)).fetchall()
     conn.execute(f"DELETE FROM tracking_verdicts WHERE event_id IN ({old})", (lo, hi, cutoff))
     deleted = conn.execute(f"DELETE FROM events WHERE id IN ({old})", (lo, hi, cutoff)).rowcount
-    _recompute_recipients(conn, rolled)
+    _unroll_recipients(conn, rolled, cutoff, mark)
     # a newer event in the chunk means the old ones are behind us (ids follow time)
     return deleted, deleted > 0 and conn.execute("SELECT COUNT(*) FROM events WHERE id BETWEEN ? AND ?",
                                                  (lo, hi)).fetchone()[0] == 0
@@ -1286,15 +1292,22 @@ def roll_recipients(conn: sqlite3.Connection, mark: int, top: int) -> bool:
     return True
 
 
-def _recompute_recipients(conn: sqlite3.Connection, addresses: list[str]) -> None:
-    """Sum the rolled-up events of these addresses again (after some of them were deleted)."""
-    mark = recipient_mark(conn)
-    for i in range(0, len(addresses), 500):
-        some = addresses[i:i + 500]
-        marks = ",".join("?" * len(some))
-        conn.execute(f"DELETE FROM recipient_rollup WHERE recipient IN ({marks})", some)
-        rows = RECIPIENT_ROWS.format(where=f"e.recipient IN ({marks}) AND e.id <= ?", range="b.id <= ?")
-        conn.execute(f"INSERT INTO recipient_rollup {rows}", [mark, *some, mark])
+def _unroll_recipients(conn: sqlite3.Connection, deleted: list[tuple], cutoff: str, mark: int) -> None:
+    """Take deleted events out of recipient_rollup: `deleted` are their RECIPIENT_ROWS (events up to `mark`
+    only), all older than `cutoff`. Counts are subtracted; a latest time older than `cutoff` may have been
+    deleted, so it is sought again among the remaining events; an address with none left loses its row."""
+    counted = [c for c, _t, _a, m in RECIPIENT_PARTS if m == _SUMMED]
+    index = {c: i + 1 for i, (c, _t, _a, _m) in enumerate(RECIPIENT_PARTS)}
+    conn.executemany(f"UPDATE recipient_rollup SET {', '.join(f'{c} = {c} - ?' for c in counted)}"
+                     " WHERE recipient = ?", [[row[index[c]] for c in counted] + [row[0]] for row in deleted])
+    remaining = {c: _part(c, "recipient_rollup.recipient", f"e.id <= {mark}") for c, _t in RECIPIENT_COLUMNS}
+    sought = [c for c, _t, _a, m in RECIPIENT_PARTS if m == _LATER]
+    fixes = [f"{c} = CASE WHEN {c} < :cutoff THEN {remaining[c]} ELSE {c} END" for c in sought]
+    fixes.append(f"bounce_type = CASE WHEN last_bounce < :cutoff THEN {remaining['bounce_type']} ELSE bounce_type END")
+    conn.executemany(f"UPDATE recipient_rollup SET {', '.join(fixes)} WHERE recipient = :recipient",
+                     [{"cutoff": cutoff, "recipient": row[0]} for row in deleted])
+    conn.executemany("DELETE FROM recipient_rollup WHERE recipient = ? AND NOT EXISTS (SELECT 1 FROM events e"
+                     " WHERE e.recipient = ? AND e.id <= ?)", [(row[0], row[0], mark) for row in deleted])
     _lower_recipient_mark(conn)
 
 

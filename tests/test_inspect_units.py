@@ -232,14 +232,15 @@ def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
 
     try:
         batch(("2020-01-02", 0, "old@example.org", "Delivery", ("open-human",)),
+              ("2020-01-02", 0, "gone@example.org", "Permanent", ()),
               ("2026-11-01", 0, "ann@example.org", "Delivery", ("open-human", "open-machine", "click-human")),
               ("2026-11-02", 1, "ann@example.org", "Transient", ()),
               ("2026-11-02", 0, "bob@example.org", "Delivery", ("click-proxy", "open-proxy")),
               ("2026-11-03", 0, "cy@example.org", "Permanent", ()),
               ("2026-11-03", 0, "old@example.org", "Delivery", ()))
         check()
-        assert ops.roll_recipients(store, NOW, chunk=5) == 18
-        assert store.query("SELECT COUNT(*) FROM recipient_rollup") == [(4,)]
+        assert ops.roll_recipients(store, NOW, chunk=5) == 20
+        assert store.query("SELECT COUNT(*) FROM recipient_rollup") == [(5,)]
         check()
         batch(("2026-11-20", 0, "bob@example.org", "Permanent", ()),  # after a rolled delivery: bounces now
               ("2026-11-20", 1, "ann@example.org", "Delivery", ("open-machine", "click-machine")),  # after a bounce
@@ -249,9 +250,11 @@ def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
         assert (people["bob@example.org"][1], people["ann@example.org"][1]) == ("Permanent", None)
         assert ops.roll_recipients(store, NOW, chunk=3) == 9
         check()
-        assert ops.purge(store, 60, NOW)["events"] == 3  # old@example.org's copy of 2020
+        assert ops.purge(store, 60, NOW)["events"] == 5  # the copies of 2020
         check()
-        assert store.query("SELECT opens FROM recipient_rollup WHERE recipient = 'old@example.org'") == [(0,)]
+        assert store.query("SELECT opens, last_engaged FROM recipient_rollup WHERE recipient = 'old@example.org'") \
+            == [(0, None)]
+        assert store.query("SELECT COUNT(*) FROM recipient_rollup WHERE recipient = 'gone@example.org'") == [(0,)]
         ops.forget(store, "ann@example.org")
         check()
         assert store.query("SELECT COUNT(*) FROM recipient_rollup WHERE recipient = 'ann@example.org'") == [(0,)]
