@@ -154,39 +154,48 @@ def _click(time: str, message_id: str, recipient: str, link: str, set_name: str 
 
 def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
     """Closed days of link_clicks are rolled up into link_rollup; the view shows what one pass over every click
-    shows (LINK_CLICKS): a copy clicking a link on several days, and again today (late, after its day was
-    rolled up), is one unique click; humans are counted from their first human click."""
+    shows (LINK_CLICKS): a copy clicking a link on several days, and again today after its days were rolled
+    up (a late click of old mail), is one unique click; humans are counted from their first human click."""
     store = store_module.Store(tmp_path / "relay.sqlite3")
-    try:
-        rows = [_click("2026-11-20T10:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
-                _click("2026-11-20T11:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),  # bot first
-                _click("2026-11-21T09:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
-                _click("2026-11-21T09:00:01.000Z", "m1", "ann@example.org", "https://x.example/b"),
-                _click("2026-11-21T09:00:02.000Z", "m1", "bob@example.org", "https://x.example/a"),
-                _click("2026-11-21T10:00:00.000Z", "m2", "ann@example.org", "https://x.example/a"),
-                _click("2026-11-21T10:00:00.000Z", "m3", "cy@example.org", "https://x.example/a", None),
-                _click("2026-11-23T08:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),  # late click
-                _click("2026-11-23T08:00:00.000Z", "m4", "dee@example.org", "https://x.example/b")]
-        verdicts = ["machine", "human", "human", "human", "proxy", "human", "human", "human", "machine"]
+
+    def add(rows: list[tuple], verdicts: list[str]) -> None:
         ids = store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
         store.submit(lambda conn: store_module.upsert_verdicts(conn, [
             store_module.VerdictRow(i, "GET", v, "[]", "", "", "", "2026-11-23T00:00:00.000Z")
             for i, v in zip(ids, verdicts, strict=True)])).result()
 
-        def links() -> list[tuple]:
-            return store.query("SELECT * FROM link_clicks ORDER BY configuration_set, link, link_tags")
+    def links() -> list[tuple]:
+        return store.query("SELECT * FROM link_clicks ORDER BY configuration_set, link, link_tags")
 
-        one_pass = store.query(f"SELECT * FROM ({store_module.LINK_CLICKS.format(where='')})"
-                               " ORDER BY configuration_set, link, link_tags")
-        assert links() == one_pass
-        a = next(r for r in one_pass if r[0] == "m" and r[1] == "https://x.example/a")
-        assert a[3:] == (6, 3, 4, 2, "2026-11-20T10:00:00.000Z", "2026-11-23T08:00:00.000Z")
+    def one_pass() -> list[tuple]:
+        return store.query(f"SELECT * FROM ({store_module.LINK_CLICKS.format(where='')})"
+                           " ORDER BY configuration_set, link, link_tags")
+
+    try:
+        add([_click("2026-11-20T10:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-20T11:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),  # a bot first
+             _click("2026-11-21T09:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-21T09:00:01.000Z", "m1", "ann@example.org", "https://x.example/b"),
+             _click("2026-11-21T09:00:02.000Z", "m1", "bob@example.org", "https://x.example/a"),
+             _click("2026-11-21T10:00:00.000Z", "m2", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-21T10:00:00.000Z", "m3", "cy@example.org", "https://x.example/a", None)],
+            ["machine", "human", "human", "human", "proxy", "human", "human"])
+        before = one_pass()
+        assert links() == before
         assert ops.rollup(store, NOW) == 2  # the 20th and 21st; the 22nd has no events
         assert store.query("SELECT COUNT(DISTINCT day) FROM link_rollup") == [(2,)]
-        assert links() == one_pass
+        assert links() == before
+        # today: late clicks of a copy whose clicks are rolled up, a new copy, a click on an unrolled day
+        add([_click("2026-11-23T08:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-23T08:00:00.000Z", "m1", "bob@example.org", "https://x.example/a"),
+             _click("2026-11-23T08:00:00.000Z", "m4", "dee@example.org", "https://x.example/b")],
+            ["human", "human", "machine"])
+        assert links() == one_pass()
+        a = next(r for r in links() if r[0] == "m" and r[1] == "https://x.example/a")
+        assert a[3:] == (7, 3, 5, 3, "2026-11-20T10:00:00.000Z", "2026-11-23T08:00:00.000Z")
         marketing = store_module.link_rows(store._reader(), "m", "2026-11-21T00:00:00.000Z")
         assert [(r["link"], r["clicks"], r["unique_clicks"]) for r in marketing] == [
-            ("https://x.example/a", 4, 3), ("https://x.example/b", 2, 2)]
+            ("https://x.example/a", 5, 3), ("https://x.example/b", 2, 2)]
     finally:
         store.close()
 
