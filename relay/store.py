@@ -833,7 +833,7 @@ LINK_DAYS = f"""SELECT e.configuration_set AS configuration_set, substr(e.time, 
     GROUP BY e.configuration_set, substr(e.time, 1, 10), json_extract(e.record, '$.click.link'),
         json_extract(e.record, '$.click.linkTags')"""
 LINK_COUNTS = ("clicks", "unique_clicks", "human_clicks", "unique_human_clicks", "first_click", "last_click")
-# Rollup marks (rollup_mark.id): every day up to and including `day` is rolled up in that table.
+# Rollup marks (funnel_rollup_mark.id): every day up to and including `day` is rolled up in that table.
 FUNNEL_MARK, LINK_MARK = 1, 2
 # The events after a mark ('' = none rolled up): '~' sorts after every time of the mark's day, so an index on
 # time serves it.
@@ -931,7 +931,7 @@ SCHEMA.extend([
     "CREATE INDEX IF NOT EXISTS events_recipient_time ON events (recipient, type, time)",
     # A set's clicks (link_clicks) without visiting its other events; partial, so only clicks pay for it.
     "CREATE INDEX IF NOT EXISTS events_click_set_time ON events (configuration_set, time) WHERE type = 'Click'",
-    # Closed days of the funnel, computed once (funnel_day_rows, store_funnel_day) with the live query below: a
+    # Closed days of the funnel, computed once (funnel_day_rows, store_rollup_day) with the live query below: a
     # day's numbers never change once it is over (events are dated when they happen). configuration_set '' = none.
     f"""CREATE TABLE IF NOT EXISTS funnel_rollup (
         configuration_set TEXT NOT NULL,
