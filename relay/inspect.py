@@ -25,6 +25,9 @@ from relay.config import Config, PrivacySettings
 
 log = logging.getLogger("relay.inspect")
 PURGE_CHUNK = 5000
+# recipient_rollup is brought up to date this often (seconds), so recipient_engagement reads only the last
+# quarter of an hour or so of events live
+RECIPIENT_ROLL_EVERY = 300.0
 _SINCE = re.compile(r"^(\d+)([hdw])$")
 _HOURS = {"h": 1, "d": 24, "w": 24 * 7}
 
@@ -306,19 +309,39 @@ def first_open_day(now: datetime) -> str:
 
 
 def rollup(store: store_module.Store, now: datetime | None = None, max_days: int = 3660) -> int:
-    """Roll the funnel's closed days up into funnel_rollup, a day at a time: computed on this thread's reader
-    connection, stored by a short store work. How many days were stored."""
-    open_day, done = first_open_day(now or datetime.now(UTC)), 0
-    while done < max_days:
-        nxt = _read(store, store_module.next_rollup_day, open_day)
-        if nxt is None:
-            return done
-        mark, day = nxt
-        rows = _read(store, store_module.funnel_day_rows, day)
-        if not store.submit(lambda conn, m=mark, d=day, r=rows: store_module.store_funnel_day(conn, m, d, r)).result():
-            return done  # another process rolls up at the same time
-        done += 1
-    return done
+    """Roll the closed days of the funnel and of link_clicks up into funnel_rollup and link_rollup, a day at a
+    time: computed on this thread's reader connection, stored by a short store work. How many days were stored
+    (the most of either rollup)."""
+    open_day, most = first_open_day(now or datetime.now(UTC)), 0
+    for mark_id, (_table, _columns, day_rows) in store_module.ROLLUPS.items():
+        done = 0
+        while done < max_days:
+            nxt = _read(store, store_module.next_rollup_day, open_day, mark_id)
+            if nxt is None:
+                break
+            mark, day = nxt
+            rows = _read(store, day_rows, day)
+            if not store.submit(lambda conn, i=mark_id, m=mark, d=day, r=rows:
+                                store_module.store_rollup_day(conn, i, m, d, r)).result():
+                break  # another process rolls up at the same time
+            done += 1
+        most = max(most, done)
+    roll_recipients(store, now)
+    return most
+
+
+def roll_recipients(store: store_module.Store, now: datetime | None = None, chunk: int = 5000) -> int:
+    """Add the events settled by `now` (a few minutes' grace, as for days) to recipient_rollup, `chunk` event
+    ids per short store work; how many ids the mark moved."""
+    cutoff = iso((now or datetime.now(UTC)) - timedelta(minutes=10))
+    top = _read(store, store_module.settled_event_id, cutoff)
+    start = mark = _read(store, store_module.recipient_mark)
+    while mark < top:
+        step = min(mark + chunk, top)
+        if not store.submit(lambda conn, m=mark, t=step: store_module.roll_recipients(conn, m, t)).result():
+            break  # another process rolls up at the same time
+        mark = step
+    return mark - start
 
 
 def maintain(store: store_module.Store, days: int) -> dict:
@@ -341,7 +364,16 @@ async def retention_task(store: store_module.Store, get_config: Callable[[], Con
             return
         except Exception:  # the next round tries again; never let the task die silently
             log.exception("retention purge failed")
-        await asyncio.sleep(cfg.retention.interval)
+        deadline = time.monotonic() + cfg.retention.interval
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, RECIPIENT_ROLL_EVERY))
+            if left > RECIPIENT_ROLL_EVERY:  # between rounds: keep recipient_engagement's live part small
+                try:
+                    await asyncio.to_thread(roll_recipients, store)
+                except store_module.StoreClosed:
+                    return
+                except Exception:
+                    log.exception("recipient rollup failed")
 
 
 def purge_command(args: argparse.Namespace) -> int:

@@ -1025,6 +1025,120 @@ LINK_CLICKS = """SELECT e.configuration_set AS configuration_set,
     WHERE e.type = 'Click' {where}
     GROUP BY e.configuration_set, json_extract(e.record, '$.click.link'), json_extract(e.record, '$.click.linkTags')"""
 
+# A click that is its copy's first of that link (and tags) among the events kept: counting these per day and
+# summing the days gives LINK_CLICKS's all-time unique counts, so closed days can be rolled up (link_rollup).
+_EARLIER_CLICK = """SELECT 1 FROM events p WHERE p.message_id = e.message_id AND p.id < e.id AND p.type = 'Click'
+         AND p.recipient IS e.recipient
+         AND json_extract(p.record, '$.click.link') IS json_extract(e.record, '$.click.link')
+         AND json_extract(p.record, '$.click.linkTags') IS json_extract(e.record, '$.click.linkTags')"""
+# The link rows of the clicks of `where` (per set, day and link), with first-click unique counts.
+LINK_DAYS = f"""SELECT e.configuration_set AS configuration_set, substr(e.time, 1, 10) AS day,
+        json_extract(e.record, '$.click.link') AS link,
+        json_extract(e.record, '$.click.linkTags') AS link_tags,
+        COUNT(*) AS clicks,
+        SUM(NOT EXISTS ({_EARLIER_CLICK})) AS unique_clicks,
+        SUM(v.verdict = 'human') AS human_clicks,
+        SUM(v.verdict = 'human' AND NOT EXISTS ({_EARLIER_CLICK}
+            AND EXISTS (SELECT 1 FROM tracking_verdicts pv WHERE pv.event_id = p.id AND pv.verdict = 'human')))
+            AS unique_human_clicks,
+        MIN(e.time) AS first_click,
+        MAX(e.time) AS last_click
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id
+    WHERE e.type = 'Click' {{where}}
+    GROUP BY e.configuration_set, substr(e.time, 1, 10), json_extract(e.record, '$.click.link'),
+        json_extract(e.record, '$.click.linkTags')"""
+LINK_COUNTS = ("clicks", "unique_clicks", "human_clicks", "unique_human_clicks", "first_click", "last_click")
+# Rollup marks (funnel_rollup_mark.id): every day up to and including `day` is rolled up in that table.
+FUNNEL_MARK, LINK_MARK = 1, 2
+# The events after a mark ('' = none rolled up): '~' sorts after every time of the mark's day, so an index on
+# time serves it.
+_AFTER_MARK = ("e.time > (SELECT CASE WHEN day = '' THEN '' ELSE day || '~' END FROM funnel_rollup_mark"
+               " WHERE id = {mark})")
+
+# recipient_engagement's columns (before bounce_state): name, SQL type, the aggregate over the events `e` (with
+# their verdicts `v`) of one address, and how a later part (x) and an earlier one (y) combine.
+_HUMAN_ENGAGED = ("e.type IN ('Open', 'Click') AND v.verdict IN ('human', 'proxy')"
+                  " AND NOT (e.type = 'Click' AND v.verdict = 'proxy')")
+_LATER = "COALESCE(max({x}, {y}), {x}, {y})"  # max() of SQLite is NULL when either is: the other then
+_SUMMED = "{x} + {y}"
+RECIPIENT_PARTS = (
+    ("delivered", "INTEGER NOT NULL", "SUM(e.type = 'Delivery')", _SUMMED),
+    ("last_delivered", "TEXT", "MAX(CASE WHEN e.type = 'Delivery' THEN e.time END)", _LATER),
+    ("opens", "INTEGER NOT NULL", "SUM(e.type = 'Open')", _SUMMED),
+    ("human_opens", "INTEGER NOT NULL", "SUM(e.type = 'Open' AND v.verdict IN ('human', 'proxy'))", _SUMMED),
+    ("clicks", "INTEGER NOT NULL", "SUM(e.type = 'Click')", _SUMMED),
+    ("human_clicks", "INTEGER NOT NULL", "SUM(e.type = 'Click' AND v.verdict = 'human')", _SUMMED),
+    ("last_engaged", "TEXT", "MAX(CASE WHEN e.type IN ('Open', 'Click') THEN e.time END)", _LATER),
+    ("last_human_engaged", "TEXT", f"MAX(CASE WHEN {_HUMAN_ENGAGED} THEN e.time END)", _LATER),
+    ("last_bounce", "TEXT", "MAX(CASE WHEN e.type = 'Bounce' THEN e.time END)", _LATER),
+    # the type of the latest bounce among the events summed
+    ("bounce_type", "TEXT", "CASE WHEN MAX(e.type = 'Bounce') THEN (SELECT json_extract(b.record,"
+     " '$.bounce.bounceType') FROM events b WHERE b.recipient = e.recipient AND b.type = 'Bounce' AND {range}"
+     " ORDER BY b.time DESC LIMIT 1) END", None),
+    ("complaints", "INTEGER NOT NULL", "SUM(e.type = 'Complaint')", _SUMMED),
+)
+RECIPIENT_COLUMNS = [(c, t) for c, t, _agg, _merge in RECIPIENT_PARTS]
+RECIPIENT_EMPTY = ["NULL" if "NULL" not in t else "0" for _c, t in RECIPIENT_COLUMNS]
+_RECIPIENT_MARK = "(SELECT last_event_id FROM recipient_rollup_mark WHERE id = 1)"
+# The rows of recipient_rollup for the events of `where` (`range` narrows the bounce subquery alike).
+RECIPIENT_ROWS = f"""SELECT e.recipient, {", ".join(agg for _c, _t, agg, _m in RECIPIENT_PARTS)}
+    FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id AND e.type IN ('Open', 'Click')
+    WHERE e.recipient IS NOT NULL AND {{where}}
+    GROUP BY e.recipient"""
+
+
+# The event types each column reads, so a seek for the events after the mark reads no others.
+_TYPES = {"delivered": "'Delivery'", "last_delivered": "'Delivery'", "opens": "'Open'", "human_opens": "'Open'",
+          "clicks": "'Click'", "human_clicks": "'Click'", "last_engaged": "'Open', 'Click'",
+          "last_human_engaged": "'Open', 'Click'", "last_bounce": "'Bounce'", "bounce_type": "'Bounce'",
+          "complaints": "'Complaint'"}
+
+
+def _part(column: str, recipient: str, events: str) -> str:
+    """One column over an address's events of condition `events` (on `e`), by seeks on events_recipient_time."""
+    agg = next(a for c, _t, a, _m in RECIPIENT_PARTS if c == column)
+    joined = "LEFT JOIN tracking_verdicts v ON v.event_id = e.id" if "v." in agg else ""
+    return (f"(SELECT {agg.format(range=events.replace('e.', 'b.'))} FROM events e {joined}"
+            f" WHERE e.recipient = {recipient} AND e.type IN ({_TYPES[column]}) AND {events})")
+
+
+def _live(column: str) -> str:
+    """One column of an address's events after the mark."""
+    return _part(column, "a.recipient", f"e.id > {_RECIPIENT_MARK}")
+
+
+def _merged(column: str, live: str, base: dict[str, str]) -> str:
+    """A column of recipient_engagement: the rolled-up part `base` with, when `live` (an address with events
+    after the mark), the events after the mark."""
+    merge = next(m for c, _t, _a, m in RECIPIENT_PARTS if c == column)
+    if merge is None:  # bounce_type: the live part's latest bounce when it is the later one
+        return (f"CASE WHEN {live} AND {_live('last_bounce')} >= COALESCE({base['last_bounce']}, '')"
+                f" THEN {_live(column)} ELSE {base['bounce_type']} END")
+    later = merge.format(x=base[column], y=f"COALESCE({_live(column)}, {'0' if merge == _SUMMED else 'NULL'})")
+    return f"CASE WHEN {live} THEN {later} ELSE {base[column]} END"
+
+
+def _engagement(source: str, live: str, base: dict[str, str]) -> str:
+    """recipient_engagement's columns over `source` (addresses as `a.recipient`)."""
+    merged = {c: _merged(c, live, base) for c, _t in RECIPIENT_COLUMNS}
+    # the latest bounce's type when no delivery came after it: the address bounces now
+    merged["bounce_state"] = (f"CASE WHEN {merged['last_bounce']} >= COALESCE({merged['last_delivered']}, '')"
+                              f" THEN {merged['bounce_type']} END")
+    names = [c for c, _t in RECIPIENT_COLUMNS if c != "bounce_type"]
+    names.insert(names.index("complaints"), "bounce_state")
+    return f"SELECT a.recipient AS recipient, {', '.join(f'{merged[c]} AS {c}' for c in names)} FROM {source}"
+
+
+# Two parts, each computing its own columns, so a query on the view computes only the columns it names:
+# the addresses of recipient_rollup, and the addresses whose events all came after the mark (by the first).
+RECIPIENT_ENGAGEMENT = f"WITH live AS (SELECT recipient FROM events WHERE id > {_RECIPIENT_MARK})\n" + _engagement(
+    "recipient_rollup a LEFT JOIN (SELECT DISTINCT recipient FROM live) l ON l.recipient = a.recipient",
+    "l.recipient IS NOT NULL",
+    {c: f"a.{c}" for c, _t in RECIPIENT_COLUMNS}) + "\nUNION ALL\n" + _engagement(
+    "(SELECT DISTINCT recipient FROM live) a WHERE a.recipient IS NOT NULL"
+    " AND NOT EXISTS (SELECT 1 FROM recipient_rollup r WHERE r.recipient = a.recipient)",
+    "1", dict(zip([c for c, _t in RECIPIENT_COLUMNS], RECIPIENT_EMPTY, strict=True)))
+
 SCHEMA.extend([
     # The funnel's typical query names a set and a range of days: this index serves both.
     "CREATE INDEX IF NOT EXISTS events_set_day ON events (configuration_set, substr(time, 1, 10), type)",
@@ -1032,7 +1146,7 @@ SCHEMA.extend([
     "CREATE INDEX IF NOT EXISTS events_recipient_time ON events (recipient, type, time)",
     # A set's clicks (link_clicks) without visiting its other events; partial, so only clicks pay for it.
     "CREATE INDEX IF NOT EXISTS events_click_set_time ON events (configuration_set, time) WHERE type = 'Click'",
-    # Closed days of the funnel, computed once (funnel_day_rows, store_funnel_day) with the live query below: a
+    # Closed days of the funnel, computed once (funnel_day_rows, store_rollup_day) with the live query below: a
     # day's numbers never change once it is over (events are dated when they happen). configuration_set '' = none.
     f"""CREATE TABLE IF NOT EXISTS funnel_rollup (
         configuration_set TEXT NOT NULL,
@@ -1054,34 +1168,43 @@ SCHEMA.extend([
     FROM (SELECT NULLIF(configuration_set, '') AS configuration_set, day, {", ".join(FUNNEL_COUNTS)}
           FROM funnel_rollup WHERE day <= (SELECT day FROM funnel_rollup_mark WHERE id = 1)
           UNION ALL SELECT * FROM funnel_live)""",
-    "CREATE VIEW IF NOT EXISTS link_clicks AS " + LINK_CLICKS.format(where=""),
-    # Per recipient address: SES's "narrow a list to its engaged recipients". Index seeks per address, so
-    # `WHERE recipient = ?` is instant and the whole list costs one pass over the distinct addresses.
-    """CREATE VIEW IF NOT EXISTS recipient_engagement AS
-    SELECT a.recipient AS recipient,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS delivered,
-        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS last_delivered,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Open') AS opens,
-        (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-         WHERE e.recipient = a.recipient AND e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Click') AS clicks,
-        (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-         WHERE e.recipient = a.recipient AND e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
-        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click'))
-            AS last_engaged,
-        (SELECT MAX(e.time) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
-         WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')
-           AND v.verdict IN ('human', 'proxy') AND NOT (e.type = 'Click' AND v.verdict = 'proxy'))
-            AS last_human_engaged,
-        (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Bounce') AS last_bounce,
-        -- the latest bounce's type when no delivery came after it: the address bounces now
-        (SELECT CASE WHEN b.time >= COALESCE((SELECT MAX(d.time) FROM events d WHERE d.recipient = a.recipient
-                                                AND d.type = 'Delivery'), '')
-                     THEN json_extract(b.record, '$.bounce.bounceType') END
-         FROM events b WHERE b.recipient = a.recipient AND b.type = 'Bounce' ORDER BY b.time DESC LIMIT 1)
-            AS bounce_state,
-        (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Complaint') AS complaints
-    FROM (SELECT DISTINCT recipient FROM events WHERE recipient IS NOT NULL) a""",
+    # Closed days of link_clicks (link_day_rows, store_rollup_day); '' = no set. Unique counts are first clicks.
+    """CREATE TABLE IF NOT EXISTS link_rollup (
+        configuration_set TEXT NOT NULL,
+        day TEXT NOT NULL,
+        link TEXT,
+        link_tags TEXT,
+        clicks INTEGER NOT NULL,
+        unique_clicks INTEGER NOT NULL,
+        human_clicks INTEGER,
+        unique_human_clicks INTEGER,
+        first_click TEXT NOT NULL,
+        last_click TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS link_rollup_set_day ON link_rollup (configuration_set, day)",
+    f"INSERT INTO funnel_rollup_mark (id, day) SELECT {LINK_MARK}, '' WHERE NOT EXISTS"
+    f" (SELECT 1 FROM funnel_rollup_mark WHERE id = {LINK_MARK})",
+    f"""CREATE VIEW IF NOT EXISTS link_clicks AS
+    SELECT configuration_set, link, link_tags, SUM(clicks) AS clicks, SUM(unique_clicks) AS unique_clicks,
+        SUM(human_clicks) AS human_clicks, SUM(unique_human_clicks) AS unique_human_clicks,
+        MIN(first_click) AS first_click, MAX(last_click) AS last_click
+    FROM (SELECT NULLIF(configuration_set, '') AS configuration_set, link, link_tags, {", ".join(LINK_COUNTS)}
+          FROM link_rollup WHERE day <= (SELECT day FROM funnel_rollup_mark WHERE id = {LINK_MARK})
+          UNION ALL SELECT configuration_set, link, link_tags, {", ".join(LINK_COUNTS)} FROM ({LINK_DAYS.format(
+              where="AND " + _AFTER_MARK.format(mark=LINK_MARK))}))
+    GROUP BY configuration_set, link, link_tags""",
+    # Per recipient address: SES's "narrow a list to its engaged recipients". The events up to a mark (an event
+    # id) are summed up in recipient_rollup, one row per address (rolled up hourly, recomputed for the addresses
+    # a purge touches, deleted by `relay forget`); the events after it are read live by index seeks, only for
+    # the addresses that have any, so the whole list costs one pass over recipient_rollup.
+    f"""CREATE TABLE IF NOT EXISTS recipient_rollup (
+        recipient TEXT PRIMARY KEY,
+        {", ".join(f"{c} {t}" for c, t in RECIPIENT_COLUMNS)}
+    )""",
+    "CREATE TABLE IF NOT EXISTS recipient_rollup_mark (id INTEGER PRIMARY KEY, last_event_id INTEGER NOT NULL)",
+    "INSERT INTO recipient_rollup_mark (id, last_event_id) SELECT 1, 0"
+    " WHERE NOT EXISTS (SELECT 1 FROM recipient_rollup_mark)",
+    "CREATE VIEW IF NOT EXISTS recipient_engagement AS " + RECIPIENT_ENGAGEMENT,
     # Every event of a message in order, with the listener's verdict of opens and clicks.
     """CREATE VIEW IF NOT EXISTS message_timeline AS
     SELECT e.message_id, e.id AS event_id, e.time, e.type, e.recipient, e.configuration_set,
@@ -1211,8 +1334,12 @@ def purge_events_chunk(conn: sqlite3.Connection, cutoff: str, chunk: int) -> tup
         return 0, False
     lo, hi = row[0], row[0] + chunk - 1
     old = "SELECT id FROM events WHERE id BETWEEN ? AND ? AND time < ?"
+    mark = recipient_mark(conn)
+    rolled = conn.execute(RECIPIENT_ROWS.format(where=f"e.id IN ({old}) AND e.id <= {mark}", range="0"),
+                          (lo, hi, cutoff)).fetchall()
     conn.execute(f"DELETE FROM tracking_verdicts WHERE event_id IN ({old})", (lo, hi, cutoff))
     deleted = conn.execute(f"DELETE FROM events WHERE id IN ({old})", (lo, hi, cutoff)).rowcount
+    _unroll_recipients(conn, rolled, cutoff, mark)
     # a newer event in the chunk means the old ones are behind us (ids follow time)
     return deleted, deleted > 0 and conn.execute("SELECT COUNT(*) FROM events WHERE id BETWEEN ? AND ?",
                                                  (lo, hi)).fetchone()[0] == 0
@@ -1246,6 +1373,8 @@ def forget_address(conn: sqlite3.Connection, addresses: tuple[str, ...],
     out["recipients"] = conn.execute(f"DELETE FROM recipients WHERE recipient IN ({marks})", addresses).rowcount
     out["warnings"] = conn.execute(f"DELETE FROM message_warnings WHERE recipient IN ({marks})", addresses).rowcount
     out["inbound_reports"] = forget_inbound_reports(conn, addresses)  # issue 9
+    conn.execute(f"DELETE FROM recipient_rollup WHERE recipient IN ({marks})", addresses)
+    _lower_recipient_mark(conn)
     out["messages"] = out["other_events"] = 0
     for message_id in messages:
         for mail_json, in conn.execute("SELECT mail_json FROM messages WHERE id = ?", (message_id,)).fetchall():
@@ -1281,43 +1410,148 @@ def _event_sets(conn: sqlite3.Connection) -> list[str | None]:
     return out
 
 
-def next_rollup_day(conn: sqlite3.Connection, first_open_day: str) -> tuple[str, str] | None:
-    """(current mark, the day after it) when that day is before `first_open_day` (YYYY-MM-DD; events may still
-    arrive from then on) and so can be rolled up; None when the rollup is up to date."""
-    mark = conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = 1").fetchone()[0]
-    if mark:
-        day = (date.fromisoformat(mark) + timedelta(days=1)).isoformat()
-    else:  # the first day with events: the oldest time of each type, by seeks on events_type_time
-        types = [r[0] for r in conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", ("",))]
-        while types and types[-1] is not None:
-            row = conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", (types[-1],)).fetchone()
-            types.append(row[0] if row else None)
-        times = [conn.execute("SELECT MIN(time) FROM events WHERE type = ?", (t,)).fetchone()[0] for t in types if t]
-        if not times:
-            return None
-        day = min(times)[:10]
+def next_rollup_day(conn: sqlite3.Connection, first_open_day: str,
+                    mark_id: int = FUNNEL_MARK) -> tuple[str, str] | None:
+    """(current mark, the next day with events after it) when that day is before `first_open_day` (YYYY-MM-DD;
+    events may still arrive from then on) and so can be rolled up; None when the rollup is up to date. Days
+    without events are passed over (a database with a few old events does not roll up every day since)."""
+    mark = conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = ?", (mark_id,)).fetchone()[0]
+    since = (date.fromisoformat(mark) + timedelta(days=1)).isoformat() if mark else ""
+    # the oldest time of each type from `since` on, by seeks on events_type_time
+    types = [r[0] for r in conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", ("",))]
+    while types and types[-1] is not None:
+        row = conn.execute("SELECT type FROM events WHERE type > ? ORDER BY type LIMIT 1", (types[-1],)).fetchone()
+        types.append(row[0] if row else None)
+    times = [conn.execute("SELECT MIN(time) FROM events WHERE type = ? AND time >= ?", (t, since)).fetchone()[0]
+             for t in types if t]
+    times = [t for t in times if t is not None]
+    if not times:
+        return None
+    day = min(times)[:10]
     return (mark, day) if day < first_open_day else None
+
+
+def _per_set(conn: sqlite3.Connection, template: str, where: str, params: list, columns: str) -> list[tuple]:
+    """`template` (FUNNEL_LIVE, LINK_DAYS) run once per set ('' for no set), so each run seeks the set's index."""
+    rows = []
+    for set_name in _event_sets(conn):
+        narrowed = ("e.configuration_set IS NULL" if set_name is None else "e.configuration_set = ?") + where
+        sql = template.format(where=("WHERE " if template is FUNNEL_LIVE else "AND ") + narrowed)
+        rows += conn.execute(f"SELECT COALESCE(configuration_set, ''), day, {columns} FROM ({sql})",
+                             ([] if set_name is None else [set_name]) + params).fetchall()
+    return rows
 
 
 def funnel_day_rows(conn: sqlite3.Connection, day: str) -> list[tuple]:
     """The funnel rows of one closed day, one per set ('' for no set), as funnel_rollup stores them. A read:
     run it on a reader connection, so the writer (and SMTP acceptance behind it) never waits for it."""
-    rows = []
-    for set_name in _event_sets(conn):
-        where = ("WHERE e.configuration_set IS NULL" if set_name is None else "WHERE e.configuration_set = ?") \
-            + " AND substr(e.time, 1, 10) = ?"
-        live = FUNNEL_LIVE.format(where=where)
-        rows += conn.execute(f"SELECT COALESCE(configuration_set, ''), day, {', '.join(FUNNEL_COUNTS)} FROM ({live})",
-                             ([] if set_name is None else [set_name]) + [day]).fetchall()
-    return rows
+    return _per_set(conn, FUNNEL_LIVE, " AND substr(e.time, 1, 10) = ?", [day], ", ".join(FUNNEL_COUNTS))
 
 
-def store_funnel_day(conn: sqlite3.Connection, mark: str, day: str, rows: list[tuple]) -> bool:
+def link_day_rows(conn: sqlite3.Connection, day: str) -> list[tuple]:
+    """The link_clicks rows of one closed day, per set ('' for no set) and link, as link_rollup stores them."""
+    return _per_set(conn, LINK_DAYS, " AND e.time >= ? AND e.time < ?", [day, day + "~"],
+                    "link, link_tags, " + ", ".join(LINK_COUNTS))
+
+
+# The rollups: mark id, the table and its columns, and the rows of one closed day.
+ROLLUPS: dict[int, tuple[str, tuple[str, ...], Callable[[sqlite3.Connection, str], list[tuple]]]] = {
+    FUNNEL_MARK: ("funnel_rollup", ("configuration_set", "day") + FUNNEL_COUNTS, funnel_day_rows),
+    LINK_MARK: ("link_rollup", ("configuration_set", "day", "link", "link_tags") + LINK_COUNTS, link_day_rows),
+}
+
+
+def store_rollup_day(conn: sqlite3.Connection, mark_id: int, mark: str, day: str, rows: list[tuple]) -> bool:
     """Store a day's rows and move the mark to it, unless another process moved the mark meanwhile."""
-    if conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = 1").fetchone()[0] != mark:
+    if conn.execute("SELECT day FROM funnel_rollup_mark WHERE id = ?", (mark_id,)).fetchone()[0] != mark:
         return False
-    columns = ("configuration_set", "day") + FUNNEL_COUNTS
-    conn.executemany(f"INSERT OR REPLACE INTO funnel_rollup ({', '.join(columns)})"
-                     f" VALUES ({','.join('?' * len(columns))})", rows)
-    conn.execute("UPDATE funnel_rollup_mark SET day = ? WHERE id = 1", (day,))
+    table, columns, _rows = ROLLUPS[mark_id]
+    conn.execute(f"DELETE FROM {table} WHERE day = ?", (day,))
+    conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({','.join('?' * len(columns))})", rows)
+    conn.execute("UPDATE funnel_rollup_mark SET day = ? WHERE id = ?", (day, mark_id))
     return True
+
+
+# recipient_rollup: the events up to recipient_rollup_mark, summed per address (see recipient_engagement).
+
+def recipient_mark(conn: sqlite3.Connection) -> int:
+    return conn.execute(f"SELECT {_RECIPIENT_MARK}").fetchone()[0]
+
+
+def settled_event_id(conn: sqlite3.Connection, cutoff: str, scan: int = 200_000) -> int:
+    """The newest event id older than `cutoff` (an ISO time), looking back from the newest event: the events
+    after it may still change (a click's verdict is re-judged when the next clicks of its burst arrive)."""
+    top = 0
+    for event_id, time in conn.execute("SELECT id, time FROM events ORDER BY id DESC LIMIT ?", (scan,)):
+        top = event_id - 1
+        if time < cutoff:
+            return event_id
+    return top
+
+
+_RECIPIENT_UPSERT = ", ".join(
+    f"{c} = " + ("CASE WHEN excluded.last_bounce >= COALESCE(recipient_rollup.last_bounce, '')"
+                 " THEN excluded.bounce_type ELSE recipient_rollup.bounce_type END" if m is None
+                 else m.format(x=f"recipient_rollup.{c}", y=f"excluded.{c}"))
+    for c, _t, _a, m in RECIPIENT_PARTS)
+
+
+def roll_recipients(conn: sqlite3.Connection, mark: int, top: int) -> bool:
+    """Add the events after `mark` up to `top` (ids) to recipient_rollup and move the mark to `top`, unless
+    another process moved the mark meanwhile. In the writer: a purge or `relay forget` never interleaves."""
+    if recipient_mark(conn) != mark:
+        return False
+    rows = RECIPIENT_ROWS.format(where="e.id > :lo AND e.id <= :hi", range="b.id > :lo AND b.id <= :hi")
+    conn.execute(f"INSERT INTO recipient_rollup SELECT * FROM ({rows}) WHERE true"
+                 f" ON CONFLICT (recipient) DO UPDATE SET {_RECIPIENT_UPSERT}", {"lo": mark, "hi": top})
+    conn.execute("UPDATE recipient_rollup_mark SET last_event_id = ? WHERE id = 1", (top,))
+    return True
+
+
+def _unroll_recipients(conn: sqlite3.Connection, deleted: list[tuple], cutoff: str, mark: int) -> None:
+    """Take deleted events out of recipient_rollup: `deleted` are their RECIPIENT_ROWS (events up to `mark`
+    only), all older than `cutoff`. Counts are subtracted; a latest time older than `cutoff` may have been
+    deleted, so it is sought again among the remaining events; an address with none left loses its row."""
+    counted = [c for c, _t, _a, m in RECIPIENT_PARTS if m == _SUMMED]
+    index = {c: i + 1 for i, (c, _t, _a, _m) in enumerate(RECIPIENT_PARTS)}
+    conn.executemany(f"UPDATE recipient_rollup SET {', '.join(f'{c} = {c} - ?' for c in counted)}"
+                     " WHERE recipient = ?", [[row[index[c]] for c in counted] + [row[0]] for row in deleted])
+    remaining = {c: _part(c, "recipient_rollup.recipient", f"e.id <= {mark}") for c, _t in RECIPIENT_COLUMNS}
+    sought = [c for c, _t, _a, m in RECIPIENT_PARTS if m == _LATER]
+    fixes = [f"{c} = CASE WHEN {c} < :cutoff THEN {remaining[c]} ELSE {c} END" for c in sought]
+    fixes.append(f"bounce_type = CASE WHEN last_bounce < :cutoff THEN {remaining['bounce_type']} ELSE bounce_type END")
+    conn.executemany(f"UPDATE recipient_rollup SET {', '.join(fixes)} WHERE recipient = :recipient",
+                     [{"cutoff": cutoff, "recipient": row[0]} for row in deleted])
+    conn.executemany("DELETE FROM recipient_rollup WHERE recipient = ? AND NOT EXISTS (SELECT 1 FROM events e"
+                     " WHERE e.recipient = ? AND e.id <= ?)", [(row[0], row[0], mark) for row in deleted])
+    _lower_recipient_mark(conn)
+
+
+def _lower_recipient_mark(conn: sqlite3.Connection) -> None:
+    """After the newest events were deleted, their ids are given again: the mark must not cover them."""
+    conn.execute("UPDATE recipient_rollup_mark SET last_event_id = (SELECT COALESCE(MAX(id), 0) FROM events)"
+                 " WHERE last_event_id > (SELECT COALESCE(MAX(id), 0) FROM events)")
+
+
+# recipient_engagement as it was before recipient_rollup, every address's events by index seeks (about 1 s for
+# the whole list of 200k addresses and 10M events): the benchmark's baseline and the tests' oracle.
+RECIPIENTS_BY_SEEKS = """SELECT a.recipient AS recipient,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS delivered,
+    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Delivery') AS last_delivered,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Open') AS opens,
+    (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+     WHERE e.recipient = a.recipient AND e.type = 'Open' AND v.verdict IN ('human', 'proxy')) AS human_opens,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Click') AS clicks,
+    (SELECT COUNT(*) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+     WHERE e.recipient = a.recipient AND e.type = 'Click' AND v.verdict = 'human') AS human_clicks,
+    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')) AS last_engaged,
+    (SELECT MAX(e.time) FROM events e JOIN tracking_verdicts v ON v.event_id = e.id
+     WHERE e.recipient = a.recipient AND e.type IN ('Open', 'Click')
+       AND v.verdict IN ('human', 'proxy') AND NOT (e.type = 'Click' AND v.verdict = 'proxy')) AS last_human_engaged,
+    (SELECT MAX(time) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Bounce') AS last_bounce,
+    (SELECT CASE WHEN b.time >= COALESCE((SELECT MAX(d.time) FROM events d WHERE d.recipient = a.recipient
+                                            AND d.type = 'Delivery'), '')
+                 THEN json_extract(b.record, '$.bounce.bounceType') END
+     FROM events b WHERE b.recipient = a.recipient AND b.type = 'Bounce' ORDER BY b.time DESC LIMIT 1) AS bounce_state,
+    (SELECT COUNT(*) FROM events e WHERE e.recipient = a.recipient AND e.type = 'Complaint') AS complaints
+FROM (SELECT DISTINCT recipient FROM events WHERE recipient IS NOT NULL) a"""

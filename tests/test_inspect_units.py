@@ -136,13 +136,137 @@ def test_funnel_rollup_gives_the_live_numbers(tmp_path: Path):
 
         live = funnel()
         assert ops.rollup(store, datetime(2026, 11, 23, 0, 5, tzinfo=UTC)) == 2  # the 22nd is not closed yet
-        assert store.query("SELECT day FROM funnel_rollup_mark") == [("2026-11-21",)]
-        assert ops.rollup(store, NOW) == 1  # the 22nd (no events); the 23rd stays open
+        assert store.query("SELECT day FROM funnel_rollup_mark ORDER BY id") == [("2026-11-21",)] * 2
+        assert ops.rollup(store, NOW) == 0  # the 22nd has no events; the 23rd stays open
         assert len(store.query("SELECT * FROM funnel_rollup")) == 3
         assert funnel() == live
         marketing = {r["day"]: r for r in store_module.funnel_rows(store._reader(), "m", "2026-11-01")}
         assert (marketing["2026-11-20"]["bounced_permanent"], marketing["2026-11-20"]["delivered"]) == (1, 2)
         assert marketing["2026-11-20"]["unique_human_opens"] == 3
+    finally:
+        store.close()
+
+
+def _click(time: str, message_id: str, recipient: str, link: str, set_name: str | None = "m") -> tuple:
+    return ("Click", time, message_id, recipient, set_name, json.dumps({"eventType": "Click", "click": {
+        "link": link, "linkTags": {"slot": ["hero"]} if link.endswith("a") else {}}}))
+
+
+def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
+    """Closed days of link_clicks are rolled up into link_rollup; the view shows what one pass over every click
+    shows (LINK_CLICKS): a copy clicking a link on several days, and again today after its days were rolled
+    up (a late click of old mail), is one unique click; humans are counted from their first human click."""
+    store = store_module.Store(tmp_path / "relay.sqlite3")
+
+    def add(rows: list[tuple], verdicts: list[str]) -> None:
+        ids = store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
+        store.submit(lambda conn: store_module.upsert_verdicts(conn, [
+            store_module.VerdictRow(i, "GET", v, "[]", "", "", "", "2026-11-23T00:00:00.000Z")
+            for i, v in zip(ids, verdicts, strict=True)])).result()
+
+    def links() -> list[tuple]:
+        return store.query("SELECT * FROM link_clicks ORDER BY configuration_set, link, link_tags")
+
+    def one_pass() -> list[tuple]:
+        return store.query(f"SELECT * FROM ({store_module.LINK_CLICKS.format(where='')})"
+                           " ORDER BY configuration_set, link, link_tags")
+
+    try:
+        add([_click("2026-11-20T10:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-20T11:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),  # a bot first
+             _click("2026-11-21T09:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-21T09:00:01.000Z", "m1", "ann@example.org", "https://x.example/b"),
+             _click("2026-11-21T09:00:02.000Z", "m1", "bob@example.org", "https://x.example/a"),
+             _click("2026-11-21T10:00:00.000Z", "m2", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-21T10:00:00.000Z", "m3", "cy@example.org", "https://x.example/a", None)],
+            ["machine", "human", "human", "human", "proxy", "human", "human"])
+        before = one_pass()
+        assert links() == before
+        assert ops.rollup(store, NOW) == 2  # the 20th and 21st; the 22nd has no events
+        assert store.query("SELECT COUNT(DISTINCT day) FROM link_rollup") == [(2,)]
+        assert links() == before
+        # today: late clicks of a copy whose clicks are rolled up, a new copy, a click on an unrolled day
+        add([_click("2026-11-23T08:00:00.000Z", "m1", "ann@example.org", "https://x.example/a"),
+             _click("2026-11-23T08:00:00.000Z", "m1", "bob@example.org", "https://x.example/a"),
+             _click("2026-11-23T08:00:00.000Z", "m4", "dee@example.org", "https://x.example/b")],
+            ["human", "human", "machine"])
+        assert links() == one_pass()
+        a = next(r for r in links() if r[0] == "m" and r[1] == "https://x.example/a")
+        assert a[3:] == (7, 3, 5, 3, "2026-11-20T10:00:00.000Z", "2026-11-23T08:00:00.000Z")
+        marketing = store_module.link_rows(store._reader(), "m", "2026-11-21T00:00:00.000Z")
+        assert [(r["link"], r["clicks"], r["unique_clicks"]) for r in marketing] == [
+            ("https://x.example/a", 5, 3), ("https://x.example/b", 2, 2)]
+    finally:
+        store.close()
+
+
+def _copy(day: str, n: int, rcpt: str, outcome: str, verdicts: tuple[str, ...] = ()) -> list[tuple]:
+    mid = f"{day}-{n}-{rcpt}"
+    rows = [_event("Send", f"{day}T10:00:00.000Z", mid, rcpt)]
+    if outcome in ("Permanent", "Transient"):
+        rows.append(("Bounce", f"{day}T10:00:01.000Z", mid, rcpt, "m", json.dumps({"bounce": {"bounceType": outcome}})))
+    else:
+        rows.append(_event(outcome, f"{day}T10:00:01.000Z", mid, rcpt))
+    for i, verdict in enumerate(verdicts):
+        kind = "Click" if verdict.startswith("click") else "Open"
+        rows.append((kind, f"{day}T1{i + 1}:00:00.000Z", mid, rcpt, "m",
+                     json.dumps({"click": {"link": "https://x.example/a"}} if kind == "Click" else {})))
+    return rows
+
+
+def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
+    """recipient_engagement from recipient_rollup plus the events after its mark gives the numbers of one pass
+    over every event: rolled part way, with new events after the mark (a bounce after a rolled delivery, an
+    address seen only after it, opens of a rolled copy), after a purge and after `relay forget`."""
+    store = store_module.Store(tmp_path / "relay.sqlite3")
+    verdict_of = {"open-human": "human", "open-proxy": "proxy", "open-machine": "machine",
+                  "click-human": "human", "click-proxy": "proxy", "click-machine": "machine"}
+
+    def add(rows: list[tuple], verdicts: list[str | None]) -> None:
+        ids = store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
+        store.submit(lambda conn: store_module.upsert_verdicts(conn, [
+            store_module.VerdictRow(i, "GET", verdict_of[v], "[]", "", "", "", "2026-11-23T00:00:00.000Z")
+            for i, v in zip(ids, verdicts, strict=True) if v])).result()
+
+    def batch(*copies: tuple) -> None:
+        rows, verdicts = [], []
+        for day, n, rcpt, outcome, engaged in copies:
+            rows += _copy(day, n, rcpt, outcome, engaged)
+            verdicts += [None, None, *engaged]
+        add(rows, verdicts)
+
+    def check() -> None:
+        by_seeks = store.query(store_module.RECIPIENTS_BY_SEEKS + " ORDER BY recipient")
+        assert store.query("SELECT * FROM recipient_engagement ORDER BY recipient") == by_seeks
+
+    try:
+        batch(("2020-01-02", 0, "old@example.org", "Delivery", ("open-human",)),
+              ("2020-01-02", 0, "gone@example.org", "Permanent", ()),
+              ("2026-11-01", 0, "ann@example.org", "Delivery", ("open-human", "open-machine", "click-human")),
+              ("2026-11-02", 1, "ann@example.org", "Transient", ()),
+              ("2026-11-02", 0, "bob@example.org", "Delivery", ("click-proxy", "open-proxy")),
+              ("2026-11-03", 0, "cy@example.org", "Permanent", ()),
+              ("2026-11-03", 0, "old@example.org", "Delivery", ()))
+        check()
+        assert ops.roll_recipients(store, NOW, chunk=5) == 20
+        assert store.query("SELECT COUNT(*) FROM recipient_rollup") == [(5,)]
+        check()
+        batch(("2026-11-20", 0, "bob@example.org", "Permanent", ()),  # after a rolled delivery: bounces now
+              ("2026-11-20", 1, "ann@example.org", "Delivery", ("open-machine", "click-machine")),  # after a bounce
+              ("2026-11-21", 0, "dee@example.org", "Delivery", ("open-human",)))  # only after the mark
+        check()
+        people = {r[0]: r for r in store.query("SELECT recipient, bounce_state FROM recipient_engagement")}
+        assert (people["bob@example.org"][1], people["ann@example.org"][1]) == ("Permanent", None)
+        assert ops.roll_recipients(store, NOW, chunk=3) == 9
+        check()
+        assert ops.purge(store, 60, NOW)["events"] == 5  # the copies of 2020
+        check()
+        assert store.query("SELECT opens, last_engaged FROM recipient_rollup WHERE recipient = 'old@example.org'") \
+            == [(0, None)]
+        assert store.query("SELECT COUNT(*) FROM recipient_rollup WHERE recipient = 'gone@example.org'") == [(0,)]
+        ops.forget(store, "ann@example.org")
+        check()
+        assert store.query("SELECT COUNT(*) FROM recipient_rollup WHERE recipient = 'ann@example.org'") == [(0,)]
     finally:
         store.close()
 
