@@ -42,7 +42,7 @@ class SesError(Exception):
         self.code, self.message = code, message
 
 
-def _no_set(name: str) -> SesError:
+def no_such_set(name: str) -> SesError:
     return SesError("ConfigurationSetDoesNotExist", f"Configuration set <{name}> does not exist.")
 
 
@@ -59,11 +59,11 @@ def _db_set_exists(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM configuration_sets WHERE name = ?", (name,)).fetchone() is not None
 
 
-def _writable_set(cfg: Config, conn: sqlite3.Connection, name: str) -> None:
+def writable_set(cfg: Config, conn: sqlite3.Connection, name: str) -> None:
     if name in cfg.configuration_sets:
         raise _read_only(cfg, f"Configuration set <{name}>")
     if not _db_set_exists(conn, name):
-        raise _no_set(name)
+        raise no_such_set(name)
 
 
 def _run(store: Store, work):
@@ -82,7 +82,7 @@ def describe_set(cfg: Config, store: Store, name: str) -> dict:
     model = Resolver(cfg, store).model()
     s = model.sets.get(name)
     if s is None:
-        raise _no_set(name)
+        raise no_such_set(name)
     data: dict = {"ConfigurationSet": {"Name": s.name}, "Source": s.source,
                   "EventDestinations": [d.public_json() for d in s.destinations]}
     if s.has_tracking:
@@ -118,7 +118,7 @@ def delete_set(cfg: Config, store: Store, name: str) -> None:
     it: their mail is refused until they get another default (SES)."""
 
     def work(conn: sqlite3.Connection) -> None:
-        _writable_set(cfg, conn, name)
+        writable_set(cfg, conn, name)
         conn.execute("DELETE FROM configuration_sets WHERE name = ?", (name,))
         conn.execute("DELETE FROM tracking_options WHERE level = 'set' AND scope = ?", (name,))
         conn.execute("DELETE FROM event_destinations WHERE configuration_set = ?", (name,))
@@ -143,7 +143,7 @@ def set_identity_default(cfg: Config, store: Store, identity: str, set_name: str
             conn.execute("DELETE FROM identity_sets WHERE identity = ?", (identity,))
         else:
             if set_name not in cfg.configuration_sets and not _db_set_exists(conn, set_name):
-                raise _no_set(set_name)
+                raise no_such_set(set_name)
             conn.execute("DELETE FROM identity_sets WHERE identity = ?", (identity,))
             conn.execute("INSERT INTO identity_sets (identity, configuration_set) VALUES (?, ?)",
                          (identity, set_name))
@@ -161,7 +161,7 @@ def _scope_label(level: str, scope: str) -> str:
 
 def _check_writable_level(cfg: Config, conn: sqlite3.Connection, level: str, scope: str) -> None:
     if level == "set":
-        _writable_set(cfg, conn, scope)
+        writable_set(cfg, conn, scope)
     elif level == "domain" and scope in cfg.domains:
         raise _read_only(cfg, f"Tracking options of sending domain {scope}")
 
@@ -249,7 +249,7 @@ def show_tracking(cfg: Config, store: Store, sender: str, set_name: str | None) 
     try:
         return resolver.resolve(set_name, sender.strip().lower())
     except core.UnknownSet as exc:
-        raise _no_set(exc.name) from exc
+        raise no_such_set(exc.name) from exc
 
 
 # --- event destinations ------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def add_destination(cfg: Config, store: Store, set_name: str, d: Destination) ->
     d = _checked(d)
 
     def work(conn: sqlite3.Connection) -> None:
-        _writable_set(cfg, conn, set_name)
+        writable_set(cfg, conn, set_name)
         if conn.execute("SELECT 1 FROM event_destinations WHERE configuration_set = ? AND name = ?",
                         (set_name, d.name)).fetchone():
             raise SesError("EventDestinationAlreadyExists",
@@ -304,7 +304,7 @@ def update_destination(cfg: Config, store: Store, set_name: str, name: str, chan
     """Replace the given fields (as Destination attributes); enabling starts from the newest event."""
 
     def work(conn: sqlite3.Connection) -> Destination:
-        _writable_set(cfg, conn, set_name)
+        writable_set(cfg, conn, set_name)
         d = _checked(replace(_destination(conn, set_name, name), **changes))
         conn.execute("DELETE FROM event_destinations WHERE configuration_set = ? AND name = ?", (set_name, name))
         _insert_destination(conn, set_name, d)
@@ -317,7 +317,7 @@ def update_destination(cfg: Config, store: Store, set_name: str, name: str, chan
 
 def delete_destination(cfg: Config, store: Store, set_name: str, name: str) -> None:
     def work(conn: sqlite3.Connection) -> None:
-        _writable_set(cfg, conn, set_name)
+        writable_set(cfg, conn, set_name)
         _destination(conn, set_name, name)
         conn.execute("DELETE FROM event_destinations WHERE configuration_set = ? AND name = ?", (set_name, name))
         delete_cursor(conn, set_name, name)

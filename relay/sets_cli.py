@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 # --- the CLI -----------------------------------------------------------------------------------------------
 
-def _open(args: argparse.Namespace):
+def open_config_and_store(args: argparse.Namespace):
     from relay import config as config_module
     from relay.store import Store
 
@@ -34,7 +34,7 @@ def _cli(fn):
     def run(args: argparse.Namespace) -> int:
         from relay.sets import SesError
 
-        cfg, store = _open(args)
+        cfg, store = open_config_and_store(args)
         try:
             out = fn(cfg, store, args)
         except SesError as exc:

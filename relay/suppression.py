@@ -201,7 +201,7 @@ def put_set_reasons(cfg: Config, store: Store, set_name: str, reasons: Iterable[
         raise sets.SesError("ValidationError", f"1 validation error detected: {exc}") from exc
 
     def work(conn) -> None:
-        sets._writable_set(cfg, conn, set_name)
+        sets.writable_set(cfg, conn, set_name)
         put_set_suppression(conn, set_name, checked)
 
     store.submit(work).result()
@@ -247,7 +247,7 @@ def set_reasons(cfg: Config, store: Store, set_name: str) -> tuple[tuple[str, ..
 
     s = Resolver(cfg, store).model().sets.get(set_name)
     if s is None:
-        raise sets._no_set(set_name)
+        raise sets.no_such_set(set_name)
     own = s.feedback.suppression_reasons
     if own is None:
         return cfg.feedback.suppression_reasons, "the account's [suppression] reasons"
@@ -263,9 +263,9 @@ def _options_cmd(cfg: Config, store: Store, args: argparse.Namespace) -> str:
 
 def suppression_command(args: argparse.Namespace) -> int:
     from relay.sets import SesError
-    from relay.sets_cli import _open
+    from relay.sets_cli import open_config_and_store
 
-    cfg, store = _open(args)
+    cfg, store = open_config_and_store(args)
     try:
         cmd = args.suppression_command
         if cmd == "options":
