@@ -28,6 +28,23 @@ _SCAN = re.compile(
 )
 # Whitespace or "/", then ">" or an attribute: name, and a value double-, single- or unquoted.
 _ATTR = re.compile(rb"""[\s/]*(?:(>)|([^\s/>][^\s/>=]*)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+)))?)""")
+# The whole rest of a start tag in one match, read exactly as parse_tag's loop of _ATTR reads it (atomic groups:
+# no backtracking into an attribute), capturing the first href. An unquoted value opening with a quote makes
+# the loop give up on the tag; here the match fails instead, and the caller falls back to the loop.
+_VALUE = rb"""(?:\s*+=\s*+(?:"[^"]*+"|'[^']*+'|[^\s>"'][^\s>]*+)|(?!\s*=\s*["']))"""
+_NAME = rb"[^\s/>][^\s/>=]*+"
+_HREF_NAME = rb"(?i:href)(?![^\s/>=])"
+# An empty group that takes part when the attribute about to be read is a marker (the match remembers it).
+_MARKER_FLAG = (rb"(?:(?=(?i:ses:no-track|ses:tags|clicktracking|data-pm-no-track|data-msys-clicktrack)"
+                rb"(?![^\s/>=]))()|)")
+_TAG_REST = re.compile(
+    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _MARKER_FLAG + _NAME + _VALUE + rb")*+"  # 1: a marker before href
+    rb"(?>[\s/]*+(" + _HREF_NAME + rb")"  # 2: the first href, its value double- (3), single- (4) or unquoted (5)
+    rb"""(?:\s*+=\s*+(?:"([^"]*+)"|'([^']*+)'|([^\s>"'][^\s>]*+))|(?!\s*=\s*["']))"""
+    rb"(?>[\s/]*+" + _MARKER_FLAG + _NAME + _VALUE + rb")*+)?+"  # 6: a marker after href
+    rb"[\s/]*+>"
+)
+_QUOTES = {3: b'"', 4: b"'", 5: b""}
 _TAG_OPEN = re.compile(rb"</?[A-Za-z]")
 _END_SCRIPT = re.compile(rb"</script\s*>", re.I)
 _END_STYLE = re.compile(rb"</style\s*>", re.I)
@@ -51,10 +68,24 @@ class Tag:
     name: str  # lower-cased
     start: int
     end: int  # just after ">"
-    attrs: list[Attr]
+    href: Attr | None  # the first href attribute
+    marked: bool  # it has marker attributes (MARKERS)
+    doc: bytes = field(default=b"", repr=False)
+    name_end: int = 0
     in_comment: bool = False
+    _attrs: list[Attr] | None = field(default=None, repr=False)
+
+    @property
+    def attrs(self) -> list[Attr]:
+        """Every attribute, read on first use (the scan itself only needs href)."""
+        if self._attrs is None:
+            full = parse_tag(self.doc, self.start, self.name_end, self.end)
+            self._attrs = full.attrs if full is not None else []
+        return self._attrs
 
     def attr(self, name: bytes) -> Attr | None:
+        if name == b"href":
+            return self.href
         return next((a for a in self.attrs if a.name == name), None)
 
 
@@ -80,7 +111,10 @@ def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
         if last is None:  # only whitespace or "/" left before the limit
             return None
         if last == 1:
-            return Tag(doc[start + 1:name_end].decode("ascii", "replace").lower(), start, m.end(), attrs)
+            end = m.end()
+            href = next((a for a in attrs if a.name == b"href"), None)
+            marked = any(a.name in MARKERS for a in attrs)
+            return Tag(_tag_name(doc, start, name_end), start, end, href, marked, doc, name_end, _attrs=attrs)
         pos = m.end()
         if last == 2:
             attrs.append(Attr(m.group(2).lower(), m.start(2), pos))
@@ -150,8 +184,30 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
             pos = _start_tag(doc, m, end, in_comment, out)
 
 
+def _tag_name(doc: bytes, start: int, name_end: int) -> str:
+    return doc[start + 1:name_end].decode("ascii", "replace").lower()
+
+
+def _read_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
+    """parse_tag's answer, from one regex match in the usual case (attributes other than href left unread)."""
+    m = _TAG_REST.match(doc, name_end, limit)
+    if m is None:
+        return parse_tag(doc, start, name_end, limit)
+    href = None
+    if m.start(2) >= 0:
+        group = next((g for g in (3, 4, 5) if m.start(g) >= 0), None)
+        if group is None:
+            href = Attr(b"href", m.start(2), m.end(2))
+        else:
+            (vs, ve), quote = m.span(group), _QUOTES[group]
+            href = Attr(b"href", m.start(2), ve + len(quote), vs, ve, quote)
+    marked = m.start(1) >= 0 or m.start(6) >= 0
+    end = m.end()
+    return Tag(_tag_name(doc, start, name_end), start, end, href, marked, doc, name_end)
+
+
 def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:
-    tag = parse_tag(doc, m.start(), m.end(1), end)
+    tag = _read_tag(doc, m.start(), m.end(1), end)
     if tag is None:  # never closed: a browser reads the rest of the document as part of this tag
         if not in_comment:
             out.open_end = True

@@ -212,8 +212,9 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
     edits: list[tuple[int, int, bytes | int]] = []
     links: list[dict] = []
     skipped: list[dict] = []
+    context = _link_context(settings, charset)
     for tag in scanned.links:
-        _link_edits(doc, tag, charset, settings, plan, edits, links, skipped)
+        _link_edits(doc, tag, context, plan, edits, links, skipped)
     pixel = _pixel_edits(doc, scanned, settings, edits, plan, len(doc))
     report.update(action="instrumented" if edits else "untouched", links=links, skipped=skipped, pixel=pixel,
                   original_html_size=len(doc))
@@ -233,30 +234,51 @@ def rewrite_html(doc: bytes, settings: TrackingSettings, keyring: Keyring, messa
 
 # --- links -------------------------------------------------------------------------------------------------
 
-def _link_edits(doc: bytes, tag: html.Tag, charset: str, settings: TrackingSettings, plan: Plan, edits: list,
-                links: list, skipped: list) -> None:
-    no_track, tags, tag_problems = _markers(doc, tag, edits)
-    href = tag.attr(b"href")
+@dataclass(frozen=True, slots=True)
+class _LinkContext:
+    """What every link of a part is judged and wrapped with, worked out once per part."""
+
+    click_tracking: bool
+    charset: str
+    utf8: bool
+    tracking_hosts: frozenset[str]  # host[:port] values, lower-cased as links' hosts are
+    http_base: tuple[str, bytes]  # (tracking URL up to the token, the same escaped for an attribute)
+    https_base: tuple[str, bytes]
+
+
+@lru_cache(maxsize=64)
+def _link_context(settings: TrackingSettings, charset: str) -> _LinkContext:
+    http, https = (settings.click_base(scheme) for scheme in ("http", "https"))
+    return _LinkContext(settings.click_tracking, charset, _is_utf8(charset),
+                        frozenset({settings.host.lower()}) | settings.tracking_hosts,
+                        (http, html.escape_attribute(http).encode("ascii")),
+                        (https, html.escape_attribute(https).encode("ascii")))
+
+
+def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, edits: list, links: list,
+                skipped: list) -> None:
+    no_track, tags, tag_problems = _markers(doc, tag, edits) if tag.marked else (False, {}, [])
+    href = tag.href
     if href is None or href.value_start < 0:
         return
     raw_value = doc[href.value_start:href.value_end]
-    text = _attribute_text(raw_value, charset)
+    text = _attribute_text(raw_value, context.charset)
     url, ambiguous = _destination(text) if text is not None else (None, False)
-    shown = url if url is not None else raw_value.decode("ascii", "replace")
-    reason = ("opt-out marker" if no_track else "click tracking off" if not settings.click_tracking
-              else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, settings))
-    if reason is None and not url.isascii() and not _is_utf8(charset):
+    reason = ("opt-out marker" if no_track else "click tracking off" if not context.click_tracking
+              else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, context))
+    if reason is None and not context.utf8 and not url.isascii():
         # a browser would percent-encode the query in the page's own charset: which URL is meant is unclear
-        reason = f"non-ASCII URL in a {charset} part"
+        reason = f"non-ASCII URL in a {context.charset} part"
     if reason is None and len(plan.links) >= MAX_LINKS:
         reason = f"beyond SES's limit of {MAX_LINKS} links per message"
     if reason is not None:
-        if settings.click_tracking:
+        if context.click_tracking:
+            shown = url if url is not None else raw_value.decode("ascii", "replace")
             skipped.append({"href": shown, "element": tag.name, "reason": reason})
         return
     assert url is not None
     index = len(plan.links)
-    base, base_attr = _click_base(settings, url[:5].lower() == "https")
+    base, base_attr = context.https_base if url[:5].lower() == "https" else context.http_base
     entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
              "in_conditional_comment": tag.in_comment}
     if tag_problems:
@@ -304,12 +326,6 @@ def parse_link_tags(text: str) -> tuple[dict[str, list[str]], list[str]]:
     return tags, problems
 
 
-@lru_cache(maxsize=256)
-def _click_base(settings: TrackingSettings, https: bool) -> tuple[str, bytes]:
-    base = settings.click_base("https" if https else "http")
-    return base, html.escape_attribute(base).encode("ascii")
-
-
 @lru_cache(maxsize=64)
 def _is_utf8(charset: str) -> bool:
     try:
@@ -352,7 +368,7 @@ def _valid_url(url: str) -> re.Match | None:
     return m if _URL_CHARS.fullmatch(rest) else None
 
 
-def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str | None:
+def _skip_reason(url: str, ambiguous: bool, context: _LinkContext) -> str | None:
     if ("{" in url or "|" in url or "%" in url) and _PLACEHOLDERS.search(url):
         return "unresolved template placeholder"
     m = _valid_url(url)
@@ -369,7 +385,7 @@ def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str |
     if ambiguous:
         return "ambiguous character reference in the URL"
     host = m.group(1).lower()
-    if settings.is_tracking_host(host + (m.group(2) or "")) or settings.is_tracking_host(host):
+    if host in context.tracking_hosts or (m.group(2) and host + m.group(2) in context.tracking_hosts):
         return "already a tracking link"
     return None
 
@@ -407,8 +423,7 @@ def _pixel_edits(doc: bytes, scanned: html.Scan, settings: TrackingSettings, edi
 
 def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) -> int:
     """The instrumented part's size for a typical recipient (tokens vary only with the address length)."""
-    click = len(tokens.seal(_SAMPLE_KEYRING, tokens.token_prefix(_SAMPLE_KEYRING, tokens.KIND_CLICK,
-                                                                  "m" * 60, _SAMPLE_RECIPIENT, 0)))
+    click = _sample_token_length()
     total = size + len(PIXEL_PRE + PIXEL_POST) + len(settings.open_base()) + click
     for start, end, rep in edits:
         if isinstance(rep, int) and rep >= 0:
@@ -420,6 +435,12 @@ def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) ->
 
 
 _SAMPLE_KEYRING = Keyring((tokens.SigningKey("k00000", b"0" * 32),))
+
+
+@lru_cache(maxsize=1)
+def _sample_token_length() -> int:
+    prefix = tokens.token_prefix(_SAMPLE_KEYRING, tokens.KIND_CLICK, "m" * 60, _SAMPLE_RECIPIENT, 0)
+    return len(tokens.seal(_SAMPLE_KEYRING, prefix))
 
 
 def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int]:
@@ -605,11 +626,11 @@ def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
     values: list[bytes] = []
     urls: list[str] = []
     if plan.links:
-        prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
+        seal = tokens.sealer(keyring, tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued))
         for link in plan.links:
-            token = tokens.seal(keyring, prefix + link.suffix)
-            urls.append(link.base + token)
-            values.append(link.base_attr + token.encode("ascii"))
+            token = seal(link.suffix)
+            urls.append(link.base + token.decode("ascii"))
+            values.append(link.base_attr + token)
     pixel_url = None
     if plan.open_slots:
         pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)

@@ -20,6 +20,7 @@ import binascii
 import hmac
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 VERSION = 1
@@ -140,8 +141,12 @@ def parse_tags(text: str) -> dict[str, list[str]]:
     return tags
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64(data: bytes) -> bytes:
+    """base64url without padding, as ASCII bytes."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE, b"=")
 
 
 def _unb64(token: str) -> bytes:
@@ -162,13 +167,26 @@ def token_prefix(keyring: Keyring, kind: int, message_id: str, recipient: str, i
 
 def seal(keyring: Keyring, body: bytes) -> str:
     mac = hmac.digest(keyring.signing.secret, body, "sha256")[:MAC_BYTES]
-    return _b64(body + mac)
+    return _b64(body + mac).decode("ascii")
+
+
+def sealer(keyring: Keyring, prefix: bytes) -> Callable[[bytes], bytes]:
+    """`seal(keyring, prefix + suffix)` (as ASCII bytes) for many suffixes sharing one prefix, e.g. every link of
+    one recipient's copy: the HMAC state after key and prefix is computed once and copied for each suffix."""
+    keyed = hmac.new(keyring.signing.secret, prefix, "sha256")
+
+    def seal_suffix(suffix: bytes) -> bytes:
+        mac = keyed.copy()
+        mac.update(suffix)
+        return _b64(prefix + suffix + mac.digest()[:MAC_BYTES])
+
+    return seal_suffix
 
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
     """The per-link part of a click token; `tags` may be pre-formatted with `format_tags`."""
     tag_text = tags if isinstance(tags, str) else format_tags(tags)
-    return struct.pack(">H", link_index) + _u16_text(url) + _u16_text(tag_text)
+    return struct.pack(">H", link_index) + _u16_text(url) + (_u16_text(tag_text) if tag_text else b"\0\0")
 
 
 def sign_open(keyring: Keyring, message_id: str, recipient: str, issued: int) -> str:
