@@ -33,11 +33,12 @@ PIXEL = -1  # slot number of the open pixel; links use their message-wide index
 PIXEL_PRE = b'<img src="'
 PIXEL_POST = b'" width="1" height="1" alt="" border="0" style="border:0;width:1px;height:1px" />'
 _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
-# RFC 3986 (with RFC 3987's non-ASCII letters, so IDNs and IRIs pass): allowed characters, checked in one class,
-# then the shape scheme://[userinfo@]host[:port][/path][?query][#fragment] and well-formed %XX escapes.
-_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\u00a0-\ud7ff\ue000-\U0010ffff]*")
-_URL_SHAPE = re.compile(r"https?://(?:[^/?#@]*@)?(\[[0-9A-Fa-f:.vV]+\]|[^/?#:@\[\]]+)(:[0-9]*)?(?:[/?#].*)?",
-                        re.I | re.S)
+# RFC 3986 (with RFC 3987's non-ASCII letters, so IDNs and IRIs pass): the shape
+# scheme://[userinfo@]host[:port][/path][?query][#fragment] (group 1: host, 2: port) in allowed characters only
+# (an IP literal's brackets aside), at most one "#"; then well-formed %XX escapes are checked apart.
+_URL_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%\u00a0-\ud7ff\ue000-\U0010ffff"  # less : @ / ? # (per part below)
+_URL = re.compile(rf"https?://(?:[{_URL_CHAR}:]*@)?(\[[0-9A-Fa-f:.vV]+\]|[{_URL_CHAR}]+)(:[0-9]*)?"
+                  rf"(?:[/?][{_URL_CHAR}:@/?]*)?(?:#[{_URL_CHAR}:@/?]*)?", re.I)
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
 _PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
@@ -358,14 +359,12 @@ def _destination(text: str) -> tuple[str, bool]:
 
 def _valid_url(url: str) -> re.Match | None:
     """The shape match of a valid http(s) URL (group 1: host), or None."""
-    m = _URL_SHAPE.fullmatch(url)
-    if m is None or url.count("#") > 1 or _BAD_ESCAPE.search(url):
+    m = _URL.fullmatch(url)
+    if m is None or ("%" in url and _BAD_ESCAPE.search(url)):
         return None
     if not url.isascii() and any(c.isspace() or c in "\u200b\ufeff" for c in url):  # e.g. a pasted no-break space
         return None
-    host = m.group(1)
-    rest = url[:m.start(1)] + url[m.end(1):] if host.startswith("[") else url
-    return m if _URL_CHARS.fullmatch(rest) else None
+    return m
 
 
 def _skip_reason(url: str, ambiguous: bool, context: _LinkContext) -> str | None:
@@ -542,6 +541,8 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
 
     None when the encoded lines do not map one to one onto decoded lines (encoded line ends, odd soft breaks).
     """
+    if len(edits) * _REUSE_LINES_PER_EDIT > doc.count(b"\n") + 1:  # a quick bound: there are no more CRLFs than LFs
+        return None
     lines_estimate = doc.count(b"\r\n") + 1
     if len(edits) * _REUSE_LINES_PER_EDIT > lines_estimate:  # many lines change: encoding all at once is cheaper
         return None

@@ -210,15 +210,25 @@ def decode_body(body: bytes, cte: str) -> bytes:
     return body
 
 
+_LONE_CR = re.compile(rb"\r(?!\n)")
+_ESCAPED_BLANK_AT_EOL = re.compile(rb"=(?:20|09)\r\n")
+
+
+def crlf_only(data: bytes) -> bool:
+    """Whether every line break is CRLF (no bare CR or LF). As fast as two single-byte counts: a two-byte
+    count (b"\r\n") is several times slower."""
+    return data.count(b"\r") == data.count(b"\n") and _LONE_CR.search(data) is None
+
+
 def encode_qp(data: bytes) -> bytes:
     """Quoted-printable with CRLF line ends and lines of at most 76 characters; decodes back to `data` exactly."""
-    if data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
+    if crlf_only(data):
         out = binascii.b2a_qp(data, istext=True)
         # Without a CRLF in the input, soft breaks come out as bare LF; the input has no bare LF to confuse.
         if b"\r\n" not in data:
             out = out.replace(b"\n", b"\r\n")
         # In text mode binascii only overruns 76 with an escaped space or tab ending a line: look only then.
-        suspect = b"=20\r\n" in out or b"=09\r\n" in out or out.endswith((b"=20", b"=09"))
+        suspect = _ESCAPED_BLANK_AT_EOL.search(out) is not None or out.endswith((b"=20", b"=09"))
     else:  # bare CR or LF inside lines must be escaped, so encode line by line in binary mode
         out = b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
         suspect = True  # binary mode writes lines of 77
