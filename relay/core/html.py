@@ -18,33 +18,35 @@ PLACEHOLDER = b"{{ses:openTracker}}"
 # Per-link opt-out and tag attributes (SES, SendGrid, Postmark, SparkPost): always removed from links.
 MARKERS = frozenset({b"ses:no-track", b"ses:tags", b"clicktracking", b"data-pm-no-track", b"data-msys-clicktrack"})
 
-# A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once.
-_SCAN = re.compile(
-    rb"<(?=[!aAvVbBsS]|/[bB])(?:"
-    rb"!--"
-    rb"|!\[CDATA\["
-    rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
-    rb"|/(?i:body)(?=[\s/>]))"
-)
 # Whitespace or "/", then ">" or an attribute: name, and a value double-, single- or unquoted.
 _ATTR = re.compile(rb"""[\s/]*(?:(>)|([^\s/>][^\s/>=]*)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+)))?)""")
-# The whole rest of a start tag in one match, read exactly as parse_tag's loop of _ATTR reads it (atomic groups:
-# no backtracking into an attribute), capturing the first href. An unquoted value opening with a quote makes
-# the loop give up on the tag; here the match fails instead, and the caller falls back to the loop.
+# The rest of a start tag after its name, read exactly as parse_tag's loop of _ATTR reads it (atomic groups: no
+# backtracking into an attribute), noting the first href and whether any attribute is a marker. An unquoted value
+# opening with a quote makes the loop give up on the tag; here the match fails and parse_tag decides.
 _VALUE = rb"""(?:\s*+=\s*+(?:"[^"]*+"|'[^']*+'|[^\s>"'][^\s>]*+)|(?!\s*=\s*["']))"""
 _NAME = rb"[^\s/>][^\s/>=]*+"
 _HREF_NAME = rb"(?i:href)(?![^\s/>=])"
 # An empty group that takes part when the attribute about to be read is a marker (the match remembers it).
 _MARKER_FLAG = (rb"(?:(?=(?i:ses:no-track|ses:tags|clicktracking|data-pm-no-track|data-msys-clicktrack)"
                 rb"(?![^\s/>=]))()|)")
-_TAG_REST = re.compile(
-    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _MARKER_FLAG + _NAME + _VALUE + rb")*+"  # 1: a marker before href
-    rb"(?>[\s/]*+(" + _HREF_NAME + rb")"  # 2: the first href, its value double- (3), single- (4) or unquoted (5)
+_TAG_REST = (
+    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _MARKER_FLAG + _NAME + _VALUE + rb")*+"  # group 2: a marker before href
+    rb"(?>[\s/]*+(" + _HREF_NAME + rb")"  # 3: the first href; its value double- (4), single- (5) or unquoted (6)
     rb"""(?:\s*+=\s*+(?:"([^"]*+)"|'([^']*+)'|([^\s>"'][^\s>]*+))|(?!\s*=\s*["']))"""
-    rb"(?>[\s/]*+" + _MARKER_FLAG + _NAME + _VALUE + rb")*+)?+"  # 6: a marker after href
+    rb"(?>[\s/]*+" + _MARKER_FLAG + _NAME + _VALUE + rb")*+)?+"  # 7: a marker after href
     rb"[\s/]*+>"
 )
-_QUOTES = {3: b'"', 4: b"'", 5: b""}
+_MARKER_BEFORE, _HREF, _MARKER_AFTER = 2, 3, 7
+_HREF_VALUES = ((4, b'"'), (5, b"'"), (6, b""))
+# A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once. A start
+# tag that matters (group 1: its name) is read whole in the same match when _TAG_REST can read it.
+_SCAN = re.compile(
+    rb"<(?=[!aAvVbBsS]|/[bB])(?:"
+    rb"!--"
+    rb"|!\[CDATA\["
+    rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])(?:" + _TAG_REST + rb")?"
+    rb"|/(?i:body)(?=[\s/>]))"
+)
 _TAG_OPEN = re.compile(rb"</?[A-Za-z]")
 _END_SCRIPT = re.compile(rb"</script\s*>", re.I)
 _END_STYLE = re.compile(rb"</style\s*>", re.I)
@@ -159,8 +161,9 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
             if not in_comment and _inside_tag(doc, end, max(start, pos - 1)):
                 out.open_end = True
             return
-        token, at = m.group(0), m.start()
-        if token == b"<!--":
+        at = m.start()
+        head = doc[at + 1:at + 3]
+        if head == b"!-":  # <!--
             close = doc.find(b"-->", at + 4, end)
             stop = end if close < 0 else close
             if doc.startswith(b"[if", at + 4) and not in_comment:  # Outlook conditional comment: VML buttons
@@ -169,14 +172,14 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                 out.open_end = True
             pos = end if close < 0 else close + 3
             out.opaque.append((at, pos))
-        elif token == b"<![CDATA[":
+        elif head == b"![":  # <![CDATA[
             close = doc.find(b"]]>", at, end)
             pos = end if close < 0 else close + 3
             if not in_comment:
                 out.opaque.append((at, pos))
         elif _inside_tag(doc, at, start):
             pos = at + 1
-        elif token[1:2] == b"/":  # </body>
+        elif head[:1] == b"/":  # </body>
             if not in_comment:
                 out.body_close = at
             pos = m.end()
@@ -188,26 +191,28 @@ def _tag_name(doc: bytes, start: int, name_end: int) -> str:
     return doc[start + 1:name_end].decode("ascii", "replace").lower()
 
 
-def _read_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
-    """parse_tag's answer, from one regex match in the usual case (attributes other than href left unread)."""
-    m = _TAG_REST.match(doc, name_end, limit)
-    if m is None:
-        return parse_tag(doc, start, name_end, limit)
+def _matched_tag(doc: bytes, m: re.Match) -> Tag:
+    """The tag _SCAN read whole (attributes other than href are read later, if ever)."""
+    regs = m.regs
+    start, name_end = regs[0][0], regs[1][1]
     href = None
-    if m.start(2) >= 0:
-        group = next((g for g in (3, 4, 5) if m.start(g) >= 0), None)
-        if group is None:
-            href = Attr(b"href", m.start(2), m.end(2))
-        else:
-            (vs, ve), quote = m.span(group), _QUOTES[group]
-            href = Attr(b"href", m.start(2), ve + len(quote), vs, ve, quote)
-    marked = m.start(1) >= 0 or m.start(6) >= 0
-    end = m.end()
-    return Tag(_tag_name(doc, start, name_end), start, end, href, marked, doc, name_end)
+    if regs[_HREF][0] >= 0:
+        name_start = regs[_HREF][0]
+        href = Attr(b"href", name_start, regs[_HREF][1])
+        for group, quote in _HREF_VALUES:
+            vs, ve = regs[group]
+            if vs >= 0:
+                href = Attr(b"href", name_start, ve + len(quote), vs, ve, quote)
+                break
+    marked = regs[_MARKER_BEFORE][0] >= 0 or regs[_MARKER_AFTER][0] >= 0
+    return Tag(_tag_name(doc, start, name_end), start, regs[0][1], href, marked, doc, name_end)
 
 
 def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:
-    tag = _read_tag(doc, m.start(), m.end(1), end)
+    if m.end() > m.end(1):
+        tag: Tag | None = _matched_tag(doc, m)
+    else:  # _TAG_REST could not read it: the attribute loop decides (usually: never closed)
+        tag = parse_tag(doc, m.start(), m.end(1), end)
     if tag is None:  # never closed: a browser reads the rest of the document as part of this tag
         if not in_comment:
             out.open_end = True
