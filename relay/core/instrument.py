@@ -36,10 +36,13 @@ _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 # RFC 3986 (with RFC 3987's non-ASCII letters, so IDNs and IRIs pass): the shape
 # scheme://[userinfo@]host[:port][/path][?query][#fragment] (group 1: host, 2: port) in allowed characters only
 # (an IP literal's brackets aside), at most one "#"; then well-formed %XX escapes are checked apart.
-_URL_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%\u00a0-\ud7ff\ue000-\U0010ffff"  # less : @ / ? # (per part below)
-# Case-insensitive only for the scheme: re.I on these big Unicode classes makes matching several times slower.
-_URL = re.compile(rf"(?i:https?)://(?:[{_URL_CHAR}:]*@)?(\[[0-9A-Fa-f:.vV]+\]|[{_URL_CHAR}]+)(:[0-9]*)?"
-                  rf"(?:[/?][{_URL_CHAR}:@/?]*)?(?:#[{_URL_CHAR}:@/?]*)?")
+# Case-insensitive only for the scheme: re.I on big Unicode classes makes matching several times slower, and the
+# ASCII-only variant (classes the engine tests with a bitmap) serves the usual ASCII URL.
+_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*@)?(\[[0-9A-Fa-f:.vV]+\]|[{c}]+)(:[0-9]*)?"
+              r"(?:[/?][{c}:@/?]*)?(?:#[{c}:@/?]*)?")
+_URL_ASCII_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%"  # less : @ / ? # (added per part)
+_URL_ASCII = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR))
+_URL = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR + "\u00a0-\ud7ff\ue000-\U0010ffff"))
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
 _PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
@@ -360,10 +363,11 @@ def _destination(text: str) -> tuple[str, bool]:
 
 def _valid_url(url: str) -> re.Match | None:
     """The shape match of a valid http(s) URL (group 1: host), or None."""
-    m = _URL.fullmatch(url)
+    ascii_only = url.isascii()
+    m = (_URL_ASCII if ascii_only else _URL).fullmatch(url)
     if m is None or ("%" in url and _BAD_ESCAPE.search(url)):
         return None
-    if not url.isascii() and any(c.isspace() or c in "\u200b\ufeff" for c in url):  # e.g. a pasted no-break space
+    if not ascii_only and any(c.isspace() or c in "\u200b\ufeff" for c in url):  # e.g. a pasted no-break space
         return None
     return m
 
