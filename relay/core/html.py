@@ -194,18 +194,20 @@ def _tag_name(doc: bytes, start: int, name_end: int) -> str:
 def _matched_tag(doc: bytes, m: re.Match) -> Tag:
     """The tag _SCAN read whole (attributes other than href are read later, if ever)."""
     regs = m.regs
-    start, name_end = regs[0][0], regs[1][1]
+    start, end = regs[0]
+    name_end = regs[1][1]
     href = None
-    if regs[_HREF][0] >= 0:
-        name_start = regs[_HREF][0]
-        href = Attr(b"href", name_start, regs[_HREF][1])
+    name_start, name_stop = regs[_HREF]
+    if name_start >= 0:
         for group, quote in _HREF_VALUES:
             vs, ve = regs[group]
             if vs >= 0:
                 href = Attr(b"href", name_start, ve + len(quote), vs, ve, quote)
                 break
+        else:
+            href = Attr(b"href", name_start, name_stop)
     marked = regs[_MARKER_BEFORE][0] >= 0 or regs[_MARKER_AFTER][0] >= 0
-    return Tag(_tag_name(doc, start, name_end), start, regs[0][1], href, marked, doc, name_end)
+    return Tag(_tag_name(doc, start, name_end), start, end, href, marked, doc, name_end)
 
 
 def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:

@@ -632,11 +632,10 @@ def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
     values: list[bytes] = []
     urls: list[str] = []
     if plan.links:
-        seal = tokens.sealer(keyring, tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued))
-        for link in plan.links:
-            token = seal(link.suffix)
-            urls.append(link.base + token.decode("ascii"))
-            values.append(link.base_attr + token)
+        prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
+        sealed = tokens.seal_all(keyring, prefix, [link.suffix for link in plan.links])
+        values = [link.base_attr + token for link, token in zip(plan.links, sealed, strict=True)]
+        urls = [link.base + token.decode("ascii") for link, token in zip(plan.links, sealed, strict=True)]
     pixel_url = None
     if plan.open_slots:
         pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)

@@ -20,8 +20,8 @@ import binascii
 import hmac
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 VERSION = 1
 KIND_OPEN = 0x4F  # "O"
@@ -143,6 +143,16 @@ def parse_tags(text: str) -> dict[str, list[str]]:
 
 
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
+try:  # OpenSSL's HMAC object itself: copying it is cheaper than copying hmac.HMAC, its Python wrapper
+    from _hashlib import hmac_new as _openssl_hmac
+except ImportError:  # pragma: no cover - CPython built without OpenSSL
+    _openssl_hmac = None
+
+
+def _keyed_hmac(secret: bytes, data: bytes) -> Any:  # an _hashlib.HMAC or an hmac.HMAC: copy, update, digest
+    if _openssl_hmac is not None:
+        return _openssl_hmac(secret, data, "sha256")
+    return hmac.new(secret, data, "sha256")
 
 
 def _b64(data: bytes) -> bytes:
@@ -171,17 +181,17 @@ def seal(keyring: Keyring, body: bytes) -> str:
     return _b64(body + mac).decode("ascii")
 
 
-def sealer(keyring: Keyring, prefix: bytes) -> Callable[[bytes], bytes]:
-    """`seal(keyring, prefix + suffix)` (as ASCII bytes) for many suffixes sharing one prefix, e.g. every link of
-    one recipient's copy: the HMAC state after key and prefix is computed once and copied for each suffix."""
-    keyed = hmac.new(keyring.signing.secret, prefix, "sha256")
-
-    def seal_suffix(suffix: bytes) -> bytes:
+def seal_all(keyring: Keyring, prefix: bytes, suffixes: list[bytes]) -> list[bytes]:
+    """`[seal(keyring, prefix + suffix) for suffix in suffixes]`, as ASCII bytes, for suffixes sharing one prefix
+    (every link of one recipient's copy): the HMAC state after key and prefix is computed once, copied per suffix."""
+    keyed = _keyed_hmac(keyring.signing.secret, prefix)
+    b2a, urlsafe = binascii.b2a_base64, _URLSAFE
+    out = []
+    for suffix in suffixes:
         mac = keyed.copy()
         mac.update(suffix)
-        return _b64(prefix + suffix + mac.digest()[:MAC_BYTES])
-
-    return seal_suffix
+        out.append(b2a(prefix + suffix + mac.digest()[:MAC_BYTES], newline=False).translate(urlsafe, b"="))
+    return out
 
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
