@@ -480,61 +480,47 @@ def _qp_template(pieces: list) -> list[bytes | int]:
     """
     joined: list[bytes | int | _Encoded] = []  # adjacent plain pieces encode as one: their lines run on
     for p in pieces:
-        if isinstance(p, bytes) and joined and isinstance(joined[-1], bytes):
+        if type(p) is bytes and joined and type(joined[-1]) is bytes:
             joined[-1] = joined[-1] + p
         else:
             joined.append(p)
-    encoded = iter(mime.encode_qp_many([p for p in joined if isinstance(p, bytes)]))
+    encoded = iter(mime.encode_qp_many([p for p in joined if type(p) is bytes]))
     out: list[bytes | int] = []
+    run: list[bytes] = []  # encoded text since the last slot, joined into one item when the next slot comes
     mid_line = False  # whether the previous piece ended inside a line
     for p in joined:
-        if isinstance(p, _Encoded):  # whole lines, ending in a line break
-            out.append(p.data)
-            mid_line = False
-            continue
-        if isinstance(p, int):
-            if mid_line and isinstance(out[-1], bytes):
-                out[-1] = _with_soft_break(out[-1])
-            elif mid_line:
-                out.append(b"=\r\n")  # after another slot, whose lines are at most 75 long
+        if type(p) is int:
+            if mid_line:  # a soft break after the text before (or after the previous slot, at most 75 long)
+                run.extend(_with_soft_break(run.pop()) if run else (b"=\r\n",))
+            if run:
+                out.append(b"".join(run))
+                run = []
             out.append(p)
             mid_line = True
-            continue
-        if out and isinstance(out[-1], int) and not p.startswith(b"\r\n"):
-            out.append(b"=\r\n")
-        out.append(next(encoded))
-        mid_line = not p.endswith(b"\r\n")
-    return _merge(out)
+        elif type(p) is bytes:
+            if out and not run and not p.startswith(b"\r\n"):  # right after a slot
+                run.append(b"=\r\n")
+            run.append(next(encoded))
+            mid_line = not p.endswith(b"\r\n")
+        else:  # _Encoded: whole lines, ending in a line break
+            run.append(p.data)
+            mid_line = False
+    if run:
+        out.append(b"".join(run))
+    return out
 
 
-def _with_soft_break(encoded: bytes) -> bytes:
-    """`encoded` ending in a soft line break, its last line shortened if the "=" would make it 77 long."""
+def _with_soft_break(encoded: bytes) -> tuple[bytes, ...]:
+    """`encoded` and a soft line break, its last line shortened if the "=" would make it 77 long."""
     last = encoded.rfind(b"\n") + 1
     if len(encoded) - last <= 75:
-        return encoded + b"=\r\n"
+        return encoded, b"=\r\n"
     cut = len(encoded) - 1
     if encoded[cut - 1:cut] == b"=":  # never split an =XX escape
         cut -= 1
     elif encoded[cut - 2:cut - 1] == b"=":
         cut -= 2
-    return encoded[:cut] + b"=\r\n" + encoded[cut:] + b"=\r\n"
-
-
-def _merge(items: list[bytes | int]) -> list[bytes | int]:
-    """Adjacent bytes joined (once: no quadratic concatenation)."""
-    merged: list[bytes | int] = []
-    run: list[bytes] = []
-    for x in items:
-        if isinstance(x, int):
-            if run:
-                merged.append(b"".join(run))
-                run = []
-            merged.append(x)
-        else:
-            run.append(x)
-    if run:
-        merged.append(b"".join(run))
-    return merged
+    return encoded[:cut], b"=\r\n", encoded[cut:], b"=\r\n"
 
 
 _ENCODED_LINE_END = re.compile(rb"=0[DdAa]")

@@ -115,7 +115,7 @@ def _parse_part(raw: bytes, start: int, end: int, path: str, default_type: str, 
         charset=_charset(msg), cte=str(msg.get("content-transfer-encoding", "")).lower(),
         disposition=disposition, protected=inside_protected or ctype in PROTECTED, fields=fields,
     )
-    if part.protected or msg.get_content_maintype() != "multipart":
+    if part.protected or ctype.split("/")[0] != "multipart":  # get_content_maintype(), without parsing again
         return part
     boundary = msg.get_boundary()
     if not boundary or "\r" in boundary or "\n" in boundary:  # a line-based reader can never match these
