@@ -450,7 +450,7 @@ def _sample_token_length() -> int:
 def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int]:
     out: list[bytes | int] = []
     pos = 0
-    for start, end, rep in sorted(edits, key=lambda e: (e[0], e[1])):
+    for start, end, rep in sorted(edits, key=mime.EDIT_ORDER):
         if start < pos:
             raise PartError("overlapping edits")
         if start > pos:
@@ -547,7 +547,7 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
     pieces: list = []
     done = 0  # decoded lines [0, done) are in `pieces`
     old, new = [], []  # the changed lines as encoded and as decoded, checked against each other at the end
-    for first, last, group in _line_groups(doc, sorted(edits, key=lambda e: (e[0], e[1]))):
+    for first, last, group in _line_groups(doc, sorted(edits, key=mime.EDIT_ORDER)):
         if first > done:
             pieces.append(_Encoded(like[offsets[done] + 2 * done:offsets[first] + 2 * first]))
         start = doc.rfind(b"\r\n", 0, group[0][0]) + 2 if first else 0

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import Message
+from operator import itemgetter
 
 PROTECTED = frozenset({
     "multipart/signed", "multipart/encrypted", "application/pkcs7-mime", "application/x-pkcs7-mime",
@@ -22,6 +23,7 @@ PROTECTED = frozenset({
 })
 # Same test as the feed parser: a header line, a unix From line, or a continuation line.
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
+EDIT_ORDER = itemgetter(0, 1)  # sort key of (start, end, ...) edits
 UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
 
 
@@ -303,7 +305,7 @@ def splice(raw: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     """`raw` with each (start, end) range replaced; edits must not overlap."""
     out: list[bytes] = []
     pos = 0
-    for start, end, data in sorted(edits, key=lambda e: (e[0], e[1])):
+    for start, end, data in sorted(edits, key=EDIT_ORDER):
         out.append(raw[pos:start])
         out.append(data)
         pos = end
