@@ -29,23 +29,22 @@ _HREF_NAME = rb"(?i:href)(?![^\s/>=])"
 # An empty group that takes part when the attribute about to be read is a marker (the match remembers it).
 _MARKER_FLAG = (rb"(?:(?=(?i:ses:no-track|ses:tags|clicktracking|data-pm-no-track|data-msys-clicktrack)"
                 rb"(?![^\s/>=]))()|)")
-_TAG_REST = (
-    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _MARKER_FLAG + _NAME + _VALUE + rb")*+"  # group 2: a marker before href
-    rb"(?>[\s/]*+(" + _HREF_NAME + rb")"  # 3: the first href; its value double- (4), single- (5) or unquoted (6)
+_TAG_REST = re.compile(
+    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _MARKER_FLAG + _NAME + _VALUE + rb")*+"  # group 1: a marker before href
+    rb"(?>[\s/]*+(" + _HREF_NAME + rb")"  # 2: the first href; its value double- (3), single- (4) or unquoted (5)
     rb"""(?:\s*+=\s*+(?:"([^"]*+)"|'([^']*+)'|([^\s>"'][^\s>]*+))|(?!\s*=\s*["']))"""
-    rb"(?>[\s/]*+" + _MARKER_FLAG + _NAME + _VALUE + rb")*+)?+"  # 7: a marker after href
+    rb"(?>[\s/]*+" + _MARKER_FLAG + _NAME + _VALUE + rb")*+)?+"  # 6: a marker after href
     rb"[\s/]*+>"
 )
-_MARKER_BEFORE, _HREF, _MARKER_AFTER = 2, 3, 7
-_HREF_VALUES = ((4, b'"'), (5, b"'"), (6, b""))
-# A literal "<" first lets the regex engine jump between "<"s; the lookahead (two characters of every name below)
-# rejects most tags at once, <b>, <br>, <span> and <strong> too. A start
-# tag that matters (group 1: its name) is read whole in the same match when _TAG_REST can read it.
+_MARKER_BEFORE, _HREF, _MARKER_AFTER = 1, 2, 6
+_HREF_VALUES = ((3, b'"'), (4, b"'"), (5, b""))
+# A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once. (Measured:
+# a longer lookahead, or reading the tag's attributes in this same regex, makes the search between "<"s slower.)
 _SCAN = re.compile(
-    rb"<(?=!-|!\[|[aA][\s/>rR]|[vV]:|[bB][oO]|[sS][cCtT]|/[bB])(?:"
+    rb"<(?=[!aAvVbBsS]|/[bB])(?:"
     rb"!--"
     rb"|!\[CDATA\["
-    rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])(?:" + _TAG_REST + rb")?"
+    rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
     rb"|/(?i:body)(?=[\s/>]))"
 )
 _TAG_OPEN = re.compile(rb"</?[A-Za-z]")
@@ -192,11 +191,13 @@ def _tag_name(doc: bytes, start: int, name_end: int) -> str:
     return doc[start + 1:name_end].decode("ascii", "replace").lower()
 
 
-def _matched_tag(doc: bytes, m: re.Match) -> Tag:
-    """The tag _SCAN read whole (attributes other than href are read later, if ever)."""
+def _read_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
+    """parse_tag's answer, from one regex match in the usual case (attributes other than href are read later,
+    if ever)."""
+    m = _TAG_REST.match(doc, name_end, limit)
+    if m is None:  # _TAG_REST cannot read it: the attribute loop decides (usually: never closed)
+        return parse_tag(doc, start, name_end, limit)
     regs = m.regs
-    start, end = regs[0]
-    name_end = regs[1][1]
     href = None
     name_start, name_stop = regs[_HREF]
     if name_start >= 0:
@@ -208,14 +209,11 @@ def _matched_tag(doc: bytes, m: re.Match) -> Tag:
         else:
             href = Attr(b"href", name_start, name_stop)
     marked = regs[_MARKER_BEFORE][0] >= 0 or regs[_MARKER_AFTER][0] >= 0
-    return Tag(_tag_name(doc, start, name_end), start, end, href, marked, doc, name_end)
+    return Tag(_tag_name(doc, start, name_end), start, regs[0][1], href, marked, doc, name_end)
 
 
 def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:
-    if m.end() > m.end(1):
-        tag: Tag | None = _matched_tag(doc, m)
-    else:  # _TAG_REST could not read it: the attribute loop decides (usually: never closed)
-        tag = parse_tag(doc, m.start(), m.end(1), end)
+    tag = _read_tag(doc, m.start(), m.end(1), end)
     if tag is None:  # never closed: a browser reads the rest of the document as part of this tag
         if not in_comment:
             out.open_end = True
