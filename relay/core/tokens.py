@@ -177,7 +177,7 @@ def token_prefix(keyring: Keyring, kind: int, message_id: str, recipient: str, i
 
 
 def seal(keyring: Keyring, body: bytes) -> str:
-    mac = hmac.digest(keyring.signing.secret, body, "sha256")[:MAC_BYTES]
+    mac = _keyed_hmac(keyring.signing.secret, body).digest()[:MAC_BYTES]
     return _b64(body + mac).decode("ascii")
 
 
