@@ -33,7 +33,6 @@ _SES_ID_RE = re.compile(
     r"^([0-9a-f]{16})-([0-9a-f]{8})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{4})-([0-9a-f]{12})-000000$"
 )
 _PACKED_ID = 0xFF  # msgid length marker meaning "24 packed bytes of an SES-format id"
-_INDEX_AND_LENGTH = struct.Struct(">HH")  # a click's link index, then its URL's length
 
 
 @dataclass(frozen=True)
@@ -185,22 +184,18 @@ def seal_all(keyring: Keyring, prefix: bytes, suffixes: list[bytes]) -> list[byt
     """`[seal(keyring, prefix + suffix) for suffix in suffixes]`, as ASCII bytes, for suffixes sharing one prefix
     (every link of one recipient's copy): the HMAC state after key and prefix is computed once, copied per suffix."""
     keyed = _keyed_hmac(keyring.signing.secret, prefix)
-    b2a, urlsafe = binascii.b2a_base64, _URLSAFE
     out = []
     for suffix in suffixes:
         mac = keyed.copy()
         mac.update(suffix)
-        out.append(b2a(prefix + suffix + mac.digest()[:MAC_BYTES], newline=False).translate(urlsafe, b"="))
+        out.append(_b64(prefix + suffix + mac.digest()[:MAC_BYTES]))
     return out
 
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
     """The per-link part of a click token; `tags` may be pre-formatted with `format_tags`."""
     tag_text = tags if isinstance(tags, str) else format_tags(tags) if tags else ""
-    raw_url = url.encode("utf-8", "surrogatepass")
-    if len(raw_url) > 0xFFFF:
-        raise ValueError("field too long for a token")
-    return _INDEX_AND_LENGTH.pack(link_index, len(raw_url)) + raw_url + (_u16_text(tag_text) if tag_text else b"\0\0")
+    return struct.pack(">H", link_index) + _u16_text(url) + (_u16_text(tag_text) if tag_text else b"\0\0")
 
 
 def sign_open(keyring: Keyring, message_id: str, recipient: str, issued: int) -> str:
