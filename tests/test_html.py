@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.core import html
 
@@ -86,3 +88,30 @@ def test_unescape_attribute_like_a_browser(raw, want):
 
 def test_escape_attribute():
     assert html.escape_attribute("http://t/c/a?b=1&c='\"") == "http://t/c/a?b=1&amp;c=&#39;&quot;"
+
+
+TAG_PIECES = [b"a", b"x", b"href", b"HREF", b"hreF", b"hrefx", b"=", b" ", b"\t", b"\r\n", b"\x0b", b"/", b">", b'"',
+              b"'", b"<", b'="', b"='", b"ses:tags", b"ses:no-track", b"ses:no-trackx", b"ClickTracking",
+              b"data-pm-no-track", b"data-msys-clicktrack"]
+
+
+def reading(tag: html.Tag | None) -> tuple | None:
+    if tag is None:
+        return None
+    spans = [(a.name, a.start, a.end, a.value_start, a.value_end, a.quote) for a in tag.attrs]
+    href = tag.attr(b"href")
+    href_span = href and (href.start, href.end, href.value_start, href.value_end, href.quote)
+    return tag.name, tag.end, tag.marked, href_span, spans
+
+
+@settings(max_examples=1500)
+@given(st.lists(st.sampled_from(TAG_PIECES), max_size=24).map(b"".join), st.booleans(), st.integers(0, 3))
+def test_the_scan_reads_a_tag_in_one_match_exactly_as_the_attribute_loop(body, closed, cut):
+    """One regex match reads a link tag whole (href and markers); parse_tag's loop is the reference."""
+    doc = b"<a " + body + (b">" if closed else b"")
+    limit = max(3, len(doc) - cut)
+    fast = html._read_tag(doc, 0, 2, limit)
+    slow = html.parse_tag(doc, 0, 2, limit)
+    assert reading(fast) == reading(slow)
+    if slow is not None:
+        assert slow.marked == any(a.name in html.MARKERS for a in slow.attrs)

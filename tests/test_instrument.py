@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.core import instrument as core
 from relay.core import tokens
@@ -510,3 +512,33 @@ def test_qp_lines_without_changes_keep_their_original_encoding():
     assert got.endswith(encoded[encoded.index(b"<p>line 121"):])
     assert html_of(out.data) == doc.replace(b"https://x.example/?a=1&amp;b=2", link["tracking"].encode())
     assert all(len(x) <= 76 for x in got.split(b"\r\n"))
+
+
+# RFC 3986 validity spelled out in two steps (the shape, then the allowed characters outside an IP literal): the
+# reference the engine's single regex must agree with.
+URL_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\u00a0-\ud7ff\ue000-\U0010ffff]*")
+URL_SHAPE = re.compile(r"https?://(?:[^/?#@]*@)?(\[[0-9A-Fa-f:.vV]+\]|[^/?#:@\[\]]+)(:[0-9]*)?(?:[/?#].*)?",
+                       re.I | re.S)
+
+
+def reference_valid_url(url: str) -> tuple | None:
+    m = URL_SHAPE.fullmatch(url)
+    if m is None or url.count("#") > 1 or re.search(r"%(?![0-9A-Fa-f]{2})", url):
+        return None
+    if not url.isascii() and any(c.isspace() or c in "\u200b\ufeff" for c in url):
+        return None
+    rest = url[:m.start(1)] + url[m.end(1):] if m.group(1).startswith("[") else url
+    return (m.group(1), m.group(2)) if URL_CHARS.fullmatch(rest) else None
+
+
+URL_PIECES = ["x.example", "a", "/", "?", "#", ":", ":80", "@", "u:p@", "%2F", "&", "-", "'", "\u00e9", "\u212a",
+              "\u017f", "K"] * 3 + ["[::1]", "[v1.x]", "[", "]", "%", "%zz", "\u00a0", " ", "\u200b", "\n", "<", "{",
+                                   "|", "\U0001F600", "^", "\\", "http://", "HTTPS://"]
+
+
+@settings(max_examples=1500)
+@given(st.sampled_from(["http://", "https://", "HTTP://", ""]), st.lists(st.sampled_from(URL_PIECES), max_size=10))
+def test_url_validity_matches_rfc_3986_spelled_out(scheme, pieces):
+    url = scheme + "".join(pieces)
+    m = core._valid_url(url)
+    assert (None if m is None else (m.group(1), m.group(2))) == reference_valid_url(url)

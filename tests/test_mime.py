@@ -3,6 +3,8 @@ import email
 import email.policy
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.core import mime
 
@@ -135,3 +137,8 @@ def test_set_cte_replaces_or_adds_the_field():
 
 def test_splice_keeps_everything_else():
     assert mime.splice(b"0123456789", [(6, 8, b"X"), (1, 2, b"")]) == b"02345X89"
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b" "]), max_size=12).map(b"".join))
+def test_crlf_only_means_every_line_break_is_crlf(data):
+    assert mime.crlf_only(data) == (data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"))

@@ -51,3 +51,27 @@ def test_token_is_url_safe_and_short():
     token = tokens.sign_click(Keyring((K1,)), MID, "someone@example.org", 1, 3, "https://www.example.com/p?q=1")
     assert all(c.isalnum() or c in "-_" for c in token)
     assert len(token) <= 150  # SES wraps the same link in about 160 characters
+
+
+def test_token_bytes_are_pinned():
+    """The token format never changes: links already delivered must keep verifying (and speed work keeps it)."""
+    ring = Keyring((K1,))
+    assert tokens.sign_click(ring, MID, "rcpt@example.org", 1700000000, 7, "https://example.com/a?b=1&c=d#frag",
+                             {"k": ["v"]}) == (
+        "AUMCazFlU_EA_wEAAYwaKzxNBeAI3gJOQiaEHpjw4NYbsQAQcmNwdEBleGFtcGxlLm9yZwAHACJodHRwczovL2V4YW1wbGUuY29tL2E_Yj0x"
+        "JmM9ZCNmcmFnAANrOnY4uwdls39VY_xOzB_RFAoC")
+    assert tokens.sign_click(ring, MID, "rcpt@example.org", 1700000000, 0, "https://example.com/") == (
+        "AUMCazFlU_EA_wEAAYwaKzxNBeAI3gJOQiaEHpjw4NYbsQAQcmNwdEBleGFtcGxlLm9yZwAAABRodHRwczovL2V4YW1wbGUuY29tLwAAv13D"
+        "4WRkhwifxK2mlck6Jw")
+    assert tokens.sign_open(ring, "local-id-1", "ü@example.org", 5) == (
+        "AU8CazEAAAAFCmxvY2FsLWlkLTEADsO8QGV4YW1wbGUub3JnKMD5SZnZNvIPH0D4tGMR1g")
+
+
+def test_seal_all_seals_each_suffix_like_seal():
+    ring = Keyring((K2, K1))
+    prefix = tokens.token_prefix(ring, tokens.KIND_CLICK, MID, "r@x", 9)
+    suffixes = [tokens.click_suffix(i, f"https://example.com/{'p' * i}", {"a": ["b"]} if i % 2 else {})
+                for i in range(70)]
+    sealed = tokens.seal_all(ring, prefix, suffixes)
+    assert [t.decode("ascii") for t in sealed] == [tokens.seal(ring, prefix + s) for s in suffixes]
+    assert tokens.verify(ring, sealed[3].decode("ascii")).url == "https://example.com/ppp"

@@ -33,11 +33,16 @@ PIXEL = -1  # slot number of the open pixel; links use their message-wide index
 PIXEL_PRE = b'<img src="'
 PIXEL_POST = b'" width="1" height="1" alt="" border="0" style="border:0;width:1px;height:1px" />'
 _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
-# RFC 3986 (with RFC 3987's non-ASCII letters, so IDNs and IRIs pass): allowed characters, checked in one class,
-# then the shape scheme://[userinfo@]host[:port][/path][?query][#fragment] and well-formed %XX escapes.
-_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?#%\u00a0-\ud7ff\ue000-\U0010ffff]*")
-_URL_SHAPE = re.compile(r"https?://(?:[^/?#@]*@)?(\[[0-9A-Fa-f:.vV]+\]|[^/?#:@\[\]]+)(:[0-9]*)?(?:[/?#].*)?",
-                        re.I | re.S)
+# RFC 3986 (with RFC 3987's non-ASCII letters, so IDNs and IRIs pass): the shape
+# scheme://[userinfo@]host[:port][/path][?query][#fragment] (group 1: host, 2: port) in allowed characters only
+# (an IP literal's brackets aside), at most one "#"; then well-formed %XX escapes are checked apart.
+# Case-insensitive only for the scheme: re.I on big Unicode classes makes matching several times slower, and the
+# ASCII-only variant (classes the engine tests with a bitmap) serves the usual ASCII URL.
+_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*@)?(\[[0-9A-Fa-f:.vV]+\]|[{c}]+)(:[0-9]*)?"
+              r"(?:[/?][{c}:@/?]*)?(?:#[{c}:@/?]*)?")
+_URL_ASCII_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%"  # less : @ / ? # (added per part)
+_URL_ASCII = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR))
+_URL = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR + "\u00a0-\ud7ff\ue000-\U0010ffff"))
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
 _PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
@@ -212,8 +217,9 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
     edits: list[tuple[int, int, bytes | int]] = []
     links: list[dict] = []
     skipped: list[dict] = []
+    context = _link_context(settings, charset)
     for tag in scanned.links:
-        _link_edits(doc, tag, charset, settings, plan, edits, links, skipped)
+        _link_edits(doc, tag, context, plan, edits, links, skipped)
     pixel = _pixel_edits(doc, scanned, settings, edits, plan, len(doc))
     report.update(action="instrumented" if edits else "untouched", links=links, skipped=skipped, pixel=pixel,
                   original_html_size=len(doc))
@@ -233,30 +239,51 @@ def rewrite_html(doc: bytes, settings: TrackingSettings, keyring: Keyring, messa
 
 # --- links -------------------------------------------------------------------------------------------------
 
-def _link_edits(doc: bytes, tag: html.Tag, charset: str, settings: TrackingSettings, plan: Plan, edits: list,
-                links: list, skipped: list) -> None:
-    no_track, tags, tag_problems = _markers(doc, tag, edits)
-    href = tag.attr(b"href")
+@dataclass(frozen=True, slots=True)
+class _LinkContext:
+    """What every link of a part is judged and wrapped with, worked out once per part."""
+
+    click_tracking: bool
+    charset: str
+    utf8: bool
+    tracking_hosts: frozenset[str]  # host[:port] values, lower-cased as links' hosts are
+    http_base: tuple[str, bytes]  # (tracking URL up to the token, the same escaped for an attribute)
+    https_base: tuple[str, bytes]
+
+
+@lru_cache(maxsize=64)
+def _link_context(settings: TrackingSettings, charset: str) -> _LinkContext:
+    http, https = (settings.click_base(scheme) for scheme in ("http", "https"))
+    return _LinkContext(settings.click_tracking, charset, _is_utf8(charset),
+                        frozenset({settings.host.lower()}) | settings.tracking_hosts,
+                        (http, html.escape_attribute(http).encode("ascii")),
+                        (https, html.escape_attribute(https).encode("ascii")))
+
+
+def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, edits: list, links: list,
+                skipped: list) -> None:
+    no_track, tags, tag_problems = _markers(doc, tag, edits) if tag.marked else (False, {}, [])
+    href = tag.href
     if href is None or href.value_start < 0:
         return
     raw_value = doc[href.value_start:href.value_end]
-    text = _attribute_text(raw_value, charset)
+    text = _attribute_text(raw_value, context.charset)
     url, ambiguous = _destination(text) if text is not None else (None, False)
-    shown = url if url is not None else raw_value.decode("ascii", "replace")
-    reason = ("opt-out marker" if no_track else "click tracking off" if not settings.click_tracking
-              else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, settings))
-    if reason is None and not url.isascii() and not _is_utf8(charset):
+    reason = ("opt-out marker" if no_track else "click tracking off" if not context.click_tracking
+              else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, context))
+    if reason is None and not context.utf8 and not url.isascii():
         # a browser would percent-encode the query in the page's own charset: which URL is meant is unclear
-        reason = f"non-ASCII URL in a {charset} part"
+        reason = f"non-ASCII URL in a {context.charset} part"
     if reason is None and len(plan.links) >= MAX_LINKS:
         reason = f"beyond SES's limit of {MAX_LINKS} links per message"
     if reason is not None:
-        if settings.click_tracking:
+        if context.click_tracking:
+            shown = url if url is not None else raw_value.decode("ascii", "replace")
             skipped.append({"href": shown, "element": tag.name, "reason": reason})
         return
     assert url is not None
     index = len(plan.links)
-    base, base_attr = _click_base(settings, url[:5].lower() == "https")
+    base, base_attr = context.https_base if url[:5].lower() == "https" else context.http_base
     entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
              "in_conditional_comment": tag.in_comment}
     if tag_problems:
@@ -304,12 +331,6 @@ def parse_link_tags(text: str) -> tuple[dict[str, list[str]], list[str]]:
     return tags, problems
 
 
-@lru_cache(maxsize=256)
-def _click_base(settings: TrackingSettings, https: bool) -> tuple[str, bytes]:
-    base = settings.click_base("https" if https else "http")
-    return base, html.escape_attribute(base).encode("ascii")
-
-
 @lru_cache(maxsize=64)
 def _is_utf8(charset: str) -> bool:
     try:
@@ -342,17 +363,16 @@ def _destination(text: str) -> tuple[str, bool]:
 
 def _valid_url(url: str) -> re.Match | None:
     """The shape match of a valid http(s) URL (group 1: host), or None."""
-    m = _URL_SHAPE.fullmatch(url)
-    if m is None or url.count("#") > 1 or _BAD_ESCAPE.search(url):
+    ascii_only = url.isascii()
+    m = (_URL_ASCII if ascii_only else _URL).fullmatch(url)
+    if m is None or ("%" in url and _BAD_ESCAPE.search(url)):
         return None
-    if not url.isascii() and any(c.isspace() or c in "\u200b\ufeff" for c in url):  # e.g. a pasted no-break space
+    if not ascii_only and any(c.isspace() or c in "\u200b\ufeff" for c in url):  # e.g. a pasted no-break space
         return None
-    host = m.group(1)
-    rest = url[:m.start(1)] + url[m.end(1):] if host.startswith("[") else url
-    return m if _URL_CHARS.fullmatch(rest) else None
+    return m
 
 
-def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str | None:
+def _skip_reason(url: str, ambiguous: bool, context: _LinkContext) -> str | None:
     if ("{" in url or "|" in url or "%" in url) and _PLACEHOLDERS.search(url):
         return "unresolved template placeholder"
     m = _valid_url(url)
@@ -369,7 +389,7 @@ def _skip_reason(url: str, ambiguous: bool, settings: TrackingSettings) -> str |
     if ambiguous:
         return "ambiguous character reference in the URL"
     host = m.group(1).lower()
-    if settings.is_tracking_host(host + (m.group(2) or "")) or settings.is_tracking_host(host):
+    if host in context.tracking_hosts or (m.group(2) and host + m.group(2) in context.tracking_hosts):
         return "already a tracking link"
     return None
 
@@ -407,8 +427,7 @@ def _pixel_edits(doc: bytes, scanned: html.Scan, settings: TrackingSettings, edi
 
 def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) -> int:
     """The instrumented part's size for a typical recipient (tokens vary only with the address length)."""
-    click = len(tokens.seal(_SAMPLE_KEYRING, tokens.token_prefix(_SAMPLE_KEYRING, tokens.KIND_CLICK,
-                                                                  "m" * 60, _SAMPLE_RECIPIENT, 0)))
+    click = _sample_token_length()
     total = size + len(PIXEL_PRE + PIXEL_POST) + len(settings.open_base()) + click
     for start, end, rep in edits:
         if isinstance(rep, int) and rep >= 0:
@@ -422,10 +441,16 @@ def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) ->
 _SAMPLE_KEYRING = Keyring((tokens.SigningKey("k00000", b"0" * 32),))
 
 
+@lru_cache(maxsize=1)
+def _sample_token_length() -> int:
+    prefix = tokens.token_prefix(_SAMPLE_KEYRING, tokens.KIND_CLICK, "m" * 60, _SAMPLE_RECIPIENT, 0)
+    return len(tokens.seal(_SAMPLE_KEYRING, prefix))
+
+
 def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int]:
     out: list[bytes | int] = []
     pos = 0
-    for start, end, rep in sorted(edits, key=lambda e: (e[0], e[1])):
+    for start, end, rep in sorted(edits, key=mime.EDIT_ORDER):
         if start < pos:
             raise PartError("overlapping edits")
         if start > pos:
@@ -455,61 +480,47 @@ def _qp_template(pieces: list) -> list[bytes | int]:
     """
     joined: list[bytes | int | _Encoded] = []  # adjacent plain pieces encode as one: their lines run on
     for p in pieces:
-        if isinstance(p, bytes) and joined and isinstance(joined[-1], bytes):
+        if type(p) is bytes and joined and type(joined[-1]) is bytes:
             joined[-1] = joined[-1] + p
         else:
             joined.append(p)
-    encoded = iter(mime.encode_qp_many([p for p in joined if isinstance(p, bytes)]))
+    encoded = iter(mime.encode_qp_many([p for p in joined if type(p) is bytes]))
     out: list[bytes | int] = []
+    run: list[bytes] = []  # encoded text since the last slot, joined into one item when the next slot comes
     mid_line = False  # whether the previous piece ended inside a line
     for p in joined:
-        if isinstance(p, _Encoded):  # whole lines, ending in a line break
-            out.append(p.data)
-            mid_line = False
-            continue
-        if isinstance(p, int):
-            if mid_line and isinstance(out[-1], bytes):
-                out[-1] = _with_soft_break(out[-1])
-            elif mid_line:
-                out.append(b"=\r\n")  # after another slot, whose lines are at most 75 long
+        if type(p) is int:
+            if mid_line:  # a soft break after the text before (or after the previous slot, at most 75 long)
+                run.extend(_with_soft_break(run.pop()) if run else (b"=\r\n",))
+            if run:
+                out.append(b"".join(run))
+                run = []
             out.append(p)
             mid_line = True
-            continue
-        if out and isinstance(out[-1], int) and not p.startswith(b"\r\n"):
-            out.append(b"=\r\n")
-        out.append(next(encoded))
-        mid_line = not p.endswith(b"\r\n")
-    return _merge(out)
+        elif type(p) is bytes:
+            if out and not run and not p.startswith(b"\r\n"):  # right after a slot
+                run.append(b"=\r\n")
+            run.append(next(encoded))
+            mid_line = not p.endswith(b"\r\n")
+        else:  # _Encoded: whole lines, ending in a line break
+            run.append(p.data)
+            mid_line = False
+    if run:
+        out.append(b"".join(run))
+    return out
 
 
-def _with_soft_break(encoded: bytes) -> bytes:
-    """`encoded` ending in a soft line break, its last line shortened if the "=" would make it 77 long."""
+def _with_soft_break(encoded: bytes) -> tuple[bytes, ...]:
+    """`encoded` and a soft line break, its last line shortened if the "=" would make it 77 long."""
     last = encoded.rfind(b"\n") + 1
     if len(encoded) - last <= 75:
-        return encoded + b"=\r\n"
+        return encoded, b"=\r\n"
     cut = len(encoded) - 1
     if encoded[cut - 1:cut] == b"=":  # never split an =XX escape
         cut -= 1
     elif encoded[cut - 2:cut - 1] == b"=":
         cut -= 2
-    return encoded[:cut] + b"=\r\n" + encoded[cut:] + b"=\r\n"
-
-
-def _merge(items: list[bytes | int]) -> list[bytes | int]:
-    """Adjacent bytes joined (once: no quadratic concatenation)."""
-    merged: list[bytes | int] = []
-    run: list[bytes] = []
-    for x in items:
-        if isinstance(x, int):
-            if run:
-                merged.append(b"".join(run))
-                run = []
-            merged.append(x)
-        else:
-            run.append(x)
-    if run:
-        merged.append(b"".join(run))
-    return merged
+    return encoded[:cut], b"=\r\n", encoded[cut:], b"=\r\n"
 
 
 _ENCODED_LINE_END = re.compile(rb"=0[DdAa]")
@@ -521,6 +532,8 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
 
     None when the encoded lines do not map one to one onto decoded lines (encoded line ends, odd soft breaks).
     """
+    if len(edits) * _REUSE_LINES_PER_EDIT > doc.count(b"\n") + 1:  # a quick bound: there are no more CRLFs than LFs
+        return None
     lines_estimate = doc.count(b"\r\n") + 1
     if len(edits) * _REUSE_LINES_PER_EDIT > lines_estimate:  # many lines change: encoding all at once is cheaper
         return None
@@ -534,7 +547,7 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
     pieces: list = []
     done = 0  # decoded lines [0, done) are in `pieces`
     old, new = [], []  # the changed lines as encoded and as decoded, checked against each other at the end
-    for first, last, group in _line_groups(doc, sorted(edits, key=lambda e: (e[0], e[1]))):
+    for first, last, group in _line_groups(doc, sorted(edits, key=mime.EDIT_ORDER)):
         if first > done:
             pieces.append(_Encoded(like[offsets[done] + 2 * done:offsets[first] + 2 * first]))
         start = doc.rfind(b"\r\n", 0, group[0][0]) + 2 if first else 0
@@ -606,10 +619,9 @@ def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
     urls: list[str] = []
     if plan.links:
         prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
-        for link in plan.links:
-            token = tokens.seal(keyring, prefix + link.suffix)
-            urls.append(link.base + token)
-            values.append(link.base_attr + token.encode("ascii"))
+        sealed = tokens.seal_all(keyring, prefix, [link.suffix for link in plan.links])
+        values = [link.base_attr + token for link, token in zip(plan.links, sealed, strict=True)]
+        urls = [link.base + token.decode("ascii") for link, token in zip(plan.links, sealed, strict=True)]
     pixel_url = None
     if plan.open_slots:
         pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import Message
+from operator import itemgetter
 
 PROTECTED = frozenset({
     "multipart/signed", "multipart/encrypted", "application/pkcs7-mime", "application/x-pkcs7-mime",
@@ -22,6 +23,7 @@ PROTECTED = frozenset({
 })
 # Same test as the feed parser: a header line, a unix From line, or a continuation line.
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
+EDIT_ORDER = itemgetter(0, 1)  # sort key of (start, end, ...) edits
 UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
 
 
@@ -115,7 +117,7 @@ def _parse_part(raw: bytes, start: int, end: int, path: str, default_type: str, 
         charset=_charset(msg), cte=str(msg.get("content-transfer-encoding", "")).lower(),
         disposition=disposition, protected=inside_protected or ctype in PROTECTED, fields=fields,
     )
-    if part.protected or msg.get_content_maintype() != "multipart":
+    if part.protected or ctype.split("/")[0] != "multipart":  # get_content_maintype(), without parsing again
         return part
     boundary = msg.get_boundary()
     if not boundary or "\r" in boundary or "\n" in boundary:  # a line-based reader can never match these
@@ -210,15 +212,25 @@ def decode_body(body: bytes, cte: str) -> bytes:
     return body
 
 
+_LONE_CR = re.compile(rb"\r(?!\n)")
+_ESCAPED_BLANK_AT_EOL = re.compile(rb"=(?:20|09)\r\n")
+
+
+def crlf_only(data: bytes) -> bool:
+    """Whether every line break is CRLF (no bare CR or LF). As fast as two single-byte counts: a two-byte
+    count (b"\r\n") is several times slower."""
+    return data.count(b"\r") == data.count(b"\n") and _LONE_CR.search(data) is None
+
+
 def encode_qp(data: bytes) -> bytes:
     """Quoted-printable with CRLF line ends and lines of at most 76 characters; decodes back to `data` exactly."""
-    if data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
+    if crlf_only(data):
         out = binascii.b2a_qp(data, istext=True)
         # Without a CRLF in the input, soft breaks come out as bare LF; the input has no bare LF to confuse.
         if b"\r\n" not in data:
             out = out.replace(b"\n", b"\r\n")
         # In text mode binascii only overruns 76 with an escaped space or tab ending a line: look only then.
-        suspect = b"=20\r\n" in out or b"=09\r\n" in out or out.endswith((b"=20", b"=09"))
+        suspect = _ESCAPED_BLANK_AT_EOL.search(out) is not None or out.endswith((b"=20", b"=09"))
     else:  # bare CR or LF inside lines must be escaped, so encode line by line in binary mode
         out = b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in data.split(b"\r\n"))
         suspect = True  # binary mode writes lines of 77
@@ -293,7 +305,7 @@ def splice(raw: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
     """`raw` with each (start, end) range replaced; edits must not overlap."""
     out: list[bytes] = []
     pos = 0
-    for start, end, data in sorted(edits, key=lambda e: (e[0], e[1])):
+    for start, end, data in sorted(edits, key=EDIT_ORDER):
         out.append(raw[pos:start])
         out.append(data)
         pos = end

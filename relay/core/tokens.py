@@ -21,6 +21,7 @@ import hmac
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 VERSION = 1
 KIND_OPEN = 0x4F  # "O"
@@ -140,8 +141,22 @@ def parse_tags(text: str) -> dict[str, list[str]]:
     return tags
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+try:  # OpenSSL's HMAC object itself: copying it is cheaper than copying hmac.HMAC, its Python wrapper
+    from _hashlib import hmac_new as _openssl_hmac
+except ImportError:  # pragma: no cover - CPython built without OpenSSL
+    _openssl_hmac = None
+
+
+def _keyed_hmac(secret: bytes, data: bytes) -> Any:  # an _hashlib.HMAC or an hmac.HMAC: copy, update, digest
+    if _openssl_hmac is not None:
+        return _openssl_hmac(secret, data, "sha256")
+    return hmac.new(secret, data, "sha256")
+
+
+def _b64(data: bytes) -> bytes:
+    """base64url without padding, as ASCII bytes."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE, b"=")
 
 
 def _unb64(token: str) -> bytes:
@@ -161,14 +176,26 @@ def token_prefix(keyring: Keyring, kind: int, message_id: str, recipient: str, i
 
 
 def seal(keyring: Keyring, body: bytes) -> str:
-    mac = hmac.digest(keyring.signing.secret, body, "sha256")[:MAC_BYTES]
-    return _b64(body + mac)
+    mac = _keyed_hmac(keyring.signing.secret, body).digest()[:MAC_BYTES]
+    return _b64(body + mac).decode("ascii")
+
+
+def seal_all(keyring: Keyring, prefix: bytes, suffixes: list[bytes]) -> list[bytes]:
+    """`[seal(keyring, prefix + suffix) for suffix in suffixes]`, as ASCII bytes, for suffixes sharing one prefix
+    (every link of one recipient's copy): the HMAC state after key and prefix is computed once, copied per suffix."""
+    keyed = _keyed_hmac(keyring.signing.secret, prefix)
+    out = []
+    for suffix in suffixes:
+        mac = keyed.copy()
+        mac.update(suffix)
+        out.append(_b64(prefix + suffix + mac.digest()[:MAC_BYTES]))
+    return out
 
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
     """The per-link part of a click token; `tags` may be pre-formatted with `format_tags`."""
-    tag_text = tags if isinstance(tags, str) else format_tags(tags)
-    return struct.pack(">H", link_index) + _u16_text(url) + _u16_text(tag_text)
+    tag_text = tags if isinstance(tags, str) else format_tags(tags) if tags else ""
+    return struct.pack(">H", link_index) + _u16_text(url) + (_u16_text(tag_text) if tag_text else b"\0\0")
 
 
 def sign_open(keyring: Keyring, message_id: str, recipient: str, issued: int) -> str:
