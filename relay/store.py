@@ -101,6 +101,7 @@ class EventRow:
     recipient: str | None
     configuration_set: str | None
     record: dict
+    mail_json: str | None = None  # record["mail"] already serialised (`mail_json`): spliced in, not re-encoded
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class MessageRow:
     auth_user: str | None
     mail: dict
     settings: dict
+    mail_json: str | None = None  # `mail` serialised by `mail_json`, when the caller already has it
 
 
 @dataclass(frozen=True)
@@ -269,19 +271,23 @@ class Store:
 
     @staticmethod
     def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list[EventRow],
-                    final: dict[str, tuple[str, str]] | None = None):
+                    final: dict[str, tuple[str, str]] | None = None,
+                    guard: Callable[[sqlite3.Connection], None] | None = None):
         """The work that makes an accepted message durable: message, spool, recipients, Send events.
         `final`: recipients already final at acceptance (suppressed), recipient -> (state, last response);
-        the body is spooled only when some recipient is left to deliver."""
+        the body is spooled only when some recipient is left to deliver. `guard(conn)` runs first, in the same
+        transaction: it raises to refuse the work when what the message was prepared from has changed."""
         final = final or {}
 
         def work(conn: sqlite3.Connection) -> None:
+            if guard is not None:
+                guard(conn)
             conn.execute(
                 "INSERT INTO messages (id, received_at, mail_from, configuration_set, subject, message_id_header,"
                 " size, client_ip, auth_user, mail_json, settings_json) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (msg.id, msg.received_at, msg.mail_from, msg.configuration_set, msg.subject,
                  msg.message_id_header, msg.size, msg.client_ip, msg.auth_user,
-                 json.dumps(msg.mail, separators=(",", ":")), json.dumps(msg.settings, separators=(",", ":"))),
+                 msg.mail_json or mail_json(msg.mail), json.dumps(msg.settings, separators=(",", ":"))),
             )
             if any(r not in final for r in recipients):
                 conn.execute("INSERT INTO spool (message_id, raw) VALUES (?, ?)", (msg.id, raw))
@@ -349,7 +355,7 @@ class Store:
         if not rows:
             return None
         r = rows[0]
-        msg = MessageRow(*r[:9], mail=json.loads(r[9]), settings=json.loads(r[10]))
+        msg = MessageRow(*r[:9], mail=json.loads(r[9]), settings=json.loads(r[10]), mail_json=r[9])
         return msg, bytes(r[11])
 
     def mail_object(self, message_id: str) -> tuple[dict, str | None] | None:
@@ -409,11 +415,27 @@ class Store:
         return work
 
 
+def mail_json(mail: dict) -> str:
+    """SES's `mail` object as stored (messages.mail_json) and as it appears inside every event record."""
+    return json.dumps(mail, separators=(",", ":"))
+
+
+def record_json(record: dict, mail: str | None = None) -> str:
+    """An event record as JSON. With `mail` (the record's mail object, already serialised: most of its bytes)
+    that text is spliced in instead of encoding the object again for every event of the message; the result is
+    the same as encoding the whole record."""
+    keys = list(record)
+    if mail is None or keys[:2] != ["eventType", "mail"] or len(keys) < 3:
+        return json.dumps(record, separators=(",", ":"))
+    rest = json.dumps({k: record[k] for k in keys[2:]}, separators=(",", ":"))
+    return f'{{"eventType":{json.dumps(record["eventType"])},"mail":{mail},{rest[1:]}'
+
+
 def _insert_events(conn: sqlite3.Connection, events: list[EventRow]) -> None:
     conn.executemany(
         "INSERT INTO events (type, time, message_id, recipient, configuration_set, record) VALUES (?,?,?,?,?,?)",
-        [(e.type, e.time, e.message_id, e.recipient, e.configuration_set,
-          json.dumps(e.record, separators=(",", ":"))) for e in events],
+        [(e.type, e.time, e.message_id, e.recipient, e.configuration_set, record_json(e.record, e.mail_json))
+         for e in events],
     )
 
 
