@@ -227,7 +227,8 @@ def measure(kind: str, messages: list[bytes], total: int, connections: int, root
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "relay":
             cfg = relay_config(Path(tmp), port, sink_port, connections)
-            proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
+            # run from `root`: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+            proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)], cwd=root,
                                     stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(root)})
             pid = proc.pid
         else:
