@@ -1,6 +1,7 @@
-"""The accept path's shortcuts keep its behaviour: no configuration or suppression read before each message, but
-a change committed before a message is queued still applies to it; events spliced from the stored mail JSON
-are byte for byte what encoding the whole record gives; plain MAIL/RCPT paths parse as aiosmtpd parses them.
+"""The shortcuts taken for throughput keep behaviour: no configuration or suppression read before each message,
+but a change committed before a message is queued still applies to it; events spliced from the stored mail JSON
+are byte for byte what encoding the whole record gives; plain MAIL/RCPT paths parse as aiosmtpd parses them;
+batched log lines come out whole and in order.
 
 The pipeline runs on a real SQLite store; changes come through a second Store on the same file, as from
 `relay config-set` or `relay suppression` in another process.
@@ -9,8 +10,11 @@ The pipeline runs on a real SQLite store; changes come through a second Store on
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import random
+import threading
 import tomllib
 
 import pytest
@@ -23,6 +27,7 @@ from relay.core.resolve import TrackingOptions
 from relay.core.suppression import Suppression
 from relay.pipeline import Pipeline, Refusal, Submission
 from relay.resolve import Resolver
+from relay.service import LoopBatchedHandler
 from relay.smtp import RelaySMTP
 from relay.store import Store, mail_json, record_json, suppress
 
@@ -128,3 +133,43 @@ def test_plain_paths_parse_as_aiosmtpd_does():
         ours.local_part_limit = theirs.local_part_limit = limit
         for arg in cases:
             assert parse_with(ours, arg) == parse_with(theirs, arg), (limit, arg)
+
+
+def test_batched_log_lines_are_written_whole_in_order_at_the_end_of_the_iteration():
+    stream = io.StringIO()
+    log = logging.getLogger("relay.test-batched")
+    log.propagate, log.level = False, logging.INFO
+
+    async def main() -> list[str]:
+        handler = LoopBatchedHandler(stream, asyncio.get_running_loop())
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            seen = []
+            log.info("one")
+            log.info("two")
+            seen.append(stream.getvalue())  # same iteration: nothing written yet
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            seen.append(stream.getvalue())
+            log.info("three")
+            log.warning("four")  # at once, after what is pending
+            seen.append(stream.getvalue())
+            thread = threading.Thread(target=log.info, args=("five",))  # another thread: at once
+            thread.start()
+            thread.join()
+            seen.append(stream.getvalue())
+            log.info("six")
+            handler.flush()  # as logging.shutdown does
+            seen.append(stream.getvalue())
+            return seen
+        finally:
+            log.removeHandler(handler)
+
+    assert asyncio.run(main()) == [
+        "",
+        "INFO one\nINFO two\n",
+        "INFO one\nINFO two\nINFO three\nWARNING four\n",
+        "INFO one\nINFO two\nINFO three\nWARNING four\nINFO five\n",
+        "INFO one\nINFO two\nINFO three\nWARNING four\nINFO five\nINFO six\n",
+    ]
