@@ -2,8 +2,10 @@
 
 SQLite in WAL mode with synchronous=FULL: a transaction is on disk (fsync'd) when COMMIT returns. One writer
 thread owns the write connection and commits whatever work has queued up since its last commit in a single
-transaction (group commit), so durability costs one fsync per batch, not one per message. Each piece of work
-runs in its own SAVEPOINT, so one failing statement fails only its own caller.
+transaction (group commit), so durability costs one fsync per batch, not one per message. One failing work
+fails only its own caller: when a work raises, the batch is rolled back and run again with each other work in
+its own SAVEPOINT (savepoints for every work cost a tenth of the writer's time, and works rarely fail). So a
+work may run twice: its effects outside the connection must bear repeating (results kept in local variables).
 
 The SQL is kept portable (no SQLite-only syntax beyond the PRAGMAs) so a PostgreSQL store can follow the
 same interface when several relay nodes share one database.
@@ -216,19 +218,14 @@ class Store:
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list, live: set[int]) -> None:
-        results: list[tuple[concurrent.futures.Future, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for work, future in batch:
-                conn.execute("SAVEPOINT work")
-                try:
-                    value = work(conn)
-                    conn.execute("RELEASE work")
-                    results.append((future, True, value))
-                except Exception as exc:  # the caller gets its own error; the batch goes on
-                    conn.execute("ROLLBACK TO work")
-                    conn.execute("RELEASE work")
-                    results.append((future, False, exc))
+            results, failed = self._run_works(conn, batch)
+            if failed is not None:  # its statements are mixed with the others': again, each work on its own
+                if conn.in_transaction:  # (some errors end the transaction themselves)
+                    conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                results, _ = self._run_works(conn, batch, failed)
             conn.execute("COMMIT")
         except Exception as exc:  # disk full, I/O error: nothing in the batch is durable
             log.error("store commit failed: %s", exc)
@@ -247,6 +244,33 @@ class Store:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    @staticmethod
+    def _run_works(conn: sqlite3.Connection, batch: list, failed: tuple[int, Exception] | None = None
+                   ) -> tuple[list[tuple[concurrent.futures.Future, bool, Any]], tuple[int, Exception] | None]:
+        """Run the batch's works. Without `failed`: plainly, stopping at the first work that raises, returned
+        as (its index, its error). With it: each work in a SAVEPOINT; the one that failed is not run again."""
+        results: list[tuple[concurrent.futures.Future, bool, Any]] = []
+        for i, (work, future) in enumerate(batch):
+            if failed is None:
+                try:
+                    results.append((future, True, work(conn)))
+                except Exception as exc:
+                    return results, (i, exc)
+                continue
+            if i == failed[0]:
+                results.append((future, False, failed[1]))
+                continue
+            conn.execute("SAVEPOINT work")
+            try:
+                value = work(conn)
+                conn.execute("RELEASE work")
+                results.append((future, True, value))
+            except Exception as exc:  # the caller gets its own error; the batch goes on
+                conn.execute("ROLLBACK TO work")
+                conn.execute("RELEASE work")
+                results.append((future, False, exc))
+        return results, None
 
     def close(self) -> None:
         """Finish queued writes, then stop the writer."""
