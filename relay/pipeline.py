@@ -61,16 +61,15 @@ class StorageUnavailable(Exception):
 
 
 class _Stale(Exception):
-    """The queueing transaction found that a message was prepared from an outdated configuration, or that a
-    recipient is on the suppression list: nothing was written; prepare it again with fresh reads."""
+    """A message prepared on the fast path was not queued: the configuration changed since the cached model, or
+    a recipient is on the suppression list. Nothing was written; prepare it again with fresh reads."""
 
 
 def _unchanged_guard(version: int | None, recipients: list[str], reasons: tuple[str, ...]):
     """A check run inside the transaction that queues a message prepared on the fast path."""
 
-    def guard(conn) -> None:
-        if configuration_version(conn) != version or suppressed_among(conn, recipients, reasons):
-            raise _Stale()
+    def guard(conn) -> bool:
+        return configuration_version(conn) == version and not suppressed_among(conn, recipients, reasons)
 
     return guard
 
@@ -179,12 +178,13 @@ class Pipeline:
         final = {r: (BOUNCED, f"not sent: on the suppression list ({reason})") for r, reason in suppressed.items()}
         guard = None if fresh else _unchanged_guard(version, sub.recipients, settings.suppression_reasons)
         try:
-            await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final, guard))
-        except _Stale:
-            raise
+            written = await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final,
+                                                               guard))
         except Exception as exc:  # disk full, I/O error, locked database: never answer 250
             log.error("could not queue message from %s: %s", sub.client_ip, exc)
             raise StorageUnavailable(str(exc)) from exc
+        if not written:
+            raise _Stale()
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms,
                              frozenset(suppressed), mail_text)
 

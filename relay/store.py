@@ -296,16 +296,17 @@ class Store:
     @staticmethod
     def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list[EventRow],
                     final: dict[str, tuple[str, str]] | None = None,
-                    guard: Callable[[sqlite3.Connection], None] | None = None):
+                    guard: Callable[[sqlite3.Connection], bool] | None = None):
         """The work that makes an accepted message durable: message, spool, recipients, Send events.
         `final`: recipients already final at acceptance (suppressed), recipient -> (state, last response);
         the body is spooled only when some recipient is left to deliver. `guard(conn)` runs first, in the same
-        transaction: it raises to refuse the work when what the message was prepared from has changed."""
+        transaction: False when what the message was prepared from has changed; the work then writes nothing
+        and returns False (not an error, so the rest of the batch is not run again)."""
         final = final or {}
 
-        def work(conn: sqlite3.Connection) -> None:
-            if guard is not None:
-                guard(conn)
+        def work(conn: sqlite3.Connection) -> bool:
+            if guard is not None and not guard(conn):
+                return False
             conn.execute(
                 "INSERT INTO messages (id, received_at, mail_from, configuration_set, subject, message_id_header,"
                 " size, client_ip, auth_user, mail_json, settings_json) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -321,6 +322,7 @@ class Store:
                 [(msg.id, r, i, *final.get(r, ("queued", None)), msg.received_at) for i, r in enumerate(recipients)],
             )
             _insert_events(conn, events)
+            return True
 
         return work
 
