@@ -162,6 +162,44 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class _LoopResult:
+    """The writer's handle on a `write()` awaited on an event loop: the outcome goes straight to that loop's
+    future (a concurrent.futures.Future, its condition variable and the chaining of wrap_future cost more than
+    the rest of a small write). Quacks like the part of concurrent.futures.Future the writer uses."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.loop, self.future = loop, future
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self.future.cancelled()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, value: Any) -> None:
+        self._settle(True, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._settle(False, exc)
+
+    def _settle(self, ok: bool, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, ok, value)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if future.done():  # cancelled meanwhile, or already settled
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -187,7 +225,14 @@ class Store:
         return future
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self.submit(work))
+        """As `submit`, awaited on the running loop. A caller cancelled while its work is still queued cancels
+        it; once its batch has started, the work is done all the same."""
+        if self._closed:
+            raise StoreClosed("store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((work, _LoopResult(loop, future)))
+        return await future
 
     def _writer(self) -> None:
         conn = self._writer_conn
