@@ -225,8 +225,8 @@ class Store:
         return future
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """As `submit`, awaited on the running loop. A caller cancelled while its work is still queued cancels
-        it; once its batch has started, the work is done all the same."""
+        """As `submit`, awaited on the running loop. A caller cancelled meanwhile gets no result; its work is
+        done all the same (a delivery outcome is still worth recording)."""
         if self._closed:
             raise StoreClosed("store is closed")
         loop = asyncio.get_running_loop()
