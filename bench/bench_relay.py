@@ -1,6 +1,6 @@
 """End-to-end throughput of relay: messages/s accepted and delivered, with N concurrent client connections.
 
-    python bench/bench_relay.py [--connections 16] [--messages 3000] [--runs 3]
+    python bench/bench_relay.py [--connections 16] [--messages 3000] [--runs 3] [--compare DIR] [--only-5k]
 
 Everything runs on 127.0.0.1: a lean pipelining SMTP load generator (this process), relay as a subprocess
 (`relay serve`, durable queue, SQLite events) and a fast counting SMTP sink (a subprocess). The baseline,
@@ -8,6 +8,8 @@ measured in the same run with the same generator and sink, is an aiosmtpd → ai
 durability and no events. Prints medians over the runs, the ratio to the baseline, and relay's peak RSS.
 Scenarios: a 5 KB plain message (no configuration set) and the 60 KB HTML message ../shared/bench/msg60k.eml
 sent with the `marketing` set (open and click tracking: the whole instrumentation path).
+`--compare DIR` also runs the relay of another checkout (e.g. `git worktree add /tmp/base main`) in the same
+runs, interleaved with the others, for an A/B of a change on a noisy machine.
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(kind: str, messages: list[bytes], total: int, connections: int) -> dict:
+def measure(kind: str, messages: list[bytes], total: int, connections: int, root: Path = ROOT) -> dict:
     counter = multiprocessing.Value("q", 0)
     sink_port, port = free_port(), free_port()
     sink = multiprocessing.Process(target=run_sink, args=(sink_port, counter), daemon=True)
@@ -225,8 +227,9 @@ def measure(kind: str, messages: list[bytes], total: int, connections: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "relay":
             cfg = relay_config(Path(tmp), port, sink_port, connections)
-            proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)],
-                                    stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            # run from `root`: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+            proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "serve", "--config", str(cfg)], cwd=root,
+                                    stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(root)})
             pid = proc.pid
         else:
             proc = multiprocessing.Process(target=run_passthrough, args=(port, sink_port, connections), daemon=True)
@@ -249,36 +252,49 @@ def measure(kind: str, messages: list[bytes], total: int, connections: int) -> d
     return result
 
 
+def print_cpu(label: str, row: dict) -> None:
+    parts = row["cpu_server_ms"] + row["cpu_sink_ms"] + row["cpu_generator_ms"]
+    print(f"  CPU per message, {label}: server {row['cpu_server_ms']:.2f} ms, sink {row['cpu_sink_ms']:.2f} ms,"
+          f" generator {row['cpu_generator_ms']:.2f} ms; sum {parts:.2f} ms, so at most"
+          f" {1000 * (os.cpu_count() or 1) / parts:.0f} msg/s on {os.cpu_count()} cores")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--compare", type=Path, help="also measure the relay of this checkout (A/B)")
+    ap.add_argument("--only-5k", action="store_true", help="skip the 60 KB HTML scenario")
     args = ap.parse_args()
     scenarios = [("5 KB plain", [plain_message(5000)], args.messages)]
-    if MSG60K.exists():
+    if MSG60K.exists() and not args.only_5k:
         scenarios.append(("60 KB HTML, marketing set", [html_message()], max(300, args.messages // 3)))
+    kinds = [("passthrough", ROOT), ("relay", ROOT)] + ([("compared", args.compare)] if args.compare else [])
+    labels = {"passthrough": "baseline", "relay": "relay", "compared": f"relay of {args.compare}"}
     print(f"{os.cpu_count()} CPUs; {args.connections} client connections; medians of {args.runs} runs")
     for name, messages, total in scenarios:
-        rows = {}
-        for kind in ("passthrough", "relay"):
-            runs = [measure(kind, messages, total, args.connections) for _ in range(args.runs)]
-            rows[kind] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        b, r = rows["passthrough"], rows["relay"]
+        runs: dict[str, list[dict]] = {kind: [] for kind, _ in kinds}
+        for _ in range(args.runs):  # interleaved, so the machine's load drifts over every kind alike
+            for kind, root in kinds:
+                runs[kind].append(measure("passthrough" if kind == "passthrough" else "relay", messages, total,
+                                          args.connections, root))
+        rows = {kind: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for kind, rs in runs.items()}
+        b = rows["passthrough"]
         print(f"\n{name}: {total} messages per run")
         print(f"  baseline aiosmtpd->aiosmtplib (no durability): {b['e2e_rate']:7.0f} msg/s end to end, "
               f"accept p99 {b['p99_accept_ms']:.1f} ms")
-        print(f"  relay (fsync'd queue, events, per-recipient copy): accepted {r['accept_rate']:7.0f} msg/s, "
-              f"delivered end to end {r['e2e_rate']:7.0f} msg/s, accept p99 {r['p99_accept_ms']:.1f} ms, "
-              f"peak RSS {r['rss_mb']:.0f} MB")
-        print(f"  ratio relay/baseline end to end: {r['e2e_rate'] / b['e2e_rate']:.2f}")
-        for label, row in (("baseline", b), ("relay", r)):
-            parts = row["cpu_server_ms"] + row["cpu_sink_ms"] + row["cpu_generator_ms"]
-            print(f"  CPU per message, {label}: server {row['cpu_server_ms']:.2f} ms, sink {row['cpu_sink_ms']:.2f} ms,"
-                  f" generator {row['cpu_generator_ms']:.2f} ms; sum {parts:.2f} ms, so at most"
-                  f" {1000 * (os.cpu_count() or 1) / parts:.0f} msg/s on {os.cpu_count()} cores")
-        if r["delivered"] < r["accepted"]:
-            print(f"  WARNING: only {r['delivered']:.0f} of {r['accepted']:.0f} delivered within the wait")
+        for kind, r in rows.items():
+            if kind == "passthrough":
+                continue
+            print(f"  {labels[kind]} (fsync'd queue, events, per-recipient copy): accepted {r['accept_rate']:7.0f}"
+                  f" msg/s, delivered end to end {r['e2e_rate']:7.0f} msg/s, accept p99 {r['p99_accept_ms']:.1f} ms,"
+                  f" peak RSS {r['rss_mb']:.0f} MB")
+            print(f"  ratio {labels[kind]}/baseline end to end: {r['e2e_rate'] / b['e2e_rate']:.2f}")
+            if r["delivered"] < r["accepted"]:
+                print(f"  WARNING: only {r['delivered']:.0f} of {r['accepted']:.0f} delivered within the wait")
+        for kind, row in rows.items():
+            print_cpu(labels[kind], row)
 
 
 if __name__ == "__main__":

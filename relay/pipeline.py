@@ -27,7 +27,7 @@ from relay.config import Config
 from relay.core import clamd
 from relay.core import events as ev
 from relay.core.headers import CONFIG_SET_HEADER, HeaderError, from_domain, split_header_block, to_crlf
-from relay.core.intake import intake, mail_facts
+from relay.core.intake import Intake, intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
 from relay.core.settings import TrackingSettings
@@ -35,7 +35,15 @@ from relay.core.suppression import entries_for
 from relay.core.tokens import sign_address
 from relay.deliver import Reply
 from relay.scan import ClamdScanner
-from relay.store import EventRow, MessageRow, Store, suppressed_among, with_suppression
+from relay.store import (
+    EventRow,
+    MessageRow,
+    Store,
+    configuration_version,
+    mail_json,
+    suppressed_among,
+    with_suppression,
+)
 
 log = logging.getLogger("relay.pipeline")
 
@@ -50,6 +58,20 @@ class Refusal(Exception):
 
 class StorageUnavailable(Exception):
     """The message could not be made durable; the client must try again (4xx)."""
+
+
+class _Stale(Exception):
+    """A message prepared on the fast path was not queued: the configuration changed since the cached model, or
+    a recipient is on the suppression list. Nothing was written; prepare it again with fresh reads."""
+
+
+def _unchanged_guard(version: int | None, recipients: list[str], reasons: tuple[str, ...]):
+    """A check run inside the transaction that queues a message prepared on the fast path."""
+
+    def guard(conn) -> bool:
+        return configuration_version(conn) == version and not suppressed_among(conn, recipients, reasons)
+
+    return guard
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,7 @@ class QueuedMessage:
     settings: TrackingSettings
     received_ms: int
     suppressed: frozenset[str] = frozenset()  # recipients final at acceptance (suppression list): never delivered
+    mail_json: str | None = None  # `mail` serialised (store.mail_json), spliced into each event record
 
     def to_deliver(self, recipients: list[str]) -> list[str]:
         return [r for r in recipients if r not in self.suppressed]
@@ -113,8 +136,25 @@ class Pipeline:
             mail, set_name = self._refused_mail(sub, message_id, now_ms, exc)
             await self._record_reject(mail, set_name, now_ms, str(exc))
             raise Refusal(f"554 {exc}") from exc
-        resolved = self.resolver.resolve_or_refuse(item.control.configuration_set,
-                                                   sender_identity(item.block, sub.mail_from))  # issue 6
+        header_set = item.control.configuration_set
+        # Fast path: the cached configuration and no suppressed recipient, both verified by the queueing
+        # transaction itself (no read per message before it). When either proves wrong, the message is prepared
+        # again from what the database holds now: it is queued as configured when it was committed.
+        try:
+            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=False)
+        except _Stale:
+            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=True)
+
+    async def _queue(self, sub: Submission, item: Intake, header_set: str | None, message_id: str, now_ms: int,
+                     fresh: bool) -> QueuedMessage:
+        try:
+            resolved = self.resolver.resolve_or_refuse(header_set, sender_identity(item.block, sub.mail_from),
+                                                       check=fresh)  # issue 6
+        except Refusal:
+            if fresh:
+                raise
+            raise _Stale() from None  # perhaps a set created since the cached model was built
+        version = self.resolver.version
         set_name, settings = resolved.set_name, resolved.settings
         item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
         mail = ev.mail_object(mail_facts(
@@ -122,23 +162,31 @@ class Pipeline:
             source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,
             region=self.config.region,
         ))
-        await self._scan(sub, mail, set_name, now_ms)  # issue 9: refuses a virus (554) or, clamd down, 451
+        if not fresh:
+            await self._scan(sub, mail, set_name, now_ms)  # issue 9: refuses a virus (554) or, clamd down, 451
         when = ev.iso_ms(now_ms)
+        mail_text = mail_json(mail)  # once per message: the message row and every event splice it
         row = MessageRow(message_id, when, sub.mail_from, set_name, item.subject, item.message_id_header,
-                         len(item.raw), sub.client_ip, sub.auth_user, mail, settings.to_json())
-        sends = [EventRow(ev.SEND, when, message_id, r, set_name, ev.send_record(mail)) for r in sub.recipients]
+                         len(item.raw), sub.client_ip, sub.auth_user, mail, settings.to_json(), mail_text)
+        sends = [EventRow(ev.SEND, when, message_id, r, set_name, ev.send_record(mail), mail_text)
+                 for r in sub.recipients]
         # SES accepts a message to a suppressed address and records a Send and a Bounce for it at once.
-        suppressed = self._suppressed(sub.recipients, settings)
+        suppressed = self._suppressed(sub.recipients, settings) if fresh else {}
         bounces = [EventRow(ev.BOUNCE, when, message_id, r, set_name,
-                            ev.suppressed_record(mail, r, now_ms, self.config.hostname)) for r in suppressed]
+                            ev.suppressed_record(mail, r, now_ms, self.config.hostname), mail_text)
+                   for r in suppressed]
         final = {r: (BOUNCED, f"not sent: on the suppression list ({reason})") for r, reason in suppressed.items()}
+        guard = None if fresh else _unchanged_guard(version, sub.recipients, settings.suppression_reasons)
         try:
-            await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final))
+            written = await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final,
+                                                               guard))
         except Exception as exc:  # disk full, I/O error, locked database: never answer 250
             log.error("could not queue message from %s: %s", sub.client_ip, exc)
             raise StorageUnavailable(str(exc)) from exc
+        if not written:
+            raise _Stale()
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms,
-                             frozenset(suppressed))
+                             frozenset(suppressed), mail_text)
 
     def _suppressed(self, recipients: list[str], settings: TrackingSettings) -> dict[str, str]:
         """The recipients on the suppression list for a reason the message's set applies -> that reason."""
@@ -219,7 +267,8 @@ class Pipeline:
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
                          self.retry_policy())
         record = self._event_for(msg, recipient, reply, outcome, now_ms)
-        event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record)
+        event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record,
+                         msg.mail_json)
         next_at = ev.iso_ms(outcome.next_attempt_ms) if outcome.next_attempt_ms else None
         # a permanent bounce puts the address on the suppression list in the same transaction as its event
         entries = entries_for(record, recipient, msg.settings.suppression_reasons, ev.iso_ms(now_ms))

@@ -58,7 +58,8 @@ class MessageCache:
             return None
         row, raw = loaded
         msg = QueuedMessage(row.id, row.mail_from, raw, row.mail, row.configuration_set,
-                            TrackingSettings.from_json(row.settings), ms_from_iso(row.received_at))
+                            TrackingSettings.from_json(row.settings), ms_from_iso(row.received_at),
+                            mail_json=row.mail_json)
         self.put(msg)
         return msg
 

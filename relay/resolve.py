@@ -2,10 +2,11 @@
 relay/core/resolve.py).
 
 It merges the sets, levels and identities of the TOML file (read-only) with those created through the CLI
-(SQLite). The merged model is cached; before each message one read of `configuration_version.counter` tells
-whether anything changed (in this process or in a `relay config-set ...` run beside it), so a change takes
-effect for the next message without a restart. Where the file and the database both define a set, a
-domain's options or an identity, the file wins (and `relay check` reports the conflict).
+(SQLite). The merged model is cached; `configuration_version.counter` tells whether anything changed (in this
+process or in a `relay config-set ...` run beside it), so a change takes effect for the next message without a
+restart. The SMTP path checks that counter inside the transaction that queues the message (Pipeline.accept);
+other callers read it on every `model()`. Where the file and the database both define a set, a domain's
+options or an identity, the file wins (and `relay check` reports the conflict).
 """
 
 from __future__ import annotations
@@ -111,8 +112,17 @@ class Resolver:
         self._cache: dict[tuple, Resolution] = {}
         self.conflicts: list[str] = []
 
-    def model(self) -> Model:
-        """The merged model, rebuilt when the file (reload) or the database (counter) changed."""
+    @property
+    def version(self) -> int | None:
+        """The database configuration version the cached model was built from (None before the first)."""
+        return self._key[1] if self._key else None
+
+    def model(self, check: bool = True) -> Model:
+        """The merged model, rebuilt when the file (reload) or the database (counter) changed. `check=False`
+        skips reading the counter while the file is unchanged: the caller verifies `version` itself, inside the
+        transaction that depends on it (Pipeline.accept), instead of paying a read per message."""
+        if not check and self._model is not None and self._key[0] == id(self.config):
+            return self._model
         try:
             version = configuration_read(self.store, configuration_version)
         except sqlite3.Error as exc:  # a locked or broken database: keep serving the last known model
@@ -129,11 +139,12 @@ class Resolver:
                     log.warning("%s", c)
             self._model, self.conflicts, self._cache = model, conflicts, {}
             self._key = (id(self.config), stored.version)
+            self._built_from = self.config  # held, so no later Config can reuse its id
         return self._model
 
-    def resolve(self, header_set: str | None, identity: str) -> Resolution:
-        """The set and settings for a message; raises core.UnknownSet."""
-        model = self.model()
+    def resolve(self, header_set: str | None, identity: str, check: bool = True) -> Resolution:
+        """The set and settings for a message; raises core.UnknownSet. `check`: as for `model`."""
+        model = self.model(check)
         choice = core.choose_set(model, header_set, identity)
         domain = core.domain_of(identity)
         key = (choice.name, domain, choice.reason)
@@ -145,12 +156,12 @@ class Resolver:
             self._cache[key] = hit
         return hit
 
-    def resolve_or_refuse(self, header_set: str | None, identity: str) -> Resolution:
+    def resolve_or_refuse(self, header_set: str | None, identity: str, check: bool = True) -> Resolution:
         """As `resolve`, with SES's SMTP refusal for a set that does not exist."""
         from relay.pipeline import Refusal
 
         try:
-            return self.resolve(header_set, identity)
+            return self.resolve(header_set, identity, check)
         except core.UnknownSet as exc:
             raise Refusal(f"554 Configuration Set does not exist: Configuration set <{exc.name}> does not exist."
                           ) from exc

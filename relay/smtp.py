@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -87,8 +88,21 @@ class Authenticator:
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
 
 
+# `<dot-atom@dot-atom>`, the form nearly every client sends in MAIL and RCPT: no quoting, comments or routes.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:\Z| +(?=[^\s(]))")
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's server with AUTH-over-cleartext allowed on loopback only, and room for bare-LF messages."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """A plain `<local@domain>` path without the email package's full address parser (a tenth of a
+        message's CPU at load); anything else goes to aiosmtpd's parser. Same result either way."""
+        plain = _PLAIN_PATH.match(arg)
+        if plain is None or (self.local_part_limit and plain.group(1).index("@") > self.local_part_limit):
+            return super()._getaddr(arg)
+        return plain.group(1), arg[plain.end():]
 
     def __init__(self, handler, *, data_size_limit: int, **kwargs):
         # aiosmtpd reads DATA by CRLF-terminated lines with this as the stream limit; a message sent with

@@ -2,8 +2,10 @@
 
 SQLite in WAL mode with synchronous=FULL: a transaction is on disk (fsync'd) when COMMIT returns. One writer
 thread owns the write connection and commits whatever work has queued up since its last commit in a single
-transaction (group commit), so durability costs one fsync per batch, not one per message. Each piece of work
-runs in its own SAVEPOINT, so one failing statement fails only its own caller.
+transaction (group commit), so durability costs one fsync per batch, not one per message. One failing work
+fails only its own caller: when a work raises, the batch is rolled back and run again with each other work in
+its own SAVEPOINT (savepoints for every work cost a tenth of the writer's time, and works rarely fail). So a
+work may run twice: its effects outside the connection must bear repeating (results kept in local variables).
 
 The SQL is kept portable (no SQLite-only syntax beyond the PRAGMAs) so a PostgreSQL store can follow the
 same interface when several relay nodes share one database.
@@ -101,6 +103,7 @@ class EventRow:
     recipient: str | None
     configuration_set: str | None
     record: dict
+    mail_json: str | None = None  # record["mail"] already serialised (`mail_json`): spliced in, not re-encoded
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class MessageRow:
     auth_user: str | None
     mail: dict
     settings: dict
+    mail_json: str | None = None  # `mail` serialised by `mail_json`, when the caller already has it
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,44 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class _LoopResult:
+    """The writer's handle on a `write()` awaited on an event loop: the outcome goes straight to that loop's
+    future (a concurrent.futures.Future, its condition variable and the chaining of wrap_future cost more than
+    the rest of a small write). Quacks like the part of concurrent.futures.Future the writer uses."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.loop, self.future = loop, future
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self.future.cancelled()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, value: Any) -> None:
+        self._settle(True, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._settle(False, exc)
+
+    def _settle(self, ok: bool, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, ok, value)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if future.done():  # cancelled meanwhile, or already settled
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -183,7 +225,14 @@ class Store:
         return future
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self.submit(work))
+        """As `submit`, awaited on the running loop. A caller cancelled meanwhile gets no result; its work is
+        done all the same (a delivery outcome is still worth recording)."""
+        if self._closed:
+            raise StoreClosed("store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((work, _LoopResult(loop, future)))
+        return await future
 
     def _writer(self) -> None:
         conn = self._writer_conn
@@ -214,19 +263,14 @@ class Store:
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list, live: set[int]) -> None:
-        results: list[tuple[concurrent.futures.Future, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for work, future in batch:
-                conn.execute("SAVEPOINT work")
-                try:
-                    value = work(conn)
-                    conn.execute("RELEASE work")
-                    results.append((future, True, value))
-                except Exception as exc:  # the caller gets its own error; the batch goes on
-                    conn.execute("ROLLBACK TO work")
-                    conn.execute("RELEASE work")
-                    results.append((future, False, exc))
+            results, failed = self._run_works(conn, batch)
+            if failed is not None:  # its statements are mixed with the others': again, each work on its own
+                if conn.in_transaction:  # (some errors end the transaction themselves)
+                    conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                results, _ = self._run_works(conn, batch, failed)
             conn.execute("COMMIT")
         except Exception as exc:  # disk full, I/O error: nothing in the batch is durable
             log.error("store commit failed: %s", exc)
@@ -245,6 +289,33 @@ class Store:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    @staticmethod
+    def _run_works(conn: sqlite3.Connection, batch: list, failed: tuple[int, Exception] | None = None
+                   ) -> tuple[list[tuple[concurrent.futures.Future, bool, Any]], tuple[int, Exception] | None]:
+        """Run the batch's works. Without `failed`: plainly, stopping at the first work that raises, returned
+        as (its index, its error). With it: each work in a SAVEPOINT; the one that failed is not run again."""
+        results: list[tuple[concurrent.futures.Future, bool, Any]] = []
+        for i, (work, future) in enumerate(batch):
+            if failed is None:
+                try:
+                    results.append((future, True, work(conn)))
+                except Exception as exc:
+                    return results, (i, exc)
+                continue
+            if i == failed[0]:
+                results.append((future, False, failed[1]))
+                continue
+            conn.execute("SAVEPOINT work")
+            try:
+                value = work(conn)
+                conn.execute("RELEASE work")
+                results.append((future, True, value))
+            except Exception as exc:  # the caller gets its own error; the batch goes on
+                conn.execute("ROLLBACK TO work")
+                conn.execute("RELEASE work")
+                results.append((future, False, exc))
+        return results, None
 
     def close(self) -> None:
         """Finish queued writes, then stop the writer."""
@@ -269,19 +340,24 @@ class Store:
 
     @staticmethod
     def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list[EventRow],
-                    final: dict[str, tuple[str, str]] | None = None):
+                    final: dict[str, tuple[str, str]] | None = None,
+                    guard: Callable[[sqlite3.Connection], bool] | None = None):
         """The work that makes an accepted message durable: message, spool, recipients, Send events.
         `final`: recipients already final at acceptance (suppressed), recipient -> (state, last response);
-        the body is spooled only when some recipient is left to deliver."""
+        the body is spooled only when some recipient is left to deliver. `guard(conn)` runs first, in the same
+        transaction: False when what the message was prepared from has changed; the work then writes nothing
+        and returns False (not an error, so the rest of the batch is not run again)."""
         final = final or {}
 
-        def work(conn: sqlite3.Connection) -> None:
+        def work(conn: sqlite3.Connection) -> bool:
+            if guard is not None and not guard(conn):
+                return False
             conn.execute(
                 "INSERT INTO messages (id, received_at, mail_from, configuration_set, subject, message_id_header,"
                 " size, client_ip, auth_user, mail_json, settings_json) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (msg.id, msg.received_at, msg.mail_from, msg.configuration_set, msg.subject,
                  msg.message_id_header, msg.size, msg.client_ip, msg.auth_user,
-                 json.dumps(msg.mail, separators=(",", ":")), json.dumps(msg.settings, separators=(",", ":"))),
+                 msg.mail_json or mail_json(msg.mail), json.dumps(msg.settings, separators=(",", ":"))),
             )
             if any(r not in final for r in recipients):
                 conn.execute("INSERT INTO spool (message_id, raw) VALUES (?, ?)", (msg.id, raw))
@@ -291,6 +367,7 @@ class Store:
                 [(msg.id, r, i, *final.get(r, ("queued", None)), msg.received_at) for i, r in enumerate(recipients)],
             )
             _insert_events(conn, events)
+            return True
 
         return work
 
@@ -349,7 +426,7 @@ class Store:
         if not rows:
             return None
         r = rows[0]
-        msg = MessageRow(*r[:9], mail=json.loads(r[9]), settings=json.loads(r[10]))
+        msg = MessageRow(*r[:9], mail=json.loads(r[9]), settings=json.loads(r[10]), mail_json=r[9])
         return msg, bytes(r[11])
 
     def mail_object(self, message_id: str) -> tuple[dict, str | None] | None:
@@ -409,11 +486,27 @@ class Store:
         return work
 
 
+def mail_json(mail: dict) -> str:
+    """SES's `mail` object as stored (messages.mail_json) and as it appears inside every event record."""
+    return json.dumps(mail, separators=(",", ":"))
+
+
+def record_json(record: dict, mail: str | None = None) -> str:
+    """An event record as JSON. With `mail` (the record's mail object, already serialised: most of its bytes)
+    that text is spliced in instead of encoding the object again for every event of the message; the result is
+    the same as encoding the whole record."""
+    keys = list(record)
+    if mail is None or keys[:2] != ["eventType", "mail"] or len(keys) < 3:
+        return json.dumps(record, separators=(",", ":"))
+    rest = json.dumps({k: record[k] for k in keys[2:]}, separators=(",", ":"))
+    return f'{{"eventType":{json.dumps(record["eventType"])},"mail":{mail},{rest[1:]}'
+
+
 def _insert_events(conn: sqlite3.Connection, events: list[EventRow]) -> None:
     conn.executemany(
         "INSERT INTO events (type, time, message_id, recipient, configuration_set, record) VALUES (?,?,?,?,?,?)",
-        [(e.type, e.time, e.message_id, e.recipient, e.configuration_set,
-          json.dumps(e.record, separators=(",", ":"))) for e in events],
+        [(e.type, e.time, e.message_id, e.recipient, e.configuration_set, record_json(e.record, e.mail_json))
+         for e in events],
     )
 
 

@@ -7,6 +7,30 @@ import pytest
 from relay.store import EventRow, Store
 
 
+def test_a_failing_work_in_mid_batch_leaves_nothing_and_runs_once_while_the_others_commit(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    gate = threading.Event()
+    store.submit(lambda conn: gate.wait(5))  # hold the writer so the next works queue up into one batch
+    runs = []
+
+    def half_then_fail(conn):
+        runs.append(1)
+        Store.events_work([EventRow("Send", "t", "half", None, None, {})])(conn)
+        raise ValueError("refused")
+
+    before = [store.submit(Store.events_work([EventRow("Send", "t", f"a{i}", None, None, {})])) for i in range(3)]
+    bad = store.submit(half_then_fail)
+    after = [store.submit(Store.events_work([EventRow("Send", "t", f"b{i}", None, None, {})])) for i in range(3)]
+    gate.set()
+    assert all(f.result(5) is None for f in before + after)
+    with pytest.raises(ValueError, match="refused"):
+        bad.result(5)
+    assert runs == [1]
+    assert [r[0] for r in store.query("SELECT message_id FROM events ORDER BY id")] == [
+        "a0", "a1", "a2", "b0", "b1", "b2"]
+    store.close()
+
+
 def test_group_commit_batches_and_isolates_failures(tmp_path):
     store = Store(tmp_path / "db.sqlite3")
     gate = threading.Event()
