@@ -131,6 +131,8 @@ def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
 
 def _inside_tag(doc: bytes, pos: int, floor: int) -> bool:
     """Whether `pos` sits inside some other tag (e.g. an attribute value), judged by the nearest < and >."""
+    if pos > floor and doc[pos - 1] == 62:  # right after a ">" (the usual case): not inside any tag
+        return False
     lt = doc.rfind(b"<", floor, pos)
     return lt >= 0 and doc.rfind(b">", lt, pos) < 0 and _TAG_OPEN.match(doc, lt) is not None
 
@@ -187,8 +189,15 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
             pos = _start_tag(doc, m, end, in_comment, out)
 
 
+_NAMES = {name.encode(): name.lower() for name in ("a", "A", "area", "AREA", "body", "BODY", "script", "style")}
+
+
 def _tag_name(doc: bytes, start: int, name_end: int) -> str:
-    return doc[start + 1:name_end].decode("ascii", "replace").lower()
+    name = doc[start + 1:name_end]
+    return _NAMES.get(name) or name.decode("ascii", "replace").lower()
+
+
+_QUOTES = {3: b'"', 4: b"'", 5: b""}
 
 
 def _read_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
@@ -198,6 +207,11 @@ def _read_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
     if m is None:  # _TAG_REST cannot read it: the attribute loop decides (usually: never closed)
         return parse_tag(doc, start, name_end, limit)
     regs = m.regs
+    last = m.lastindex
+    if last in _QUOTES and regs[_MARKER_BEFORE][0] < 0 and regs[_MARKER_AFTER][0] < 0:  # the usual link: an href with a value, no marker
+        vs, ve = regs[last]
+        href = Attr(b"href", regs[_HREF][0], ve + (last != 5), vs, ve, _QUOTES[last])
+        return Tag(_tag_name(doc, start, name_end), start, regs[0][1], href, False, doc, name_end)
     href = None
     name_start, name_stop = regs[_HREF]
     if name_start >= 0:

@@ -52,17 +52,6 @@ _SAMPLE_RECIPIENT = "r" * 40  # for size estimates before the recipient is known
 
 # --- plan --------------------------------------------------------------------------------------------------
 
-@dataclass(slots=True)
-class LinkPlan:
-    index: int  # message-wide, signed into the token
-    original: str
-    base: str  # tracking URL up to the token (scheme follows the link and the HTTPS policy)
-    base_attr: bytes  # the same, as written into the attribute (tokens are base64url: nothing to escape)
-    suffix: bytes  # the per-link part of the token body
-    tags: dict[str, list[str]]
-    report: dict
-
-
 @dataclass
 class PartPlan:
     part: mime.Part
@@ -84,7 +73,10 @@ class Plan:
     size: int  # length of the input, as a cheap guard for cache hits
     static_edits: list[tuple[int, int, bytes]] = field(default_factory=list)
     parts: list[PartPlan] = field(default_factory=list)
-    links: list[LinkPlan] = field(default_factory=list)
+    # per link, by message-wide index (signed into the token): the tracking URL up to the token (its scheme
+    # follows the link's and the HTTPS policy), the same as written into the attribute (tokens are base64url:
+    # nothing to escape), and the per-link part of the token body
+    links: list[tuple[str, bytes, bytes]] = field(default_factory=list)
     report_parts: list[dict] = field(default_factory=list)  # in MIME order; dynamic ones filled per copy
     warnings: list[str] = field(default_factory=list)
     open_slots: bool = False
@@ -262,35 +254,60 @@ def _link_context(settings: TrackingSettings, charset: str) -> _LinkContext:
 
 def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, edits: list, links: list,
                 skipped: list) -> None:
-    no_track, tags, tag_problems = _markers(doc, tag, edits) if tag.marked else (False, {}, [])
+    no_track, tags, tag_problems = _markers(doc, tag, edits) if tag.marked else (False, {}, None)
     href = tag.href
     if href is None or href.value_start < 0:
         return
     raw_value = doc[href.value_start:href.value_end]
     text = _attribute_text(raw_value, context.charset)
     url, ambiguous = _destination(text) if text is not None else (None, False)
-    reason = ("opt-out marker" if no_track else "click tracking off" if not context.click_tracking
-              else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, context))
-    if reason is None and not context.utf8 and not url.isascii():
-        # a browser would percent-encode the query in the page's own charset: which URL is meant is unclear
-        reason = f"non-ASCII URL in a {context.charset} part"
-    if reason is None and len(plan.links) >= MAX_LINKS:
-        reason = f"beyond SES's limit of {MAX_LINKS} links per message"
-    if reason is not None:
-        if context.click_tracking:
-            shown = url if url is not None else raw_value.decode("ascii", "replace")
-            skipped.append({"href": shown, "element": tag.name, "reason": reason})
-        return
+    if no_track or not _plainly_eligible(url, ambiguous, context) or len(plan.links) >= MAX_LINKS:
+        reason = _reason(url, ambiguous, no_track, context, len(plan.links))
+        if reason is not None:
+            if context.click_tracking:
+                shown = url if url is not None else raw_value.decode("ascii", "replace")
+                skipped.append({"href": shown, "element": tag.name, "reason": reason})
+            return
     assert url is not None
     index = len(plan.links)
-    base, base_attr = context.https_base if url[:5].lower() == "https" else context.http_base
+    base, base_attr = context.https_base if url[4] in "sS" else context.http_base
     entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
              "in_conditional_comment": tag.in_comment}
     if tag_problems:
         entry["tag_warnings"] = tag_problems
-    plan.links.append(LinkPlan(index, url, base, base_attr, tokens.click_suffix(index, url, tags), tags, entry))
+    plan.links.append((base, base_attr, tokens.click_suffix(index, url, tags)))
     links.append(entry)
     edits.append((href.value_start, href.value_end, index))
+
+
+def _plainly_eligible(url: str | None, ambiguous: bool, context: _LinkContext) -> bool:
+    """The usual link in one check: a valid ASCII http(s) URL, nothing that could be a placeholder, not ours.
+    False sends the link through `_reason`, which judges every case (this one included)."""
+    if url is None or ambiguous or not context.click_tracking or not url.isascii() or "%" in url or "{" in url \
+            or "|" in url:
+        return False
+    m = _URL_ASCII.fullmatch(url)
+    if m is None:
+        return False
+    host = m.group(1).lower()
+    return host not in context.tracking_hosts and not (m.group(2) and host + m.group(2) in context.tracking_hosts)
+
+
+def _reason(url: str | None, ambiguous: bool, no_track: bool, context: _LinkContext, wrapped: int) -> str | None:
+    """Why a link is not wrapped, or None."""
+    if no_track:
+        return "opt-out marker"
+    if not context.click_tracking:
+        return "click tracking off"
+    if url is None:
+        return "undecodable bytes in the URL"
+    reason = _skip_reason(url, ambiguous, context)
+    if reason is None and not context.utf8 and not url.isascii():
+        # a browser would percent-encode the query in the page's own charset: which URL is meant is unclear
+        reason = f"non-ASCII URL in a {context.charset} part"
+    if reason is None and wrapped >= MAX_LINKS:
+        reason = f"beyond SES's limit of {MAX_LINKS} links per message"
+    return reason
 
 
 def _markers(doc: bytes, tag: html.Tag, edits: list) -> tuple[bool, dict[str, list[str]], list[str]]:
@@ -431,8 +448,8 @@ def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) ->
     total = size + len(PIXEL_PRE + PIXEL_POST) + len(settings.open_base()) + click
     for start, end, rep in edits:
         if isinstance(rep, int) and rep >= 0:
-            link = plan.links[rep]
-            total += len(link.base) + click + len(link.suffix) * 4 // 3 - (end - start)
+            base, _, suffix = plan.links[rep]
+            total += len(base) + click + len(suffix) * 4 // 3 - (end - start)
         else:
             total -= end - start
     return total
@@ -619,9 +636,9 @@ def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
     urls: list[str] = []
     if plan.links:
         prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
-        sealed = tokens.seal_all(keyring, prefix, [link.suffix for link in plan.links])
-        values = [link.base_attr + token for link, token in zip(plan.links, sealed, strict=True)]
-        urls = [link.base + token.decode("ascii") for link, token in zip(plan.links, sealed, strict=True)]
+        sealed = tokens.seal_all(keyring, prefix, [suffix for _, _, suffix in plan.links])
+        values = [base_attr + token for (_, base_attr, _), token in zip(plan.links, sealed, strict=True)]
+        urls = [base + token.decode("ascii") for (base, _, _), token in zip(plan.links, sealed, strict=True)]
     pixel_url = None
     if plan.open_slots:
         pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
