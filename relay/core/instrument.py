@@ -630,24 +630,23 @@ class Copy:
 
 
 def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
-            issued: int) -> tuple[list[bytes], list[str], str | None]:
-    """One recipient's slot values (link URLs by index, then the pixel URL as slot -1), URLs and pixel URL."""
+            issued: int) -> tuple[list[bytes], list[bytes], str | None]:
+    """One recipient's slot values (link URLs by index, then the pixel URL as slot -1), link tokens, pixel URL."""
     values: list[bytes] = []
-    urls: list[str] = []
+    sealed: list[bytes] = []
     if plan.links:
         prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
         sealed = tokens.seal_all(keyring, prefix, [suffix for _, _, suffix in plan.links])
         values = [base_attr + token for (_, base_attr, _), token in zip(plan.links, sealed, strict=True)]
-        urls = [base + token.decode("ascii") for (base, _, _), token in zip(plan.links, sealed, strict=True)]
     pixel_url = None
     if plan.open_slots:
         pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
         values.append(pixel_url.encode("ascii"))
-    return values, urls, pixel_url
+    return values, sealed, pixel_url
 
 
 def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient: str, issued: int) -> Copy:
-    values, urls, pixel_url = _values(plan, keyring, message_id, recipient, issued)
+    values, sealed, pixel_url = _values(plan, keyring, message_id, recipient, issued)
     edits = list(plan.static_edits)
     warnings = list(plan.warnings)
     sizes: dict[str, tuple[int, str | None]] = {}
@@ -666,6 +665,7 @@ def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient:
             edits.append(header)
         sizes[pp.part.path] = (size, header[2].split(b":", 1)[1].strip().decode() if header else None)
     data = mime.splice(raw, edits) if edits else raw
+    urls = [base + token.decode("ascii") for (base, _, _), token in zip(plan.links, sealed, strict=True)]
     report = _report(plan, urls, pixel_url, sizes, warnings, message_id, recipient)
     return Copy(data, report, warnings)
 

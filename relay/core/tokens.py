@@ -182,14 +182,15 @@ def seal(keyring: Keyring, body: bytes) -> str:
 
 def seal_all(keyring: Keyring, prefix: bytes, suffixes: list[bytes]) -> list[bytes]:
     """`[seal(keyring, prefix + suffix) for suffix in suffixes]`, as ASCII bytes, for suffixes sharing one prefix
-    (every link of one recipient's copy): the HMAC state after key and prefix is computed once, copied per suffix."""
+    (every link of one recipient's copy): the HMAC state after key and prefix is computed once, copied per suffix,
+    and the tokens are made URL-safe together (b2a_base64 ends each with a newline to split them apart)."""
     keyed = _keyed_hmac(keyring.signing.secret, prefix)
-    out = []
+    encoded = []
     for suffix in suffixes:
         mac = keyed.copy()
         mac.update(suffix)
-        out.append(_b64(prefix + suffix + mac.digest()[:MAC_BYTES]))
-    return out
+        encoded.append(binascii.b2a_base64(prefix + suffix + mac.digest()[:MAC_BYTES]))
+    return b"".join(encoded).translate(_URLSAFE, b"=").split(b"\n")[:-1]
 
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
