@@ -261,15 +261,15 @@ def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, ed
     raw_value = doc[href.value_start:href.value_end]
     text = _attribute_text(raw_value, context.charset)
     url, ambiguous = _destination(text) if text is not None else (None, False)
-    if no_track or not _plainly_eligible(url, ambiguous, context) or len(plan.links) >= MAX_LINKS:
-        reason = _reason(url, ambiguous, no_track, context, len(plan.links))
+    index = len(plan.links)
+    if no_track or ambiguous or url is None or index >= MAX_LINKS or not _plainly_eligible(url, context):
+        reason = _reason(url, ambiguous, no_track, context, index)
         if reason is not None:
             if context.click_tracking:
                 shown = url if url is not None else raw_value.decode("ascii", "replace")
                 skipped.append({"href": shown, "element": tag.name, "reason": reason})
             return
-    assert url is not None
-    index = len(plan.links)
+        assert url is not None
     base, base_attr = context.https_base if url[4] in "sS" else context.http_base
     entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
              "in_conditional_comment": tag.in_comment}
@@ -280,17 +280,17 @@ def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, ed
     edits.append((href.value_start, href.value_end, index))
 
 
-def _plainly_eligible(url: str | None, ambiguous: bool, context: _LinkContext) -> bool:
+def _plainly_eligible(url: str, context: _LinkContext) -> bool:
     """The usual link in one check: a valid ASCII http(s) URL, nothing that could be a placeholder, not ours.
     False sends the link through `_reason`, which judges every case (this one included)."""
-    if url is None or ambiguous or not context.click_tracking or not url.isascii() or "%" in url or "{" in url \
-            or "|" in url:
+    if not context.click_tracking or "%" in url or "{" in url or "|" in url or not url.isascii():
         return False
     m = _URL_ASCII.fullmatch(url)
     if m is None:
         return False
-    host = m.group(1).lower()
-    return host not in context.tracking_hosts and not (m.group(2) and host + m.group(2) in context.tracking_hosts)
+    host, port = m.groups()
+    host = host.lower()
+    return host not in context.tracking_hosts and not (port and host + port in context.tracking_hosts)
 
 
 def _reason(url: str | None, ambiguous: bool, no_track: bool, context: _LinkContext, wrapped: int) -> str | None:
@@ -446,13 +446,9 @@ def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) ->
     """The instrumented part's size for a typical recipient (tokens vary only with the address length)."""
     click = _sample_token_length()
     total = size + len(PIXEL_PRE + PIXEL_POST) + len(settings.open_base()) + click
-    for start, end, rep in edits:
-        if isinstance(rep, int) and rep >= 0:
-            base, _, suffix = plan.links[rep]
-            total += len(base) + click + len(suffix) * 4 // 3 - (end - start)
-        else:
-            total -= end - start
-    return total
+    total -= sum([end - start for start, end, _ in edits])
+    links = [plan.links[rep] for _, _, rep in edits if type(rep) is int and rep >= 0]
+    return total + sum([len(base) + click + len(suffix) * 4 // 3 for base, _, suffix in links])
 
 
 _SAMPLE_KEYRING = Keyring((tokens.SigningKey("k00000", b"0" * 32),))

@@ -112,11 +112,14 @@ def _unpack_message_id(data: bytes, pos: int) -> tuple[str, int]:
     return data[pos : pos + n].decode("utf-8"), pos + n
 
 
+_U16 = struct.Struct(">H").pack
+
+
 def _u16_text(text: str) -> bytes:
     raw = text.encode("utf-8", "surrogatepass")
     if len(raw) > 0xFFFF:
         raise ValueError("field too long for a token")
-    return struct.pack(">H", len(raw)) + raw
+    return _U16(len(raw)) + raw
 
 
 def _read_u16_text(data: bytes, pos: int) -> tuple[str, int]:
@@ -195,8 +198,9 @@ def seal_all(keyring: Keyring, prefix: bytes, suffixes: list[bytes]) -> list[byt
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
     """The per-link part of a click token; `tags` may be pre-formatted with `format_tags`."""
-    tag_text = tags if isinstance(tags, str) else format_tags(tags) if tags else ""
-    return struct.pack(">H", link_index) + _u16_text(url) + (_u16_text(tag_text) if tag_text else b"\0\0")
+    if not tags:  # the usual link (no tags: an empty text)
+        return _U16(link_index) + _u16_text(url) + b"\0\0"
+    return _U16(link_index) + _u16_text(url) + _u16_text(tags if isinstance(tags, str) else format_tags(tags))
 
 
 def sign_open(keyring: Keyring, message_id: str, recipient: str, issued: int) -> str:
