@@ -37,9 +37,10 @@ _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 # scheme://[userinfo@]host[:port][/path][?query][#fragment] (group 1: host, 2: port) in allowed characters only
 # (an IP literal's brackets aside), at most one "#"; then well-formed %XX escapes are checked apart.
 # Case-insensitive only for the scheme: re.I on big Unicode classes makes matching several times slower, and the
-# ASCII-only variant (classes the engine tests with a bitmap) serves the usual ASCII URL.
-_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*@)?(\[[0-9A-Fa-f:.vV]+\]|[{c}]+)(:[0-9]*)?"
-              r"(?:[/?][{c}:@/?]*)?(?:#[{c}:@/?]*)?")
+# ASCII-only variant (classes the engine tests with a bitmap) serves the usual ASCII URL. Possessive runs (*+, ++):
+# what follows each run cannot begin with a character of its class, so giving characters back never finds a match.
+_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*+@)?(\[[0-9A-Fa-f:.vV]+\]|[{c}]++)(:[0-9]*+)?"
+              r"(?:[/?][{c}:@/?]*+)?(?:#[{c}:@/?]*+)?")
 _URL_ASCII_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%"  # less : @ / ? # (added per part)
 _URL_ASCII = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR))
 _URL = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR + "\u00a0-\ud7ff\ue000-\U0010ffff"))
