@@ -113,5 +113,15 @@ def test_the_scan_reads_a_tag_in_one_match_exactly_as_the_attribute_loop(body, c
     fast = html._read_tag(doc, 0, 2, limit)
     slow = html.parse_tag(doc, 0, 2, limit)
     assert reading(fast) == reading(slow)
+    scanned = html.scan(doc[:limit]).links  # the scan reads the usual link tag in its own loop
+    assert reading(scanned[0] if scanned and scanned[0].start == 0 else None) == reading(slow)
     if slow is not None:
         assert slow.marked == any(a.name in html.MARKERS for a in slow.attrs)
+
+
+@pytest.mark.parametrize("doc", [b'<a href="x">', b"<a href='x' target=_blank>", b"<A HREF=x>", b'<area href="" alt>',
+                                 b'<a class="b" href="http://x/?a=1&amp;b=2" style="c">', b'<a href="x" ses:no-track>',
+                                 b'<a ses:tags="a:b" href="x">', b"<a href>", b'<a title="t">'])
+def test_the_scan_reads_usual_link_tags_as_the_attribute_loop(doc):
+    name_end = html._SCAN.match(doc).end(1)
+    assert reading(html.scan(doc).links[0]) == reading(html.parse_tag(doc, 0, name_end, len(doc)))

@@ -131,6 +131,8 @@ def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
 
 def _inside_tag(doc: bytes, pos: int, floor: int) -> bool:
     """Whether `pos` sits inside some other tag (e.g. an attribute value), judged by the nearest < and >."""
+    if pos > floor and doc[pos - 1] == 62:  # right after a ">" (the usual case): not inside any tag
+        return False
     lt = doc.rfind(b"<", floor, pos)
     return lt >= 0 and doc.rfind(b">", lt, pos) < 0 and _TAG_OPEN.match(doc, lt) is not None
 
@@ -155,13 +157,18 @@ def _in_ranges(ranges: list[tuple[int, int]], pos: int) -> bool:
 
 def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -> None:
     pos = start
+    search = _SCAN.search
     while True:
-        m = _SCAN.search(doc, pos, end)
+        m = search(doc, pos, end)
         if m is None:
             if not in_comment and _inside_tag(doc, end, max(start, pos - 1)):
                 out.open_end = True
             return
         at = m.start()
+        if m.lastindex:  # a start tag (group 1: its name), the usual match; usually right after another tag's ">"
+            inside = doc[at - 1] != 62 and _inside_tag(doc, at, start)
+            pos = at + 1 if inside else _start_tag(doc, m, end, in_comment, out)
+            continue
         head = doc[at + 1:at + 3]
         if head == b"!-":  # <!--
             close = doc.find(b"-->", at + 4, end)
@@ -179,24 +186,32 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                 out.opaque.append((at, pos))
         elif _inside_tag(doc, at, start):
             pos = at + 1
-        elif head[:1] == b"/":  # </body>
+        else:  # </body>
             if not in_comment:
                 out.body_close = at
             pos = m.end()
-        else:
-            pos = _start_tag(doc, m, end, in_comment, out)
+
+
+# Lower-cased names of the elements _SCAN stops at, as they are usually written.
+_NAMES = {name.encode(): name.lower() for name in ("a", "A", "area", "AREA", "body", "BODY", "script", "style")}
+_QUOTES = dict(_HREF_VALUES)
+_LINKS = frozenset({"a", "area"})
 
 
 def _tag_name(doc: bytes, start: int, name_end: int) -> str:
-    return doc[start + 1:name_end].decode("ascii", "replace").lower()
+    name = doc[start + 1:name_end]
+    return _NAMES.get(name) or name.decode("ascii", "replace").lower()
 
 
-def _read_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
+def _read_tag(doc: bytes, start: int, name_end: int, limit: int, in_comment: bool = False) -> Tag | None:
     """parse_tag's answer, from one regex match in the usual case (attributes other than href are read later,
     if ever)."""
     m = _TAG_REST.match(doc, name_end, limit)
     if m is None:  # _TAG_REST cannot read it: the attribute loop decides (usually: never closed)
-        return parse_tag(doc, start, name_end, limit)
+        tag = parse_tag(doc, start, name_end, limit)
+        if tag is not None:
+            tag.in_comment = in_comment
+        return tag
     regs = m.regs
     href = None
     name_start, name_stop = regs[_HREF]
@@ -209,29 +224,41 @@ def _read_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
         else:
             href = Attr(b"href", name_start, name_stop)
     marked = regs[_MARKER_BEFORE][0] >= 0 or regs[_MARKER_AFTER][0] >= 0
-    return Tag(_tag_name(doc, start, name_end), start, regs[0][1], href, marked, doc, name_end)
+    return Tag(_tag_name(doc, start, name_end), start, regs[0][1], href, marked, doc, name_end, in_comment)
 
 
 def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:
-    tag = _read_tag(doc, m.start(), m.end(1), end)
+    at, name_end = m.span(1)
+    at -= 1
+    name = _NAMES.get(m.group(1), "")
+    rest = _TAG_REST.match(doc, name_end, end) if name in _LINKS else None
+    if rest is not None and rest.lastindex in _QUOTES and rest.start(_MARKER_BEFORE) < 0 \
+            and rest.start(_MARKER_AFTER) < 0:  # the usual link (an href with a value, no marker), read at once
+        last = rest.lastindex
+        vs, ve = rest.span(last)
+        tag_end = rest.end()
+        href = Attr(b"href", rest.start(_HREF), ve + (last != 5), vs, ve, _QUOTES[last])
+        out.links.append(Tag(name, at, tag_end, href, False, doc, name_end, in_comment))
+        return tag_end
+    tag = _read_tag(doc, at, name_end, end, in_comment)
     if tag is None:  # never closed: a browser reads the rest of the document as part of this tag
         if not in_comment:
             out.open_end = True
             out.swallowed_from = m.start()
             return end
         return m.start() + 1
-    tag.in_comment = in_comment
-    if tag.name in ("script", "style"):
-        close = (_END_SCRIPT if tag.name == "script" else _END_STYLE).search(doc, tag.end, end)
+    name = tag.name
+    if name == "a" or name not in ("body", "script", "style"):  # a, area, v:*
+        out.links.append(tag)
+    elif name == "body":
+        if out.body_open_end is None and not in_comment:
+            out.body_open_end = tag.end
+    else:
+        close = (_END_SCRIPT if name == "script" else _END_STYLE).search(doc, tag.end, end)
         stop = end if close is None else close.start()
         if not in_comment:  # opaque ranges do not nest: those in comments are covered by the comment's
             out.opaque.append((tag.end, stop))
         return stop
-    if tag.name == "body":
-        if out.body_open_end is None and not in_comment:
-            out.body_open_end = tag.end
-    else:
-        out.links.append(tag)
     return tag.end
 
 

@@ -37,9 +37,10 @@ _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 # scheme://[userinfo@]host[:port][/path][?query][#fragment] (group 1: host, 2: port) in allowed characters only
 # (an IP literal's brackets aside), at most one "#"; then well-formed %XX escapes are checked apart.
 # Case-insensitive only for the scheme: re.I on big Unicode classes makes matching several times slower, and the
-# ASCII-only variant (classes the engine tests with a bitmap) serves the usual ASCII URL.
-_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*@)?(\[[0-9A-Fa-f:.vV]+\]|[{c}]+)(:[0-9]*)?"
-              r"(?:[/?][{c}:@/?]*)?(?:#[{c}:@/?]*)?")
+# ASCII-only variant (classes the engine tests with a bitmap) serves the usual ASCII URL. Possessive runs (*+, ++):
+# what follows each run cannot begin with a character of its class, so giving characters back never finds a match.
+_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*+@)?(\[[0-9A-Fa-f:.vV]+\]|[{c}]++)(:[0-9]*+)?"
+              r"(?:[/?][{c}:@/?]*+)?(?:#[{c}:@/?]*+)?")
 _URL_ASCII_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%"  # less : @ / ? # (added per part)
 _URL_ASCII = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR))
 _URL = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR + "\u00a0-\ud7ff\ue000-\U0010ffff"))
@@ -51,17 +52,6 @@ _SAMPLE_RECIPIENT = "r" * 40  # for size estimates before the recipient is known
 
 
 # --- plan --------------------------------------------------------------------------------------------------
-
-@dataclass(slots=True)
-class LinkPlan:
-    index: int  # message-wide, signed into the token
-    original: str
-    base: str  # tracking URL up to the token (scheme follows the link and the HTTPS policy)
-    base_attr: bytes  # the same, as written into the attribute (tokens are base64url: nothing to escape)
-    suffix: bytes  # the per-link part of the token body
-    tags: dict[str, list[str]]
-    report: dict
-
 
 @dataclass
 class PartPlan:
@@ -84,7 +74,10 @@ class Plan:
     size: int  # length of the input, as a cheap guard for cache hits
     static_edits: list[tuple[int, int, bytes]] = field(default_factory=list)
     parts: list[PartPlan] = field(default_factory=list)
-    links: list[LinkPlan] = field(default_factory=list)
+    # per link, by message-wide index (signed into the token): the tracking URL up to the token (its scheme
+    # follows the link's and the HTTPS policy), the same as written into the attribute (tokens are base64url:
+    # nothing to escape), and the per-link part of the token body
+    links: list[tuple[str, bytes, bytes]] = field(default_factory=list)
     report_parts: list[dict] = field(default_factory=list)  # in MIME order; dynamic ones filled per copy
     warnings: list[str] = field(default_factory=list)
     open_slots: bool = False
@@ -262,35 +255,60 @@ def _link_context(settings: TrackingSettings, charset: str) -> _LinkContext:
 
 def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, edits: list, links: list,
                 skipped: list) -> None:
-    no_track, tags, tag_problems = _markers(doc, tag, edits) if tag.marked else (False, {}, [])
+    no_track, tags, tag_problems = _markers(doc, tag, edits) if tag.marked else (False, {}, None)
     href = tag.href
     if href is None or href.value_start < 0:
         return
     raw_value = doc[href.value_start:href.value_end]
     text = _attribute_text(raw_value, context.charset)
     url, ambiguous = _destination(text) if text is not None else (None, False)
-    reason = ("opt-out marker" if no_track else "click tracking off" if not context.click_tracking
-              else "undecodable bytes in the URL" if url is None else _skip_reason(url, ambiguous, context))
-    if reason is None and not context.utf8 and not url.isascii():
-        # a browser would percent-encode the query in the page's own charset: which URL is meant is unclear
-        reason = f"non-ASCII URL in a {context.charset} part"
-    if reason is None and len(plan.links) >= MAX_LINKS:
-        reason = f"beyond SES's limit of {MAX_LINKS} links per message"
-    if reason is not None:
-        if context.click_tracking:
-            shown = url if url is not None else raw_value.decode("ascii", "replace")
-            skipped.append({"href": shown, "element": tag.name, "reason": reason})
-        return
-    assert url is not None
     index = len(plan.links)
-    base, base_attr = context.https_base if url[:5].lower() == "https" else context.http_base
+    if no_track or ambiguous or url is None or index >= MAX_LINKS or not _plainly_eligible(url, context):
+        reason = _reason(url, ambiguous, no_track, context, index)
+        if reason is not None:
+            if context.click_tracking:
+                shown = url if url is not None else raw_value.decode("ascii", "replace")
+                skipped.append({"href": shown, "element": tag.name, "reason": reason})
+            return
+        assert url is not None
+    base, base_attr = context.https_base if url[4] in "sS" else context.http_base
     entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
              "in_conditional_comment": tag.in_comment}
     if tag_problems:
         entry["tag_warnings"] = tag_problems
-    plan.links.append(LinkPlan(index, url, base, base_attr, tokens.click_suffix(index, url, tags), tags, entry))
+    plan.links.append((base, base_attr, tokens.click_suffix(index, url, tags)))
     links.append(entry)
     edits.append((href.value_start, href.value_end, index))
+
+
+def _plainly_eligible(url: str, context: _LinkContext) -> bool:
+    """The usual link in one check: a valid ASCII http(s) URL, nothing that could be a placeholder, not ours.
+    False sends the link through `_reason`, which judges every case (this one included)."""
+    if not context.click_tracking or "%" in url or "{" in url or "|" in url or not url.isascii():
+        return False
+    m = _URL_ASCII.fullmatch(url)
+    if m is None:
+        return False
+    host, port = m.groups()
+    host = host.lower()
+    return host not in context.tracking_hosts and not (port and host + port in context.tracking_hosts)
+
+
+def _reason(url: str | None, ambiguous: bool, no_track: bool, context: _LinkContext, wrapped: int) -> str | None:
+    """Why a link is not wrapped, or None."""
+    if no_track:
+        return "opt-out marker"
+    if not context.click_tracking:
+        return "click tracking off"
+    if url is None:
+        return "undecodable bytes in the URL"
+    reason = _skip_reason(url, ambiguous, context)
+    if reason is None and not context.utf8 and not url.isascii():
+        # a browser would percent-encode the query in the page's own charset: which URL is meant is unclear
+        reason = f"non-ASCII URL in a {context.charset} part"
+    if reason is None and wrapped >= MAX_LINKS:
+        reason = f"beyond SES's limit of {MAX_LINKS} links per message"
+    return reason
 
 
 def _markers(doc: bytes, tag: html.Tag, edits: list) -> tuple[bool, dict[str, list[str]], list[str]]:
@@ -429,13 +447,9 @@ def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) ->
     """The instrumented part's size for a typical recipient (tokens vary only with the address length)."""
     click = _sample_token_length()
     total = size + len(PIXEL_PRE + PIXEL_POST) + len(settings.open_base()) + click
-    for start, end, rep in edits:
-        if isinstance(rep, int) and rep >= 0:
-            link = plan.links[rep]
-            total += len(link.base) + click + len(link.suffix) * 4 // 3 - (end - start)
-        else:
-            total -= end - start
-    return total
+    total -= sum([end - start for start, end, _ in edits])
+    links = [plan.links[rep] for _, _, rep in edits if type(rep) is int and rep >= 0]
+    return total + sum([len(base) + click + len(suffix) * 4 // 3 for base, _, suffix in links])
 
 
 _SAMPLE_KEYRING = Keyring((tokens.SigningKey("k00000", b"0" * 32),))
@@ -613,24 +627,23 @@ class Copy:
 
 
 def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
-            issued: int) -> tuple[list[bytes], list[str], str | None]:
-    """One recipient's slot values (link URLs by index, then the pixel URL as slot -1), URLs and pixel URL."""
+            issued: int) -> tuple[list[bytes], list[bytes], str | None]:
+    """One recipient's slot values (link URLs by index, then the pixel URL as slot -1), link tokens, pixel URL."""
     values: list[bytes] = []
-    urls: list[str] = []
+    sealed: list[bytes] = []
     if plan.links:
         prefix = tokens.token_prefix(keyring, tokens.KIND_CLICK, message_id, recipient, issued)
-        sealed = tokens.seal_all(keyring, prefix, [link.suffix for link in plan.links])
-        values = [link.base_attr + token for link, token in zip(plan.links, sealed, strict=True)]
-        urls = [link.base + token.decode("ascii") for link, token in zip(plan.links, sealed, strict=True)]
+        sealed = tokens.seal_all(keyring, prefix, [suffix for _, _, suffix in plan.links])
+        values = [base_attr + token for (_, base_attr, _), token in zip(plan.links, sealed, strict=True)]
     pixel_url = None
     if plan.open_slots:
         pixel_url = plan.settings.open_base() + tokens.sign_open(keyring, message_id, recipient, issued)
         values.append(pixel_url.encode("ascii"))
-    return values, urls, pixel_url
+    return values, sealed, pixel_url
 
 
 def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient: str, issued: int) -> Copy:
-    values, urls, pixel_url = _values(plan, keyring, message_id, recipient, issued)
+    values, sealed, pixel_url = _values(plan, keyring, message_id, recipient, issued)
     edits = list(plan.static_edits)
     warnings = list(plan.warnings)
     sizes: dict[str, tuple[int, str | None]] = {}
@@ -649,6 +662,7 @@ def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient:
             edits.append(header)
         sizes[pp.part.path] = (size, header[2].split(b":", 1)[1].strip().decode() if header else None)
     data = mime.splice(raw, edits) if edits else raw
+    urls = [base + token.decode("ascii") for (base, _, _), token in zip(plan.links, sealed, strict=True)]
     report = _report(plan, urls, pixel_url, sizes, warnings, message_id, recipient)
     return Copy(data, report, warnings)
 

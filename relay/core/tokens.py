@@ -112,11 +112,14 @@ def _unpack_message_id(data: bytes, pos: int) -> tuple[str, int]:
     return data[pos : pos + n].decode("utf-8"), pos + n
 
 
+_U16 = struct.Struct(">H").pack
+
+
 def _u16_text(text: str) -> bytes:
     raw = text.encode("utf-8", "surrogatepass")
     if len(raw) > 0xFFFF:
         raise ValueError("field too long for a token")
-    return struct.pack(">H", len(raw)) + raw
+    return _U16(len(raw)) + raw
 
 
 def _read_u16_text(data: bytes, pos: int) -> tuple[str, int]:
@@ -182,20 +185,22 @@ def seal(keyring: Keyring, body: bytes) -> str:
 
 def seal_all(keyring: Keyring, prefix: bytes, suffixes: list[bytes]) -> list[bytes]:
     """`[seal(keyring, prefix + suffix) for suffix in suffixes]`, as ASCII bytes, for suffixes sharing one prefix
-    (every link of one recipient's copy): the HMAC state after key and prefix is computed once, copied per suffix."""
+    (every link of one recipient's copy): the HMAC state after key and prefix is computed once, copied per suffix,
+    and the tokens are made URL-safe together (b2a_base64 ends each with a newline to split them apart)."""
     keyed = _keyed_hmac(keyring.signing.secret, prefix)
-    out = []
+    encoded = []
     for suffix in suffixes:
         mac = keyed.copy()
         mac.update(suffix)
-        out.append(_b64(prefix + suffix + mac.digest()[:MAC_BYTES]))
-    return out
+        encoded.append(binascii.b2a_base64(prefix + suffix + mac.digest()[:MAC_BYTES]))
+    return b"".join(encoded).translate(_URLSAFE, b"=").split(b"\n")[:-1]
 
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
     """The per-link part of a click token; `tags` may be pre-formatted with `format_tags`."""
-    tag_text = tags if isinstance(tags, str) else format_tags(tags) if tags else ""
-    return struct.pack(">H", link_index) + _u16_text(url) + (_u16_text(tag_text) if tag_text else b"\0\0")
+    if not tags:  # the usual link (no tags: an empty text)
+        return _U16(link_index) + _u16_text(url) + b"\0\0"
+    return _U16(link_index) + _u16_text(url) + _u16_text(tags if isinstance(tags, str) else format_tags(tags))
 
 
 def sign_open(keyring: Keyring, message_id: str, recipient: str, issued: int) -> str:
