@@ -278,6 +278,12 @@ class _ReplyReader(asyncio.Protocol):
             self._fail(aiosmtplib.SMTPException("Response too long"))
         self._wake()
 
+    def pause_writing(self) -> None:  # flow control stays with the connection's own protocol
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
     def eof_received(self) -> bool:
         self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
         return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass, field
 
 import pytest
@@ -108,7 +109,7 @@ class ScriptedUpstream:
         self.port = 0
 
     async def __aenter__(self) -> ScriptedUpstream:
-        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0, limit=2**26)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -118,7 +119,7 @@ class ScriptedUpstream:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             await self._converse(reader, writer, self.connections in self.script.dropped_connections)
         writer.close()
 
@@ -159,12 +160,8 @@ class ScriptedUpstream:
 
     @staticmethod
     async def _payload(reader: asyncio.StreamReader) -> bytes:
-        payload = b""
-        while (line := await reader.readline()) != b".\r\n":
-            if not line:
-                raise ConnectionError("payload cut short")
-            payload += line
-        return payload + line
+        first = await reader.readline()
+        return first if first == b".\r\n" else first + await reader.readuntil(b"\r\n.\r\n")
 
 
 async def scripted(script: Script, *bodies: bytes) -> tuple[list[Reply], ScriptedUpstream, int]:
@@ -186,6 +183,14 @@ def test_envelope_and_body_each_go_in_one_round_trip_with_exact_bytes():
     assert server.connections == 1 and pooled == 1
     assert server.commands[1] == b"MAIL FROM:<a@example.com> SIZE=%d\r\n" % len(bodies[0])
     assert b"BODY=8BITMIME" in server.commands[-3]
+
+
+def test_a_body_larger_than_the_socket_buffers_arrives_exact():
+    """Some 20 MB: the transport pauses and resumes writing during the pipelined exchange."""
+    huge = b"Subject: huge\r\n\r\n" + b".a dotted line, repeated until the body is over 20 MB\r\n" * 400000
+    replies, server, pooled = asyncio.run(scripted(Script(), huge, BODIES["plain"]))
+    assert [r.code for r in replies] == [250, 250] and pooled == 1
+    assert server.payloads == [dot_stuffed(huge), dot_stuffed(BODIES["plain"])]
 
 
 def test_multiline_replies_split_across_segments():
@@ -255,3 +260,55 @@ def test_without_pipelining_commands_go_one_at_a_time():
     replies, server, pooled = asyncio.run(scripted(Script(pipelining=False), BODIES["leading dots"]))
     assert replies[0].code == 250 and server.payloads == [dot_stuffed(BODIES["leading dots"])]
     assert pooled == 1
+
+
+# --- TLS -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    return server_ctx, ca_path
+
+
+class CountingUpstream(SmtpUpstream):
+    pipelined = 0
+
+    async def _pipelined(self, *args, **kwargs) -> Reply:
+        self.pipelined += 1
+        return await super()._pipelined(*args, **kwargs)
+
+
+# about 3 MB: more than the transport's write buffer holds before it pauses the protocol
+LARGE = b"Subject: large\r\n\r\n" + b".a line with a leading dot, long enough to make a body of megabytes\r\n" * 45000
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_pipelining_over_tls_with_a_large_body(tls, mode):
+    server_ctx, ca_path = tls
+    handler = PipeliningHandler()
+    port = free_port()
+    server_tls = {"tls_context": server_ctx, "require_starttls": True} if mode == "starttls" else \
+        {"ssl_context": server_ctx}
+    controller = Controller(handler, hostname="127.0.0.1", port=port, data_size_limit=None, **server_tls)
+    controller.start()
+    bodies = [LARGE, BODIES["leading dots"]]
+
+    async def run() -> tuple[list[Reply], int]:
+        upstream = CountingUpstream(UpstreamSettings(type="smtp", host="127.0.0.1", port=port, tls=mode,
+                                                     ca_file=ca_path, timeout=10, connections=1), "relay.test")
+        try:
+            return [await upstream.send("a@example.com", "b@example.org", b) for b in bodies], upstream.pipelined
+        finally:
+            await upstream.close()
+
+    try:
+        replies, pipelined = asyncio.run(run())
+    finally:
+        controller.stop()
+    assert [r.code for r in replies] == [250, 250] and pipelined == 2
+    assert [m.data for m in handler.messages] == bodies
