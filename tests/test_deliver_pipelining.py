@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import smtplib
 import ssl
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from aiosmtpd.controller import Controller
 from relay.config import UpstreamSettings
 from relay.deliver import Reply, SmtpUpstream, dot_stuffed
 
-from .harness import Received, UpstreamHandler, free_port
+from .harness import Received, RelayProcess, UpstreamHandler, free_port
 
 BODIES = {
     "plain": b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nhello\r\n",
@@ -312,3 +313,37 @@ def test_pipelining_over_tls_with_a_large_body(tls, mode):
         controller.stop()
     assert [r.code for r in replies] == [250, 250] and pipelined == 2
     assert [m.data for m in handler.messages] == bodies
+
+
+# --- end to end: relay as a subprocess ----------------------------------------------------------------------
+
+class RefusingPipeliningHandler(PipeliningHandler):
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("nobody@"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+
+def test_relay_delivers_through_a_pipelining_upstream(tmp_path):
+    handler = RefusingPipeliningHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True, data_size_limit=None)
+    controller.start()
+    body = "\r\n.\r\n..two dots\r\n.one dot\r\ncaf\u00e9 \u00e0 la cr\u00e8me\r\n".encode()
+    message = (b"From: a@example.com\r\nTo: b@example.org\r\nSubject: dots\r\n"
+               b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n" + body)
+    relay = RelayProcess(tmp_path / "r", port)
+    try:
+        relay.start()
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+            client.sendmail("a@example.com", ["b@example.org", "nobody@example.org"], message)
+        relay.wait_events("Delivery", 1)
+        bounces = relay.wait_events("Bounce", 1)
+    finally:
+        relay.stop()
+        controller.stop()
+    assert bounces[0][2] == "nobody@example.org" and "5.1.1 no such user" in bounces[0][4]
+    (got,) = handler.messages
+    assert got.rcpt_tos == ["b@example.org"] and "BODY=8BITMIME" in got.mail_options
+    assert got.data.endswith(body)
