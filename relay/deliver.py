@@ -223,7 +223,8 @@ class _ReplyReader(asyncio.Protocol):
     is put back on leaving, and still hears of a lost connection."""
 
     def __init__(self, client: aiosmtplib.SMTP, timeout: float):
-        assert client.protocol is not None and client.protocol.transport is not None
+        if client.protocol is None or client.protocol.transport is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         self._protocol = client.protocol
         self._transport: asyncio.Transport = client.protocol.transport  # type: ignore[assignment]
         self._timeout = timeout
@@ -235,8 +236,6 @@ class _ReplyReader(asyncio.Protocol):
         self.codes: list[int] = []
 
     def __enter__(self) -> _ReplyReader:
-        if self._transport.is_closing():
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         self._transport.set_protocol(self)
         return self
 

@@ -98,6 +98,7 @@ class Script:
     data: str = "354 End data with <CR><LF>.<CR><LF>"
     final: str = "250 2.0.0 Ok: queued"
     dropped_connections: set[int] = field(default_factory=set)  # connection numbers (from 1) that drop
+    close_when_done: bool = False  # close each connection after its first transaction
 
 
 class ScriptedUpstream:
@@ -152,6 +153,9 @@ class ScriptedUpstream:
                         await asyncio.sleep(2)
                         return
                     writer.write(f"{s.final}\r\n".encode())
+                    if s.close_when_done:
+                        await writer.drain()
+                        return
             elif verb == b"QUIT":
                 writer.write(b"221 bye\r\n")
                 return
@@ -241,6 +245,20 @@ def test_a_pooled_connection_dropped_mid_pipeline_is_retried_once_on_a_fresh_one
     assert replies[0].connection_failed
     assert replies[1].code == 250 and server.payloads == [dot_stuffed(BODIES["leading dots"])]
     assert server.connections == 2 and pooled == 1
+
+
+def test_a_pooled_connection_the_upstream_closed_while_idle_is_replaced():
+    async def run() -> tuple[list[Reply], int]:
+        async with ScriptedUpstream(Script(close_when_done=True)) as server:
+            upstream = SmtpUpstream(upstream_settings(server.port), "relay.test")
+            replies = [await upstream.send("a@example.com", "b@example.org", BODIES["plain"])]
+            await asyncio.sleep(0.2)  # the close reaches the idle connection
+            replies.append(await upstream.send("a@example.com", "b@example.org", BODIES["leading dots"]))
+            await upstream.close()
+            return replies, server.connections
+
+    replies, connections = asyncio.run(run())
+    assert [r.code for r in replies] == [250, 250] and connections == 2
 
 
 def test_a_silent_upstream_times_out_as_a_temporary_failure():
