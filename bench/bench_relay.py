@@ -3,9 +3,10 @@
     python bench/bench_relay.py [--connections 16] [--messages 3000] [--runs 3] [--compare DIR] [--only-5k]
 
 Everything runs on 127.0.0.1: a lean pipelining SMTP load generator (this process), relay as a subprocess
-(`relay serve`, durable queue, SQLite events) and a fast counting SMTP sink (a subprocess). The baseline,
-measured in the same run with the same generator and sink, is an aiosmtpd → aiosmtplib pass-through with no
-durability and no events. Prints medians over the runs, the ratio to the baseline, and relay's peak RSS.
+(`relay serve`, durable queue, SQLite events) and a fast counting SMTP sink that announces PIPELINING (a
+subprocess; relay then sends each envelope in one round trip). The baseline, measured in the same run with the
+same generator and sink, is an aiosmtpd → aiosmtplib pass-through with no durability and no events. Prints
+medians over the runs, the ratio to the baseline, and relay's peak RSS.
 Scenarios: a 5 KB plain message (no configuration set) and the 60 KB HTML message ../shared/bench/msg60k.eml
 sent with the `marketing` set (open and click tracking: the whole instrumentation path).
 `--compare DIR` also runs the relay of another checkout (e.g. `git worktree add /tmp/base main`) in the same

@@ -1,7 +1,8 @@
 """The deliver stage: hand one recipient's copy to the upstream and report what it said.
 
 Two upstreams share one small interface (`send(mail_from, recipient, data) -> Reply`):
-- `SmtpUpstream` relays over SMTP with aiosmtplib through a bounded pool of reused connections;
+- `SmtpUpstream` relays over SMTP with aiosmtplib through a bounded pool of reused connections; when the upstream
+  announces PIPELINING (RFC 2920) a transaction takes two round trips: MAIL + RCPT + DATA, then the body;
 - `CaptureUpstream` writes each copy as a file into a folder (the Quick start's and tests' real sink).
 Connection problems and timeouts come back as a 4xx-class `Reply` with `connection_failed` set, so the queue
 treats every temporary problem alike.
@@ -13,11 +14,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import ssl
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from relay.config import UpstreamSettings
 
@@ -133,7 +138,8 @@ class SmtpUpstream:
                     text = str(exc) or type(exc).__name__
                     return Reply(421, f"4.4.1 upstream {self.settings.host}:{self.settings.port}: {text}",
                                  connection_failed=True)
-                self._idle.append(client)
+                if client.is_connected:
+                    self._idle.append(client)
                 return reply
             raise AssertionError("unreachable")
 
@@ -146,6 +152,8 @@ class SmtpUpstream:
         if not (mail_from + recipient).isascii() and client.supports_extension("smtputf8"):
             options.append("SMTPUTF8")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        if client.supports_extension("pipelining"):
+            return await self._pipelined(client, mail_from, recipient, data, options, encoding)
         try:
             await client.mail(mail_from, options=options, encoding=encoding)
             response = await client.rcpt(recipient, encoding=encoding)
@@ -153,14 +161,151 @@ class SmtpUpstream:
                 raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
             response = await client.data(data)
         except aiosmtplib.SMTPResponseException as exc:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await client.rset()
+            await _reset(client)
             return Reply(exc.code, exc.message, _peer_ip(client))  # the connection stays usable
         return Reply(response.code, response.message, _peer_ip(client))
+
+    async def _pipelined(self, client: aiosmtplib.SMTP, mail_from: str, recipient: str, data: bytes,
+                         options: list[str], encoding: str) -> Reply:
+        """One transaction in two round trips (RFC 2920); replies map to the same `Reply` as the plain path."""
+        sender, rcpt_to = quote_address(mail_from), quote_address(recipient)
+        if _CONTROL.search(sender + rcpt_to):
+            raise ValueError("Command arg contains a prohibited control character")  # as aiosmtplib checks
+        envelope = (f"MAIL FROM:{sender}{''.join(' ' + o for o in options)}\r\n"
+                    f"RCPT TO:{rcpt_to}\r\nDATA\r\n").encode(encoding)
+        with _ReplyReader(client, self.settings.timeout) as replies:
+            replies.write(envelope)
+            mail, rcpt, start = [await replies.next() for _ in range(3)]
+            refusal = next((r for r, ok in ((mail, (250,)), (rcpt, (250, 251)), (start, (354,)))
+                            if r.code not in ok), None)
+            if start.code == 354:
+                # RFC 2920: a DATA accepted after a refused envelope still needs its terminating dot
+                replies.write(b".\r\n" if refusal else dot_stuffed(data))
+                final = await replies.next()
+                refusal = refusal or (final if final.code != 250 else None)
+                if refusal is None:
+                    return Reply(final.code, final.message, _peer_ip(client))
+            closing = 421 in replies.codes
+        assert refusal is not None  # a DATA not answered 354 is itself the refusal
+        if closing:
+            client.close()  # the upstream is closing the channel (as aiosmtplib does on a 421)
+        else:
+            await _reset(client)
+        return Reply(refusal.code, refusal.message, _peer_ip(client))
 
     async def close(self) -> None:
         while self._idle:
             await _discard(self._idle.pop())
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """The DATA payload for `data`: CRLF line endings, a leading "." doubled, ending in CRLF "." CRLF.
+
+    Byte for byte what aiosmtplib sends; relay's copies are CRLF already, so the line-ending pass is skipped
+    when the counts of CR, LF and CRLF show there is nothing to normalise."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = normalize_message_line_endings(data)
+    elif not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    data = data.replace(b"\n.", b"\n..")
+    return (b"." + data if data.startswith(b".") else data) + b".\r\n"
+
+
+class _ReplyReader(asyncio.Protocol):
+    """Stands in for aiosmtplib's protocol on the connection during one pipelined exchange.
+
+    aiosmtplib's protocol parses one reply per command written and drops bytes that arrive past it, so several
+    replies in one segment would be lost; this reader queues every complete reply. The connection's own protocol
+    is put back on leaving, and still hears of a lost connection."""
+
+    def __init__(self, client: aiosmtplib.SMTP, timeout: float):
+        if client.protocol is None or client.protocol.transport is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        self._protocol = client.protocol
+        self._transport: asyncio.Transport = client.protocol.transport  # type: ignore[assignment]
+        self._timeout = timeout
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._replies: deque[aiosmtplib.SMTPResponse] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._failure: Exception | None = None
+        self.codes: list[int] = []
+
+    def __enter__(self) -> _ReplyReader:
+        self._transport.set_protocol(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._transport.set_protocol(self._protocol)
+
+    def write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._transport.write(data)
+
+    async def next(self) -> aiosmtplib.SMTPResponse:
+        while not self._replies:
+            if self._failure is not None:
+                raise self._failure
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._waiter
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+        return self._replies.popleft()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) != -1:
+            line = bytes(self._buffer[:end + 1])
+            del self._buffer[:end + 1]
+            if not line[:3].isdigit():
+                self._fail(aiosmtplib.SMTPException(f"Malformed SMTP response line: {line[:100]!r}"))
+                return
+            self._lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                message = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+                self._lines.clear()
+                self.codes.append(int(line[:3]))
+                self._replies.append(aiosmtplib.SMTPResponse(int(line[:3]), message))
+        if len(self._buffer) > _MAX_LINE:
+            self._fail(aiosmtplib.SMTPException("Response too long"))
+        self._wake()
+
+    def pause_writing(self) -> None:  # flow control stays with the connection's own protocol
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+        self._protocol.connection_lost(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self._failure = self._failure or exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+_MAX_LINE = 8192
+
+
+async def _reset(client: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+        await client.rset()
 
 
 def _peer_ip(client: aiosmtplib.SMTP) -> str:

@@ -38,6 +38,10 @@ class Instrumenter:
         self._plans: OrderedDict[tuple[str, TrackingSettings], core.Plan] = OrderedDict()
 
     def plan(self, message_id: str, raw: bytes, settings: TrackingSettings) -> core.Plan:
+        if not settings.enabled and b"text/html" not in raw.lower():
+            # Without tracking, analysis only removes SES markers and placeholders from HTML parts; a message
+            # without the type's name anywhere has no HTML part, so its plan is empty (the copy is the input).
+            return core.Plan(settings=settings, size=len(raw), settings_json=settings.to_json())
         key = (message_id, settings)
         plan = self._plans.get(key)
         if plan is not None and plan.size == len(raw):
