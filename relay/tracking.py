@@ -256,8 +256,8 @@ class EventWriter:
                 for target, fields in verdict_rows:
                     event_id = ids[target] if isinstance(target, int) else target.event_id
                     if event_id is not None:  # None: an earlier batch holding that click failed
-                        rows.append(store_module.VerdictRow(event_id, *fields))
-                store_module.upsert_verdicts(conn, rows)
+                        rows.append((event_id, *fields))
+                store_module.upsert_verdict_values(conn, rows)
             except BaseException:
                 for click, _ in placed:  # rolled back: these ids may be given to other rows
                     click.event_id = None
