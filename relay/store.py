@@ -649,10 +649,17 @@ def tracking_events_after(conn: sqlite3.Connection, after_id: int, limit: int) -
 
 def upsert_verdicts(conn: sqlite3.Connection, rows: list[VerdictRow]) -> None:
     """Write verdicts; a recomputation replaces verdict, reasons and device but keeps the raw `method`."""
+    upsert_verdict_values(conn, [
+        (r.event_id, r.method, r.verdict, r.reasons if isinstance(r.reasons, str)
+         else json.dumps(r.reasons, separators=(",", ":")), r.client, r.os, r.device, r.computed_at) for r in rows])
+
+
+def upsert_verdict_values(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """`upsert_verdicts` of plain (event_id, method, verdict, reasons JSON, client, os, device, computed_at)
+    tuples: the listener's writer work builds no VerdictRow per hit (its Python holds the GIL the loop wants)."""
     _insert_rows(
         conn, "INSERT INTO tracking_verdicts (event_id, method, verdict, reasons, client, os, device, computed_at)", 8,
-        [(r.event_id, r.method, r.verdict, r.reasons if isinstance(r.reasons, str)
-          else json.dumps(r.reasons, separators=(",", ":")), r.client, r.os, r.device, r.computed_at) for r in rows],
+        rows,
         "ON CONFLICT (event_id) DO UPDATE SET verdict = excluded.verdict, reasons = excluded.reasons,"
         " client = excluded.client, os = excluded.os, device = excluded.device, computed_at = excluded.computed_at",
     )

@@ -127,15 +127,27 @@ def thresholds(cfg: TrackingConfig) -> verdicts.Thresholds:
 
 # --- from hits to stored events and verdicts -----------------------------------------------------------------
 
-_MAIL_SLOT = "\x00mail\x00"
-_MAIL_SLOT_JSON = json.dumps(_MAIL_SLOT)
+_MAIL_SLOT = "\x00mail\x00"  # the stored mail JSON is spliced in unparsed (it is most of a record's bytes)
 _compact_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators) builds one per call
 
 
-def _splice(record: dict, mail_json: str) -> str:
-    """The record as JSON with the stored mail JSON spliced in unparsed (it is most of the bytes). `mail` is
-    the record's second key, after `eventType`, so the first occurrence of the slot is the mail's."""
-    return _compact_json(record).replace(_MAIL_SLOT_JSON, mail_json, 1)
+_IP_SLOT, _TIME_SLOT, _UA_SLOT = "\x00ip\x00", "\x00time\x00", "\x00ua\x00"
+_TEMPLATE_SLOTS = (_MAIL_SLOT, _IP_SLOT, _TIME_SLOT, _UA_SLOT)  # in the order a record holds them
+_json_string = json.encoder.encode_basestring_ascii  # what _compact_json writes for a string
+
+
+def _template(record_json: str) -> tuple[str, ...]:
+    """A record's JSON with slots for mail, ip, timestamp and user agent, as the five texts around the slots.
+    The slots come before the link and its tags (key order), so a tag holding a slot's text cannot move them;
+    the timestamp's slot keeps its quotes (a timestamp needs no escaping)."""
+    parts, pos = [], 0
+    for slot in _TEMPLATE_SLOTS:
+        text = json.dumps(slot)[1:-1] if slot == _TIME_SLOT else json.dumps(slot)
+        at = record_json.index(text, pos)
+        parts.append(record_json[pos:at])
+        pos = at + len(text)
+    parts.append(record_json[pos:])
+    return tuple(parts)
 
 
 def iso_to_ms(text: str) -> int:
@@ -182,13 +194,14 @@ class EventWriter:
         self._mails: dict[str, tuple[str, str | None, int | None]] = {}
         self._delivered: dict[tuple[str, str], tuple[int | None, int]] = {}  # copy -> (ms or None, asked at)
         self._recent: dict[tuple[str, str], list[_Click]] = {}
+        self._templates: dict[tuple, tuple[str, ...]] = {}
+        self._second: tuple[int, str] = (-1, "")
 
     def configure(self, lists: verdicts.Lists, th: verdicts.Thresholds) -> None:
         self.lists, self.th = lists, th
         self.window_ms = int(th.burst_window_seconds * 1000)
-        # An open's verdict is a function of (method, ip, user agent) and the lists alone: judged once per
-        # distinct triple (image proxies and repeat readers send the same ones over and over).
-        self._open_verdicts: dict[tuple[str, str, str], tuple] = {}
+        # (type, method, ip, user agent) -> what they alone say, with these lists (`_judgement`)
+        self._hit_judgements: dict[tuple[str, str, str, str], tuple[tuple, tuple]] = {}
 
     def forget(self) -> None:
         """After a failed batch: its clicks never reached the store, so the memory of recent clicks is wrong."""
@@ -223,17 +236,14 @@ class EventWriter:
         for i, (kind, method, claims, ip, ua, ms) in enumerate(hits):
             mail_json, cset, _ = self._mail(claims.message_id, claims.recipient)
             if kind == events.OPEN:
-                record = events.open_record(_MAIL_SLOT, ms, ip, ua)
-                stamp = record["open"]["timestamp"]
                 verdict_rows.append((i, (*self._judge_open(method, ip, ua, ms), now)))
             else:
-                record = events.click_record(_MAIL_SLOT, ms, ip, ua, claims.url, claims.tags)
-                stamp = record["click"]["timestamp"]
                 click = _Click(None, verdicts.Hit(kind, method, ip, ua, ms, claims.url))
                 copies.setdefault((claims.message_id, claims.recipient), []).append(click)
                 placed.append((click, i))
-            self.scrub(record)  # privacy (issue 8): the verdict is judged from the hit, not from the record
-            records.append((kind, stamp, claims.message_id, claims.recipient, cset, _splice(record, mail_json)))
+            stamp = self._stamp(ms)
+            records.append((kind, stamp, claims.message_id, claims.recipient, cset,
+                            self._record_json(kind, claims, ip, ua, stamp, mail_json)))
         for copy, new in copies.items():
             verdict_rows += self._judge_new_clicks(copy, new, now)
 
@@ -246,8 +256,8 @@ class EventWriter:
                 for target, fields in verdict_rows:
                     event_id = ids[target] if isinstance(target, int) else target.event_id
                     if event_id is not None:  # None: an earlier batch holding that click failed
-                        rows.append(store_module.VerdictRow(event_id, *fields))
-                store_module.upsert_verdicts(conn, rows)
+                        rows.append((event_id, *fields))
+                store_module.upsert_verdict_values(conn, rows)
             except BaseException:
                 for click, _ in placed:  # rolled back: these ids may be given to other rows
                     click.event_id = None
@@ -256,24 +266,65 @@ class EventWriter:
 
         return work
 
+    def _stamp(self, ms: int) -> str:
+        """`events.iso_ms(ms)`, its date and time formatted once a second (hits come thousands a second)."""
+        second, milli = divmod(ms, 1000)
+        if second != self._second[0]:
+            self._second = (second, events.iso_ms(second * 1000)[:-4])  # without "000Z"
+        return f"{self._second[1]}{milli:03d}Z"
+
+    def _record_json(self, kind: str, claims, ip: str, ua: str, stamp: str, mail_json: str) -> str:
+        """The JSON of the core's open/click record, as `scrub` leaves it, with the mail's JSON spliced in: from
+        a template per pixel or per link, so the record's dicts are built and encoded once, not for every hit."""
+        detail = {"ipAddress": ip, "userAgent": ua}
+        self.scrub({events.DETAIL_KEY[kind]: detail})  # privacy (issue 8): the verdict is judged from the hit
+        key = (kind,) if kind == events.OPEN else (kind, claims.url, *(
+            (k, *v) for k, v in claims.tags.items()))
+        parts = self._templates.get(key)
+        if parts is None:
+            if len(self._templates) >= 4096:
+                self._templates.clear()
+            if kind == events.OPEN:
+                record = events.open_record(_MAIL_SLOT, 0, _IP_SLOT, _UA_SLOT)
+            else:
+                record = events.click_record(_MAIL_SLOT, 0, _IP_SLOT, _UA_SLOT, claims.url, claims.tags)
+            record[events.DETAIL_KEY[kind]]["timestamp"] = _TIME_SLOT
+            parts = self._templates[key] = _template(_compact_json(record))
+        return "".join((parts[0], mail_json, parts[1], _json_string(detail["ipAddress"]), parts[2], stamp,
+                        parts[3], _json_string(detail["userAgent"]), parts[4]))
+
     def _judge_open(self, method: str, ip: str, ua: str, ms: int) -> tuple:
         """An open's verdict row fields after the event id, without `computed_at`."""
-        key = (method, ip, ua)
-        fields = self._open_verdicts.get(key)
-        if fields is None:
-            if len(self._open_verdicts) >= 8192:
-                self._open_verdicts.clear()
-            hit = verdicts.Hit(events.OPEN, method, ip, ua, ms)
-            fields = self._open_verdicts[key] = self._judge(hit, verdicts.Context(), "")[:-1]
-        return fields
+        known = self._hit_judgements.get((events.OPEN, method, ip, ua))
+        if known is None:
+            known = self._judgement(verdicts.Hit(events.OPEN, method, ip, ua, ms))
+        return known[1]
+
+    def _judgement(self, hit: verdicts.Hit) -> tuple[tuple, tuple]:
+        """(reasons, verdict row fields without `computed_at`) of what a hit's type, method, IP and User-Agent
+        alone say: judged once per distinct quadruple (image proxies, scanners and repeat readers send the same
+        ones over and over; the User-Agent summary alone costs tens of microseconds)."""
+        if len(self._hit_judgements) >= 8192:
+            self._hit_judgements.clear()
+        reasons = verdicts.hit_reasons(hit, self.lists)
+        known = self._hit_judgements[(hit.type, hit.method, hit.ip, hit.user_agent)] = (
+            reasons, self._fields(hit, verdicts.verdict_of(reasons)))
+        return known
 
     def _judge(self, hit: verdicts.Hit, ctx: verdicts.Context, now: str) -> tuple:
         """A verdict row's fields after the event id."""
-        v = verdicts.classify(hit, ctx, self.lists, self.th)
+        known = self._hit_judgements.get((hit.type, hit.method, hit.ip, hit.user_agent)) or self._judgement(hit)
+        timing = verdicts.click_timing_reasons(hit, ctx, self.th) if hit.type == events.CLICK else ()
+        if not timing:
+            return (*known[1], now)
+        return (*self._fields(hit, verdicts.verdict_of(known[0] + timing)), now)
+
+    @staticmethod
+    def _fields(hit: verdicts.Hit, v: verdicts.Verdict) -> tuple:
         d = summarize(hit.user_agent)
         kind = verdicts.PROXY if v.verdict == verdicts.PROXY else d.kind
         reasons = _compact_json(v.reasons_json()) if v.reasons else "[]"
-        return hit.method, v.verdict, reasons, d.client, d.os, kind, now
+        return hit.method, v.verdict, reasons, d.client, d.os, kind
 
     def _delivered_ms(self, message_id: str, recipient: str, now_ms: int) -> tuple[int | None, str]:
         key = (message_id, recipient)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import signal
@@ -304,5 +305,48 @@ def test_copy_lookups_do_not_grow_with_the_message(tmp_path):
         small = steps(100)
         large = steps(5000)  # 100 times more events in the message
         assert large[0] <= small[0] + 2 and large[1] <= small[1] + 2, (small, large)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("privacy", [(False, False), (True, True)])
+def test_stored_records_are_the_core_records_encoded_whole(tmp_path, privacy):
+    """Records are written from a template per pixel or link: each stored record must be, byte for byte, the
+    core's open/click record (scrubbed when privacy asks) encoded whole with the stored mail, whatever the IP,
+    User-Agent, link and tags hold (quotes, non-ASCII, control characters, a tag spelling a template slot)."""
+    from relay import store as store_module
+    from relay.config import PrivacySettings
+    from relay.core import tokens, verdicts
+    from relay.inspect import scrubber
+    from relay.tracking import EventWriter
+
+    store = Store(tmp_path / "relay.sqlite3")
+    try:
+        mail = store_message(store)
+        writer = EventWriter("123456789012", verdicts.Lists(), verdicts.Thresholds(),
+                             read=lambda helper, *args: store.submit(lambda conn: helper(conn, *args)).result())
+        writer.scrub = scrubber(PrivacySettings(*privacy))  # as TrackingServer sets it
+        odd_ua = 'Mozilla "q" caf\u00e9 \u2028 \\ \x01 \x00ua\x00'
+        link = 'https://shop.example/?q="1"&w=caf\u00e9'
+        tags = {"campaign": ["\x00ip\x00", "autumn"], 'k"': ["\x00time\x00"]}
+        now = int(time.time() * 1000)
+        hits = [("Open", "GET", tokens.OpenClaims(MID, RCPT, 0), "2001:db8::7", odd_ua, now),
+                ("Click", "GET", tokens.ClickClaims(MID, RCPT, 0, 1, link, tags), "198.51.100.9", odd_ua, now + 1),
+                ("Click", "GET", tokens.ClickClaims(MID, RCPT, 0, 2, link, {}), "198.51.100.9", "", now + 2),
+                ("Open", "HEAD", tokens.OpenClaims(MID, RCPT, 0), "192.0.2.1", "UA", now + 1003)]
+        assert store.submit(writer.prepare(hits)).result() == 4
+        expected = [events_module.open_record(mail, now, "2001:db8::7", odd_ua),
+                    events_module.click_record(mail, now + 1, "198.51.100.9", odd_ua, link, tags),
+                    events_module.click_record(mail, now + 2, "198.51.100.9", "", link, {}),
+                    events_module.open_record(mail, now + 1003, "192.0.2.1", "UA")]
+        for record in expected:
+            writer.scrub(record)
+        rows = store.submit(lambda conn: conn.execute(
+            "SELECT time, record FROM events WHERE type IN ('Open', 'Click') ORDER BY id").fetchall()).result()
+        mail_json = store.submit(lambda conn: store_module.tracking_mail(conn, MID)).result()[0]
+        assert json.loads(mail_json) == mail
+        for (stamp, text), record in zip(rows, expected, strict=True):
+            assert stamp == record[events_module.DETAIL_KEY[record["eventType"]]]["timestamp"]
+            assert text == json.dumps(dict(record, mail=json.loads(mail_json)), separators=(",", ":"))
     finally:
         store.close()

@@ -212,14 +212,24 @@ class Verdict:
 
 
 def classify(hit: Hit, ctx: Context, lists: Lists, th: Thresholds = Thresholds()) -> Verdict:
-    reasons = [*_request_reasons(hit), *_agent_reasons(hit, lists), *_network_reasons(hit, lists)]
+    reasons = hit_reasons(hit, lists)
     if hit.type == CLICK:
-        reasons += _click_timing_reasons(hit, ctx, th)
+        reasons += click_timing_reasons(hit, ctx, th)
+    return verdict_of(reasons)
+
+
+def hit_reasons(hit: Hit, lists: Lists) -> tuple[Reason, ...]:
+    """The reasons that depend only on the hit's type, method, IP and User-Agent (and the lists): a caller
+    judging many hits may keep them per (type, method, ip, user agent)."""
+    return (*_request_reasons(hit), *_agent_reasons(hit, lists), *_network_reasons(hit, lists))
+
+
+def verdict_of(reasons: tuple[Reason, ...]) -> Verdict:
     if any(r.verdict == MACHINE for r in reasons):
-        return Verdict(MACHINE, tuple(reasons))
+        return Verdict(MACHINE, reasons)
     if any(r.verdict == PROXY for r in reasons):
-        return Verdict(PROXY, tuple(reasons))
-    return Verdict(HUMAN, tuple(reasons))
+        return Verdict(PROXY, reasons)
+    return Verdict(HUMAN, reasons)
 
 
 def _request_reasons(hit: Hit) -> list[Reason]:
@@ -257,7 +267,8 @@ def _network_reasons(hit: Hit, lists: Lists) -> list[Reason]:
     return out
 
 
-def _click_timing_reasons(hit: Hit, ctx: Context, th: Thresholds) -> list[Reason]:
+def click_timing_reasons(hit: Hit, ctx: Context, th: Thresholds) -> tuple[Reason, ...]:
+    """A click's reasons from its timing: soon after delivery, or in a burst of different links."""
     out = []
     if ctx.delivered_ms is not None:
         delay = (hit.time_ms - ctx.delivered_ms) / 1000
@@ -269,7 +280,7 @@ def _click_timing_reasons(hit: Hit, ctx: Context, th: Thresholds) -> list[Reason
     if ctx.burst_links >= needed:
         out.append(Reason("link-burst", f"{ctx.burst_links} different links of this message clicked within "
                                         f"{th.burst_window_seconds:g} s", MACHINE))
-    return out
+    return tuple(out)
 
 
 def burst_sizes(clicks: list[tuple[int, str]], window_ms: float) -> list[int]:
