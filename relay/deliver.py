@@ -25,6 +25,7 @@ from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import normalize_message_line_endings
 
 from relay.config import UpstreamSettings
+from relay.core.headers import DOT_ATOM_ADDRESS
 
 log = logging.getLogger("relay.deliver")
 
@@ -168,7 +169,7 @@ class SmtpUpstream:
     async def _pipelined(self, client: aiosmtplib.SMTP, mail_from: str, recipient: str, data: bytes,
                          options: list[str], encoding: str) -> Reply:
         """One transaction in two round trips (RFC 2920); replies map to the same `Reply` as the plain path."""
-        sender, rcpt_to = quote_address(mail_from), quote_address(recipient)
+        sender, rcpt_to = _quoted(mail_from), _quoted(recipient)
         if _CONTROL.search(sender + rcpt_to):
             raise ValueError("Command arg contains a prohibited control character")  # as aiosmtplib checks
         envelope = (f"MAIL FROM:{sender}{''.join(' ' + o for o in options)}\r\n"
@@ -213,6 +214,14 @@ def dot_stuffed(data: bytes) -> bytes:
         data += b"\r\n"
     data = data.replace(b"\n.", b"\n..")
     return (b"." + data if data.startswith(b".") else data) + b".\r\n"
+
+
+_DOT_ATOM = re.compile(DOT_ATOM_ADDRESS)
+
+
+def _quoted(address: str) -> str:
+    """`<address>` as aiosmtplib's quote_address makes it; a plain dot-atom address needs no parser for that."""
+    return f"<{address}>" if _DOT_ATOM.fullmatch(address) else quote_address(address)
 
 
 class _ReplyReader(asyncio.Protocol):

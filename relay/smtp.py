@@ -24,6 +24,7 @@ from collections import OrderedDict, defaultdict, deque
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.config import SmtpSettings, check_password
+from relay.core.headers import DOT_ATOM_ADDRESS
 from relay.inbound import INBOUND, OUTBOUND, InboundMail
 from relay.pipeline import Refusal, StorageUnavailable, Submission
 
@@ -89,8 +90,7 @@ class Authenticator:
 
 
 # `<dot-atom@dot-atom>`, the form nearly every client sends in MAIL and RCPT: no quoting, comments or routes.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:\Z| +(?=[^\s(]))")
+_PLAIN_PATH = re.compile(rf"<({DOT_ATOM_ADDRESS})>(?:\Z| +(?=[^\s(]))")
 
 
 class RelaySMTP(SMTP):

@@ -64,3 +64,31 @@ def test_a_sealed_container_keeps_its_header_block():
     assert intake(signed, "a@b.c", "ID", "relay.test").raw == signed
     wrapped = b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nx\r\n"
     assert intake(wrapped, "a@b.c", "ID", "relay.test").raw == wrapped
+
+
+def test_from_address_fast_path_agrees_with_the_email_package():
+    """`a@b` and `Name <a@b>` skip getaddresses; every form must give what getaddresses gives."""
+    import random
+    from email.utils import getaddresses
+
+    from relay.core import headers
+
+    rng = random.Random(7)
+    pieces = ["a", "b.c", "x@y.example", "<", ">", " ", "\r\n\t", '"', ",", "(c)", "=?utf-8?q?Z=C3=BC?=", "J.",
+              "@", "news+tag", "Ex-ample", ";", ":", "\\", "é"]
+    for _ in range(20000):
+        value = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+        block = headers.split_header_block(f"From: {value}\r\n\r\n".encode("utf-8", "surrogateescape"))
+        field = block.get("from")
+        expected = next((a.strip() for _, a in getaddresses([field.value]) if "@" in a), None) if field else None
+        assert headers.from_address(block) == expected, value
+
+
+def test_plain_envelope_addresses_are_quoted_as_aiosmtplib_quotes_them():
+    from aiosmtplib.email import quote_address
+
+    from relay.deliver import _quoted
+
+    for address in ("a@b.example", "first.last+tag@sub.example.org", "bounce+abc234@b.example", "", "<a@b.c>",
+                    "Name <a@b.c>", '"quoted"@b.example', "a@[127.0.0.1]", "a.@b.c"):
+        assert _quoted(address) == quote_address(address), address

@@ -42,12 +42,19 @@ def mint_message_id(now_ms: int, random_uuid: uuid.UUID | None = None) -> str:
     return f"{SES_ID_PREFIX}{now_ms & 0xFFFFFFFFFFFF:012x}-{u}-000000"
 
 
+_last_second: tuple[int, str] = (-1, "")  # the latest second formatted (events come in runs within a second)
+
+
 def iso_ms(ms: int) -> str:
     """`2016-10-19T23:20:52.240Z`: SES's timestamp format (on every event, so without datetime objects)."""
+    global _last_second
     seconds, milli = divmod(ms, 1000)
-    t = time.gmtime(seconds)
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
-            f".{milli:03d}Z")
+    last = _last_second  # one read: other threads may replace it meanwhile, never change it
+    if last[0] != seconds:
+        t = time.gmtime(seconds)
+        last = _last_second = (seconds, f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}"
+                                        f":{t.tm_min:02d}:{t.tm_sec:02d}.")
+    return f"{last[1]}{milli:03d}Z"
 
 
 @dataclass
