@@ -90,8 +90,11 @@ class InboundStage:
         if address in self.config.complaints_addresses:
             return INBOUND
         domain = self.config.feedback.bounce_domain
-        if not domain or address.rpartition("@")[2] != domain:
+        local, _, address_domain = address.rpartition("@")
+        if not domain or address_domain != domain:
             return OUTBOUND
+        if local == "postmaster":  # RFC 5321 4.5.1: a domain that receives mail has a postmaster; kept for reading
+            return INBOUND
         return INBOUND if verify_address(self.keyring, address) is not None else UNKNOWN_MAILBOX
 
     # --- receive ---------------------------------------------------------------------------------------

@@ -385,6 +385,15 @@ def test_forged_or_unknown_addresses_on_the_bounce_domain_are_unknown_mailboxes(
         assert code == 550 and b"5.1.1" in reply and b"unavailable" in reply, (address, reply)
 
 
+def test_postmaster_of_the_bounce_domain_is_accepted_and_kept(relay):
+    code, reply = report(relay, f"PostMaster@{BOUNCE_DOMAIN}", b"Subject: your server\r\n\r\nhello\r\n",
+                         sender="admin@example.net")
+    assert code == 250, reply
+    kept = stored_reports(relay)[-1]
+    assert kept["rcpt"].lower() == f"postmaster@{BOUNCE_DOMAIN}" and kept["message_id"] is None
+    assert kept["outcome"].startswith("unknown")
+
+
 def test_reports_and_outgoing_mail_are_separate_transactions(relay, upstream):
     _, _, verp = send(relay, upstream, ["oli@example.org"])
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as c:
