@@ -68,7 +68,7 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_tracking_domain(args: argparse.Namespace) -> int:
-    from relay.tracking import tracking_domain_command
+    from relay.tracking_domain import tracking_domain_command
 
     return tracking_domain_command(args)
 

@@ -16,24 +16,18 @@ with its own buffer into the shared store.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import email
 import email.policy
 import gc
-import hmac
 import html
 import ipaddress
 import json
 import logging
 import os
 import re
-import secrets
 import signal
-import socket
 import ssl
-import struct
 import subprocess
 import sys
 import time
@@ -43,16 +37,14 @@ from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractResolver
 from aiohttp.web_protocol import RequestHandler
 
 from relay import config as config_module
 from relay import store as store_module
 from relay.config import Config, TrackingConfig
 from relay.core import events, verdicts
-from relay.core.domains import InvalidTrackingOptions, split_port, validate_tracking_domain
+from relay.core.challenge import CHALLENGE_PATH, challenge_answer
 from relay.core.settings import CLICK_PATH, OPEN_PATH, UNSUBSCRIBE_PATH
 from relay.core.tokens import ClickClaims, Keyring, OpenClaims, UnsubscribeClaims, verify
 from relay.core.useragent import summarize
@@ -67,8 +59,6 @@ GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01
        b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 NO_STORE = "no-store, no-cache, must-revalidate, private"
 MAX_HEADER_BYTES = 8192  # SES answers 400 beyond this (cookies included)
-CHALLENGE_PATH = "/.well-known/relay-tracking/"
-CHALLENGE_TTL = 300
 
 _PIXEL_HEADERS = {"Content-Type": "image/gif", "Cache-Control": NO_STORE, "Pragma": "no-cache", "Expires": "0",
                   "X-Content-Type-Options": "nosniff"}
@@ -479,33 +469,6 @@ class Recorder:
         while self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
             await asyncio.sleep(0)  # let done-callbacks (and the retries they submit) run
-
-
-# --- domain challenge ---------------------------------------------------------------------------------------
-
-def make_challenge(keyring: Keyring, now: int, nonce: bytes | None = None) -> str:
-    """A one-time path token: nonce, expiry, MAC under the signing key (any node with the keys can answer)."""
-    body = (nonce or secrets.token_bytes(16)) + struct.pack(">I", (now + CHALLENGE_TTL) & 0xFFFFFFFF)
-    mac = hmac.digest(keyring.signing.secret, b"relay-challenge:" + body, "sha256")[:16]
-    return base64.urlsafe_b64encode(body + mac).rstrip(b"=").decode("ascii")
-
-
-def challenge_answer(keyring: Keyring, token: str, now: int) -> str | None:
-    """What the listener answers for a genuine, unexpired challenge (None otherwise)."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    if len(raw) != 36:
-        return None
-    body, mac = raw[:20], raw[20:]
-    (expires,) = struct.unpack(">I", body[16:])
-    if expires < now:
-        return None
-    for key in keyring.keys:
-        if hmac.compare_digest(hmac.digest(key.secret, b"relay-challenge:" + body, "sha256")[:16], mac):
-            return hmac.digest(key.secret, b"relay-answer:" + raw, "sha256")[:16].hex()
-    return None
 
 
 # --- the HTTP server ----------------------------------------------------------------------------------------
@@ -1055,103 +1018,3 @@ async def _track(cfg: Config, config_path: str, spawn: bool) -> int:
     # A worker killed by SIGTERM never got as far as handling signals, so it had not answered anything either.
     failed = [code for code in codes if code not in (0, -signal.SIGTERM)]
     return 1 if lost or failed else 0
-
-
-# --- `relay tracking-domain verify` -------------------------------------------------------------------------
-
-class _DnsResolver(AbstractResolver):
-    """aiohttp resolver backed by dnspython, so `--nameserver` also applies to redirects."""
-
-    def __init__(self, nameserver: str | None, port: int):
-        import dns.asyncresolver
-
-        self.resolver = dns.asyncresolver.Resolver(configure=nameserver is None)
-        if nameserver:
-            self.resolver.nameservers = [nameserver]
-            self.resolver.port = port
-        self.resolver.lifetime = 5.0
-        self.answers: dict[str, list[str]] = {}
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
-        addresses = await self.addresses(host)
-        if not addresses:
-            raise OSError(f"{host} has no A or AAAA record")
-        return [{"hostname": host, "host": ip, "port": port,
-                 "family": socket.AF_INET6 if ":" in ip else socket.AF_INET, "proto": 0,
-                 "flags": socket.AI_NUMERICHOST} for ip in addresses]
-
-    async def addresses(self, host: str) -> list[str]:
-        import dns.exception
-        import dns.resolver
-
-        if host not in self.answers:
-            found = []
-            for rtype in ("A", "AAAA"):
-                try:
-                    answer = await self.resolver.resolve(host, rtype)
-                    found += [r.address for r in answer]
-                except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN, dns.resolver.NoNameservers,
-                        dns.exception.Timeout):
-                    continue
-            self.answers[host] = found
-        return self.answers[host]
-
-    async def close(self) -> None:
-        pass
-
-
-async def verify_domain(keyring: Keyring, domain: str, nameserver: str | None, dns_port: int,
-                        timeout: float = 10.0) -> tuple[str, str, list[str]]:
-    """Fetch a fresh challenge through `domain`; (scheme, address, notes) on success, else ValueError."""
-    host, port = split_port(domain)
-    resolver = _DnsResolver(nameserver, dns_port)
-    addresses = await resolver.addresses(host)
-    if not addresses:
-        raise ValueError(f"{host} does not resolve (no A or AAAA record)")
-    token = make_challenge(keyring, int(time.time()))
-    expected = challenge_answer(keyring, token, int(time.time()))
-    notes = []
-    connector = aiohttp.TCPConnector(resolver=resolver, force_close=True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-        for scheme in ("https", "http"):
-            url = f"{scheme}://{host}{f':{port}' if port else ''}{CHALLENGE_PATH}{token}"
-            try:
-                async with http.get(url, max_redirects=3) as resp:
-                    body = (await resp.content.read(512)).decode("utf-8", "replace")
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                notes.append(f"{scheme}: {type(exc).__name__}: {exc}")
-                continue
-            parts = body.split()
-            if resp.status == 200 and len(parts) >= 2 and parts[0] == "relay-tracking" and parts[1] == expected:
-                return scheme, ",".join(addresses), notes
-            notes.append(f"{scheme}: HTTP {resp.status}, not this listener's answer")
-    raise ValueError("; ".join(notes))
-
-
-def tracking_domain_command(args) -> int:
-    if getattr(args, "tracking_domain_command", "verify") != "verify":
-        return 2
-    cfg = config_module.load(args.config)
-    try:
-        domain = validate_tracking_domain(args.domain)
-    except InvalidTrackingOptions as exc:
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
-    try:
-        scheme, address, notes = asyncio.run(
-            verify_domain(cfg.keyring(), domain, args.nameserver, args.port))
-    except ValueError as exc:
-        print(f"error: {domain} does not reach this tracking listener: {exc}", file=sys.stderr)
-        return 1
-    host = split_port(domain)[0]
-    store = Store(cfg.database_path)
-    try:
-        store.submit(Store.verified_domain_work(host, address, scheme, events.iso_ms(int(time.time() * 1000))))\
-            .result()
-    finally:
-        store.close()
-    print(f"verified: {host} reaches this tracking listener over {scheme} ({address})")
-    for note in notes:
-        print(f"  note: {note}")
-    return 0
-

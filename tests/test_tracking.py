@@ -295,7 +295,7 @@ def test_key_rotation_old_key_still_verifies(tmp_path):
 
 
 def test_forwarded_proto_honoured_only_from_trusted_proxies(listener):
-    from relay.tracking import CHALLENGE_PATH, make_challenge
+    from relay.core.challenge import CHALLENGE_PATH, make_challenge
 
     path = CHALLENGE_PATH + make_challenge(listener.keyring, int(time.time()))
     headers = {"User-Agent": CHROME, "X-Forwarded-Proto": "https"}

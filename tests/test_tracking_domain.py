@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.core.challenge import challenge_answer, make_challenge
 from relay.store import Store
-from relay.tracking import challenge_answer, make_challenge, tracking_domain_command
+from relay.tracking_domain import tracking_domain_command
 
 from .dnsstub import StubDns
 from .test_tracking_helpers import Listener, load, request, write_config
