@@ -62,7 +62,12 @@ class StorageUnavailable(Exception):
 
 class _Stale(Exception):
     """A message prepared on the fast path was not queued: the configuration changed since the cached model, or
-    a recipient is on the suppression list. Nothing was written; prepare it again with fresh reads."""
+    a recipient is on the suppression list. Nothing was written; prepare it again with fresh reads. `scanned`:
+    whether the virus scan already passed (it is not repeated; it is not skipped either)."""
+
+    def __init__(self, scanned: bool):
+        super().__init__()
+        self.scanned = scanned
 
 
 def _unchanged_guard(version: int | None, recipients: list[str], reasons: tuple[str, ...]):
@@ -141,19 +146,19 @@ class Pipeline:
         # transaction itself (no read per message before it). When either proves wrong, the message is prepared
         # again from what the database holds now: it is queued as configured when it was committed.
         try:
-            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=False)
-        except _Stale:
-            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=True)
+            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=False, scanned=False)
+        except _Stale as stale:
+            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=True, scanned=stale.scanned)
 
     async def _queue(self, sub: Submission, item: Intake, header_set: str | None, message_id: str, now_ms: int,
-                     fresh: bool) -> QueuedMessage:
+                     fresh: bool, scanned: bool) -> QueuedMessage:
         try:
             resolved = self.resolver.resolve_or_refuse(header_set, sender_identity(item.block, sub.mail_from),
                                                        check=fresh)  # issue 6
         except Refusal:
             if fresh:
                 raise
-            raise _Stale() from None  # perhaps a set created since the cached model was built
+            raise _Stale(scanned=False) from None  # perhaps a set created since the cached model was built
         version = self.resolver.version
         set_name, settings = resolved.set_name, resolved.settings
         item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
@@ -162,7 +167,7 @@ class Pipeline:
             source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,
             region=self.config.region,
         ))
-        if not fresh:
+        if not scanned:
             await self._scan(sub, mail, set_name, now_ms)  # issue 9: refuses a virus (554) or, clamd down, 451
         when = ev.iso_ms(now_ms)
         mail_text = mail_json(mail)  # once per message: the message row and every event splice it
@@ -184,7 +189,7 @@ class Pipeline:
             log.error("could not queue message from %s: %s", sub.client_ip, exc)
             raise StorageUnavailable(str(exc)) from exc
         if not written:
-            raise _Stale()
+            raise _Stale(scanned=True)
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms,
                              frozenset(suppressed), mail_text)
 

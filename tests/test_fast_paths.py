@@ -173,3 +173,19 @@ def test_batched_log_lines_are_written_whole_in_order_at_the_end_of_the_iteratio
         "INFO one\nINFO two\nINFO three\nWARNING four\nINFO five\n",
         "INFO one\nINFO two\nINFO three\nWARNING four\nINFO five\nINFO six\n",
     ]
+
+
+def test_a_message_prepared_again_after_a_stale_model_is_still_scanned(env, tmp_path):
+    """The fast path is abandoned before its virus scan when the cached model lacks the message's set; the
+    message prepared again must be scanned all the same (here clamd is unreachable: 451, as configured)."""
+    from relay.config import ScanSettings
+    from relay.scan import ClamdScanner
+
+    cfg, store, other, pipeline = env
+    pipeline.scanner = ClamdScanner(ScanSettings(clamd_socket=tmp_path / "no-clamd.sock", timeout=2))
+    with pytest.raises(Refusal, match="^451"):
+        asyncio.run(pipeline.accept(submission(None, "x@example.org")))  # scanned; the model is cached now
+    sets.create_set(cfg, other, "late")
+    with pytest.raises(Refusal, match="^451"):
+        asyncio.run(pipeline.accept(submission("late", "x@example.org")))
+    assert store.query("SELECT COUNT(*) FROM messages")[0][0] == 0
