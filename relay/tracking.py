@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -140,11 +139,6 @@ def _template(record_json: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def iso_to_ms(text: str) -> int:
-    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
-
-
 def _id_time_ms(message_id: str) -> int | None:
     """Acceptance time packed in an SES-format id (`0100` + 12 hex digits of Unix ms)."""
     try:
@@ -211,7 +205,7 @@ class EventWriter:
             return json.dumps(mail, separators=(",", ":")), None, ms
         mail_json, cset = row
         ts = json.loads(mail_json).get("timestamp")
-        entry = (mail_json, cset, iso_to_ms(ts) if ts else None)
+        entry = (mail_json, cset, events.ms_from_iso(ts) if ts else None)
         if len(self._mails) >= 4096:
             self._mails.clear()
         self._mails[message_id] = entry
@@ -325,7 +319,7 @@ class EventWriter:
             stamp = self.read(store_module.copy_delivery_time, message_id, recipient, since)
             if len(self._delivered) >= 65536:
                 self._delivered.clear()
-            known = self._delivered[key] = (iso_to_ms(stamp) if stamp else None, now_ms)
+            known = self._delivered[key] = (events.ms_from_iso(stamp) if stamp else None, now_ms)
         if known[0] is not None:
             return known[0], "delivery"
         return self._mail(message_id, recipient)[2], "message"
@@ -335,7 +329,7 @@ class EventWriter:
         for event_id, record_json, method in self.read(
                 store_module.copy_clicks, copy[0], copy[1], events.iso_ms(since), events.iso_ms(until), limit):
             c = json.loads(record_json)["click"]
-            hit = verdicts.Hit(events.CLICK, method, c["ipAddress"], c["userAgent"], iso_to_ms(c["timestamp"]),
+            hit = verdicts.Hit(events.CLICK, method, c["ipAddress"], c["userAgent"], events.ms_from_iso(c["timestamp"]),
                                c["link"])
             out.append(_Click(event_id, hit))
         return out
@@ -374,10 +368,10 @@ class EventWriter:
         for event_id, kind, message_id, recipient, record_json, method in batch:
             if kind == events.OPEN:
                 o = json.loads(record_json)["open"]
-                hit = verdicts.Hit(kind, method, o["ipAddress"], o["userAgent"], iso_to_ms(o["timestamp"]))
+                hit = verdicts.Hit(kind, method, o["ipAddress"], o["userAgent"], events.ms_from_iso(o["timestamp"]))
                 rows.append(store_module.VerdictRow(event_id, *self._judge(hit, verdicts.Context(), now)))
             else:
-                ms = iso_to_ms(json.loads(record_json)["click"]["timestamp"])
+                ms = events.ms_from_iso(json.loads(record_json)["click"]["timestamp"])
                 copies.setdefault((message_id, recipient), []).append((event_id, ms))
         for copy, page in copies.items():
             ids = {event_id for event_id, _ in page}
