@@ -113,15 +113,30 @@ def test_the_scan_reads_a_tag_in_one_match_exactly_as_the_attribute_loop(body, c
     fast = html._read_tag(doc, 0, 2, limit)
     slow = html.parse_tag(doc, 0, 2, limit)
     assert reading(fast) == reading(slow)
-    scanned = html.scan(doc[:limit]).links  # the scan reads the usual link tag in its own loop
+    scanned = html.scan(doc[:limit]).links
     assert reading(scanned[0] if scanned and scanned[0].start == 0 else None) == reading(slow)
     if slow is not None:
         assert slow.marked == any(a.name in html.MARKERS for a in slow.attrs)
+    assert_plain_link_agrees(doc[:limit], slow)
+
+
+def assert_plain_link_agrees(doc: bytes, slow: html.Tag | None) -> None:
+    """The compact scan reads the usual link in its search regex: exactly when the attribute loop finds no marker
+    and an href with a value, and then the same value span."""
+    compact = html.scan(doc, compact=True).links
+    first = compact[0] if compact and (type(compact[0]) is tuple or compact[0].start == 0) else None
+    usual = slow is not None and not slow.marked and slow.href is not None and slow.href.value_start >= 0
+    if type(first) is tuple:
+        assert usual and first[:2] == (slow.href.value_start, slow.href.value_end) and first[2] == slow.name
+    else:
+        assert not usual and reading(first) == reading(slow)
 
 
 @pytest.mark.parametrize("doc", [b'<a href="x">', b"<a href='x' target=_blank>", b"<A HREF=x>", b'<area href="" alt>',
                                  b'<a class="b" href="http://x/?a=1&amp;b=2" style="c">', b'<a href="x" ses:no-track>',
                                  b'<a ses:tags="a:b" href="x">', b"<a href>", b'<a title="t">'])
 def test_the_scan_reads_usual_link_tags_as_the_attribute_loop(doc):
-    name_end = html._SCAN.match(doc).end(1)
-    assert reading(html.scan(doc).links[0]) == reading(html.parse_tag(doc, 0, name_end, len(doc)))
+    name_end = doc.find(b" ") if b" " in doc else doc.find(b">")
+    slow = html.parse_tag(doc, 0, name_end, len(doc))
+    assert reading(html.scan(doc).links[0]) == reading(slow)
+    assert_plain_link_agrees(doc, slow)

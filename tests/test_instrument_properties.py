@@ -129,3 +129,24 @@ def test_output_always_parses_with_the_same_tree_and_untouched_parts(body):
     for a, b in zip(msg_in.walk(), msg_out.walk(), strict=True):
         if a.get_content_type() != "text/html" and not a.is_multipart():
             assert a.get_payload() == b.get_payload()
+
+
+HREF_TEXT = st.lists(st.sampled_from(list("aZ09:/?#@.&;%{}|=-_~!$'()*+, \t\r\n\u00e9")
+                                     + ["&amp;", "&#038;", "&nbsp;", "%20", "%%", "{{", "[::1]"]),
+                     max_size=12).map("".join)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["http://", "https://", "HTTP://", "", "mailto:", "https://t.example.com"]), HREF_TEXT,
+       st.sampled_from(['"', "'"]), st.sampled_from(["a", "area"]))
+def test_the_plain_link_fast_path_judges_as_the_full_path(scheme, rest, quote, element):
+    """The usual link is judged in a fast path; a marker attribute sends the same href through the full path
+    (ses:tags="" adds no tag), so both must wrap or skip it alike and decode the same destination."""
+    from relay.core.instrument import rewrite_html
+
+    href = (scheme + rest).replace(quote, "")
+    plain = f"<{element} href={quote}{href}{quote}>x</{element}>".encode()
+    marked = f'<{element} ses:tags="" href={quote}{href}{quote}>x</{element}>'.encode()
+    reports = [rewrite_html(doc, FULL, RING, MID, "r@example.org", 1)[1] for doc in (plain, marked)]
+    assert reports[0]["links"] == reports[1]["links"]
+    assert reports[0]["skipped"] == reports[1]["skipped"]

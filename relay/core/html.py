@@ -38,11 +38,23 @@ _TAG_REST = re.compile(
 )
 _MARKER_BEFORE, _HREF, _MARKER_AFTER = 1, 2, 6
 _HREF_VALUES = ((3, b'"'), (4, b"'"), (5, b""))
-# A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once. (Measured:
-# a longer lookahead, or reading the tag's attributes in this same regex, makes the search between "<"s slower.)
+# The usual link read whole while scanning: an a or area start tag with no marker attribute and an href with a
+# value, read exactly as _TAG_REST reads it. Any other a or area tag fails this branch and takes the general one.
+_NO_MARKER = rb"(?!(?i:ses:no-track|ses:tags|clicktracking|data-pm-no-track|data-msys-clicktrack)(?![^\s/>=]))"
+_PLAIN_LINK = (
+    rb"(?i:(a|area))(?=[\s/>])"  # group 1: the name; then the href value double- (2), single- (3) or unquoted (4)
+    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _NO_MARKER + _NAME + _VALUE + rb")*+"
+    rb"[\s/]*+" + _HREF_NAME + rb"""\s*+=\s*+(?:"([^"]*+)"|'([^']*+)'|([^\s>"'][^\s>]*+))"""
+    rb"(?>[\s/]*+" + _NO_MARKER + _NAME + _VALUE + rb")*+"
+    rb"[\s/]*+>"
+)
+_PLAIN_VALUES = (2, 3, 4)
+_GENERAL = 5  # the group of any other start tag's name
+# A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once.
 _SCAN = re.compile(
     rb"<(?=[!aAvVbBsS]|/[bB])(?:"
-    rb"!--"
+    + _PLAIN_LINK +
+    rb"|!--"
     rb"|!\[CDATA\["
     rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
     rb"|/(?i:body)(?=[\s/>]))"
@@ -91,15 +103,21 @@ class Tag:
         return next((a for a in self.attrs if a.name == name), None)
 
 
+# The usual link as `scan(doc, compact=True)` reports it: an a or area start tag whose first href has a quoted
+# value and that has no marker attribute, as (value start, value end, element name, inside a conditional comment).
+PlainLink = tuple[int, int, str, bool]
+
+
 @dataclass
 class Scan:
-    links: list[Tag] = field(default_factory=list)  # a, area and v:* start tags, in document order
+    links: list[Tag | PlainLink] = field(default_factory=list)  # a, area and v:* start tags, in document order
     placeholders: list[tuple[int, bool]] = field(default_factory=list)  # (offset, usable as pixel spot)
     body_open_end: int | None = None  # just after the first <body ...>
     body_close: int | None = None  # start of the last </body>
     open_end: bool = False  # the document ends inside a tag or comment: anything appended would be swallowed
     opaque: list[tuple[int, int]] = field(default_factory=list)  # comments, CDATA, script and style text
     swallowed_from: int | None = None  # start of a tag that never closes
+    compact: bool = False  # plain links as PlainLink tuples (no objects for the usual link)
 
 
 def parse_tag(doc: bytes, start: int, name_end: int, limit: int) -> Tag | None:
@@ -137,9 +155,10 @@ def _inside_tag(doc: bytes, pos: int, floor: int) -> bool:
     return lt >= 0 and doc.rfind(b">", lt, pos) < 0 and _TAG_OPEN.match(doc, lt) is not None
 
 
-def scan(doc: bytes) -> Scan:
-    """Everything tracking may touch in `doc`; conditional comments are scanned for links too."""
-    out = Scan()
+def scan(doc: bytes, compact: bool = False) -> Scan:
+    """Everything tracking may touch in `doc`; conditional comments are scanned for links too. With `compact`,
+    the usual link is a PlainLink tuple instead of a Tag (the instrumentation engine's fast path)."""
+    out = Scan(compact=compact)
     _scan_range(doc, 0, len(doc), False, out)
     limit = len(doc) if out.swallowed_from is None else out.swallowed_from
     at = doc.find(PLACEHOLDER)
@@ -158,6 +177,7 @@ def _in_ranges(ranges: list[tuple[int, int]], pos: int) -> bool:
 def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -> None:
     pos = start
     search = _SCAN.search
+    links = out.links
     while True:
         m = search(doc, pos, end)
         if m is None:
@@ -165,9 +185,20 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                 out.open_end = True
             return
         at = m.start()
-        if m.lastindex:  # a start tag (group 1: its name), the usual match; usually right after another tag's ">"
-            inside = doc[at - 1] != 62 and _inside_tag(doc, at, start)
-            pos = at + 1 if inside else _start_tag(doc, m, end, in_comment, out)
+        group = m.lastindex
+        if group:  # a start tag, the usual match; usually right after another tag's ">"
+            if doc[at - 1] != 62 and _inside_tag(doc, at, start):
+                pos = at + 1
+            elif group == _GENERAL:
+                pos = _start_tag(doc, m, end, in_comment, out)
+            else:  # the usual link, read whole
+                pos = m.end()
+                name = m.group(1)
+                if out.compact:
+                    vs, ve = m.span(group)
+                    links.append((vs, ve, _NAMES.get(name) or name.decode("ascii").lower(), in_comment))
+                else:
+                    links.append(_read_tag(doc, at, m.end(1), end, in_comment))
             continue
         head = doc[at + 1:at + 3]
         if head == b"!-":  # <!--
@@ -194,8 +225,6 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
 
 # Lower-cased names of the elements _SCAN stops at, as they are usually written.
 _NAMES = {name.encode(): name.lower() for name in ("a", "A", "area", "AREA", "body", "BODY", "script", "style")}
-_QUOTES = dict(_HREF_VALUES)
-_LINKS = frozenset({"a", "area"})
 
 
 def _tag_name(doc: bytes, start: int, name_end: int) -> str:
@@ -228,18 +257,8 @@ def _read_tag(doc: bytes, start: int, name_end: int, limit: int, in_comment: boo
 
 
 def _start_tag(doc: bytes, m: re.Match, end: int, in_comment: bool, out: Scan) -> int:
-    at, name_end = m.span(1)
+    at, name_end = m.span(_GENERAL)
     at -= 1
-    name = _NAMES.get(m.group(1), "")
-    rest = _TAG_REST.match(doc, name_end, end) if name in _LINKS else None
-    if rest is not None and rest.lastindex in _QUOTES and rest.start(_MARKER_BEFORE) < 0 \
-            and rest.start(_MARKER_AFTER) < 0:  # the usual link (an href with a value, no marker), read at once
-        last = rest.lastindex
-        vs, ve = rest.span(last)
-        tag_end = rest.end()
-        href = Attr(b"href", rest.start(_HREF), ve + (last != 5), vs, ve, _QUOTES[last])
-        out.links.append(Tag(name, at, tag_end, href, False, doc, name_end, in_comment))
-        return tag_end
     tag = _read_tag(doc, at, name_end, end, in_comment)
     if tag is None:  # never closed: a browser reads the rest of the document as part of this tag
         if not in_comment:

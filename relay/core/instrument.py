@@ -39,11 +39,16 @@ _TAG_PART = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 # Case-insensitive only for the scheme: re.I on big Unicode classes makes matching several times slower, and the
 # ASCII-only variant (classes the engine tests with a bitmap) serves the usual ASCII URL. Possessive runs (*+, ++):
 # what follows each run cannot begin with a character of its class, so giving characters back never finds a match.
-_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*+@)?(\[[0-9A-Fa-f:.vV]+\]|[{c}]++)(:[0-9]*+)?"
+_IP_LITERAL = r"\[[0-9A-Fa-f:.vV]+\]|"
+_URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*+@)?(" + _IP_LITERAL + r"[{c}]++)(:[0-9]*+)?"
               r"(?:[/?][{c}:@/?]*+)?(?:#[{c}:@/?]*+)?")
 _URL_ASCII_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%"  # less : @ / ? # (added per part)
 _URL_ASCII = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR))
 _URL = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR + "\u00a0-\ud7ff\ue000-\U0010ffff"))
+# The plain link of the fast path, on the attribute's bytes once "&amp;" is decoded: _URL_ASCII without "%"
+# (escapes, and the "%%" placeholder, take the full path) and without IP literals.
+_PLAIN_URL = re.compile(_URL_SHAPE.replace(_IP_LITERAL, "").format(c=_URL_ASCII_CHAR.replace("%", "")).encode())
+_U16 = tokens._U16
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
 _PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
@@ -206,13 +211,36 @@ def _plan_part(raw: bytes, part: mime.Part, settings: TrackingSettings, plan: Pl
 def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
            report: dict) -> list[tuple[int, int, bytes | int]]:
     """What changes in one decoded HTML document: (start, end, new bytes or slot number)."""
-    scanned = html.scan(doc)
+    scanned = html.scan(doc, compact=True)
     edits: list[tuple[int, int, bytes | int]] = []
     links: list[dict] = []
     skipped: list[dict] = []
     context = _link_context(settings, charset)
-    for tag in scanned.links:
-        _link_edits(doc, tag, context, plan, edits, links, skipped)
+    plain = _PLAIN_URL.fullmatch if context.click_tracking else None
+    hosts = context.tracking_hosts_ascii
+    for link in scanned.links:
+        if type(link) is tuple:  # the usual link: judged here at once when it is a plain URL (no objects)
+            vs, ve, name, in_comment = link
+            value = url = doc[vs:ve]
+            if b"&" in value:  # only as "&amp;" (anything else takes the full path)
+                url = value.replace(b"&amp;", b"&") if value.count(b"&") == value.count(b"&amp;") else b""
+            m = plain(url) if plain is not None else None
+            if m is not None and len(plan.links) < MAX_LINKS and len(url) <= 0xFFFF:
+                host, port = m.groups()
+                host = host.lower()
+                if host not in hosts and not (port and host + port in hosts):
+                    index = len(plan.links)
+                    text = value.decode("ascii")
+                    url_text = url.decode("ascii") if url is not value else text
+                    base, base_attr = context.https_base if url[4] in b"sS" else context.http_base
+                    plan.links.append((base, base_attr, _U16(index) + _U16(len(url)) + url + b"\0\0"))
+                    links.append({"index": index, "href": text, "original": url_text, "tags": {}, "element": name,
+                                  "in_conditional_comment": in_comment})
+                    edits.append((vs, ve, index))
+                    continue
+            _judge_href(doc, vs, ve, name, in_comment, context, plan, edits, links, skipped)
+        else:
+            _link_edits(doc, link, context, plan, edits, links, skipped)
     pixel = _pixel_edits(doc, scanned, settings, edits, plan, len(doc))
     report.update(action="instrumented" if edits else "untouched", links=links, skipped=skipped, pixel=pixel,
                   original_html_size=len(doc))
@@ -240,6 +268,7 @@ class _LinkContext:
     charset: str
     utf8: bool
     tracking_hosts: frozenset[str]  # host[:port] values, lower-cased as links' hosts are
+    tracking_hosts_ascii: frozenset[bytes]  # the same as bytes, for the plain-link fast path
     http_base: tuple[str, bytes]  # (tracking URL up to the token, the same escaped for an attribute)
     https_base: tuple[str, bytes]
 
@@ -247,8 +276,9 @@ class _LinkContext:
 @lru_cache(maxsize=64)
 def _link_context(settings: TrackingSettings, charset: str) -> _LinkContext:
     http, https = (settings.click_base(scheme) for scheme in ("http", "https"))
-    return _LinkContext(settings.click_tracking, charset, _is_utf8(charset),
-                        frozenset({settings.host.lower()}) | settings.tracking_hosts,
+    hosts = frozenset({settings.host.lower()}) | settings.tracking_hosts
+    return _LinkContext(settings.click_tracking, charset, _is_utf8(charset), hosts,
+                        frozenset(h.encode("ascii") for h in hosts if h.isascii()),
                         (http, html.escape_attribute(http).encode("ascii")),
                         (https, html.escape_attribute(https).encode("ascii")))
 
@@ -259,7 +289,16 @@ def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, ed
     href = tag.href
     if href is None or href.value_start < 0:
         return
-    raw_value = doc[href.value_start:href.value_end]
+    _judge_href(doc, href.value_start, href.value_end, tag.name, tag.in_comment, context, plan, edits, links,
+                skipped, no_track, tags, tag_problems)
+
+
+def _judge_href(doc: bytes, value_start: int, value_end: int, element: str, in_comment: bool, context: _LinkContext,
+                plan: Plan, edits: list, links: list, skipped: list, no_track: bool = False,
+                tags: dict | None = None, tag_problems: list[str] | None = None) -> None:
+    """Wrap the link whose href value is doc[value_start:value_end], or say in `skipped` why not."""
+    tags = tags or {}
+    raw_value = doc[value_start:value_end]
     text = _attribute_text(raw_value, context.charset)
     url, ambiguous = _destination(text) if text is not None else (None, False)
     index = len(plan.links)
@@ -268,17 +307,17 @@ def _link_edits(doc: bytes, tag: html.Tag, context: _LinkContext, plan: Plan, ed
         if reason is not None:
             if context.click_tracking:
                 shown = url if url is not None else raw_value.decode("ascii", "replace")
-                skipped.append({"href": shown, "element": tag.name, "reason": reason})
+                skipped.append({"href": shown, "element": element, "reason": reason})
             return
         assert url is not None
     base, base_attr = context.https_base if url[4] in "sS" else context.http_base
-    entry = {"index": index, "href": text, "original": url, "tags": tags, "element": tag.name,
-             "in_conditional_comment": tag.in_comment}
+    entry = {"index": index, "href": text, "original": url, "tags": tags, "element": element,
+             "in_conditional_comment": in_comment}
     if tag_problems:
         entry["tag_warnings"] = tag_problems
     plan.links.append((base, base_attr, tokens.click_suffix(index, url, tags)))
     links.append(entry)
-    edits.append((href.value_start, href.value_end, index))
+    edits.append((value_start, value_end, index))
 
 
 def _plainly_eligible(url: str, context: _LinkContext) -> bool:
@@ -538,56 +577,55 @@ def _with_soft_break(encoded: bytes) -> tuple[bytes, ...]:
 
 
 _ENCODED_LINE_END = re.compile(rb"=0[DdAa]")
-_REUSE_LINES_PER_EDIT = 8
 
 
 def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int] | None:
-    """The QP template re-encoding only the lines that change, other lines kept exactly as they were encoded.
+    """The QP template re-encoding only the lines that change; every other line goes out exactly as the sender
+    encoded it (faithful, and cheaper: the C encoder is the slowest step of a first copy).
 
     None when the encoded lines do not map one to one onto decoded lines (encoded line ends, odd soft breaks).
     """
-    if len(edits) * _REUSE_LINES_PER_EDIT > doc.count(b"\n") + 1:  # a quick bound: there are no more CRLFs than LFs
-        return None
-    lines_estimate = doc.count(b"\r\n") + 1
-    if len(edits) * _REUSE_LINES_PER_EDIT > lines_estimate:  # many lines change: encoding all at once is cheaper
-        return None
     if b"\x00" in like or _ENCODED_LINE_END.search(like):
         return None
-    # One item per decoded line; soft breaks masked with a marker of the same length so offsets stay true.
-    lines = like.replace(b"=\r\n", b"=\x00\x00").split(b"\r\n")
-    if len(lines) != lines_estimate:
+    # One item per hard line; soft breaks masked with a marker of the same length so offsets stay true. With
+    # no encoded line ends, decoded line k is encoded line k, and every LF of either ends a CRLF.
+    lines = like.replace(b"=\r\n", b"=\x00\x00").split(b"\n")
+    if len(lines) != doc.count(b"\n") + 1:
         return None
-    offsets = [0, *accumulate(map(len, lines))]  # line k starts at offsets[k] + 2 * k in `like`
+    offsets = [0, *accumulate(map(len, lines))]  # line k starts at offsets[k] + k in `like`
     pieces: list = []
-    done = 0  # decoded lines [0, done) are in `pieces`
+    done = 0  # encoded bytes [0, done) are in `pieces`
     old, new = [], []  # the changed lines as encoded and as decoded, checked against each other at the end
     for first, last, group in _line_groups(doc, sorted(edits, key=mime.EDIT_ORDER)):
-        if first > done:
-            pieces.append(_Encoded(like[offsets[done] + 2 * done:offsets[first] + 2 * first]))
-        start = doc.rfind(b"\r\n", 0, group[0][0]) + 2 if first else 0
-        stop = doc.find(b"\r\n", group[-1][1])
-        stop = len(doc) if stop < 0 else stop
-        old.append(like[offsets[first] + 2 * first:offsets[last + 1] + 2 * last])
+        start = doc.rfind(b"\n", 0, group[0][0]) + 1
+        stop = doc.find(b"\n", group[-1][1])
+        enc_start = offsets[first] + first
+        if stop < 0:  # the last line
+            stop, enc_stop = len(doc), len(like)
+        else:  # just before the line's CR
+            stop, enc_stop = stop - 1, offsets[last + 1] + last - 1
+        if enc_start > done:
+            pieces.append(_Encoded(like[done:enc_start]))
+        old.append(like[enc_start:enc_stop])
         new.append(doc[start:stop])
         pieces.extend(_pieces(new[-1], [(s - start, e - start, r) for s, e, r in group]))
-        if last + 1 < len(lines):
-            pieces.append(_Encoded(b"\r\n"))
-        done = last + 1
+        done = enc_stop
     if binascii.a2b_qp(b"\r\n".join(old)) != b"\r\n".join(new):
         return None
-    if done < len(lines):
-        pieces.append(_Encoded(like[offsets[done] + 2 * done:]))
+    if done < len(like):
+        pieces.append(_Encoded(like[done:]))
     return _qp_template(pieces)
 
 
 def _line_groups(doc: bytes, edits: list) -> list[tuple[int, int, list]]:
-    """Sorted edits grouped by the decoded lines they touch: (first line, last line, edits)."""
+    """Sorted edits grouped by the decoded lines they touch: (first line, last line, edits). Lines are counted
+    by LF (a one-byte count is several times faster than counting CRLF; the caller made sure they agree)."""
     groups: list[tuple[int, int, list]] = []
     pos = line = 0
     for edit in edits:
-        line += doc.count(b"\r\n", pos, edit[0])
+        line += doc.count(b"\n", pos, edit[0])
         pos = edit[0]
-        last = line + doc.count(b"\r\n", edit[0], edit[1])
+        last = line + doc.count(b"\n", edit[0], edit[1]) if edit[1] > edit[0] else line
         if groups and groups[-1][1] >= line:
             first, prev_last, group = groups[-1]
             group.append(edit)
