@@ -28,7 +28,12 @@ class Rendered:
     data: bytes  # the whole CRLF message for this recipient, ready for DKIM signing
     changed: bool  # False when the bytes equal the input (no tracking for the set, no HTML, ...)
     warnings: list[str]
-    report: dict  # the per-message report (same shape as the dry run's JSON)
+    copy: core.Copy
+
+    @property
+    def report(self) -> dict:
+        """The per-message report (same shape as the dry run's JSON), built when first read."""
+        return self.copy.report
 
 
 class Instrumenter:
@@ -63,17 +68,17 @@ class Instrumenter:
             out = core.render(raw, plan, self.keyring, message_id, recipient, issued)
         except Exception as exc:  # noqa: BLE001 - losing mail is worse than an untracked copy
             log.exception("instrumentation of %s failed; delivering it unmodified", message_id)
-            warning = f"message left unmodified: {type(exc).__name__}: {exc}"
-            report = {"message_id": message_id, "recipient": recipient, "parts": [], "warnings": [warning]}
-            out = core.Copy(raw, report, report["warnings"])
+            warnings = [f"message left unmodified: {type(exc).__name__}: {exc}"]
+            out = core.Copy(raw, warnings, lambda: {"message_id": message_id, "recipient": recipient, "parts": [],
+                                                    "warnings": warnings})
         data = out.data
         if settings.list_unsubscribe:
             data = self._with_list_unsubscribe(data, message_id, settings, recipient, issued, position, out)
         for warning in out.warnings:
             log.warning("%s: %s", message_id, warning)
         changed = data is not raw and data != raw
-        out.report["changed"] = changed
-        return Rendered(data, changed, out.warnings, out.report)
+        out.extra["changed"] = changed
+        return Rendered(data, changed, out.warnings, out)
 
     def _with_list_unsubscribe(self, data: bytes, message_id: str, settings: TrackingSettings, recipient: str,
                                issued: int, position: int, out: core.Copy) -> bytes:
@@ -88,9 +93,9 @@ class Instrumenter:
         except Exception as exc:  # noqa: BLE001 - the copy goes out without the fields rather than not at all
             log.exception("List-Unsubscribe for %s failed; delivering without it", message_id)
             out.warnings.append(f"List-Unsubscribe not added: {type(exc).__name__}: {exc}")
-            out.report["list_unsubscribe"] = "failed"
+            out.extra["list_unsubscribe"] = "failed"
             return data
-        out.report["list_unsubscribe"] = "kept the message's own" if added is None else "added"
+        out.extra["list_unsubscribe"] = "kept the message's own" if added is None else "added"
         return data if added is None else added
 
 

@@ -147,6 +147,8 @@ def test_the_plain_link_fast_path_judges_as_the_full_path(scheme, rest, quote, e
     href = (scheme + rest).replace(quote, "")
     plain = f"<{element} href={quote}{href}{quote}>x</{element}>".encode()
     marked = f'<{element} ses:tags="" href={quote}{href}{quote}>x</{element}>'.encode()
-    reports = [rewrite_html(doc, FULL, RING, MID, "r@example.org", 1)[1] for doc in (plain, marked)]
+    reports: list[dict] = [{}, {}]
+    for doc, report in zip((plain, marked), reports, strict=True):
+        rewrite_html(doc, FULL, RING, MID, "r@example.org", 1, report=report)
     assert reports[0]["links"] == reports[1]["links"]
     assert reports[0]["skipped"] == reports[1]["skipped"]

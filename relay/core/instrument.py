@@ -16,8 +16,10 @@ import binascii
 import codecs
 import html as stdlib_html
 import re
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import accumulate
 
 from relay.core import html, mime, tokens
@@ -48,7 +50,7 @@ _URL = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR + "\u00a0-\ud7ff\ue000-\U0
 # The plain link of the fast path, on the attribute's bytes once "&amp;" is decoded: _URL_ASCII without "%"
 # (escapes, and the "%%" placeholder, take the full path) and without IP literals.
 _PLAIN_URL = re.compile(_URL_SHAPE.replace(_IP_LITERAL, "").format(c=_URL_ASCII_CHAR.replace("%", "")).encode())
-_U16 = tokens._U16
+_INDEX_AND_LENGTH = struct.Struct(">HH").pack  # a click token's link index and URL length (tokens.click_suffix)
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
 _PLACEHOLDERS = re.compile(r"\{\{|\}\}|\*\|.*\|\*|%%|\{%|\$\{")
@@ -218,6 +220,7 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
     context = _link_context(settings, charset)
     plain = _PLAIN_URL.fullmatch if context.click_tracking else None
     hosts = context.tracking_hosts_ascii
+    wrapped = plan.links
     for link in scanned.links:
         if type(link) is tuple:  # the usual link: judged here at once when it is a plain URL (no objects)
             vs, ve, name, in_comment = link
@@ -225,17 +228,16 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
             if b"&" in value:  # only as "&amp;" (anything else takes the full path)
                 url = value.replace(b"&amp;", b"&") if value.count(b"&") == value.count(b"&amp;") else b""
             m = plain(url) if plain is not None else None
-            if m is not None and len(plan.links) < MAX_LINKS and len(url) <= 0xFFFF:
+            if m is not None and len(wrapped) < MAX_LINKS and len(url) <= 0xFFFF:
                 host, port = m.groups()
                 host = host.lower()
                 if host not in hosts and not (port and host + port in hosts):
-                    index = len(plan.links)
+                    index = len(wrapped)
                     text = value.decode("ascii")
-                    url_text = url.decode("ascii") if url is not value else text
-                    base, base_attr = context.https_base if url[4] in b"sS" else context.http_base
-                    plan.links.append((base, base_attr, _U16(index) + _U16(len(url)) + url + b"\0\0"))
-                    links.append({"index": index, "href": text, "original": url_text, "tags": {}, "element": name,
-                                  "in_conditional_comment": in_comment})
+                    base, base_attr = context.https_base if url[4] == 115 or url[4] == 83 else context.http_base
+                    wrapped.append((base, base_attr, _INDEX_AND_LENGTH(index, len(url)) + url + b"\0\0"))
+                    links.append((index, text, url.decode("ascii") if url is not value else text, {}, name,
+                                  in_comment, None))
                     edits.append((vs, ve, index))
                     continue
             _judge_href(doc, vs, ve, name, in_comment, context, plan, edits, links, skipped)
@@ -248,14 +250,32 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
 
 
 def rewrite_html(doc: bytes, settings: TrackingSettings, keyring: Keyring, message_id: str, recipient: str,
-                 issued: int, charset: str = "utf-8") -> tuple[bytes, dict]:
-    """One decoded HTML document (ASCII-compatible charset) instrumented for one recipient, without MIME."""
+                 issued: int, charset: str = "utf-8", report: dict | None = None) -> bytes:
+    """One decoded HTML document (ASCII-compatible charset) instrumented for one recipient, without MIME; the
+    dry run's report of the document goes into `report` when one is given."""
     plan = Plan(settings=settings, size=len(doc))
-    report: dict = {}
-    pieces = _pieces(doc, _edits(doc, charset, settings, plan, report))
+    found: dict = {}
+    pieces = _pieces(doc, _edits(doc, charset, settings, plan, found))
     plan.open_slots = PIXEL in pieces
-    values, _, _ = _values(plan, keyring, message_id, recipient, issued)
-    return _fill(pieces, values), report
+    values, sealed, _ = _values(plan, keyring, message_id, recipient, issued)
+    if report is not None:
+        report.update(found, links=[_link_entry(link, plan, sealed) for link in found["links"]])
+    return _fill(pieces, values)
+
+
+# A wrapped link as analysis records it; the report's dictionary is made only when a report is asked for.
+LinkFound = tuple[int, str, str, dict, str, bool, list | None]  # index, href, destination, tags, element,
+# in a conditional comment, tag warnings
+
+
+def _link_entry(link: LinkFound, plan: Plan, sealed: list[bytes]) -> dict:
+    index, href, original, tags, element, in_comment, tag_warnings = link
+    entry = {"index": index, "href": href, "original": original, "tags": tags, "element": element,
+             "in_conditional_comment": in_comment}
+    if tag_warnings:
+        entry["tag_warnings"] = tag_warnings
+    entry["tracking"] = plan.links[index][0] + sealed[index].decode("ascii")
+    return entry
 
 
 # --- links -------------------------------------------------------------------------------------------------
@@ -311,12 +331,8 @@ def _judge_href(doc: bytes, value_start: int, value_end: int, element: str, in_c
             return
         assert url is not None
     base, base_attr = context.https_base if url[4] in "sS" else context.http_base
-    entry = {"index": index, "href": text, "original": url, "tags": tags, "element": element,
-             "in_conditional_comment": in_comment}
-    if tag_problems:
-        entry["tag_warnings"] = tag_problems
     plan.links.append((base, base_attr, tokens.click_suffix(index, url, tags)))
-    links.append(entry)
+    links.append((index, text, url, tags, element, in_comment, tag_problems or None))
     edits.append((value_start, value_end, index))
 
 
@@ -660,8 +676,18 @@ def _slot_lines(pieces: list[bytes | int]) -> list[tuple[int, list[int]]]:
 @dataclass
 class Copy:
     data: bytes
-    report: dict
     warnings: list[str]
+    make_report: Callable[[], dict] = dict  # the report is built on first use: delivery never reads it
+    extra: dict = field(default_factory=dict)  # keys the caller adds to the report
+    _report: dict | None = field(default=None, init=False, repr=False)
+
+    @property
+    def report(self) -> dict:
+        """The dry run's report for this copy (`relay instrument --report-json`)."""
+        if self._report is None:
+            self._report = self.make_report()
+        self._report.update(self.extra)
+        return self._report
 
 
 def _values(plan: Plan, keyring: Keyring, message_id: str, recipient: str,
@@ -700,9 +726,11 @@ def render(raw: bytes, plan: Plan, keyring: Keyring, message_id: str, recipient:
             edits.append(header)
         sizes[pp.part.path] = (size, header[2].split(b":", 1)[1].strip().decode() if header else None)
     data = mime.splice(raw, edits) if edits else raw
-    urls = [base + token.decode("ascii") for (base, _, _), token in zip(plan.links, sealed, strict=True)]
-    report = _report(plan, urls, pixel_url, sizes, warnings, message_id, recipient)
-    return Copy(data, report, warnings)
+    for path, (size, _) in sizes.items():
+        if size > CLIP_WARNING_BYTES:
+            warnings.append(f"HTML part {path} is {size / 1024:.1f} KB, "
+                            f"{'over' if size > CLIP_BYTES else 'close to'} Gmail's 102 KB clip")
+    return Copy(data, warnings, partial(_report, plan, sealed, pixel_url, sizes, warnings, message_id, recipient))
 
 
 def _fill(pieces: list[bytes | int], values: list[bytes]) -> bytes:
@@ -733,14 +761,14 @@ def _encode(raw: bytes, part: mime.Part, pp: PartPlan, decoded: bytes) -> tuple[
     return body, header
 
 
-def _report(plan: Plan, urls: list[str], pixel_url: str | None, sizes: dict, warnings: list[str],
+def _report(plan: Plan, sealed: list[bytes], pixel_url: str | None, sizes: dict, warnings: list[str],
             message_id: str, recipient: str) -> dict:
     parts = []
     wrapped = skipped = 0
     for rp in plan.report_parts:
         entry = dict(rp)
         if "links" in rp:
-            entry["links"] = [dict(link, tracking=urls[link["index"]]) for link in rp["links"]]
+            entry["links"] = [_link_entry(link, plan, sealed) for link in rp["links"]]
             wrapped += len(entry["links"])
             skipped += len(rp["skipped"])
             if rp.get("pixel") and rp["pixel"]["placement"] != "none":
@@ -752,9 +780,6 @@ def _report(plan: Plan, urls: list[str], pixel_url: str | None, sizes: dict, war
             entry["html_size"] = size
             if new_cte:
                 entry["output_transfer_encoding"] = new_cte
-            if size > CLIP_WARNING_BYTES:
-                warnings.append(f"HTML part {rp['path']} is {size / 1024:.1f} KB, "
-                                f"{'over' if size > CLIP_BYTES else 'close to'} Gmail's 102 KB clip")
         parts.append(entry)
     return {"message_id": message_id, "recipient": recipient, "settings": plan.settings_json,
             "links_wrapped": wrapped, "links_skipped": skipped, "parts": parts, "warnings": warnings}
