@@ -1,3 +1,6 @@
+import base64
+import hmac
+
 import pytest
 
 from relay.core import tokens
@@ -75,3 +78,16 @@ def test_seal_all_seals_each_suffix_like_seal():
     sealed = tokens.seal_all(ring, prefix, suffixes)
     assert [t.decode("ascii") for t in sealed] == [tokens.seal(ring, prefix + s) for s in suffixes]
     assert tokens.verify(ring, sealed[3].decode("ascii")).url == "https://example.com/ppp"
+
+
+@pytest.mark.parametrize("secret", [b"s" * 16, b"k" * 32, bytes(range(64)), bytes(range(65)), b"\xff" * 200])
+def test_seal_all_is_hmac_sha256_for_any_key_length(secret):
+    """seal_all spells HMAC out over SHA-256 states; it must equal the library's HMAC (keys longer than the block
+    are hashed first) and verify."""
+    ring = tokens.Keyring((tokens.SigningKey("k1", secret),))
+    prefix = tokens.token_prefix(ring, tokens.KIND_CLICK, MID, "r@example.org", 7)
+    suffixes = [tokens.click_suffix(i, f"https://x.example/{i}", {}) for i in range(3)]
+    for suffix, token in zip(suffixes, tokens.seal_all(ring, prefix, suffixes), strict=True):
+        body = base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))
+        assert body[-tokens.MAC_BYTES:] == hmac.new(secret, prefix + suffix, "sha256").digest()[:tokens.MAC_BYTES]
+        assert tokens.verify(ring, token.decode()) is not None

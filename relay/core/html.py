@@ -38,22 +38,37 @@ _TAG_REST = re.compile(
 )
 _MARKER_BEFORE, _HREF, _MARKER_AFTER = 1, 2, 6
 _HREF_VALUES = ((3, b'"'), (4, b"'"), (5, b""))
-# The usual link read whole while scanning: an a or area start tag with no marker attribute and an href with a
-# value, read exactly as _TAG_REST reads it. Any other a or area tag fails this branch and takes the general one.
+# The usual link read whole while scanning: an a or area start tag with no marker attribute, read exactly as
+# _TAG_REST reads it, whose first href's value is a plain URL. Any other a or area tag fails this branch and takes
+# the general one.
 _NO_MARKER = rb"(?!(?i:ses:no-track|ses:tags|clicktracking|data-pm-no-track|data-msys-clicktrack)(?![^\s/>=]))"
+# PLAIN_URL_RULE: an RFC 3986 http(s) URL of ASCII characters with no "%" (escapes, and the "%%" placeholder, take
+# the full path) and no IP literal: the instrumentation engine's URL rule (relay.core.instrument) narrowed, so
+# either path judges such a URL alike. (The engine also sends a value with an "&" other than "&amp;" the full way.)
+_URL_CHARS = rb"A-Za-z0-9\-._~!$&()*+,;="  # unreserved and sub-delims ("'" added where it can occur)
+
+
+def _plain_url(chars: bytes) -> bytes:
+    return (rb"((?i:https?)://(?:[" + chars + rb":]*+@)?([" + chars + rb"]++)(:[0-9]*+)?"
+            rb"(?:[/?][" + chars + rb":@/?]*+)?(?:#[" + chars + rb":@/?]*+)?)")
+
+
 _PLAIN_LINK = (
-    rb"(?i:(a|area))(?=[\s/>])"  # group 1: the name; then the href value double- (2), single- (3) or unquoted (4)
+    rb"(?i:(a|area))(?=[\s/>])"  # group 1: the name
     rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _NO_MARKER + _NAME + _VALUE + rb")*+"
-    rb"[\s/]*+" + _HREF_NAME + rb"""\s*+=\s*+(?:"([^"]*+)"|'([^']*+)'|([^\s>"'][^\s>]*+))"""
+    # the value, host and port: double-quoted (groups 2-4), single-quoted (5-7), unquoted (8-10)
+    rb"[\s/]*+" + _HREF_NAME + rb"\s*+=\s*+(?:"
+    rb'"' + _plain_url(_URL_CHARS + rb"'") + rb'"|' + rb"'" + _plain_url(_URL_CHARS) + rb"'|"
+    + _plain_url(_URL_CHARS + rb"'") + rb"(?=[\s>]))"
     rb"(?>[\s/]*+" + _NO_MARKER + _NAME + _VALUE + rb")*+"
     rb"[\s/]*+>"
 )
-_PLAIN_VALUES = (2, 3, 4)
-_GENERAL = 5  # the group of any other start tag's name
+_GENERAL = 11  # the group of any other start tag's name
 # A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once.
 _SCAN = re.compile(
     rb"<(?=[!aAvVbBsS]|/[bB])(?:"
     + _PLAIN_LINK +
+    rb"|!--(?!\[if)(?>[^-]++|-(?!->))*+-->"  # a comment, read whole unless conditional or never closed
     rb"|!--"
     rb"|!\[CDATA\["
     rb"|(?i:(a|area|v:[a-z0-9_.-]+|body|script|style))(?=[\s/>])"
@@ -103,9 +118,10 @@ class Tag:
         return next((a for a in self.attrs if a.name == name), None)
 
 
-# The usual link as `scan(doc, compact=True)` reports it: an a or area start tag whose first href has a quoted
-# value and that has no marker attribute, as (value start, value end, element name, inside a conditional comment).
-PlainLink = tuple[int, int, str, bool]
+# The usual link as `scan(doc, compact=True)` reports it: an a or area start tag with no marker attribute whose
+# first href holds a plain URL (PLAIN_URL_RULE), as (value start, value end, element name, inside a conditional
+# comment, host start, host end, port end or -1).
+PlainLink = tuple[int, int, str, bool, int, int, int]
 
 
 @dataclass
@@ -175,11 +191,13 @@ def _in_ranges(ranges: list[tuple[int, int]], pos: int) -> bool:
 
 
 def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -> None:
+    # One finditer runs on while the scan goes from match to match (the usual link and a plain comment are read
+    # whole by the regex); a new one starts only where the scan jumps (a tag's end, script, a conditional comment).
     pos = start
-    search = _SCAN.search
+    matches = _SCAN.finditer(doc, pos, end)
     links = out.links
     while True:
-        m = search(doc, pos, end)
+        m = next(matches, None)
         if m is None:
             if not in_comment and _inside_tag(doc, end, max(start, pos - 1)):
                 out.open_end = True
@@ -196,9 +214,17 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                 name = m.group(1)
                 if out.compact:
                     vs, ve = m.span(group)
-                    links.append((vs, ve, _NAMES.get(name) or name.decode("ascii").lower(), in_comment))
+                    hs, he = m.span(group + 1)
+                    links.append((vs, ve, _NAMES.get(name) or name.decode("ascii").lower(), in_comment, hs, he,
+                                  m.end(group + 2)))
                 else:
                     links.append(_read_tag(doc, at, m.end(1), end, in_comment))
+                continue
+            matches = _SCAN.finditer(doc, pos, end)
+            continue
+        pos = m.end()
+        if doc[pos - 3:pos] == b"-->":  # a comment read whole (not a conditional one)
+            out.opaque.append((at, pos))
             continue
         head = doc[at + 1:at + 3]
         if head == b"!-":  # <!--
@@ -220,7 +246,8 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
         else:  # </body>
             if not in_comment:
                 out.body_close = at
-            pos = m.end()
+            continue
+        matches = _SCAN.finditer(doc, pos, end)
 
 
 # Lower-cased names of the elements _SCAN stops at, as they are usually written.
