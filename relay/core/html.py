@@ -196,6 +196,7 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
     pos = start
     matches = _SCAN.finditer(doc, pos, end)
     links = out.links
+    compact = out.compact
     while True:
         m = next(matches, None)
         if m is None:
@@ -211,11 +212,10 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                 pos = _start_tag(doc, m, end, in_comment, out)
             else:  # the usual link, read whole
                 pos = m.end()
-                name = m.group(1)
-                if out.compact:
+                if compact:
                     vs, ve = m.span(group)
                     hs, he = m.span(group + 1)
-                    links.append((vs, ve, _NAMES.get(name) or name.decode("ascii").lower(), in_comment, hs, he,
+                    links.append((vs, ve, "a" if m.end(1) - at == 2 else "area", in_comment, hs, he,
                                   m.end(group + 2)))
                 else:
                     links.append(_read_tag(doc, at, m.end(1), end, in_comment))

@@ -233,11 +233,9 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
                     continue
                 url = value.replace(b"&amp;", b"&")
             index = len(wrapped)
-            text = value.decode("ascii")
             base, base_attr = context.https_base if url[4] == 115 or url[4] == 83 else context.http_base  # "s"
             wrapped.append((base, base_attr, _INDEX_AND_LENGTH(index, len(url)) + url + b"\0\0"))
-            links.append((index, text, url.decode("ascii") if url is not value else text, {}, name, in_comment,
-                          None))
+            links.append((index, value, url, None, name, in_comment, None))  # ASCII: decoded for a report
             edits.append((vs, ve, index))
         else:
             _judge_href(doc, vs, ve, name, in_comment, context, plan, edits, links, skipped)
@@ -262,13 +260,16 @@ def rewrite_html(doc: bytes, settings: TrackingSettings, keyring: Keyring, messa
 
 
 # A wrapped link as analysis records it; the report's dictionary is made only when a report is asked for.
-LinkFound = tuple[int, str, str, dict, str, bool, list | None]  # index, href, destination, tags, element,
-# in a conditional comment, tag warnings
+# (index, href, destination, tags, element, in a conditional comment, tag warnings); href and destination are
+# ASCII bytes for a link of the fast path, and its tags None.
+LinkFound = tuple[int, str | bytes, str | bytes, dict | None, str, bool, list | None]
 
 
 def _link_entry(link: LinkFound, plan: Plan, sealed: list[bytes]) -> dict:
     index, href, original, tags, element, in_comment, tag_warnings = link
-    entry = {"index": index, "href": href, "original": original, "tags": tags, "element": element,
+    if type(href) is bytes:
+        href, original = href.decode("ascii"), original.decode("ascii")  # type: ignore[union-attr]
+    entry = {"index": index, "href": href, "original": original, "tags": tags or {}, "element": element,
              "in_conditional_comment": in_comment}
     if tag_warnings:
         entry["tag_warnings"] = tag_warnings
