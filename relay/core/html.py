@@ -38,32 +38,17 @@ _TAG_REST = re.compile(
 )
 _MARKER_BEFORE, _HREF, _MARKER_AFTER = 1, 2, 6
 _HREF_VALUES = ((3, b'"'), (4, b"'"), (5, b""))
-# The usual link read whole while scanning: an a or area start tag with no marker attribute, read exactly as
-# _TAG_REST reads it, whose first href's value is a plain URL. Any other a or area tag fails this branch and takes
-# the general one.
+# The usual link read whole while scanning: an a or area start tag with no marker attribute and an href with a
+# value, read exactly as _TAG_REST reads it. Any other a or area tag fails this branch and takes the general one.
 _NO_MARKER = rb"(?!(?i:ses:no-track|ses:tags|clicktracking|data-pm-no-track|data-msys-clicktrack)(?![^\s/>=]))"
-# PLAIN_URL_RULE: an RFC 3986 http(s) URL of ASCII characters with no "%" (escapes, and the "%%" placeholder, take
-# the full path) and no IP literal: the instrumentation engine's URL rule (relay.core.instrument) narrowed, so
-# either path judges such a URL alike. (The engine also sends a value with an "&" other than "&amp;" the full way.)
-_URL_CHARS = rb"A-Za-z0-9\-._~!$&()*+,;="  # unreserved and sub-delims ("'" added where it can occur)
-
-
-def _plain_url(chars: bytes) -> bytes:
-    return (rb"((?i:https?)://(?:[" + chars + rb":]*+@)?([" + chars + rb"]++)(:[0-9]*+)?"
-            rb"(?:[/?][" + chars + rb":@/?]*+)?(?:#[" + chars + rb":@/?]*+)?)")
-
-
 _PLAIN_LINK = (
-    rb"(?i:(a|area))(?=[\s/>])"  # group 1: the name
+    rb"(?i:(a|area))(?=[\s/>])"  # group 1: the name; then the href value double- (2), single- (3) or unquoted (4)
     rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _NO_MARKER + _NAME + _VALUE + rb")*+"
-    # the value, host and port: double-quoted (groups 2-4), single-quoted (5-7), unquoted (8-10)
-    rb"[\s/]*+" + _HREF_NAME + rb"\s*+=\s*+(?:"
-    rb'"' + _plain_url(_URL_CHARS + rb"'") + rb'"|' + rb"'" + _plain_url(_URL_CHARS) + rb"'|"
-    + _plain_url(_URL_CHARS + rb"'") + rb"(?=[\s>]))"
+    rb"[\s/]*+" + _HREF_NAME + rb"""\s*+=\s*+(?:"([^"]*+)"|'([^']*+)'|([^\s>"'][^\s>]*+))"""
     rb"(?>[\s/]*+" + _NO_MARKER + _NAME + _VALUE + rb")*+"
     rb"[\s/]*+>"
 )
-_GENERAL = 11  # the group of any other start tag's name
+_GENERAL = 5  # the group of any other start tag's name
 # A literal "<" first lets the regex engine jump between "<"s; the lookahead rejects most tags at once.
 _SCAN = re.compile(
     rb"<(?=[!aAvVbBsS]|/[bB])(?:"
@@ -118,10 +103,9 @@ class Tag:
         return next((a for a in self.attrs if a.name == name), None)
 
 
-# The usual link as `scan(doc, compact=True)` reports it: an a or area start tag with no marker attribute whose
-# first href holds a plain URL (PLAIN_URL_RULE), as (value start, value end, element name, inside a conditional
-# comment, host start, host end, port end or -1).
-PlainLink = tuple[int, int, str, bool, int, int, int]
+# The usual link as `scan(doc, compact=True)` reports it: an a or area start tag whose first href has a value and
+# that has no marker attribute, as (value start, value end, element name, inside a conditional comment).
+PlainLink = tuple[int, int, str, bool]
 
 
 @dataclass
@@ -214,9 +198,7 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                 pos = m.end()
                 if compact:
                     vs, ve = m.span(group)
-                    hs, he = m.span(group + 1)
-                    links.append((vs, ve, "a" if m.end(1) - at == 2 else "area", in_comment, hs, he,
-                                  m.end(group + 2)))
+                    links.append((vs, ve, "a" if m.end(1) - at == 2 else "area", in_comment))
                 else:
                     links.append(_read_tag(doc, at, m.end(1), end, in_comment))
                 continue

@@ -47,6 +47,9 @@ _URL_SHAPE = (r"(?i:https?)://(?:[{c}:]*+@)?(" + _IP_LITERAL + r"[{c}]++)(:[0-9]
 _URL_ASCII_CHAR = r"A-Za-z0-9\-._~!$&'()*+,;=%"  # less : @ / ? # (added per part)
 _URL_ASCII = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR))
 _URL = re.compile(_URL_SHAPE.format(c=_URL_ASCII_CHAR + "\u00a0-\ud7ff\ue000-\U0010ffff"))
+# The plain link of the fast path, on the attribute's bytes once "&amp;" is decoded: _URL_ASCII without "%"
+# (escapes, and the "%%" placeholder, take the full path) and without IP literals.
+_PLAIN_URL = re.compile(_URL_SHAPE.replace(_IP_LITERAL, "").format(c=_URL_ASCII_CHAR.replace("%", "")).encode())
 _INDEX_AND_LENGTH = struct.Struct(">HH").pack  # a click token's link index and URL length (tokens.click_suffix)
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):")
@@ -215,30 +218,30 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
     links: list[dict] = []
     skipped: list[dict] = []
     context = _link_context(settings, charset)
+    plain = _PLAIN_URL.fullmatch if context.click_tracking else None
     hosts = context.tracking_hosts_ascii
     wrapped = plan.links
     for link in scanned.links:
         if type(link) is not tuple:
             _link_edits(doc, link, context, plan, edits, links, skipped)
             continue
-        # The usual link, its URL already found plain by the scan: wrapped at once unless it is ours (no objects)
-        vs, ve, name, in_comment, host_start, host_end, port_end = link
-        if context.click_tracking and len(wrapped) < MAX_LINKS and ve - vs <= 0xFFFF \
-                and doc[host_start:host_end].lower() not in hosts \
-                and (port_end < 0 or doc[host_start:port_end].lower() not in hosts):
-            value = url = doc[vs:ve]
-            if b"&" in value:  # only as "&amp;" here (anything else takes the full path)
-                if value.count(b"&") != value.count(b"&amp;"):
-                    _judge_href(doc, vs, ve, name, in_comment, context, plan, edits, links, skipped)
-                    continue
-                url = value.replace(b"&amp;", b"&")
-            index = len(wrapped)
-            base, base_attr = context.https_base if url[4] == 115 or url[4] == 83 else context.http_base  # "s"
-            wrapped.append((base, base_attr, _INDEX_AND_LENGTH(index, len(url)) + url + b"\0\0"))
-            links.append((index, value, url, None, name, in_comment, None))  # ASCII: decoded for a report
-            edits.append((vs, ve, index))
-        else:
-            _judge_href(doc, vs, ve, name, in_comment, context, plan, edits, links, skipped)
+        # The usual link: wrapped at once when its URL is plain and not ours (no objects), else judged in full
+        vs, ve, name, in_comment = link
+        value = url = doc[vs:ve]
+        if b"&" in value:  # only as "&amp;" here (anything else takes the full path)
+            url = value.replace(b"&amp;", b"&") if value.count(b"&") == value.count(b"&amp;") else b""
+        m = plain(url) if plain is not None else None
+        if m is not None and len(wrapped) < MAX_LINKS and len(url) <= 0xFFFF:
+            host, port = m.groups()
+            host = host.lower()
+            if host not in hosts and not (port and host + port in hosts):
+                index = len(wrapped)
+                base, base_attr = context.https_base if url[4] == 115 or url[4] == 83 else context.http_base  # "s"
+                wrapped.append((base, base_attr, _INDEX_AND_LENGTH(index, len(url)) + url + b"\0\0"))
+                links.append((index, value, url, None, name, in_comment, None))  # ASCII: decoded for a report
+                edits.append((vs, ve, index))
+                continue
+        _judge_href(doc, vs, ve, name, in_comment, context, plan, edits, links, skipped)
     pixel = _pixel_edits(doc, scanned, settings, edits, plan, len(doc))
     report.update(action="instrumented" if edits else "untouched", links=links, skipped=skipped, pixel=pixel,
                   original_html_size=len(doc))
