@@ -175,14 +175,14 @@ def _in_ranges(ranges: list[tuple[int, int]], pos: int) -> bool:
 
 
 def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -> None:
-    # One finditer runs on while the scan goes from match to match (the usual link and a plain comment are read
-    # whole by the regex); a new one starts only where the scan jumps (a tag's end, script, a conditional comment).
+    # The usual link and a plain comment are read whole by the search regex. (Measured: one finditer between jumps
+    # instead of a search per stop is faster on link-dense mail but slower on the corpus's templates.)
     pos = start
-    matches = _SCAN.finditer(doc, pos, end)
+    search = _SCAN.search
     links = out.links
     compact = out.compact
     while True:
-        m = next(matches, None)
+        m = search(doc, pos, end)
         if m is None:
             if not in_comment and _inside_tag(doc, end, max(start, pos - 1)):
                 out.open_end = True
@@ -202,7 +202,6 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                 else:
                     links.append(_read_tag(doc, at, m.end(1), end, in_comment))
                 continue
-            matches = _SCAN.finditer(doc, pos, end)
             continue
         pos = m.end()
         if doc[pos - 3:pos] == b"-->":  # a comment read whole (not a conditional one)
@@ -229,7 +228,6 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
             if not in_comment:
                 out.body_close = at
             continue
-        matches = _SCAN.finditer(doc, pos, end)
 
 
 # Lower-cased names of the elements _SCAN stops at, as they are usually written.
