@@ -3,7 +3,7 @@ import email
 import email.policy
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.core import mime
@@ -142,3 +142,19 @@ def test_splice_keeps_everything_else():
 @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b" "]), max_size=12).map(b"".join))
 def test_crlf_only_means_every_line_break_is_crlf(data):
     assert mime.crlf_only(data) == (data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"))
+
+
+QP_PIECES = st.sampled_from([b"\r\n", b" ", b"\t", b"=", b"x" * 70, b"abc", b"\xc3\xa9", b"\x00", b"\x7f", b"=3D",
+                             b".", b"<a href=\"https://x.example/?a=1&amp;b=2\">", b"\xff" * 3, b" \r\n", b"\t\r\n"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(QP_PIECES, max_size=60).map(b"".join))
+def test_qp_by_bytes_operations_round_trips_and_keeps_lines_short(data):
+    """Mostly-ASCII CRLF text is escaped and wrapped by bytes operations rather than binascii's loop; either way the
+    result decodes to the input, keeps every line within 76 characters and has no bare CR or LF."""
+    enc = mime.encode_qp(data)
+    assert binascii.a2b_qp(enc) == data
+    assert all(len(line) <= 76 for line in enc.split(b"\r\n"))
+    assert b"\n" not in enc.replace(b"\r\n", b"") and b"\r" not in enc.replace(b"\r\n", b"")
+    assert not any(line.endswith((b" ", b"\t")) for line in enc.split(b"\r\n"))

@@ -626,7 +626,17 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
             pieces.append(_Encoded(like[done:enc_start]))
         old.append(like[enc_start:enc_stop])
         new.append(doc[start:stop])
-        pieces.extend(_pieces(new[-1], [(s - start, e - start, r) for s, e, r in group]))
+        pos = start
+        for edit_start, edit_end, rep in group:  # as _pieces does (the caller's _pieces checked the edits)
+            if edit_start > pos:
+                pieces.append(doc[pos:edit_start])
+            if rep == PIXEL:
+                pieces.extend((PIXEL_PRE, PIXEL, PIXEL_POST))
+            elif rep != b"":
+                pieces.append(rep)
+            pos = edit_end
+        if stop > pos:
+            pieces.append(doc[pos:stop])
         done = enc_stop
     if binascii.a2b_qp(b"\r\n".join(old)) != b"\r\n".join(new):
         return None
