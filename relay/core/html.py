@@ -201,7 +201,6 @@ def _scan_range(doc: bytes, start: int, end: int, in_comment: bool, out: Scan) -
                     links.append((vs, ve, "a" if m.end(1) - at == 2 else "area", in_comment))
                 else:
                     links.append(_read_tag(doc, at, m.end(1), end, in_comment))
-                continue
             continue
         pos = m.end()
         if doc[pos - 3:pos] == b"-->":  # a comment read whole (not a conditional one)

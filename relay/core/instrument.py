@@ -215,7 +215,7 @@ def _edits(doc: bytes, charset: str, settings: TrackingSettings, plan: Plan,
     """What changes in one decoded HTML document: (start, end, new bytes or slot number)."""
     scanned = html.scan(doc, compact=True)
     edits: list[tuple[int, int, bytes | int]] = []
-    links: list[dict] = []
+    links: list[LinkFound] = []
     skipped: list[dict] = []
     context = _link_context(settings, charset)
     plain = _PLAIN_URL.fullmatch if context.click_tracking else None

@@ -203,15 +203,15 @@ def seal_all(keyring: Keyring, prefix: bytes, suffixes: list[bytes]) -> list[byt
     return b"".join(encoded).translate(_URLSAFE, b"=").split(b"\n")[:-1]
 
 
+_SHA256_BLOCK = 64
+
+
 @functools.lru_cache(maxsize=16)
 def _hmac_pads(secret: bytes) -> tuple[Any, Any]:
     """SHA-256 states after HMAC's inner and outer padded keys."""
     key = hashlib.sha256(secret).digest() if len(secret) > _SHA256_BLOCK else secret
     key = key.ljust(_SHA256_BLOCK, b"\0")
     return (hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key)))
-
-
-_SHA256_BLOCK = 64
 
 
 def click_suffix(link_index: int, url: str, tags: dict[str, list[str]] | str) -> bytes:
