@@ -520,20 +520,25 @@ def _sample_token_length() -> int:
 
 def _pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]]) -> list[bytes | int]:
     out: list[bytes | int] = []
-    pos = 0
-    for start, end, rep in sorted(edits, key=mime.EDIT_ORDER):
-        if start < pos:
+    _add_pieces(doc, sorted(edits, key=mime.EDIT_ORDER), 0, len(doc), out)
+    return out
+
+
+def _add_pieces(doc: bytes, edits: list[tuple[int, int, bytes | int]], start: int, stop: int, out: list) -> None:
+    """doc[start:stop] with `edits` (sorted, inside the range) applied, as template pieces added to `out`."""
+    pos = start
+    for edit_start, edit_end, rep in edits:
+        if edit_start < pos:
             raise PartError("overlapping edits")
-        if start > pos:
-            out.append(doc[pos:start])
+        if edit_start > pos:
+            out.append(doc[pos:edit_start])
         if rep == PIXEL:
             out.extend((PIXEL_PRE, PIXEL, PIXEL_POST))
         elif rep != b"":
             out.append(rep)
-        pos = end
-    if pos < len(doc):
-        out.append(doc[pos:])
-    return out
+        pos = edit_end
+    if stop > pos:
+        out.append(doc[pos:stop])
 
 
 @dataclass(slots=True)
@@ -626,17 +631,7 @@ def _qp_reusing(like: bytes, doc: bytes, edits: list[tuple[int, int, bytes | int
             pieces.append(_Encoded(like[done:enc_start]))
         old.append(like[enc_start:enc_stop])
         new.append(doc[start:stop])
-        pos = start
-        for edit_start, edit_end, rep in group:  # as _pieces does (the caller's _pieces checked the edits)
-            if edit_start > pos:
-                pieces.append(doc[pos:edit_start])
-            if rep == PIXEL:
-                pieces.extend((PIXEL_PRE, PIXEL, PIXEL_POST))
-            elif rep != b"":
-                pieces.append(rep)
-            pos = edit_end
-        if stop > pos:
-            pieces.append(doc[pos:stop])
+        _add_pieces(doc, group, start, stop, pieces)
         done = enc_stop
     if binascii.a2b_qp(b"\r\n".join(old)) != b"\r\n".join(new):
         return None
