@@ -41,11 +41,16 @@ _HREF_VALUES = ((3, b'"'), (4, b"'"), (5, b""))
 # The usual link read whole while scanning: an a or area start tag with no marker attribute and an href with a
 # value, read exactly as _TAG_REST reads it. Any other a or area tag fails this branch and takes the general one.
 _NO_MARKER = rb"(?!(?i:ses:no-track|ses:tags|clicktracking|data-pm-no-track|data-msys-clicktrack)(?![^\s/>=]))"
+# The search tries this branch at every "<a", also inside an attribute value or a tag that never closes, where
+# reading on to the end of the document each time would make the scan quadratic. So it reads at most 16
+# attributes on either side of href, none of them named with a "<" (a sign that the "<a" is not a tag); any
+# other tag takes the general branch, which is read only once the scan knows it is a tag.
+_PLAIN_NAME = rb"[^\s/><][^\s/>=<]*+"
 _PLAIN_LINK = (
     rb"(?i:(a|area))(?=[\s/>])"  # group 1: the name; then the href value double- (2), single- (3) or unquoted (4)
-    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _NO_MARKER + _NAME + _VALUE + rb")*+"
+    rb"(?>[\s/]*+(?!" + _HREF_NAME + rb")" + _NO_MARKER + _PLAIN_NAME + _VALUE + rb"){0,16}+"
     rb"[\s/]*+" + _HREF_NAME + rb"""\s*+=\s*+(?:"([^"]*+)"|'([^']*+)'|([^\s>"'][^\s>]*+))"""
-    rb"(?>[\s/]*+" + _NO_MARKER + _NAME + _VALUE + rb")*+"
+    rb"(?>[\s/]*+" + _NO_MARKER + _PLAIN_NAME + _VALUE + rb"){0,16}+"
     rb"[\s/]*+>"
 )
 _GENERAL = 5  # the group of any other start tag's name
@@ -104,7 +109,8 @@ class Tag:
 
 
 # The usual link as `scan(doc, compact=True)` reports it: an a or area start tag whose first href has a value and
-# that has no marker attribute, as (value start, value end, element name, inside a conditional comment).
+# that has no marker attribute (read by _PLAIN_LINK), as (value start, value end, element name, inside a
+# conditional comment).
 PlainLink = tuple[int, int, str, bool]
 
 
