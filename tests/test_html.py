@@ -147,14 +147,28 @@ def test_the_scan_reads_usual_link_tags_as_the_attribute_loop(doc):
 @pytest.mark.parametrize("piece, around", [
     (b"<a ", b'<img alt="%s">'), (b"<a ", b"<!--[if mso]>%s<![endif]-->"), (b"<a href='x' ", b'<img alt="%s">'),
     (b"<area x=", b"<!--[if mso]>%s<![endif]-->"), (b'<a title="', b"%s"), (b"<a x=<a ", b'<img alt="%s">'),
+    (b"{{ses:openTracker}}", b"%s"), (b"{{ses:openTracker}}", b'<img alt="%s">'),
 ])
-def test_links_that_never_close_keep_the_scan_linear(piece, around):
-    """"<a" repeated inside an attribute value or a conditional comment, never closed: the scan tries its link
-    branch at each, and must not read on to the end each time (quadratic: minutes for a few hundred KB). A DoS
-    guard with a wide margin, not a speed target: linear takes well under a second here."""
+def test_the_scan_stays_linear_on_repeated_openers(piece, around):
+    """"<a" repeated inside an attribute value or a conditional comment, never closed, or thousands of
+    placeholders: the scan must not read back or on to the end at each (quadratic: minutes for a few hundred KB).
+    A DoS guard with a wide margin, not a speed target: linear takes well under a second here."""
     import time
 
     doc = b"<html><body>" + around.replace(b"%s", piece * (300_000 // len(piece))) + b"</body></html>"
     started = time.process_time()
     html.scan(doc, compact=True)
     assert time.process_time() - started < 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"{{ses:openTracker}}", b"<", b">", b"<p>", b'<img alt="', b'">', b"<a ", b"x",
+                                 b"</p >", b"<!-- c -->", b"<3"]), max_size=30).map(b"".join))
+def test_placeholders_are_judged_as_by_the_nearest_tag(doc):
+    """Placeholders are judged by an incremental tracker of the nearest "<"; the reference asks _inside_tag
+    afresh for each."""
+    scanned = html.scan(doc)
+    limit = len(doc) if scanned.swallowed_from is None else scanned.swallowed_from
+    expected = [(at, at < limit and not html._in_ranges(scanned.opaque, at) and not html._inside_tag(doc, at, 0))
+                for at, _ in scanned.placeholders]
+    assert scanned.placeholders == expected

@@ -168,11 +168,34 @@ def scan(doc: bytes, compact: bool = False) -> Scan:
     _scan_range(doc, 0, len(doc), False, out)
     limit = len(doc) if out.swallowed_from is None else out.swallowed_from
     at = doc.find(PLACEHOLDER)
+    inside = _InsideTag(doc)
     while at >= 0:  # rare, so placed by a plain search and judged by the context found above
-        usable = at < limit and not _in_ranges(out.opaque, at) and not _inside_tag(doc, at, 0)
+        usable = not inside(at) and at < limit and not _in_ranges(out.opaque, at)
         out.placeholders.append((at, usable))
         at = doc.find(PLACEHOLDER, at + len(PLACEHOLDER))
     return out
+
+
+class _InsideTag:
+    """`_inside_tag(doc, pos, 0)` for ascending positions, each byte looked at a bounded number of times: the nearest
+    "<" before a position, and whether a ">" follows it, carry over from the previous position (asked afresh,
+    thousands of placeholders after one far "<" made the scan quadratic)."""
+
+    def __init__(self, doc: bytes):
+        self.doc = doc
+        self.searched = 0  # [0, searched) has been looked at
+        self.lt = -1  # the last "<" in it
+        self.closed = False  # a ">" follows that "<" in it
+
+    def __call__(self, pos: int) -> bool:
+        doc = self.doc
+        lt = doc.rfind(b"<", self.searched, pos)
+        if lt >= 0:
+            self.lt, self.closed = lt, doc.find(b">", lt, pos) >= 0
+        elif self.lt >= 0 and not self.closed:
+            self.closed = doc.find(b">", self.searched, pos) >= 0
+        self.searched = pos
+        return self.lt >= 0 and not self.closed and _TAG_OPEN.match(doc, self.lt) is not None
 
 
 def _in_ranges(ranges: list[tuple[int, int]], pos: int) -> bool:
