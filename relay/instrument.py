@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 class Rendered:
     data: bytes  # the whole CRLF message for this recipient, ready for DKIM signing
     changed: bool  # False when the bytes equal the input (no tracking for the set, no HTML, ...)
-    warnings: list[str]
     copy: core.Copy
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.copy.warnings
 
     @property
     def report(self) -> dict:
@@ -78,7 +81,7 @@ class Instrumenter:
             log.warning("%s: %s", message_id, warning)
         changed = data is not raw and data != raw
         out.extra["changed"] = changed
-        return Rendered(data, changed, out.warnings, out)
+        return Rendered(data, changed, out)
 
     def _with_list_unsubscribe(self, data: bytes, message_id: str, settings: TrackingSettings, recipient: str,
                                issued: int, position: int, out: core.Copy) -> bytes:
