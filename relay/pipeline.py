@@ -270,7 +270,7 @@ class Pipeline:
         reply: Reply = await self.upstream.send(self._return_path(msg, position), recipient, data, msg.id)
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
-                         self.retry_policy())
+                         self.retry_policy(), step=reply.step)
         record = self._event_for(msg, recipient, reply, outcome, now_ms)
         event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record,
                          msg.mail_json)
@@ -280,8 +280,8 @@ class Pipeline:
         await self.store.write(with_suppression(Store.recipient_work(
             msg.id, recipient, outcome.state, attempts, next_at, reply.text, ev.iso_ms(now_ms), [event], warnings,
         ), entries))
-        log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r", msg.id, recipient, attempts,
-                 outcome.state, reply.text[:200])
+        log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r step=%s", msg.id, recipient, attempts,
+                 outcome.state, reply.text[:200], reply.step)
         return outcome
 
     def _return_path(self, msg: QueuedMessage, position: int) -> str:
