@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import smtplib
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +19,9 @@ import pytest
 
 from relay.core.outcome import DATA, END_OF_DATA, MAIL, RCPT
 
-from .harness import RelayProcess, Upstream, UpstreamHandler, free_port, wait_port
+from .harness import RelayProcess, Upstream, UpstreamHandler
 from .test_deliver_pipelining import BODIES, Script, scripted
-from .test_inbound_exim import EXIM, exim_identity
+from .test_inbound_exim import EXIM_MAIN, exim_daemon
 
 SPAM = "554 5.7.1 spam content"
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
@@ -170,26 +167,9 @@ def test_relaying_denied_is_retried_never_bounced_or_suppressed(postfix_like):
 
 # --- a real Exim as the upstream ------------------------------------------------------------------------------
 
-EXIM_CONFIG = """
-primary_hostname = mx.example.org
-exim_user = {user}
-exim_group = {group}
-never_users =
-trusted_users = {user}
-spool_directory = {base}/spool
-log_file_path = {base}/log/%slog
-pid_file_path = {base}/exim.pid
-daemon_smtp_ports = {port}
-local_interfaces = 127.0.0.1
-domainlist local_domains = example.org
-acl_smtp_rcpt = acl_check_rcpt
+EXIM_CONFIG = EXIM_MAIN + """acl_smtp_rcpt = acl_check_rcpt
 acl_smtp_data = acl_check_data
 message_size_limit = 20K
-host_lookup =
-rfc1413_hosts =
-tls_advertise_hosts =
-deliver_drop_privilege = true
-split_spool_directory = false
 
 begin acl
 acl_check_rcpt:
@@ -225,34 +205,14 @@ devnull:
 
 @pytest.fixture
 def exim_upstream(tmp_path):
-    """A private Exim daemon on 127.0.0.1 that refuses by its ACLs: unknown users, relaying, unverifiable senders,
-    a size limit, a spam phrase. Skipped when Exim is not installed or cannot start here."""
-    if EXIM is None:
-        pytest.skip("exim4 is not installed (CI installs exim4-daemon-light)")
-    user, group = exim_identity()
-    base = Path(tempfile.mkdtemp(prefix="relay-exim-"))  # Exim drops to its own user: pytest's tmp is 0700
-    base.chmod(0o755)
-    for sub in ("spool", "log"):
-        (base / sub).mkdir()
-        shutil.chown(base / sub, user, group)
-    port = free_port()
-    conf = base / "exim.conf"
-    conf.write_text(EXIM_CONFIG.format(user=user, group=group, base=base, port=port))
-    conf.chmod(0o644)
-    with open(base / "daemon.out", "wb") as out:
-        proc = subprocess.Popen([EXIM, "-C", str(conf), "-bdf"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_port(port, timeout=10, proc=proc)
-        except (RuntimeError, TimeoutError) as exc:
-            pytest.skip(f"exim could not start here ({exc}): {(base / 'daemon.out').read_text()[-500:]}")
+    """A private Exim daemon that refuses by its ACLs: unknown users, relaying, unverifiable senders, a size limit,
+    a spam phrase."""
+    with exim_daemon(EXIM_CONFIG) as (port, base):
         relay = RelayProcess(tmp_path / "relay", port).start()
-        yield relay, base
-        relay.stop()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            yield relay, base
+        finally:
+            relay.stop()
 
 
 def exim_received(base: Path) -> list[str]:
