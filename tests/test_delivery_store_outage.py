@@ -147,6 +147,8 @@ def test_a_full_disk_holds_the_outcomes_and_sends_no_copy_twice(outage):
     assert len(upstream.messages) == CONCURRENCY, "a copy started while outcomes could not be written"
     assert unrecorded_gauge(metrics_port) == CONCURRENCY
     assert f"{CONCURRENCY} delivery outcome(s) wait for the store (disk I/O error)" in relay.log()
+    # one line per round of writes (0 s, 1 s, 3 s), not one per outcome: REPORT_EVERY_S
+    assert 2 <= relay.log().count("wait for the store (") <= 4
 
     disk_full(relay.proc.pid, False)  # the operator frees space
     wait_until(lambda: states(relay) == Counter({DELIVERED: MESSAGES}), 60, "every outcome recorded", relay)
