@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import smtplib
 import time
@@ -68,7 +69,7 @@ def wait_until(check, timeout: float = 30.0, what: str = "", relay: RelayProcess
     (Script(), END_OF_DATA),
 ], ids=["MAIL", "RCPT", "DATA", "end of DATA", "accepted"])
 def test_a_reply_names_the_step_it_answered(script, step, pipelining):
-    script.pipelining = pipelining
+    script = dataclasses.replace(script, pipelining=pipelining)
     replies, server, pooled = asyncio.run(scripted(script, BODIES["plain"], BODIES["leading dots"]))
     assert [r.step for r in replies] == [step, step]
     assert pooled == 1 and server.connections == 1  # refusals keep the connection (RSET)
