@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import SmtpSettings, hash_password
+from relay.config import ConfigError, SmtpSettings, hash_password
+from relay.config import parse as parse_config
 from relay.core.replies import ELLIPSIS, echo, reply_line
-from relay.smtp import Authenticator, ConnectionCounts, RefusalLog
+from relay.smtp import Authenticator, ConnectionCounts, RefusalLog, read_message_data
 
 from .harness import RelayProcess, Upstream
 
@@ -162,7 +163,8 @@ def test_auth_initial_response_up_to_rfc_4954s_limit(tmp_path, upstream):
 
 
 def test_bare_lf_message_far_over_the_command_limits_is_accepted(relay, upstream):
-    body = b"".join(b"line %d of a message sent with bare LF line ends\n" % i for i in range(60000))  # 3 MB
+    # 9 MB: more than two of the pieces DATA is read in, and not one CRLF before its end
+    body = b"".join(b"line %d of a message sent with bare LF line ends\n" % i for i in range(180000))
     c = Client(relay.smtp_port)
     try:
         c.line()
@@ -455,6 +457,38 @@ def test_auth_login_is_checked_off_the_loop_too(tmp_path, upstream):
 
 
 # --- the pure parts -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream,message", [
+    (b".\r\n", b""),
+    (b"one line\r\n.\r\n", b"one line\r\n"),
+    (b"a\r\n..b\r\n...\r\nc.\r\n.\r\n", b"a\r\n.b\r\n..\r\nc.\r\n"),
+    (b"bare\nlf\n.\r\n" * 20 + b".\r\n", b"bare\nlf\n.\r\n" * 20),
+    (b"x" * 1000 + b"\r\n.\r\n", b"x" * 1000 + b"\r\n"),
+])
+@pytest.mark.parametrize("piece", [6, 7, 16, 64])
+def test_data_is_read_in_pieces_of_the_streams_limit(stream, message, piece):
+    """The DATA reader on a stream whose limit is far below the message (relay's is the piece size): the end
+    and the dot-stuffing are found across piece boundaries, pipelined bytes after the end stay."""
+    async def main():
+        reader = asyncio.StreamReader(limit=piece)
+        reader.feed_data(stream + b"QUIT\r\n")
+        reader.feed_eof()
+        return await read_message_data(reader, 10_000), await reader.read()
+
+    assert asyncio.run(main()) == (message, b"QUIT\r\n")
+
+
+def test_connection_and_auth_settings_are_read_and_checked(tmp_path):
+    cfg = parse_config({"smtp": {"max_connections": 7, "max_connections_per_client": 3, "auth_concurrency": 1}},
+                       tmp_path)
+    assert (cfg.smtp.max_connections, cfg.smtp.max_connections_per_client, cfg.smtp.auth_concurrency) == (7, 3, 1)
+    defaults = parse_config({}, tmp_path).smtp
+    assert (defaults.max_connections, defaults.max_connections_per_client, defaults.auth_concurrency) == (100, 50, 2)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"smtp": {"max_connections": 0, "auth_concurrency": -1}}, tmp_path)
+    assert "smtp.max_connections: must be a positive number" in err.value.problems
+    assert "smtp.auth_concurrency: must be a positive number" in err.value.problems
+
 
 @pytest.mark.parametrize("text", [
     "250 Ok",
