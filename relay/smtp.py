@@ -100,6 +100,13 @@ class Authenticator:
             window.popleft()
         return len(window) >= self.settings.auth_fail_limit
 
+    def _forget(self, ip: str, attempt: float) -> None:
+        window = self._failures.get(ip)
+        if window is not None and attempt in window:  # not already out of the window
+            window.remove(attempt)
+        if not window:
+            self._failures.pop(ip, None)
+
     async def check(self, username: str, password: str) -> bool:
         digest = hmac.digest(self._key, f"{username}\0{password}".encode("utf-8", "surrogatepass"), "sha256")
         if digest in self._verified:
@@ -138,10 +145,14 @@ class Authenticator:
             return AuthResult(success=False, handled=False,
                               message="454 4.7.0 Temporary authentication failure: too many failed attempts")
         username = auth_data.login.decode("utf-8", "replace")
+        # The attempt counts as a failure while it is checked: attempts in parallel (one per connection, the
+        # checks in threads) must not all pass blocked() before any of them failed.
+        attempt = self.clock()
+        self._failures[ip].append(attempt)
         if await self.check(username, auth_data.password.decode("utf-8", "surrogateescape")):
+            self._forget(ip, attempt)
             log.info("smtp auth ip=%s user=%s ok", ip, username)
             return AuthResult(success=True, auth_data=username)
-        self._failures[ip].append(self.clock())
         log.warning("smtp auth ip=%s user=%s failed", ip, username)
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
 

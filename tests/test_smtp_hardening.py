@@ -439,6 +439,24 @@ def test_a_report_stored_while_its_client_resets_is_logged(tmp_path, upstream):
         r.stop()
 
 
+def test_parallel_auth_attempts_cannot_outrun_the_failure_limit(tmp_path, upstream):
+    r = RelayProcess(tmp_path / "r", upstream.port, smtp_extra=f"auth_fail_limit = 3\n{USERS}").start()
+    clients = [Client(r.smtp_port) for _ in range(10)]
+    try:
+        for c in clients:
+            c.line()
+            c.command(b"EHLO x")
+        token = base64.b64encode(b"\0app\0guess")
+        for c in clients:  # ten guesses at once, each on its own connection
+            c.send(b"AUTH PLAIN " + token + b"\r\n")
+        codes = sorted(c.reply()[:3] for c in clients)
+        assert codes == [b"454"] * 7 + [b"535"] * 3, codes
+    finally:
+        for c in clients:
+            c.close()
+        r.stop()
+
+
 def test_auth_login_is_checked_off_the_loop_too(tmp_path, upstream):
     r = RelayProcess(tmp_path / "r", upstream.port, smtp_extra=f"trusted_networks = []\n{USERS}").start()
     c = Client(r.smtp_port)
