@@ -4,8 +4,8 @@
   RCPT). Reports for the bounce domain and the complaints addresses are accepted from anyone (issue 9) and go
   to the inbound stage, not the outbound pipeline; a forged report address is an unknown mailbox (550).
 - AUTH PLAIN/LOGIN against salted scrypt hashes; offered only after STARTTLS, except from
-  `smtp.plaintext_auth_networks` (loopback by default).
-  Failed attempts are limited per client address.
+  `smtp.plaintext_auth_networks` (loopback by default). Failed attempts are limited per client address; the
+  check runs in a bounded pool of threads and takes as long for an unknown user name as for a wrong password.
 - A message gets 250 only after the pipeline made it durable; a storage problem answers 451. Once the pipeline
   has it, a client that resets the connection cannot stop it from being queued.
 - Limits an unauthenticated client meets: RFC 5321's command line lengths (a line never buffered beyond them),
