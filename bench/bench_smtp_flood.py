@@ -1,4 +1,5 @@
-"""What an unauthenticated SMTP client can make relay hold: memory for endless command lines, and connections.
+"""What an unauthenticated SMTP client can make relay hold: memory for endless command lines, connections,
+and the event loop (AUTH).
 
     python bench/bench_smtp_flood.py [--connections 25] [--megabytes 40] [--held 300] [--runs 3] [--compare DIR]
 
@@ -8,6 +9,8 @@ the client is treated as an outside one).
   relay's RSS is read from /proc once everything was sent (or after 20 s), and its peak (VmHWM).
 - connections: --held clients connect at once from 127.0.0.1 and --held more from 127.0.0.2..5; counted are
   those that got the 220 greeting and are still open a moment later.
+- AUTH: the time AUTH PLAIN takes for a user's wrong password and for an unknown user name (medians of 9 each,
+  alternating); then, while 8 clients send wrong passwords in a loop, the time a NOOP takes on another session.
 `--compare DIR` also runs the relay of another checkout (e.g. /work/main) in the same runs, alternating.
 Prints medians over the runs.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import statistics
 import sys
 import tempfile
@@ -25,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from relay.config import hash_password  # noqa: E402
 from tests.harness import RelayProcess  # noqa: E402
 
 MB = 1024 * 1024
@@ -87,6 +92,51 @@ async def connection_attack(port: int, per_source: int) -> tuple[int, int]:
     return sum(held[:per_source]), sum(held)
 
 
+async def smtp_session(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()
+    writer.write(b"EHLO x\r\n")
+    while (await reader.readline())[3:4] == b"-":
+        pass
+    return reader, writer
+
+
+async def timed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: bytes) -> float:
+    start = time.perf_counter()
+    writer.write(command + b"\r\n")
+    await reader.readline()
+    return time.perf_counter() - start
+
+
+def auth_line(user: bytes, password: bytes) -> bytes:
+    return b"AUTH PLAIN " + base64.b64encode(b"\0" + user + b"\0" + password)
+
+
+async def auth_attack(port: int) -> dict:
+    reader, writer = await smtp_session(port)
+    known, unknown = [], []
+    for i in range(9):
+        known.append(await timed(reader, writer, auth_line(b"app", b"wrong%d" % i)))
+        unknown.append(await timed(reader, writer, auth_line(b"nobody%d" % i, b"wrong")))
+    stop = asyncio.Event()
+
+    async def attacker() -> None:
+        r, w = await smtp_session(port)
+        while not stop.is_set():
+            await timed(r, w, auth_line(b"app", b"wrong"))
+
+    attackers = [asyncio.create_task(attacker()) for _ in range(8)]
+    await asyncio.sleep(0.3)
+    noops = []
+    for _ in range(40):
+        noops.append(await timed(reader, writer, b"NOOP"))
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.gather(*attackers)
+    return {"auth_known_ms": 1000 * statistics.median(known), "auth_unknown_ms": 1000 * statistics.median(unknown),
+            "noop_ms": 1000 * statistics.median(noops)}
+
+
 def run_once(checkout: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         relay = RelayProcess(Path(tmp), None, smtp_extra="trusted_networks = []",
@@ -102,7 +152,14 @@ def run_once(checkout: Path, args) -> dict:
             held_one, held = asyncio.run(connection_attack(relay.smtp_port, args.held))
         finally:
             relay.stop()
-    return {"idle_mb": idle, "attack_mb": loaded, "peak_mb": peak, "held_one": held_one, "held": held}
+        users = f'auth_fail_limit = 100000\n[[smtp.users]]\nusername = "app"\npassword_hash = "{hash_password("pw")}"'
+        relay = RelayProcess(Path(tmp) / "c", None, smtp_extra=f"trusted_networks = []\n{users}",
+                             env={"PYTHONPATH": str(checkout)}).start()
+        try:
+            auth = asyncio.run(auth_attack(relay.smtp_port))
+        finally:
+            relay.stop()
+    return {"idle_mb": idle, "attack_mb": loaded, "peak_mb": peak, "held_one": held_one, "held": held, **auth}
 
 
 def main() -> None:
@@ -124,7 +181,8 @@ def main() -> None:
         med = {key: statistics.median(r[key] for r in rows[name]) for key in rows[name][0]}
         print(f"  {name} ({path}): RSS idle {med['idle_mb']:.0f} MB, under attack {med['attack_mb']:.0f} MB,"
               f" peak {med['peak_mb']:.0f} MB; connections held {med['held']:.0f}"
-              f" ({med['held_one']:.0f} from 127.0.0.1)")
+              f" ({med['held_one']:.0f} from 127.0.0.1); AUTH wrong password {med['auth_known_ms']:.1f} ms,"
+              f" unknown user {med['auth_unknown_ms']:.1f} ms; NOOP during an AUTH flood {med['noop_ms']:.1f} ms")
 
 
 if __name__ == "__main__":
