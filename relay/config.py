@@ -73,6 +73,14 @@ class SmtpSettings:
     users: tuple[SmtpUser, ...] = ()
     auth_fail_limit: int = 5
     auth_fail_window: float = 300.0
+    # scrypt checks at once, off the event loop: each costs 16 MiB and ~40 ms of a core, so a flood of AUTH
+    # attempts gets this much of the machine and no more (the rest wait their turn, one per open connection).
+    auth_concurrency: int = 2
+    # Postfix's defaults: smtpd_client_connection_count_limit (50 per client) and default_process_limit (100
+    # smtpd processes in all). Clients in trusted_networks are exempt from the per-client cap, as Postfix
+    # exempts $mynetworks (smtpd_client_event_limit_exceptions): they are the applications relay serves.
+    max_connections: int = 100
+    max_connections_per_client: int = 50
     timeout: float = 300.0
     add_received_header: bool = True
 
@@ -450,6 +458,9 @@ def _parse_smtp(s: _Reader, problems: list[str]) -> SmtpSettings:
         tls_certificate=cert, tls_key=key, users=tuple(users),
         auth_fail_limit=s.positive("auth_fail_limit", 5),
         auth_fail_window=s.duration("auth_fail_window", 300.0),
+        auth_concurrency=s.positive("auth_concurrency", 2),
+        max_connections=s.positive("max_connections", 100),
+        max_connections_per_client=s.positive("max_connections_per_client", 50),
         timeout=s.duration("timeout", 300.0),
         add_received_header=s.get("add_received_header", bool, True),
     )

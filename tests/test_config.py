@@ -1,3 +1,5 @@
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,10 +89,19 @@ custom_redirect_domain = "click.example.com"
     assert s.is_tracking_host("t.example.com") and s.is_tracking_host("CLICK.example.com")
 
 
+# `scrypt$N$r$p$salt$digest`: digits, base64 and "$" only
+HASH_FORMAT = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*")
+
+
 def test_passwords_are_salted_hashes():
-    a, b = hash_password("pw"), hash_password("pw")
-    assert a != b and "pw" not in a
-    assert check_password("pw", a) and not check_password("PW", a) and not check_password("pw", "garbage")
+    # The password has characters no hash of this format contains: a stored hash that matches the format
+    # cannot hold it in clear, whatever its random salt happens to spell.
+    password = "open sesame!"
+    a, b = hash_password(password), hash_password(password)
+    assert HASH_FORMAT.fullmatch(a) and HASH_FORMAT.fullmatch(b)
+    assert a.split("$")[4] != b.split("$")[4] and a != b  # a fresh salt each time
+    assert check_password(password, a) and check_password(password, b)
+    assert not check_password("Open sesame!", a) and not check_password(password, "garbage")
 
 
 def test_tracking_keys_file_created_private_and_rotatable(tmp_path):
@@ -103,13 +114,14 @@ def test_tracking_keys_file_created_private_and_rotatable(tmp_path):
 
 
 def test_relay_check_command(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's relay, not whichever one is installed
     ok = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--config", str(ROOT / "config.example.toml")],
-                        capture_output=True, text=True, cwd=tmp_path)
+                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[smtp]\nmax_recipients = 0\n")
     out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--config", str(bad)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 1 and "smtp.max_recipients" in out.stderr
 
 
