@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import base64
-import re
-import smtplib
 import string
 import time
-from email import message_from_bytes, policy
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +16,7 @@ from relay.tracking import GIF
 
 from .harness import RelayProcess, Upstream
 from .test_tracking_helpers import header, request
+from .test_tracking_pressure import delivered_urls
 
 MID = "0100018c1a2b3c4d-05e008de-024e-4226-841e-98f0e0d61bb1-000000"
 RING = Keyring((SigningKey("k1", b"a" * 32), SigningKey("old", b"b" * 32)))
@@ -134,29 +132,12 @@ def test_challenge_has_one_spelling_too():
 
 # --- the real relay: a respelled token in a delivered message's URLs ------------------------------------------
 
-LINKS = b"".join(b'<a href="https://shop.example.com/item/%d">Item %d</a>\r\n' % (i, i) for i in range(12))
-HTML = (b"From: News <news@example.com>\r\nTo: ann@example.org\r\nSubject: Sale\r\n"
-        b"X-SES-CONFIGURATION-SET: marketing\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
-        b"<html><body>\r\n" + LINKS + b"</body></html>\r\n")
-
-
-def _delivered_tokens(relay: RelayProcess, upstream: Upstream) -> tuple[str, list[str]]:
-    """The pixel token and the click tokens of one delivered copy."""
-    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as client:
-        client.sendmail("news@example.com", ["ann@example.org"], HTML)
-    html = message_from_bytes(upstream.wait_for(1)[0].data, policy=policy.default).get_content()
-    clicks = re.findall(r'href="http://127\.0\.0\.1:\d+/c/([^"]+)"', html)
-    pixels = re.findall(r'src="http://127\.0\.0\.1:\d+/o/([^"]+)"', html)
-    assert len(clicks) == 12 and len(pixels) == 1, html
-    return pixels[0], clicks
-
-
 def test_respelled_tokens_in_real_urls_neither_redirect_nor_count(tmp_path):
     upstream = Upstream().start()
     relay = RelayProcess(tmp_path / "r", upstream.port).start()
     try:
-        pixel, clicks = _delivered_tokens(relay, upstream)
-        relay.wait_events("Delivery", 1)
+        pixel_path, click_paths = delivered_urls(relay, upstream, links=12)
+        pixel, clicks = pixel_path[len("/o/"):], [path[len("/c/"):] for path in click_paths]
         exercised = set()
         for name, mangle in SPELLINGS.items():
             if name == "inner whitespace":  # not a request target an HTTP client sends

@@ -25,11 +25,6 @@ from relay.tracking import GIF, _retry_delay
 from .harness import ROOT, RelayProcess, Upstream, free_port, wait_port
 from .test_tracking_helpers import RCPT, Listener, header, load, request, store_message, stored
 
-LINKS = b"".join(b'<a href="https://shop.example.com/item/%d">Item %d</a>\r\n' % (i, i) for i in range(3))
-HTML = (b"From: News <news@example.com>\r\nTo: ann@example.org\r\nSubject: Sale\r\n"
-        b"X-SES-CONFIGURATION-SET: marketing\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
-        b"<html><body>\r\n" + LINKS + b"</body></html>\r\n")
-
 
 class PipedRelay(RelayProcess):
     """`relay serve` with its stderr read through a pipe (a file-size limit, the full disk below, would stop its
@@ -68,14 +63,19 @@ class PipedRelay(RelayProcess):
                 for m in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", text, re.M)}
 
 
-def delivered_urls(relay: RelayProcess, upstream: Upstream) -> tuple[str, list[str]]:
-    """The pixel path and the click paths of one copy delivered through the relay."""
+def delivered_urls(relay: RelayProcess, upstream: Upstream, links: int = 3) -> tuple[str, list[str]]:
+    """The pixel path and the click paths (to https://shop.example.com/item/0, 1, ...) of one copy of a message
+    with `links` links delivered through the relay."""
+    html = b"".join(b'<a href="https://shop.example.com/item/%d">Item %d</a>\r\n' % (i, i) for i in range(links))
+    message = (b"From: News <news@example.com>\r\nTo: ann@example.org\r\nSubject: Sale\r\nX-SES-CONFIGURATION-SET: "
+               b"marketing\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body>\r\n"
+               + html + b"</body></html>\r\n")
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as client:
-        client.sendmail("news@example.com", ["ann@example.org"], HTML)
-    html = message_from_bytes(upstream.wait_for(1)[0].data, policy=policy.default).get_content()
-    pixel = re.findall(r'src="http://127\.0\.0\.1:\d+(/o/[^"]+)"', html)
-    clicks = re.findall(r'href="http://127\.0\.0\.1:\d+(/c/[^"]+)"', html)
-    assert len(pixel) == 1 and len(clicks) == 3, html
+        client.sendmail("news@example.com", ["ann@example.org"], message)
+    delivered = message_from_bytes(upstream.wait_for(1)[0].data, policy=policy.default).get_content()
+    pixel = re.findall(r'src="http://127\.0\.0\.1:\d+(/o/[^"]+)"', delivered)
+    clicks = re.findall(r'href="http://127\.0\.0\.1:\d+(/c/[^"]+)"', delivered)
+    assert len(pixel) == 1 and len(clicks) == links, delivered
     relay.wait_events("Delivery", 1)  # nothing of the message's own left to write
     return pixel[0], clicks
 
