@@ -8,8 +8,9 @@ Hot path: a request is answered from memory (token check, constant GIF or a 302)
 an in-memory buffer. Plain GET/HEAD pixel and click requests never build aiohttp request or response objects
 (`_FastConnection`); every other request goes through aiohttp and `_handle`. Every `flush_interval` (or
 `flush_batch` hits) the buffer becomes SES records and verdicts on the event loop, and one insert-only work in
-the store's group commit. `stop()` closes the sockets, waits for in-flight requests, then drains the buffer: an
-answered hit is never lost. `relay track` can run several worker processes on one port (SO_REUSEPORT), each
+the store's group commit, one at a time (`Recorder`: bounded, retried while the store cannot write, drops
+counted). `stop()` closes the sockets, waits for in-flight requests, then drains the buffer (a store that cannot
+write gets `drain_timeout`). `relay track` can run several worker processes on one port (SO_REUSEPORT), each
 with its own buffer into the shared store.
 """
 
@@ -553,11 +554,12 @@ class Recorder:
     async def drain(self, timeout: float | None = None) -> None:
         """Write everything buffered and wait until it is committed, a failing store retried for up to `timeout`
         seconds (drain_timeout); hits still waiting then are counted as dropped (reason: shutdown)."""
+        timeout = self.drain_timeout if timeout is None else timeout
         self.flush()
         try:
-            await asyncio.wait_for(self._idle.wait(), self.drain_timeout if timeout is None else timeout)
+            await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            self._give_up(self.drain_timeout if timeout is None else timeout)
+            self._give_up(timeout)
 
     def _give_up(self, waited: float) -> None:
         self._stopped = True
