@@ -10,7 +10,9 @@ Everything is computed at scrape time from the store with cheap indexed reads, s
 - gauges (queue depth and age of the oldest queued copy, webhook outbox depth) are one grouped query each;
 - delivery outcomes waiting for the store (disk full, I/O error) are counted by the delivery queue in the process;
 - SMTP sessions are counted in the process: the SMTP handler's session set is swapped for one that counts
-  what is added to it (relay/smtp.py stays as it is).
+  what is added to it (relay/smtp.py stays as it is);
+- the tracking listener's buffer of hits (this process's): hits waiting for the store now, and hits answered but
+  never recorded, by reason. The recorder counts those drops as they happen (rare: never on the hot path).
 """
 
 from __future__ import annotations
@@ -140,6 +142,26 @@ class StoreCollector:
         yield from (depth, age, outbox)
 
 
+DROP_HELP = ("Tracking hits answered but never recorded, by reason: buffer_full (the store was behind and "
+             "tracking.max_buffered_hits waited already), rejected (the store refused the hit itself), shutdown "
+             "(still waiting for a failing store when relay stopped)")
+
+
+class RecorderCollector:
+    """The tracking listener's hit buffer (relay.tracking.Recorder) in this process."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        dropped = CounterMetricFamily("relay_tracking_hits_dropped", DROP_HELP, labels=["reason"])
+        for reason, n in list(self.recorder.dropped.items()):  # its keys never change: safe beside the loop
+            dropped.add_metric([reason], n)
+        yield dropped
+        yield GaugeMetricFamily("relay_tracking_buffered_hits", "Tracking hits in memory waiting for the store "
+                                "(buffered and being written)", value=self.recorder.depth)
+
+
 def _epoch(iso_time: str) -> float:
     return datetime.strptime(iso_time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
@@ -194,6 +216,8 @@ class Operations:
 
             registry.register(StoreCollector(relay.store, lambda: (handler.sessions.added, len(handler.sessions)),
                                              sets, unrecorded=lambda: relay.queue.unrecorded))
+            if relay.tracking is not None:
+                registry.register(RecorderCollector(relay.tracking.recorder))
             self.server = MetricsServer(registry, cfg.metrics.listen_host, cfg.metrics.listen_port)
             await self.server.start()
         self.retention = asyncio.get_running_loop().create_task(retention_task(relay.store, lambda: relay.config))

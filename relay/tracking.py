@@ -8,8 +8,9 @@ Hot path: a request is answered from memory (token check, constant GIF or a 302)
 an in-memory buffer. Plain GET/HEAD pixel and click requests never build aiohttp request or response objects
 (`_FastConnection`); every other request goes through aiohttp and `_handle`. Every `flush_interval` (or
 `flush_batch` hits) the buffer becomes SES records and verdicts on the event loop, and one insert-only work in
-the store's group commit. `stop()` closes the sockets, waits for in-flight requests, then drains the buffer: an
-answered hit is never lost. `relay track` can run several worker processes on one port (SO_REUSEPORT), each
+the store's group commit, one at a time (`Recorder`: bounded, retried while the store cannot write, drops
+counted). `stop()` closes the sockets, waits for in-flight requests, then drains the buffer (a store that cannot
+write gets `drain_timeout`). `relay track` can run several worker processes on one port (SO_REUSEPORT), each
 with its own buffer into the shared store.
 """
 
@@ -27,10 +28,12 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable
 from email.utils import formatdate
 from pathlib import Path
@@ -402,67 +405,173 @@ def recompute_verdicts(store: Store, cfg: Config, page: int = 2000) -> int:
             return total
 
 
-class Recorder:
-    """In-memory buffer of hits, written through the store's group commit every few milliseconds."""
+DROP_REASONS = ("buffer_full", "rejected", "shutdown")  # why an answered hit was never recorded
+RETRY_FIRST_S = 0.1  # a store that failed is asked again soon: a lock or a freed disk clears within moments
+RETRY_MAX_S = 5.0  # and at least this often: hits reach the store within 5 s of its recovery (one transaction a try)
+WARN_EVERY_S = 10.0  # one warning per kind per 10 s: a stall of an hour logs 360 lines, not one per retry or hit
 
-    def __init__(self, store: Store, writer: EventWriter, interval: float, batch: int):
+
+def _store_unavailable(exc: BaseException) -> bool:
+    """Whether a failed write says the store takes no writes now (full disk, I/O error, a lock, a read-only or
+    damaged file), not that a hit is bad: the first is retried until it passes, the second tried once alone."""
+    return isinstance(exc, (sqlite3.OperationalError, OSError)) or type(exc) is sqlite3.DatabaseError
+
+
+def _retry_delay(failures: int) -> float:
+    """Exponential backoff after `failures` failed tries in a row (1, 2, ...): 0.1, 0.2, 0.4 ... 5 s."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(failures - 1, 16))
+
+
+class Recorder:
+    """A bounded in-memory buffer of hits, written through the store's group commit one batch at a time.
+
+    One batch in flight: hits arriving while it commits wait for the next one, so batches grow with the load,
+    not the store's queue (a prepared batch holds each record's JSON, kilobytes a hit), and the store's writer
+    thread runs a few large inserts rather than many small ones (each of which waited for the GIL while uvloop
+    held it: `relay serve` fell seconds behind a flood that `relay track` kept up with).
+    A store that cannot write (disk full, I/O error, lock) gets the batch again, first in line, with exponential
+    backoff, for as long as it takes. At most `capacity` hits wait in memory (buffered and in flight); beyond that
+    a hit is answered but dropped and counted in `dropped`, so memory stays bounded when the store stalls or is
+    merely slower than the listener.
+    """
+
+    def __init__(self, store: Store, writer: EventWriter, interval: float, batch: int, capacity: int = 100_000,
+                 drain_timeout: float = 30.0):
         self.store, self.writer, self.interval, self.batch = store, writer, interval, batch
-        self._pending: list[tuple] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._inflight: set[asyncio.Future] = set()
+        self.capacity, self.drain_timeout = capacity, drain_timeout
+        self._pending: deque[tuple] = deque()  # oldest first
+        self._writing: list[tuple] = []  # the batch the store has now
+        self._timer: asyncio.TimerHandle | None = None  # the flush of a partial batch, or the next retry
+        self._failures = 0  # failed tries in a row of a store that takes no writes
+        self._failing_since = 0.0
+        self._alone = 0  # hits first in line to write one per batch: a batch of them failed, maybe for one
+        self._stopped = False  # after drain's deadline: nothing is retried any more
+        self._idle = asyncio.Event()  # nothing buffered, nothing in flight
+        self._idle.set()
+        self._warned: dict[str, float] = {}
         self.written = 0
-        self.failed = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+
+    @property
+    def depth(self) -> int:
+        """Hits in memory: buffered and in flight."""
+        return len(self._pending) + len(self._writing)
+
+    @property
+    def failed(self) -> int:
+        """Answered hits never recorded, whatever the reason."""
+        return sum(self.dropped.values())
 
     def add(self, hit: tuple) -> None:
+        if len(self._pending) + len(self._writing) >= self.capacity:
+            self.dropped["buffer_full"] += 1
+            if self._due("buffer_full"):
+                log.warning("tracking: %d hits wait for the store (tracking.max_buffered_hits): new hits are "
+                            "answered but not recorded; %d dropped so far", self.depth, self.dropped["buffer_full"])
+            return
         self._pending.append(hit)
+        self._idle.clear()
+        if self._writing or self._failures:  # the end of the write in flight, or the retry timer, takes it
+            return
         if len(self._pending) >= self.batch:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
 
     def flush(self) -> None:
+        """Hand the oldest buffered hits, one batch, to the store, unless a batch is in flight already."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._pending:
-            hits, self._pending = self._pending, []
-            self._submit(hits, 0)
-
-    def _submit(self, hits: list[tuple], attempt: int) -> None:
-        try:
-            work = self.writer.prepare(hits)
-        except Exception as exc:  # a store read failed: same treatment as a failed write
-            self._failed(hits, attempt, exc)
+        if self._writing or not self._pending:
             return
-        future = asyncio.wrap_future(self.store.submit(work))
-        self._inflight.add(future)
-        future.add_done_callback(lambda f: self._done(f, hits, attempt))
+        size = min(1 if self._alone else self.batch, len(self._pending))
+        self._writing = [self._pending.popleft() for _ in range(size)]
+        try:
+            work = self.writer.prepare(self._writing)
+        except Exception as exc:  # a store read failed, or a hit the writer cannot make a record of
+            self._failed(exc)
+            return
+        asyncio.wrap_future(self.store.submit(work)).add_done_callback(self._done)
 
-    def _done(self, future: asyncio.Future, hits: list[tuple], attempt: int) -> None:
-        self._inflight.discard(future)
+    def _done(self, future: asyncio.Future) -> None:
         exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        if exc is None:
-            self.written += len(hits)
-        else:
-            self._failed(hits, attempt, exc)
+        if exc is not None:
+            self._failed(exc)
+            return
+        self.written += len(self._writing)
+        self._writing = []
+        self._alone = max(0, self._alone - 1)
+        if self._failures:
+            log.warning("tracking: the store takes writes again after %.1f s (%d tries); %d hits to write",
+                        time.monotonic() - self._failing_since, self._failures + 1, self.depth)
+            self._failures = 0
+        self._next()
 
-    def _failed(self, hits: list[tuple], attempt: int, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> None:
+        hits, self._writing = self._writing, []
         self.writer.forget()
-        if attempt < 3 and not isinstance(exc, store_module.StoreClosed):
-            log.warning("writing %d tracking events failed (%s); retrying", len(hits), exc)
-            # one hit per work on the retry, so a single bad hit cannot take its whole batch down with it
-            for hit in hits:
-                self._submit([hit], attempt + 1)
+        if isinstance(exc, store_module.StoreClosed) or self._stopped:
+            self.dropped["shutdown"] += len(hits)
+            log.error("tracking: %d hits not recorded: %s", len(hits), exc)
+        elif _store_unavailable(exc):
+            self._pending.extendleft(reversed(hits))  # first in line again
+            if not self._failures:
+                self._failing_since = time.monotonic()
+            self._failures += 1
+            delay = _retry_delay(self._failures)
+            if self._due("retry"):
+                log.warning("tracking: %d hits wait for the store (%s); try %d in %.1f s", self.depth, exc,
+                            self._failures + 1, delay)
+            self._timer = asyncio.get_running_loop().call_later(delay, self.flush)
+            return
+        elif len(hits) > 1:  # perhaps one bad hit: each on its own from here, so it cannot take the others down
+            log.warning("tracking: writing %d hits failed (%s); writing them one by one", len(hits), exc)
+            self._pending.extendleft(reversed(hits))
+            self._alone = len(hits)
         else:
-            self.failed += len(hits)
-            log.error("lost %d tracking events: %s", len(hits), exc)
+            self._alone = max(0, self._alone - 1)
+            self.dropped["rejected"] += 1
+            if self._due("rejected"):
+                log.error("tracking: a hit the store refused is not recorded (%s); %d so far", exc,
+                          self.dropped["rejected"])
+        self._next()
 
-    async def drain(self) -> None:
-        """Write everything buffered and wait until it is committed (retries included)."""
+    def _next(self) -> None:
+        if self._pending:
+            self.flush()  # at once: these hits waited for the write that just ended
+        elif not self._writing:
+            self._idle.set()
+
+    def _due(self, kind: str) -> bool:
+        """Whether a warning of this kind may be logged now (at most one per WARN_EVERY_S)."""
+        now = time.monotonic()
+        if now - self._warned.get(kind, -WARN_EVERY_S) < WARN_EVERY_S:
+            return False
+        self._warned[kind] = now
+        return True
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Write everything buffered and wait until it is committed, a failing store retried for up to `timeout`
+        seconds (drain_timeout); hits still waiting then are counted as dropped (reason: shutdown)."""
+        timeout = self.drain_timeout if timeout is None else timeout
         self.flush()
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
-            await asyncio.sleep(0)  # let done-callbacks (and the retries they submit) run
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            self._give_up(timeout)
+
+    def _give_up(self, waited: float) -> None:
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        count = len(self._pending)
+        self._pending.clear()
+        self.dropped["shutdown"] += count
+        log.error("tracking: %d hits still waiting for the store after %.0f s are not recorded", count, waited)
+        if not self._writing:
+            self._idle.set()
 
 
 # --- the HTTP server ----------------------------------------------------------------------------------------
@@ -751,7 +860,7 @@ class TrackingServer:
         summarize("Mozilla/5.0 (X11; Linux x86_64)")  # ua-parser loads its regexes on first use (~0.1 s)
         writer = EventWriter(config.account_id, self.lists, thresholds(t), read=store.tracking_read)
         writer.scrub = privacy_scrubber(config.privacy)  # privacy (issue 8)
-        self.recorder = Recorder(store, writer, t.flush_interval, t.flush_batch)
+        self.recorder = Recorder(store, writer, t.flush_interval, t.flush_batch, t.max_buffered_hits, t.drain_timeout)
         self._trusted = verdicts.NetworkSet([(net, "proxy") for net in t.trusted_proxies])
         self._max_age = int(t.max_link_age)
         self._server: _Server | None = None

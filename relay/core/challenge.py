@@ -8,12 +8,11 @@ across nodes. The challenge expires after CHALLENGE_TTL seconds.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import secrets
 import struct
 
-from relay.core.tokens import Keyring
+from relay.core.tokens import Keyring, canonical_unb64
 
 CHALLENGE_PATH = "/.well-known/relay-tracking/"
 CHALLENGE_TTL = 300
@@ -28,11 +27,8 @@ def make_challenge(keyring: Keyring, now: int, nonce: bytes | None = None) -> st
 
 def challenge_answer(keyring: Keyring, token: str, now: int) -> str | None:
     """What the listener answers for a genuine, unexpired challenge (None otherwise)."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    if len(raw) != 36:
+    raw = canonical_unb64(token)  # one spelling per challenge, as for tracking tokens
+    if raw is None or len(raw) != 36:
         return None
     body, mac = raw[:20], raw[20:]
     (expires,) = struct.unpack(">I", body[16:])

@@ -164,8 +164,20 @@ def _b64(data: bytes) -> bytes:
     return binascii.b2a_base64(data, newline=False).translate(_URLSAFE, b"=")
 
 
-def _unb64(token: str) -> bytes:
-    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def canonical_unb64(token: str) -> bytes | None:
+    """The bytes of a base64url token written in its one canonical spelling (as `_b64` writes it: URL-safe
+    alphabet, no padding, spare bits zero), else None. A lenient decoder accepts other spellings of the same
+    bytes (padding, the `+/` alphabet, characters it skips, non-zero spare bits), and each of them would verify
+    and count as the genuine token."""
+    try:  # strict: a character outside the alphabet or misplaced padding is an error, never skipped
+        raw = token.encode("ascii")
+        data = binascii.a2b_base64(raw.translate(_STANDARD) + b"=" * (-len(raw) % 4), strict_mode=True)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
+        return None
+    return data if _b64(data) == raw else None  # padding, `+/` and non-zero spare bits do not re-encode alike
 
 
 def token_prefix(keyring: Keyring, kind: int, message_id: str, recipient: str, issued: int) -> bytes:
@@ -247,11 +259,8 @@ _verify_macs: dict[bytes, Any] = {}  # secret -> HMAC state after the key (a few
 
 def verify(keyring: Keyring, token: str) -> OpenClaims | ClickClaims | UnsubscribeClaims | None:
     """The claims of a genuine token, or None for anything forged, altered, truncated or unknown."""
-    try:
-        data = _unb64(token)
-    except (binascii.Error, ValueError):
-        return None
-    if len(data) < 3 + MAC_BYTES + 6 or data[0] != VERSION:
+    data = canonical_unb64(token)
+    if data is None or len(data) < 3 + MAC_BYTES + 6 or data[0] != VERSION:
         return None
     body, mac = data[:-MAC_BYTES], data[-MAC_BYTES:]
     kid_len = body[2]
