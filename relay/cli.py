@@ -130,9 +130,9 @@ def check_database(cfg) -> int:
             print(f"error: {line}", file=sys.stderr)
         return len(missing)
     from relay.sets import check_database as check
-    from relay.store import Store
+    from relay.store import open_store
 
-    store = Store(cfg.database_path)
+    store = open_store(cfg.store_target)
     try:
         problems, conflicts = check(cfg, store)
     finally:

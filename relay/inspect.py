@@ -182,7 +182,7 @@ def event_line(row: tuple) -> str:
 def _open(cfg: Config) -> store_module.Store:
     if not cfg.database_path.exists():
         raise SystemExit(f"error: no database at {cfg.database_path} (has relay run with this configuration?)")
-    return store_module.Store(cfg.database_path)
+    return store_module.open_store(cfg.store_target)
 
 
 def _read(store: store_module.Store, helper: Callable, *args):

@@ -32,7 +32,7 @@ from relay.resolve import Resolver
 from relay.scan import make_scanner
 from relay.sign import Signer
 from relay.smtp import Handler, start_server
-from relay.store import Store
+from relay.store import Store, open_store
 
 log = logging.getLogger("relay.service")
 SMTP_DRAIN_S = 30.0
@@ -135,7 +135,7 @@ class Relay:
     @classmethod
     def build(cls, cfg: Config) -> Relay:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(cfg.database_path)
+        store = open_store(cfg.store_target)
         keyring = cfg.keyring()
         upstream = make_upstream(cfg.upstream, cfg.hostname)
         resolver = Resolver(cfg, store)  # configuration sets from the file and the database

@@ -4,11 +4,11 @@ import threading
 
 import pytest
 
-from relay.store import EventRow, Store
+from relay.store import EventRow, Store, open_store
 
 
 def test_a_failing_work_in_mid_batch_leaves_nothing_and_runs_once_while_the_others_commit(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))  # hold the writer so the next works queue up into one batch
     runs = []
@@ -32,7 +32,7 @@ def test_a_failing_work_in_mid_batch_leaves_nothing_and_runs_once_while_the_othe
 
 
 def test_group_commit_batches_and_isolates_failures(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))  # hold the writer so the next works queue up into one batch
     ok = [store.submit(Store.events_work([EventRow("Send", "t", f"m{i}", None, None, {"i": i})])) for i in range(50)]
@@ -48,7 +48,7 @@ def test_group_commit_batches_and_isolates_failures(tmp_path):
 
 
 def test_async_write_and_close_drains(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
 
     async def main():
         await asyncio.gather(*(store.write(Store.events_work([EventRow("Open", "t", "m", "r", None, {})]))
@@ -58,14 +58,14 @@ def test_async_write_and_close_drains(tmp_path):
     for _ in range(10):
         store.submit(Store.events_work([EventRow("Click", "t", "m", "r", None, {})]))
     store.close()
-    reopened = Store(tmp_path / "db.sqlite3")
+    reopened = open_store(tmp_path / "db.sqlite3")
     assert len(reopened.events(event_type="Click")) == 10
     reopened.close()
     assert reopened.submit(lambda c: None).exception() is not None  # closed stores refuse work
 
 
 def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))
     abandoned = store.submit(Store.events_work([EventRow("Send", "t", "gone", None, None, {})]))
@@ -78,7 +78,7 @@ def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path):
 
 
 def test_cancelled_async_write_is_harmless(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))
 
