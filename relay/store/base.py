@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from relay.store import messages
+from relay.store import messages, tracking
 from relay.store.dialect import Dialect
 from relay.store.messages import MessageRow, PendingCopy
 
@@ -219,6 +219,7 @@ class Store:
     accept_work = staticmethod(messages.accept_work)
     events_work = staticmethod(messages.events_work)
     recipient_work = staticmethod(messages.recipient_work)
+    verified_domain_work = staticmethod(tracking.verified_domain_work)
 
     def pending_copies(self) -> list[PendingCopy]:
         rows = self.query(

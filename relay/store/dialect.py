@@ -31,8 +31,9 @@ class Dialect:
 
     def json_text(self, column: str, *path: str) -> str:
         """The value at `path` of a JSON text column, as text (objects as their JSON)."""
-        if self.postgres:
-            return f"({column}::json #>> '{{{','.join(path)}}}')"
+        if self.postgres:  # -> and ->> rather than #>> '{a,b}': the SQL is also a str.format template
+            steps = "".join(f" -> '{p}'" for p in path[:-1])
+            return f"({column}::json{steps} ->> '{path[-1]}')"
         return f"json_extract({column}, '$.{'.'.join(path)}')"
 
     def later(self, x: str, y: str) -> str:

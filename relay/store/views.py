@@ -73,7 +73,7 @@ class Queries:
         events_recipient_time."""
         agg = self.recipient_aggregates[column]
         joined = "LEFT JOIN tracking_verdicts v ON v.event_id = e.id" if "v." in agg else ""
-        return (f"(SELECT {agg.format(range=events.replace('e.', 'b.'))} FROM events e {joined}"
+        return (f"(SELECT {agg.format(range=events.replace('e.', 'b.'), who=recipient)} FROM events e {joined}"
                 f" WHERE e.recipient = {recipient} AND e.type IN ({_TYPES[column]}) AND {events})")
 
 
@@ -83,10 +83,15 @@ def _same(d: Dialect, x: str, y: str) -> str:
 
 
 def _funnel_live(d: Dialect) -> str:
-    """Bounces are counted apart, by index seeks, so the pass over every event never parses a record."""
-    permanent = (f"(SELECT COUNT(*) FROM events b WHERE {_same(d, 'b.configuration_set', 'e.configuration_set')}"
-                 f"\n         AND substr(b.time, 1, 10) = substr(e.time, 1, 10) AND b.type = 'Bounce'"
-                 f"\n         AND {d.json_text('b.record', 'bounce', 'bounceType')} = 'Permanent')")
+    """On SQLite bounces are counted apart, by index seeks, so the pass over every event never parses a record;
+    PostgreSQL refuses a grouped expression inside a subquery and counts them in the same pass."""
+    if d.postgres:
+        is_permanent = f"{d.json_text('e.record', 'bounce', 'bounceType')} = 'Permanent'"
+        permanent = f"COUNT(*) FILTER (WHERE e.type = 'Bounce' AND {is_permanent})"
+    else:
+        permanent = ("(SELECT COUNT(*) FROM events b WHERE b.configuration_set IS e.configuration_set"
+                     "\n         AND substr(b.time, 1, 10) = substr(e.time, 1, 10) AND b.type = 'Bounce'"
+                     f"\n         AND {d.json_text('b.record', 'bounce', 'bounceType')} = 'Permanent')")
     copy = "e.message_id || ' ' || e.recipient"
     human_open = "e.type = 'Open' AND v.verdict IN ('human', 'proxy')"
     return f"""SELECT e.configuration_set AS configuration_set, substr(e.time, 1, 10) AS day,
@@ -172,7 +177,7 @@ def _recipient_aggregates(d: Dialect) -> dict[str, str]:
         "last_bounce": "MAX(CASE WHEN e.type = 'Bounce' THEN e.time END)",
         # the type of the latest bounce among the events summed
         "bounce_type": f"CASE WHEN {bounced} THEN (SELECT {bounce_type} FROM events b"
-                       " WHERE b.recipient = e.recipient AND b.type = 'Bounce' AND {range}"
+                       " WHERE b.recipient = {who} AND b.type = 'Bounce' AND {range}"
                        " ORDER BY b.time DESC LIMIT 1) END",
         "complaints": d.sum_if("e.type = 'Complaint'"),
     }
@@ -244,7 +249,7 @@ def queries(d: Dialect) -> Queries:
     rows = f"""SELECT e.recipient, {", ".join(aggregates[c] for c, _t in RECIPIENT_COLUMNS)}
     FROM events e LEFT JOIN tracking_verdicts v ON v.event_id = e.id AND e.type IN ('Open', 'Click')
     WHERE e.recipient IS NOT NULL AND {{where}}
-    GROUP BY e.recipient"""
+    GROUP BY e.recipient""".replace("{who}", "e.recipient")
     q = Queries(d, _funnel_live(d), _link_clicks(d), _link_days(d), aggregates, rows, "", _recipients_by_seeks(d))
     return Queries(**{**q.__dict__, "recipient_engagement": _recipient_engagement(q)})
 
