@@ -60,30 +60,42 @@ def last_event_id(conn) -> int:
     return conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
 
 
-def provision_cursor(conn, set_name: str, destination: str, enabled: bool) -> int:
+Position = tuple[int, int]  # (tx, id): where a destination is in the events, in commit order (schema.py)
+
+
+def newest_position(conn) -> Position:
+    """Just after every event committed so far (PostgreSQL: at the oldest transaction still running, so an
+    event of a transaction that commits later is never behind the cursor)."""
+    if conn.dialect.postgres:
+        return conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()[0], 0
+    return 0, last_event_id(conn)
+
+
+def provision_cursor(conn, set_name: str, destination: str, enabled: bool) -> Position:
     """Create a destination's cursor at the newest event (it receives what happens from now on), or move it
     there when the destination is enabled again (a disabled destination receives nothing). Returns it."""
-    row = conn.execute("SELECT last_event_id, enabled FROM destination_cursors WHERE configuration_set = ?"
+    row = conn.execute("SELECT last_tx, last_event_id, enabled FROM destination_cursors WHERE configuration_set = ?"
                        " AND destination = ?", (set_name, destination)).fetchone()
-    newest = last_event_id(conn)
+    newest = newest_position(conn)
     if row is None:
-        conn.execute("INSERT INTO destination_cursors (configuration_set, destination, last_event_id, enabled)"
-                     " VALUES (?, ?, ?, ?)", (set_name, destination, newest, int(enabled)))
+        conn.execute("INSERT INTO destination_cursors (configuration_set, destination, last_tx, last_event_id,"
+                     " enabled) VALUES (?, ?, ?, ?, ?)", (set_name, destination, *newest, int(enabled)))
         return newest
-    if enabled and not row[1]:
-        conn.execute("UPDATE destination_cursors SET last_event_id = ?, enabled = 1 WHERE configuration_set = ?"
-                     " AND destination = ?", (newest, set_name, destination))
+    if enabled and not row[2]:
+        conn.execute("UPDATE destination_cursors SET last_tx = ?, last_event_id = ?, enabled = 1"
+                     " WHERE configuration_set = ? AND destination = ?", (*newest, set_name, destination))
         return newest
-    if bool(row[1]) != enabled:
+    if bool(row[2]) != enabled:
         conn.execute("UPDATE destination_cursors SET enabled = ? WHERE configuration_set = ? AND destination = ?",
                      (int(enabled), set_name, destination))
-    return row[0]
+    return row[0], row[1]
 
 
-def save_cursor(conn, set_name: str, destination: str, event_id: int) -> None:
+def save_cursor(conn, set_name: str, destination: str, position: Position) -> None:
     """Advance (never move back) a destination's cursor."""
-    conn.execute("UPDATE destination_cursors SET last_event_id = ? WHERE configuration_set = ? AND destination = ?"
-                 " AND last_event_id < ?", (event_id, set_name, destination, event_id))
+    conn.execute("UPDATE destination_cursors SET last_tx = ?, last_event_id = ? WHERE configuration_set = ?"
+                 " AND destination = ? AND (last_tx, last_event_id) < (?, ?)",
+                 (*position, set_name, destination, *position))
 
 
 def delete_cursor(conn, set_name: str, destination: str | None = None) -> None:
@@ -94,13 +106,19 @@ def delete_cursor(conn, set_name: str, destination: str | None = None) -> None:
                      (set_name, destination))
 
 
-def destination_events(conn, set_name: str, types: tuple[str, ...], after: int,
-                       limit: int) -> list[tuple[int, str]]:
-    """(id, record JSON) of a set's events of the given eventTypes after `after`, oldest first."""
+def destination_events(conn, set_name: str, types: tuple[str, ...], after: Position,
+                       limit: int) -> list[tuple[int, int, str]]:
+    """(tx, id, record JSON) of a set's events of the given eventTypes after `after`, in commit order. On
+    PostgreSQL only events of transactions older than every one still running: none can commit behind them."""
     marks = ",".join("?" * len(types))
+    if conn.dialect.postgres:
+        return conn.execute(
+            f"SELECT tx, id, record FROM events WHERE configuration_set = ? AND (tx, id) > (?, ?)"
+            f" AND tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint AND type IN ({marks})"
+            " ORDER BY tx, id LIMIT ?", (set_name, *after, *types, limit)).fetchall()
     return conn.execute(
-        f"SELECT id, record FROM events WHERE configuration_set = ? AND id > ? AND type IN ({marks})"
-        " ORDER BY id LIMIT ?", (set_name, after, *types, limit)).fetchall()
+        f"SELECT 0, id, record FROM events WHERE configuration_set = ? AND id > ? AND type IN ({marks})"
+        " ORDER BY id LIMIT ?", (set_name, after[1], *types, limit)).fetchall()
 
 
 def record_destination_failure(conn, set_name: str, destination: str, event_id: int,

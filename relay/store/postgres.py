@@ -80,7 +80,8 @@ def lock_key(job: str) -> int:
 def describe(url: str) -> str:
     """The URL without its password, for messages to the operator."""
     info = psycopg.conninfo.conninfo_to_dict(url)
-    return f"postgresql://{info.get('user', '')}@{info.get('host', '')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    host, port = info.get("host", ""), info.get("port", 5432)
+    return f"postgresql://{info.get('user', '')}@{host}:{port}/{info.get('dbname', '')}"
 
 
 class PostgresStore(Store):

@@ -42,8 +42,13 @@ def outbox_by_destination(conn) -> list[tuple[str, str, int]]:
     """(set, destination, events of the set beyond the destination's cursor) of enabled destinations."""
     return conn.execute(
         "SELECT c.configuration_set, c.destination, (SELECT COUNT(*) FROM events e"
-        " WHERE e.configuration_set = c.configuration_set AND e.id > c.last_event_id)"
+        f" WHERE e.configuration_set = c.configuration_set AND {_beyond_cursor(conn)})"
         " FROM destination_cursors c WHERE c.enabled = 1").fetchall()
+
+
+def _beyond_cursor(conn) -> str:
+    """An event `e` after the destination cursor `c` (configuration.destination_events)."""
+    return "(e.tx, e.id) > (c.last_tx, c.last_event_id)" if conn.dialect.postgres else "e.id > c.last_event_id"
 
 
 def high_water(conn) -> tuple[int, int, int]:
