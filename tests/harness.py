@@ -16,7 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 from aiosmtpd.controller import Controller
+
+from relay.store.postgres import PgConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +104,8 @@ def toml_lines(settings: dict) -> str:
 
 
 def config_text(data_dir: Path, smtp_port: int, tracking_port: int, upstream_port: int | None, extra: str = "",
-                smtp_extra: str = "", delivery: dict | None = None, upstream_settings: dict | None = None) -> str:
+                smtp_extra: str = "", delivery: dict | None = None, upstream_settings: dict | None = None,
+                store: dict | None = None) -> str:
     if upstream_port:
         defaults = {"type": "smtp", "host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": "5s"}
     else:
@@ -122,6 +126,9 @@ listen = "127.0.0.1:{smtp_port}"
 
 [delivery]
 {delivery_lines}
+
+[store]
+{toml_lines(store or {})}
 
 [tracking]
 listen = "127.0.0.1:{tracking_port}"
@@ -151,6 +158,8 @@ class RelayProcess:
     tracking_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     preexec: object = None  # e.g. set a resource limit in the child
+    store_url: str | None = None  # PostgreSQL (tests.conftest.store_target); None: SQLite under data
+    node_id: str | None = None
 
     @property
     def config_path(self) -> Path:
@@ -164,7 +173,11 @@ class RelayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(config_text(self.workdir / "data", self.smtp_port, self.tracking_port,
                                                 self.upstream_port, self.extra, self.smtp_extra, self.delivery,
-                                                self.upstream))
+                                                self.upstream, self.store_settings()))
+
+    def store_settings(self) -> dict:
+        settings = {"url": self.store_url} if self.store_url else {}
+        return {**settings, "node_id": self.node_id} if self.node_id else settings
 
     def start(self) -> RelayProcess:
         self.write_config()
@@ -187,7 +200,10 @@ class RelayProcess:
     def log(self) -> str:
         return (self.workdir / "relay.log").read_text(errors="replace")
 
-    def db(self) -> sqlite3.Connection:
+    def db(self):
+        """A connection to relay's database taking the store's SQL (`?` parameters), SQLite or PostgreSQL."""
+        if self.store_url:
+            return PgConnection(psycopg.connect(self.store_url, autocommit=True))
         return sqlite3.connect(self.db_path, timeout=30)
 
     def events(self, event_type: str | None = None) -> list[tuple]:
@@ -201,7 +217,7 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         rows: list[tuple] = []
         while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.OperationalError):
+            with contextlib.suppress(sqlite3.OperationalError, psycopg.OperationalError):
                 rows = self.events(event_type)
                 if len(rows) >= count:
                     return rows

@@ -36,6 +36,9 @@ class MessageRow:
     mail_json: str | None = None  # `mail` serialised by `mail_json`, when the caller already has it
 
 
+Lease = tuple[str, str]  # (node id, ISO time until which that node alone delivers the copy)
+
+
 @dataclass(frozen=True)
 class PendingCopy:
     message_id: str
@@ -70,12 +73,13 @@ def insert_events(conn, events: list[EventRow]) -> None:
 
 def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list[EventRow],
                 final: dict[str, tuple[str, str]] | None = None,
-                guard: Callable[[Any], bool] | None = None):
+                guard: Callable[[Any], bool] | None = None, lease: Lease | None = None):
     """The work that makes an accepted message durable: message, spool, recipients, Send events.
     `final`: recipients already final at acceptance (suppressed), recipient -> (state, last response);
     the body is spooled only when some recipient is left to deliver. `guard(conn)` runs first, in the same
     transaction: False when what the message was prepared from has changed; the work then writes nothing
-    and returns False (not an error, so the rest of the batch is not run again)."""
+    and returns False (not an error, so the rest of the batch is not run again). `lease`: the accepting node
+    claims the copies it is about to deliver (no other node takes them while it renews the lease)."""
     final = final or {}
 
     def work(conn) -> bool:
@@ -91,9 +95,10 @@ def accept_work(msg: MessageRow, recipients: list[str], raw: bytes, events: list
         if any(r not in final for r in recipients):
             conn.execute("INSERT INTO spool (message_id, raw) VALUES (?, ?)", (msg.id, raw))
         conn.executemany(
-            "INSERT INTO recipients (message_id, recipient, position, state, last_response, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [(msg.id, r, i, *final.get(r, ("queued", None)), msg.received_at) for i, r in enumerate(recipients)],
+            "INSERT INTO recipients (message_id, recipient, position, state, last_response, updated_at, lease_owner,"
+            " lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(msg.id, r, i, *final.get(r, ("queued", None)), msg.received_at, *(lease or (None, None)))
+             for i, r in enumerate(recipients)],
         )
         insert_events(conn, events)
         return True
@@ -135,5 +140,41 @@ def recipient_work(
             ).fetchone()[0]
             if left == 0:
                 conn.execute("DELETE FROM spool WHERE message_id = ?", (message_id,))
+
+    return work
+
+
+# --- leases: which node delivers which queued copy ------------------------------------------------------------
+# A node delivers only the copies it holds a lease on: those it accepted, and those it claimed because nobody
+# held them (a lease that ran out: its node died or lost the database). It renews its leases while it lives.
+# Times are ISO strings from the nodes' clocks, which must agree to well within a lease (NTP).
+
+def claim_work(node: str, now: str, until: str, limit: int):
+    """Claim up to `limit` queued copies that are free (no lease, or one that ran out) or already this node's;
+    the work returns them as PendingCopy, soonest due first. Concurrent claims on PostgreSQL skip each other's
+    rows (FOR UPDATE SKIP LOCKED) instead of waiting."""
+
+    def work(conn) -> list[PendingCopy]:
+        lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.postgres else ""
+        rows = conn.execute(
+            "UPDATE recipients SET lease_owner = ?, lease_until = ? WHERE (message_id, recipient) IN ("
+            "SELECT message_id, recipient FROM recipients WHERE state = 'queued'"
+            " AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?)"
+            f" ORDER BY COALESCE(next_attempt_at, ''), message_id, position LIMIT ?{lock})"
+            " RETURNING message_id, recipient, attempts, next_attempt_at",
+            (node, until, node, now, limit)).fetchall()
+        return sorted((PendingCopy(*r) for r in rows), key=lambda c: c.next_attempt_at or "")
+
+    return work
+
+
+def renew_work(node: str, until: str):
+    """Extend every lease of this node on a copy still queued; the work returns the (message id, recipient)
+    pairs it holds, so a copy another node took meanwhile (this node's lease had run out) is given up."""
+
+    def work(conn) -> set[tuple[str, str]]:
+        return {tuple(r) for r in conn.execute(
+            "UPDATE recipients SET lease_until = ? WHERE lease_owner = ? AND state = 'queued'"
+            " RETURNING message_id, recipient", (until, node))}
 
     return work

@@ -59,6 +59,9 @@ class PgConnection:
     def execute(self, sql: str, params: Iterable | dict = ()) -> psycopg.Cursor:
         return self.raw.execute(psycopg_sql(sql), params if isinstance(params, dict) else tuple(params))
 
+    def close(self) -> None:
+        self.raw.close()
+
     def executemany(self, sql: str, rows: Iterable) -> psycopg.Cursor:
         cur = self.raw.cursor()
         cur.executemany(psycopg_sql(sql), [r if isinstance(r, dict) else tuple(r) for r in rows])
