@@ -223,3 +223,82 @@ class RelayProcess:
                     return rows
             time.sleep(0.05)
         raise TimeoutError(f"{len(rows)} of {count} {event_type} events\n{self.log()[-3000:]}")
+
+
+class TcpProxy:
+    """A TCP relay from a local port to `target` that a test can cut: `cut()` closes every connection and
+    refuses new ones (the server behind looks gone, as when PostgreSQL stops), `restore()` lets them in."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.port = free_port()
+        self._open = threading.Event()
+        self._open.set()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> TcpProxy:
+        self._bind()
+        self._thread.start()
+        return self
+
+    def _bind(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(128)
+        s.settimeout(0.2)
+        self._listener = s
+
+    def _serve(self) -> None:
+        while not self._stop:
+            if not self._open.is_set():
+                time.sleep(0.05)
+                continue
+            try:
+                client, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self._lock:
+                self._conns -= {a, b}
+
+    def cut(self) -> None:
+        self._open.clear()
+        self._listener.close()  # new connections are refused
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self._bind()
+        self._open.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.cut()
