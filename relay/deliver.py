@@ -1,11 +1,12 @@
 """The deliver stage: hand one recipient's copy to the upstream and report what it said.
 
 Two upstreams share one small interface (`send(mail_from, recipient, data) -> Reply`):
-- `SmtpUpstream` relays over SMTP with aiosmtplib through a bounded pool of reused connections; when the upstream
+- `SmtpUpstream` relays over SMTP through a bounded pool of reused aiosmtplib connections; when the upstream
   announces PIPELINING (RFC 2920) a transaction takes two round trips: MAIL + RCPT + DATA, then the body;
 - `CaptureUpstream` writes each copy as a file into a folder (the Quick start's and tests' real sink).
 Connection problems and timeouts come back as a 4xx-class `Reply` with `connection_failed` set, so the queue
-treats every temporary problem alike.
+treats every temporary problem alike. Every `Reply` names the SMTP step it answered (MAIL FROM, RCPT TO, DATA, end
+of DATA): a refusal means something else at each (relay.core.outcome reads it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 
 from relay.config import UpstreamSettings
 from relay.core.headers import DOT_ATOM_ADDRESS
+from relay.core.outcome import CONNECT, DATA, END_OF_DATA, MAIL, RCPT
 
 log = logging.getLogger("relay.deliver")
 
@@ -34,6 +36,7 @@ log = logging.getLogger("relay.deliver")
 class Reply:
     code: int
     message: str
+    step: str  # the step this reply answered: CONNECT, MAIL, RCPT, DATA or END_OF_DATA (relay.core.outcome)
     remote_ip: str = ""
     connection_failed: bool = False
 
@@ -73,8 +76,8 @@ class CaptureUpstream:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         except OSError as exc:
-            return Reply(451, f"4.3.0 capture folder not writable: {exc.strerror}", connection_failed=True)
-        return Reply(250, f"2.0.0 Ok: captured as {final.name}")
+            return Reply(451, f"4.3.0 capture folder not writable: {exc.strerror}", CONNECT, connection_failed=True)
+        return Reply(250, f"2.0.0 Ok: captured as {final.name}", END_OF_DATA)
 
     async def close(self) -> None:
         return None
@@ -129,16 +132,17 @@ class SmtpUpstream:
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     client = await _discard(client)
                     if fresh or attempt == 2:
-                        return Reply(421, f"4.4.2 upstream closed the connection: {exc}", connection_failed=True)
+                        return Reply(421, f"4.4.2 upstream closed the connection: {exc}", CONNECT,
+                                     connection_failed=True)
                     continue  # a pooled connection went stale: retry once on a fresh one
                 except aiosmtplib.SMTPResponseException as exc:  # refused at connect, EHLO, STARTTLS or AUTH
                     client = await _discard(client)
-                    return Reply(exc.code, exc.message, connection_failed=True)
+                    return Reply(exc.code, exc.message, CONNECT, connection_failed=True)
                 except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                     client = await _discard(client)
                     text = str(exc) or type(exc).__name__
                     return Reply(421, f"4.4.1 upstream {self.settings.host}:{self.settings.port}: {text}",
-                                 connection_failed=True)
+                                 CONNECT, connection_failed=True)
                 if client.is_connected:
                     self._idle.append(client)
                 return reply
@@ -153,46 +157,47 @@ class SmtpUpstream:
         if not (mail_from + recipient).isascii() and client.supports_extension("smtputf8"):
             options.append("SMTPUTF8")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-        if client.supports_extension("pipelining"):
-            return await self._pipelined(client, mail_from, recipient, data, options, encoding)
-        try:
-            await client.mail(mail_from, options=options, encoding=encoding)
-            response = await client.rcpt(recipient, encoding=encoding)
-            if not 200 <= response.code < 300:
-                raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
-            response = await client.data(data)
-        except aiosmtplib.SMTPResponseException as exc:
-            await _reset(client)
-            return Reply(exc.code, exc.message, _peer_ip(client))  # the connection stays usable
-        return Reply(response.code, response.message, _peer_ip(client))
-
-    async def _pipelined(self, client: aiosmtplib.SMTP, mail_from: str, recipient: str, data: bytes,
-                         options: list[str], encoding: str) -> Reply:
-        """One transaction in two round trips (RFC 2920); replies map to the same `Reply` as the plain path."""
         sender, rcpt_to = _quoted(mail_from), _quoted(recipient)
         if _CONTROL.search(sender + rcpt_to):
             raise ValueError("Command arg contains a prohibited control character")  # as aiosmtplib checks
-        envelope = (f"MAIL FROM:{sender}{''.join(' ' + o for o in options)}\r\n"
-                    f"RCPT TO:{rcpt_to}\r\nDATA\r\n").encode(encoding)
+        envelope = [(MAIL, f"MAIL FROM:{sender}{''.join(' ' + o for o in options)}\r\n", (250,)),
+                    (RCPT, f"RCPT TO:{rcpt_to}\r\n", (250, 251)),
+                    (DATA, "DATA\r\n", (354,))]
+        return await self._exchange(client, [(step, line.encode(encoding), ok) for step, line, ok in envelope], data,
+                                    pipelined=client.supports_extension("pipelining"))
+
+    async def _exchange(self, client: aiosmtplib.SMTP, envelope: list[tuple[str, bytes, tuple[int, ...]]],
+                        data: bytes, pipelined: bool) -> Reply:
+        """One transaction. With PIPELINING (RFC 2920) in two round trips: MAIL + RCPT + DATA, then the body;
+        without it one command per round trip, stopping at the first refusal. A refusal is reported with the
+        step it answered (the first one refused), the body's reply as END_OF_DATA."""
         with _ReplyReader(client, self.settings.timeout) as replies:
-            replies.write(envelope)
-            mail, rcpt, start = [await replies.next() for _ in range(3)]
-            refusal = next((r for r, ok in ((mail, (250,)), (rcpt, (250, 251)), (start, (354,)))
-                            if r.code not in ok), None)
-            if start.code == 354:
+            refusal: tuple[str, aiosmtplib.SMTPResponse] | None = None
+            if pipelined:
+                replies.write(b"".join(line for _, line, _ in envelope))
+            for step, line, ok in envelope:
+                if not pipelined:
+                    replies.write(line)
+                answer = await replies.next()
+                if answer.code not in ok:
+                    refusal = refusal or (step, answer)
+                    if not pipelined:
+                        break
+            if step == DATA and answer.code == 354:
                 # RFC 2920: a DATA accepted after a refused envelope still needs its terminating dot
                 replies.write(b".\r\n" if refusal else dot_stuffed(data))
                 final = await replies.next()
-                refusal = refusal or (final if final.code != 250 else None)
-                if refusal is None:
-                    return Reply(final.code, final.message, _peer_ip(client))
+                if refusal is None and final.code == 250:
+                    return Reply(final.code, final.message, END_OF_DATA, _peer_ip(client))
+                refusal = refusal or (END_OF_DATA, final)
             closing = 421 in replies.codes
         assert refusal is not None  # a DATA not answered 354 is itself the refusal
         if closing:
             client.close()  # the upstream is closing the channel (as aiosmtplib does on a 421)
         else:
             await _reset(client)
-        return Reply(refusal.code, refusal.message, _peer_ip(client))
+        step, answer = refusal
+        return Reply(answer.code, answer.message, step, _peer_ip(client))
 
     async def close(self) -> None:
         while self._idle:
@@ -225,11 +230,12 @@ def _quoted(address: str) -> str:
 
 
 class _ReplyReader(asyncio.Protocol):
-    """Stands in for aiosmtplib's protocol on the connection during one pipelined exchange.
+    """Stands in for aiosmtplib's protocol on the connection during one transaction.
 
     aiosmtplib's protocol parses one reply per command written and drops bytes that arrive past it, so several
-    replies in one segment would be lost; this reader queues every complete reply. The connection's own protocol
-    is put back on leaving, and still hears of a lost connection."""
+    replies in one segment would be lost; this reader queues every complete reply. (It also carries the plain,
+    one-command-at-a-time transaction: aiosmtplib's `data()` does not tell a refused DATA from a refused body.)
+    The connection's own protocol is put back on leaving, and still hears of a lost connection."""
 
     def __init__(self, client: aiosmtplib.SMTP, timeout: float):
         if client.protocol is None or client.protocol.transport is None:

@@ -8,6 +8,7 @@ Everything is computed at scrape time from the store with cheap indexed reads, s
   each scrape reads only what was written since, and events written by `relay track` workers (other
   processes) are counted as well. They start at 0 when relay starts, as Prometheus counters do;
 - gauges (queue depth and age of the oldest queued copy, webhook outbox depth) are one grouped query each;
+- delivery outcomes waiting for the store (disk full, I/O error) are counted by the delivery queue in the process;
 - SMTP sessions are counted in the process: the SMTP handler's session set is swapped for one that counts
   what is added to it (relay/smtp.py stays as it is).
 """
@@ -63,8 +64,10 @@ class StoreCollector:
     """A prometheus_client collector over the store (see the module docstring)."""
 
     def __init__(self, store: store_module.Store, sessions: Callable[[], tuple[int, int]] | None = None,
-                 sets: Callable[[], list[str]] = list, clock: Callable[[], float] = time.time):
+                 sets: Callable[[], list[str]] = list, clock: Callable[[], float] = time.time,
+                 unrecorded: Callable[[], int] | None = None):
         self.store, self.sessions, self.sets, self.clock = store, sessions, sets, clock
+        self.unrecorded = unrecorded
         self._lock = threading.Lock()
         self._marks = store_module.configuration_read(store, store_module.high_water)
         self._totals: dict[tuple, int] = {}
@@ -75,6 +78,10 @@ class StoreCollector:
             self._totals[key] = self._totals.get(key, 0) + n
 
     def collect(self) -> Iterator[Metric]:
+        if self.unrecorded is not None:  # first: it matters most when the store is in trouble
+            yield GaugeMetricFamily("relay_delivery_outcomes_unrecorded", "Delivery outcomes waiting for the store"
+                                    " to take them (disk full, I/O error); no new delivery starts meanwhile",
+                                    value=self.unrecorded())
         with self._lock:
             self._update()
             totals = dict(self._totals)
@@ -186,7 +193,7 @@ class Operations:
                 return sorted(relay.config.configuration_sets)
 
             registry.register(StoreCollector(relay.store, lambda: (handler.sessions.added, len(handler.sessions)),
-                                             sets))
+                                             sets, unrecorded=lambda: relay.queue.unrecorded))
             self.server = MetricsServer(registry, cfg.metrics.listen_host, cfg.metrics.listen_port)
             await self.server.start()
         self.retention = asyncio.get_running_loop().create_task(retention_task(relay.store, lambda: relay.config))

@@ -270,18 +270,22 @@ class Pipeline:
         reply: Reply = await self.upstream.send(self._return_path(msg, position), recipient, data, msg.id)
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
-                         self.retry_policy())
+                         self.retry_policy(), step=reply.step)
         record = self._event_for(msg, recipient, reply, outcome, now_ms)
         event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record,
                          msg.mail_json)
         next_at = ev.iso_ms(outcome.next_attempt_ms) if outcome.next_attempt_ms else None
         # a permanent bounce puts the address on the suppression list in the same transaction as its event
         entries = entries_for(record, recipient, msg.settings.suppression_reasons, ev.iso_ms(now_ms))
-        await self.store.write(with_suppression(Store.recipient_work(
+        work = with_suppression(Store.recipient_work(
             msg.id, recipient, outcome.state, attempts, next_at, reply.text, ev.iso_ms(now_ms), [event], warnings,
-        ), entries))
-        log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r", msg.id, recipient, attempts,
-                 outcome.state, reply.text[:200])
+        ), entries)
+        log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r step=%s", msg.id, recipient, attempts,
+                 outcome.state, reply.text[:200], reply.step)
+        try:
+            await self.store.write(work)
+        except Exception as exc:  # disk full, I/O error: the upstream has answered, so it is the write that waits
+            raise OutcomeNotRecorded(outcome, work, exc) from exc
         return outcome
 
     def _return_path(self, msg: QueuedMessage, position: int) -> str:
@@ -325,3 +329,12 @@ class Pipeline:
                                     outcome.diagnostic, outcome.status, mta, reply.remote_ip)
         return ev.delay_record(msg.mail, recipient, now_ms, outcome.delay_type, outcome.status, outcome.diagnostic,
                                outcome.expires_ms or now_ms, reply.remote_ip)
+
+
+class OutcomeNotRecorded(Exception):
+    """The upstream answered for a copy but the store did not take the outcome (`error`: disk full, I/O error).
+    `work` writes it; the copy must not be delivered again because relay could not write down that it was."""
+
+    def __init__(self, outcome: Outcome, work: Callable, error: Exception):
+        super().__init__(f"outcome not recorded: {error}")
+        self.outcome, self.work, self.error = outcome, work, error

@@ -4,6 +4,11 @@ The store is the truth (recipients with state 'queued'); this module keeps an in
 at most `concurrency` deliveries at once, and reloads the schedule from the store at start, so a crash or a
 restart resumes where it stopped. A copy whose delivery was cut off by a crash is delivered again: delivery
 is at-least-once, never at-most-once.
+
+A copy the upstream has answered is never sent again because its outcome could not be written (disk full, I/O
+error): the outcome waits in memory and its write is retried, with backoff, until the store takes it. While any
+outcome waits no new copy starts, so at most `concurrency` outcomes wait (a few KB each). A crash meanwhile loses
+them; the store still lists those copies queued, so they are delivered again after the restart.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -19,12 +25,18 @@ from collections.abc import Awaitable, Callable
 from relay.core.events import ms_from_iso
 from relay.core.outcome import QUEUED, Outcome
 from relay.core.settings import TrackingSettings
-from relay.pipeline import QueuedMessage
+from relay.pipeline import OutcomeNotRecorded, QueuedMessage
 from relay.store import Store
 
 log = logging.getLogger("relay.queue")
 CACHE_BYTES = 64 * 1024 * 1024  # queued message bodies kept in memory; the rest are read back from the store
 CRASH_RETRY_S = 30.0
+# An outcome the store refused is written again after STORE_RETRY_FIRST_S (as Postfix's in_flow_delay, 1 s, paces
+# mail while its queue cannot take it), doubling up to STORE_RETRY_MAX_S: a failed write is one small transaction,
+# so a disk the operator frees is noticed within seconds at no real cost.
+STORE_RETRY_FIRST_S = 1.0
+STORE_RETRY_MAX_S = 10.0
+REPORT_EVERY_S = 1.0  # at most one log line a second on outcomes waiting, however many wait
 
 
 class MessageCache:
@@ -66,11 +78,17 @@ class MessageCache:
 
 class DeliveryQueue:
     def __init__(self, store: Store, deliver: Callable[[QueuedMessage, str, int], Awaitable[Outcome]],
-                 concurrency: int, clock: Callable[[], float] = time.time):
+                 concurrency: int, clock: Callable[[], float] = time.time,
+                 store_retry_s: tuple[float, float] = (STORE_RETRY_FIRST_S, STORE_RETRY_MAX_S)):
         self.store = store
         self.deliver = deliver
         self.cache = MessageCache(store)
         self.clock = clock
+        self.store_retry_s = store_retry_s
+        self.unrecorded = 0  # outcomes the upstream gave that wait for the store (a gauge in relay.metrics)
+        self._store_takes_writes = asyncio.Event()
+        self._store_takes_writes.set()
+        self._reported = float("-inf")
         self._heap: list[tuple[float, int, str, str, int]] = []
         self._seq = itertools.count()
         self._pending: dict[str, int] = {}  # message id -> copies not yet final
@@ -116,9 +134,12 @@ class DeliveryQueue:
                 except TimeoutError:
                     pass
                 continue
+            if not self._store_takes_writes.is_set():  # outcomes wait for the store: no new copy starts
+                await self._store_takes_writes.wait()
+                continue
             await self._slots.acquire()
-            if self._stopping or not self._heap:
-                self._slots.release()
+            if self._stopping or not self._heap or not self._store_takes_writes.is_set():
+                self._slots.release()  # (an outcome may have begun to wait while this waited for a slot)
                 continue
             _, _, message_id, recipient, attempts = heapq.heappop(self._heap)
             task = asyncio.create_task(self._attempt(message_id, recipient, attempts + 1))
@@ -131,7 +152,11 @@ class DeliveryQueue:
             if msg is None:  # already final (a duplicate schedule after restart) or purged
                 self._finished(message_id)
                 return
-            outcome = await self.deliver(msg, recipient, attempts)
+            try:
+                outcome = await self.deliver(msg, recipient, attempts)
+            except OutcomeNotRecorded as late:
+                outcome = late.outcome
+                await self._record_late(late, f"{message_id} to {recipient}")
             if outcome.state == QUEUED:
                 self._pending[message_id] -= 1
                 due = (outcome.next_attempt_ms or 0) / 1000
@@ -148,6 +173,41 @@ class DeliveryQueue:
             self._schedule(self.clock() + CRASH_RETRY_S, message_id, recipient, attempts - 1)
         finally:
             self._slots.release()
+
+    async def _record_late(self, late: OutcomeNotRecorded, copy: str) -> None:
+        """Write the outcome of a copy the upstream answered until the store takes it (the copy is not sent again).
+        An error that is not the store's (a fault in the record itself) would fail every time: logged, not retried;
+        the store still lists the copy queued, so a restart delivers it again."""
+        if not _store_unavailable(late.error):
+            log.error("the outcome of %s could not be recorded; not delivered again before a restart", copy,
+                      exc_info=late.error)
+            return
+        self.unrecorded += 1
+        self._store_takes_writes.clear()
+        delay, error = self.store_retry_s[0], late.error
+        try:
+            while True:
+                self._report_waiting(error, delay)
+                await asyncio.sleep(delay)
+                try:
+                    await self.store.write(late.work)
+                except Exception as exc:
+                    delay, error = min(2 * delay, self.store_retry_s[1]), exc
+                    continue
+                log.info("the store took the outcome of %s; %d outcome(s) still wait", copy, self.unrecorded - 1)
+                return
+        finally:
+            self.unrecorded -= 1
+            if not self.unrecorded:
+                self._store_takes_writes.set()
+
+    def _report_waiting(self, error: Exception, delay: float) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._reported >= REPORT_EVERY_S:
+            self._reported = now
+            log.error("%d delivery outcome(s) wait for the store (%s): their copies are not sent again, no new"
+                      " delivery starts until the store takes them; next write in %gs", self.unrecorded, error,
+                      delay)
 
     def _finished(self, message_id: str) -> None:
         left = self._pending.get(message_id, 1) - 1
@@ -166,6 +226,15 @@ class DeliveryQueue:
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         if self._tasks:
             _, slow = await asyncio.wait(set(self._tasks), timeout=grace)
+            if self.unrecorded:
+                log.error("stopping with %d delivery outcome(s) the store never took: those copies are delivered"
+                          " again after the restart", self.unrecorded)
             for task in slow:
                 task.cancel()
             await asyncio.gather(*slow, return_exceptions=True)
+
+
+def _store_unavailable(error: Exception) -> bool:
+    """Whether a failed write is the store's (disk full, I/O error, locked, read-only: SQLite's OperationalError)
+    and may pass later, rather than a fault in what was written."""
+    return isinstance(error, (sqlite3.OperationalError, OSError))

@@ -297,9 +297,9 @@ def tls(tmp_path_factory):
 class CountingUpstream(SmtpUpstream):
     pipelined = 0
 
-    async def _pipelined(self, *args, **kwargs) -> Reply:
-        self.pipelined += 1
-        return await super()._pipelined(*args, **kwargs)
+    async def _exchange(self, *args, pipelined: bool) -> Reply:
+        self.pipelined += pipelined
+        return await super()._exchange(*args, pipelined=pipelined)
 
 
 # about 3 MB: more than the transport's write buffer holds before it pauses the protocol

@@ -19,6 +19,7 @@ import smtplib
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ EXIM = shutil.which("exim4") or shutil.which("exim") or next(
     (p for p in ("/usr/sbin/exim4", "/usr/sbin/exim") if Path(p).exists()), None)
 REFUSAL = "550 5.1.1 <refused@example.org>: Recipient address rejected: User unknown"
 
-CONFIG = """
+# A private daemon: its own spool, log and port on 127.0.0.1, no DNS, ident or TLS; example.org is local.
+EXIM_MAIN = """
 primary_hostname = mx.example.org
 exim_user = {user}
 exim_group = {group}
@@ -42,12 +44,14 @@ pid_file_path = {base}/exim.pid
 daemon_smtp_ports = {port}
 local_interfaces = 127.0.0.1
 domainlist local_domains = example.org
-acl_smtp_rcpt = acl_check_rcpt
 host_lookup =
 rfc1413_hosts =
 tls_advertise_hosts =
 deliver_drop_privilege = true
 split_spool_directory = false
+"""
+
+CONFIG = EXIM_MAIN + """acl_smtp_rcpt = acl_check_rcpt
 
 begin acl
 acl_check_rcpt:
@@ -112,46 +116,46 @@ def refusing():
     u.stop()
 
 
-@pytest.fixture
-def exim_base():
-    # Exim drops to its own user for deliveries: the spool must be reachable by it (pytest's tmp is 0700)
-    base = Path(tempfile.mkdtemp(prefix="relay-exim-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def exim(exim_base, refusing, tmp_path):
+@contextlib.contextmanager
+def exim_daemon(config: str, **fields) -> Iterator[tuple[int, Path]]:
+    """A foreground Exim daemon with `config` (EXIM_MAIN and more; {user} {group} {base} {port} and `fields` are
+    filled in): yields its port and folder. Skips the test when Exim is not installed or cannot start here."""
     if EXIM is None:
         pytest.skip("exim4 is not installed (CI installs exim4-daemon-light)")
     user, group = exim_identity()
-    relay = RelayProcess(tmp_path / "relay", extra=EXTRA, smtp_extra=SMTP_EXTRA)
+    # Exim drops to its own user for deliveries: the spool must be reachable by it (pytest's tmp is 0700)
+    base = Path(tempfile.mkdtemp(prefix="relay-exim-"))
+    base.chmod(0o755)
     port = free_port()
     for sub in ("spool", "log"):
-        (exim_base / sub).mkdir()
-        shutil.chown(exim_base / sub, user, group)
-    conf = exim_base / "exim.conf"
-    conf.write_text(CONFIG.format(user=user, group=group, base=exim_base, port=port, relay_port=relay.smtp_port,
-                                  refusing_port=refusing.port))
+        (base / sub).mkdir()
+        shutil.chown(base / sub, user, group)
+    conf = base / "exim.conf"
+    conf.write_text(config.format(user=user, group=group, base=base, port=port, **fields))
     conf.chmod(0o644)
-    out = open(exim_base / "daemon.out", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([EXIM, "-C", str(conf), "-bdf"], stdout=out, stderr=subprocess.STDOUT)
+    with open(base / "daemon.out", "wb") as out:
+        proc = subprocess.Popen([EXIM, "-C", str(conf), "-bdf"], stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_port(port, timeout=10, proc=proc)
-    except (RuntimeError, TimeoutError) as exc:
-        proc.kill()
-        proc.wait()
-        out.close()
-        pytest.skip(f"exim could not start here ({exc}): {(exim_base / 'daemon.out').read_text()[-500:]}")
-    relay.upstream_port = port
-    try:
-        yield relay, exim_base
+        try:
+            wait_port(port, timeout=10, proc=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.skip(f"exim could not start here ({exc}): {(base / 'daemon.out').read_text()[-500:]}")
+        yield port, base
     finally:
-        relay.stop()
         proc.terminate()
         proc.wait(timeout=10)
-        out.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def exim(refusing, tmp_path):
+    relay = RelayProcess(tmp_path / "relay", extra=EXTRA, smtp_extra=SMTP_EXTRA)
+    with exim_daemon(CONFIG, relay_port=relay.smtp_port, refusing_port=refusing.port) as (port, base):
+        relay.upstream_port = port
+        try:
+            yield relay, base
+        finally:
+            relay.stop()
 
 
 def exim_log(base: Path) -> str:

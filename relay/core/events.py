@@ -296,8 +296,13 @@ def _mail_ms(mail: dict) -> int:
 
 def smtp_status(code: int, message: str) -> str:
     """Enhanced status code from an SMTP reply (`5.1.1` from `550 5.1.1 ...`), else derived from the code."""
-    first = message.split(" ", 1)[0] if message else ""
+    return enhanced_status(message) or f"{code // 100}.0.0"
+
+
+def enhanced_status(message: str) -> str | None:
+    """The enhanced status code (RFC 3463) a reply's text starts with, e.g. `5.1.1`; None when it has none."""
+    first = message.split(None, 1)[0] if message else ""
     parts = first.split(".")
     if len(parts) == 3 and all(p.isdigit() for p in parts):
         return first
-    return f"{code // 100}.0.0"
+    return None
