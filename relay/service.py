@@ -141,7 +141,9 @@ class Relay:
         resolver = Resolver(cfg, store)  # configuration sets from the file and the database
         pipeline = Pipeline(cfg, store, resolver, Instrumenter(keyring), Signer(cfg.dkim), upstream,
                             scanner=make_scanner(cfg.scan))  # issue 9: virus scan through clamd
-        queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency)
+        queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency, node=cfg.node_id,
+                              lease_s=cfg.store.lease)
+        pipeline.lease_for_new = queue.lease_for_new  # an accepted message's copies are this node's to deliver
         handler = Handler(cfg.smtp, pipeline, queue.add, InboundStage(cfg, store, keyring))  # issue 9: reports
         relay = cls(cfg, store, pipeline, queue, handler)
         relay.publisher = Publisher(cfg, store, resolver)  # event destinations

@@ -281,6 +281,11 @@ class Store:
         host = domain.lower().rstrip(".")
         return bool(self.query("SELECT 1 FROM tracking_domains WHERE domain = ?", (host,)))
 
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether a failed write is the database's (disk full, I/O error, locked, unreachable) and may pass
+        later, rather than a fault in what was written."""
+        return isinstance(error, OSError)
+
     # --- leadership: the jobs one node at a time runs (destinations, rollups, retention) -----------------
 
     def try_lead(self, job: str) -> bool:

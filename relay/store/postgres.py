@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 
 import psycopg
 from psycopg.adapt import Loader
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from relay.core.events import iso_ms
 from relay.store.base import Store
@@ -107,6 +107,11 @@ class PostgresStore(Store):
         self._led: set[str] = set()
         self._leader_lock = threading.Lock()
         super().__init__()
+
+    def unavailable(self, error: BaseException) -> bool:
+        """The server gone or refusing for now (connection, disk, resources, shutdown, a pool timeout)."""
+        return isinstance(error, (psycopg.OperationalError, psycopg.errors.InsufficientResources, PoolTimeout,
+                                  OSError))
 
     # --- writer ---------------------------------------------------------------------------------------------
 

@@ -62,6 +62,9 @@ class SqliteStore(Store):
         self._writer_conn = conn
         super().__init__()
 
+    def unavailable(self, error: BaseException) -> bool:
+        return isinstance(error, (sqlite3.OperationalError, OSError))  # disk full, I/O error, locked, read-only
+
     def _writer_connection(self) -> SqliteConnection:
         return self._writer_conn
 
