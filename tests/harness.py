@@ -105,7 +105,7 @@ def toml_lines(settings: dict) -> str:
 
 def config_text(data_dir: Path, smtp_port: int, tracking_port: int, upstream_port: int | None, extra: str = "",
                 smtp_extra: str = "", delivery: dict | None = None, upstream_settings: dict | None = None,
-                store: dict | None = None) -> str:
+                store: dict | None = None, tracking: dict | None = None) -> str:
     if upstream_port:
         defaults = {"type": "smtp", "host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": "5s"}
     else:
@@ -133,6 +133,7 @@ listen = "127.0.0.1:{smtp_port}"
 [tracking]
 listen = "127.0.0.1:{tracking_port}"
 default_host = "127.0.0.1:{tracking_port}"
+{toml_lines(tracking or {})}
 
 [configuration_sets.marketing]
 open_tracking = true
@@ -160,6 +161,8 @@ class RelayProcess:
     preexec: object = None  # e.g. set a resource limit in the child
     store_url: str | None = None  # PostgreSQL (tests.conftest.store_target); None: SQLite under data
     node_id: str | None = None
+    tracking: dict = field(default_factory=dict)  # more [tracking] settings
+    store: dict = field(default_factory=dict)  # more [store] settings
 
     @property
     def config_path(self) -> Path:
@@ -173,10 +176,10 @@ class RelayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(config_text(self.workdir / "data", self.smtp_port, self.tracking_port,
                                                 self.upstream_port, self.extra, self.smtp_extra, self.delivery,
-                                                self.upstream, self.store_settings()))
+                                                self.upstream, self.store_settings(), self.tracking))
 
     def store_settings(self) -> dict:
-        settings = {"url": self.store_url} if self.store_url else {}
+        settings = {**self.store, **({"url": self.store_url} if self.store_url else {})}
         return {**settings, "node_id": self.node_id} if self.node_id else settings
 
     def start(self) -> RelayProcess:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from .conftest import postgres_database
-from .harness import RelayProcess, TcpProxy, Upstream
+from .harness import RelayProcess, TcpProxy, Upstream, wait_port
 
 pytestmark = pytest.mark.timeout(240)
 MAX_MESSAGES = 3000  # bounded load
@@ -97,8 +97,10 @@ def wait_delivered(upstream: Upstream, acked: set[str], timeout: float) -> Count
 
 
 def node(tmp_path, name: str, upstream: Upstream, url: str, **kw) -> RelayProcess:
+    """A relay node on the shared database; every node has the same tracking keys (any listener answers any
+    link), nothing else in common."""
     return RelayProcess(tmp_path / name, upstream.port, store_url=url, node_id=name,
-                        extra=kw.pop("extra", ""), **kw)
+                        tracking={"keys_file": str(tmp_path / "tracking-keys")}, **kw)
 
 
 def test_postgres_unreachable_answers_451_loses_nothing_and_recovers_without_restart(tmp_path):
@@ -136,7 +138,9 @@ def test_postgres_unreachable_answers_451_loses_nothing_and_recovers_without_res
 def test_three_nodes_one_killed_every_250_delivered_and_a_click_counts_once_on_any_node(tmp_path):
     upstream = Upstream().start()
     with postgres_database() as url:
-        nodes = [node(tmp_path, name, upstream, url, delivery={"concurrency": 8}) for name in ("a", "b", "c")]
+        # the shortest lease, so the dead node's copies pass to the others within the test
+        nodes = [node(tmp_path, name, upstream, url, delivery={"concurrency": 8}, store={"lease": "10s"})
+                 for name in ("a", "b", "c")]
         for n in nodes:
             n.start()
         load = Load([n.smtp_port for n in nodes]).start(6)
@@ -145,17 +149,27 @@ def test_three_nodes_one_killed_every_250_delivered_and_a_click_counts_once_on_a
             nodes[1].proc.send_signal(signal.SIGKILL)  # mid-load: its accepted copies are leased to it
             nodes[1].proc.wait()
             load.wait_accepted(1200, 90)
-            nodes[1].start()  # restarted later: it takes its own leases back at once
             acked = load.finish()
-            delivered = wait_delivered(upstream, acked, 120)
+            delivered = wait_delivered(upstream, acked, 120)  # by the two others, once b's leases ran out
             lost = acked - set(delivered)
             twice = sum(1 for n in delivered.values() if n > 1)
             print(f"\nthree nodes, one killed: {len(acked)} answered 250, {len(lost)} lost, {twice} delivered twice")
             assert not lost
+
+            def queued() -> int:
+                with contextlib.closing(nodes[0].db()) as db:
+                    return db.execute("SELECT COUNT(*) FROM recipients WHERE state = 'queued'").fetchone()[0]
+
+            deadline = time.monotonic() + 60  # what b had in flight passes to a and c once its lease ran out
+            while queued() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert queued() == 0
+            nodes[1].start()  # restarted later: nothing of its own left to deliver
             # a tracked link followed once, through each node's listener in turn: three clicks, each recorded once
             link = re.search(rb'href="(http://127\.0\.0\.1:\d+/c/[^"]+)"', upstream.messages[0].data).group(1).decode()
             path = link.split("/", 3)[3]
             for n in nodes:
+                wait_port(n.tracking_port)  # the restarted node's listener opens after its SMTP port
                 req = urllib.request.Request(f"http://127.0.0.1:{n.tracking_port}/{path}",
                                              headers={"User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"})
                 opener = urllib.request.build_opener(_NoRedirect())
