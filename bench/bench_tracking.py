@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from relay import config as config_module  # noqa: E402
 from relay.core import events, tokens  # noqa: E402
 from relay.core.headers import split_header_block  # noqa: E402
-from relay.store import MessageRow, Store  # noqa: E402
+from relay.store import MessageRow, Store, open_store  # noqa: E402
 from relay.tracking import GIF  # noqa: E402
 
 MID = "0100018c1a2b3c4d-05e008de-024e-4226-841e-98f0e0d61bb1-000000"
@@ -148,7 +148,7 @@ def load(port: int, path: str, duration: float, connections: int, threads: int) 
 # --- the systems under test ------------------------------------------------------------------------------
 
 def seed(cfg: config_module.Config) -> None:
-    store = Store(cfg.database_path)
+    store = open_store(cfg.store_target)
     raw = f"From: news@shop.example\r\nTo: {RCPT}\r\nSubject: Sale\r\n\r\nhello\r\n".encode()
     ms = int(time.time() * 1000) - 3_600_000
     mail = events.mail_object(events.MailFacts(MID, ms, "news@shop.example", [RCPT],

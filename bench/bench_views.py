@@ -3,7 +3,7 @@
     python3 bench/bench_views.py [--events 10000000] [--db /tmp/relay-bench.sqlite3] [--keep]
 
 Generation: the events table is filled without its indexes (executemany, 200k rows per transaction), then
-relay's own SCHEMA builds every index and view, as on a real upgrade. Shape: 3 configuration sets, 60 days,
+relay's own schema builds every index and view, as on a real upgrade. Shape: 3 configuration sets, 60 days,
 200k recipient addresses; per copy a Send, then a Delivery (97 %), Bounce (2 %) or DeliveryDelay (1 %);
 30 % of copies opened 1-3 times, 5 % clicked on one of 20 links; each open and click has a verdict row.
 Records are short SES-shaped JSON (real ones carry the full mail object and are larger, which only matters
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from relay import store as store_module  # noqa: E402
 from relay.inspect import roll_recipients, rollup  # noqa: E402
-from relay.store import LINK_CLICKS, RECIPIENTS_BY_SEEKS, SCHEMA, Store  # noqa: E402
+from relay.store import LINK_CLICKS, RECIPIENTS_BY_SEEKS, open_store  # noqa: E402
+from relay.store.schema import BASELINE  # noqa: E402
 
 SETS = ("marketing", "transactional", "newsletter")
 DAYS = 60
@@ -85,7 +86,7 @@ def generate(path: Path, total: int, seed: int = 8) -> datetime:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")
     # the events table alone: its indexes are built after the bulk load
-    conn.execute(next(s for s in SCHEMA if "CREATE TABLE IF NOT EXISTS events (" in s))
+    conn.execute(next(s for s in BASELINE if "CREATE TABLE IF NOT EXISTS events (" in s))
     conn.execute("CREATE TABLE IF NOT EXISTS tracking_verdicts (event_id INTEGER PRIMARY KEY, method TEXT NOT NULL,"
                  " verdict TEXT NOT NULL, reasons TEXT NOT NULL, client TEXT, os TEXT, device TEXT,"
                  " computed_at TEXT NOT NULL)")
@@ -106,8 +107,9 @@ def generate(path: Path, total: int, seed: int = 8) -> datetime:
                          " VALUES (?,?,?,?,?,?,?)", events)
         conn.executemany("INSERT INTO tracking_verdicts VALUES (?,?,?,?,?,?,?,?)", verdicts)
         conn.execute("COMMIT")
-    for statement in SCHEMA:
-        conn.execute(statement)
+    conn.close()
+    open_store(path).close()  # the rest of the schema, its indexes and views, as on a real upgrade
+    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("ANALYZE")
     conn.close()
     return start
@@ -214,10 +216,6 @@ def main() -> int:
     path = Path(args.db)
     if path.exists() and args.keep:
         conn = sqlite3.connect(path, isolation_level=None)
-        for (view,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'").fetchall():
-            conn.execute(f"DROP VIEW {view}")  # views of an older relay: take this one's
-        for statement in SCHEMA:
-            conn.execute(statement)
         first = conn.execute("SELECT MIN(time) FROM events").fetchone()[0]
         conn.close()
         start = datetime.strptime(first[:10], "%Y-%m-%d").replace(tzinfo=UTC)
@@ -227,7 +225,7 @@ def main() -> int:
         t0 = time.perf_counter()
         start = generate(path, args.events)
         print(f"generated {args.events:,} events in {time.perf_counter() - t0:.1f} s ({path})", flush=True)
-    store = Store(path)
+    store = open_store(path)  # replaces the views of an older relay with this one's
     t0 = time.perf_counter()
     moved = roll_recipients(store)  # the first time: every event; then what came in since the last hour
     print(f"recipient rollup of {moved:,} event ids in {time.perf_counter() - t0:.1f} s", flush=True)

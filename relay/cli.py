@@ -10,6 +10,7 @@ import argparse
 import getpass
 import logging
 import sys
+from pathlib import Path
 
 from relay import config as config_module
 
@@ -130,9 +131,9 @@ def check_database(cfg) -> int:
             print(f"error: {line}", file=sys.stderr)
         return len(missing)
     from relay.sets import check_database as check
-    from relay.store import Store
+    from relay.store import open_store
 
-    store = Store(cfg.database_path)
+    store = open_store(cfg.store_target)
     try:
         problems, conflicts = check(cfg, store)
     finally:
@@ -142,6 +143,28 @@ def check_database(cfg) -> int:
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return len(problems)
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from relay.store import is_url
+    from relay.store.transfer import TargetNotEmpty, transfer
+
+    source = Path(args.source)
+    if not source.is_file():
+        print(f"error: no SQLite database at {source}", file=sys.stderr)
+        return 1
+    if not is_url(args.target):
+        print("error: --to: a postgresql:// URL", file=sys.stderr)
+        return 1
+    try:
+        done = transfer(source, args.target, lambda table, n: print(f"  {table}: {n} rows", file=sys.stderr))
+    except TargetNotEmpty as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    total = sum(t.rows for t in done)
+    print(f"copied {total} rows in {len(done)} tables from {source}; point [store] url at the target and start the"
+          " nodes")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--nameserver")
     v.add_argument("--port", type=int, default=53)
     p.set_defaults(func=cmd_tracking_domain)
+
+    p = sub.add_parser("store", help="the database: migrate a single node's SQLite database into PostgreSQL")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    m = store_sub.add_parser("migrate", help="copy every row of a SQLite database into an empty PostgreSQL one")
+    m.add_argument("--from", dest="source", required=True, help="the SQLite file (data_dir/relay.sqlite3)")
+    m.add_argument("--to", dest="target", required=True, help="postgresql://user@host/dbname")
+    p.set_defaults(func=cmd_store)
 
     from relay.sets_cli import add_parsers  # issue 6: config-set, tracking, destination
 

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,16 @@ class ConfigurationSet:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """[store]: where relay keeps its data. No url: SQLite under data_dir (one node)."""
+
+    url: str | None = None  # postgresql://user@host/dbname: several nodes share it
+    node_id: str | None = None  # this node's name in queue leases; None: host name and SMTP port
+    lease: float = 60.0  # how long a node's claim on a queued copy lasts without renewal (a dead node's wait)
+    pool_size: int = 8  # PostgreSQL connections for reads (the writer has its own)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None = None
     data_dir: Path = Path("relay-data")
@@ -206,10 +217,20 @@ class Config:
     feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
     complaints_addresses: tuple[str, ...] = ()  # ARF reports are also accepted at these addresses (lower case)
     scan: ScanSettings = field(default_factory=lambda: ScanSettings())  # [scan]: virus scan through clamd
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     @property
     def database_path(self) -> Path:
         return self.data_dir / "relay.sqlite3"
+
+    @property
+    def store_target(self) -> str | Path:
+        """What relay.store.open_store opens: the PostgreSQL URL, or the SQLite file."""
+        return self.store.url or self.database_path
+
+    @property
+    def node_id(self) -> str:
+        return self.store.node_id or f"{socket.gethostname()}:{self.smtp.listen_port}"
 
     def https_available(self, host: str) -> bool:
         """Whether https://host reaches the tracking listener: a proxy in front, or our own certificate."""
@@ -396,16 +417,30 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     inspection = _parse_inspection(top, problems)  # inspection (issue 8)
     feedback, complaints = _parse_feedback(top, problems)  # issue 9
     scan = _parse_scan(top.sub("scan"), problems)  # issue 9: virus scan through clamd
+    store = _parse_store(top.sub("store"), problems)
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
-                 api=api, feedback=feedback, complaints_addresses=complaints, scan=scan, **relay_kw)
+                 api=api, feedback=feedback, complaints_addresses=complaints, scan=scan, store=store,
+                 **relay_kw)
     cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _parse_store(s: _Reader, problems: list[str]) -> StoreSettings:
+    url = os.environ.get("RELAY_STORE_URL") or s.get("url", str, "") or None
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        problems.append("store.url: a postgresql:// URL (without it, relay keeps its data in SQLite under data_dir)")
+    settings = StoreSettings(url=url, node_id=s.get("node_id", str, "") or None, lease=s.duration("lease", 60.0),
+                             pool_size=s.positive("pool_size", 8))
+    s.finish()
+    if settings.lease < 10:
+        problems.append("store.lease: at least 10s (a node renews its leases every third of it)")
+    return settings
 
 
 def _https_problems(cfg: Config) -> list[str]:

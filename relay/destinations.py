@@ -44,6 +44,7 @@ log = logging.getLogger("relay.destinations")
 POLL_S = 0.1  # how often an idle destination looks for new events, and the supervisor for changes
 BATCH = 200  # events read per query
 SAVE_EVERY_S = 0.2  # a busy webhook destination writes its cursor this often
+LEAD_CHECK_S = 2.0  # how often a node checks which destinations it publishes (several nodes, one database)
 
 
 async def _write(store: Store, work):
@@ -86,7 +87,7 @@ class Worker:
         self.types = tuple(EVENT_TYPES[t] for t in dest.event_types)
         self.sink = FileSink(dest.path) if dest.kind == "file" else None
         self.task: asyncio.Task | None = None
-        self.cursor = self.saved = -1  # last event delivered / last one on disk
+        self.cursor = self.saved = (-1, -1)  # position (store.configuration) of the last event delivered / saved
         self._saved_at = time.monotonic()
 
     @property
@@ -106,12 +107,12 @@ class Worker:
                 continue
             if self.sink is not None:
                 await self._write_file(rows)
-                self.cursor = rows[-1][0]
+                self.cursor = rows[-1][:2]
                 await self.save()
                 continue
-            for event_id, record in rows:
+            for tx, event_id, record in rows:
                 await self._post(event_id, record)
-                self.cursor = event_id
+                self.cursor = tx, event_id
                 if time.monotonic() - self._saved_at > SAVE_EVERY_S:
                     await self.save()
 
@@ -120,12 +121,12 @@ class Worker:
         per event), on idle and at stop; a crash in between resends those events (at least once)."""
         if self.cursor == self.saved:
             return
-        event_id = self.cursor
-        await _write(self.p.store, lambda c: save_cursor(c, self.set_name, self.dest.name, event_id))
-        self.saved, self._saved_at = event_id, time.monotonic()
+        position = self.cursor
+        await _write(self.p.store, lambda c: save_cursor(c, self.set_name, self.dest.name, position))
+        self.saved, self._saved_at = position, time.monotonic()
 
-    async def _write_file(self, rows: list[tuple[int, str]]) -> None:
-        lines = [publish.jsonl_line(record) for _, record in rows]
+    async def _write_file(self, rows: list[tuple[int, int, str]]) -> None:
+        lines = [publish.jsonl_line(record) for _, _, record in rows]
         attempt = 0
         while True:
             try:
@@ -167,6 +168,10 @@ class Worker:
             await asyncio.sleep(delay)
 
 
+def _job(key: tuple[str, str]) -> str:
+    return f"destination {key[0]}/{key[1]}"
+
+
 class Publisher:
     """Runs one Worker per enabled destination of every set, following configuration changes."""
 
@@ -176,6 +181,8 @@ class Publisher:
         self._session = None
         self._supervisor: asyncio.Task | None = None
         self._model = None
+        self._led: set[tuple[str, str]] = set()  # destinations this node publishes (Store.try_lead)
+        self._lead_checked = -LEAD_CHECK_S
 
     def arn(self, set_name: str, d: Destination) -> str:
         return publish.topic_arn(self.config.region, self.config.account_id, set_name, d.name, d.topic_arn)
@@ -208,9 +215,12 @@ class Publisher:
                 log.error("publisher: reading the configuration failed: %s", exc)
 
     async def _sync(self) -> None:
-        """Start workers for new or changed enabled destinations, stop the others; record disabled ones."""
+        """Start workers for new or changed enabled destinations this node leads, stop the others; record
+        disabled ones."""
         model = self.resolver.model()
-        if model is self._model and all(w.task is not None and not w.task.done() for w in self.workers.values()):
+        lead_check = time.monotonic() - self._lead_checked >= LEAD_CHECK_S
+        if (model is self._model and not lead_check
+                and all(w.task is not None and not w.task.done() for w in self.workers.values())):
             return
         self._model = model
         wanted: dict[tuple[str, str], Destination] = {}
@@ -223,6 +233,9 @@ class Publisher:
                     disabled.append((s.name, d.name))
         # Remember which are disabled, so enabling one later (even in the file) starts from the newest event.
         await _write(self.store, lambda c: [provision_cursor(c, s, n, False) for s, n in disabled])
+        if lead_check:
+            await self._check_leadership(wanted)
+        wanted = {key: d for key, d in wanted.items() if key in self._led}
         for key, worker in list(self.workers.items()):
             if wanted.get(key) != worker.dest or worker.task is None or worker.task.done():
                 await self._stop_worker(key)
@@ -231,6 +244,15 @@ class Publisher:
                 worker = Worker(self, key[0], d)
                 worker.task = asyncio.create_task(self._guard(worker), name=f"relay-destination-{key[0]}-{key[1]}")
                 self.workers[key] = worker
+
+    async def _check_leadership(self, wanted: dict[tuple[str, str], Destination]) -> None:
+        """Exactly one node publishes each destination: the one holding its lock. A node that dies loses its
+        locks with its connection, and another node's next check takes its destinations over from the cursor
+        the dead node saved (events after it are sent again: at least once)."""
+        self._lead_checked = time.monotonic()
+        for key in self._led - wanted.keys():
+            await asyncio.to_thread(self.store.resign, _job(key))
+        self._led = {key for key in wanted if await asyncio.to_thread(self.store.try_lead, _job(key))}
 
     async def _guard(self, worker: Worker) -> None:
         try:

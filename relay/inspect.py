@@ -28,6 +28,8 @@ PURGE_CHUNK = 5000
 # recipient_rollup is brought up to date this often (seconds), so recipient_engagement reads only the last
 # quarter of an hour or so of events live
 RECIPIENT_ROLL_EVERY = 300.0
+LEAD_POLL_S = 30.0  # how soon another node takes maintenance over when its leader dies
+MAINTENANCE = "maintenance"  # the job of rollups and retention: one node at a time (Store.try_lead)
 _SINCE = re.compile(r"^(\d+)([hdw])$")
 _HOURS = {"h": 1, "d": 24, "w": 24 * 7}
 
@@ -182,7 +184,7 @@ def event_line(row: tuple) -> str:
 def _open(cfg: Config) -> store_module.Store:
     if not cfg.database_path.exists():
         raise SystemExit(f"error: no database at {cfg.database_path} (has relay run with this configuration?)")
-    return store_module.Store(cfg.database_path)
+    return store_module.open_store(cfg.store_target)
 
 
 def _read(store: store_module.Store, helper: Callable, *args):
@@ -352,28 +354,32 @@ def maintain(store: store_module.Store, days: int) -> dict:
 
 
 async def retention_task(store: store_module.Store, get_config: Callable[[], Config]) -> None:
-    """Roll up and purge now, then every `retention.interval` (re-read: SIGHUP changes apply); until cancelled."""
+    """Roll up and purge now, then every `retention.interval` (re-read: SIGHUP changes apply); until cancelled.
+    With several nodes on one database only the node leading "maintenance" does it; the others ask again every
+    LEAD_POLL_S and the first to get it after the leader died starts with a round. (The marks and chunked
+    deletes would bear two nodes at once, but each would do all the work.)"""
+    due = 0.0  # monotonic time of the next round
     while True:
         cfg = get_config()
+        leading = False
         try:
-            done = await asyncio.to_thread(maintain, store, cfg.retention.days)
-            if any(done.values()):
-                log.info("maintenance retention_days=%d purged_events=%d purged_messages=%d rolled_up_days=%d",
-                         cfg.retention.days, done["events"], done["messages"], done["rolled_up_days"])
+            leading = await asyncio.to_thread(store.try_lead, MAINTENANCE)
+            if leading and time.monotonic() >= due:
+                due = time.monotonic() + cfg.retention.interval
+                done = await asyncio.to_thread(maintain, store, cfg.retention.days)
+                if any(done.values()):
+                    log.info("maintenance retention_days=%d purged_events=%d purged_messages=%d"
+                             " rolled_up_days=%d", cfg.retention.days, done["events"], done["messages"],
+                             done["rolled_up_days"])
+            elif leading:  # between rounds: keep recipient_engagement's live part small
+                await asyncio.to_thread(roll_recipients, store)
+            else:
+                due = 0.0
         except store_module.StoreClosed:
             return
         except Exception:  # the next round tries again; never let the task die silently
-            log.exception("retention purge failed")
-        deadline = time.monotonic() + cfg.retention.interval
-        while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, RECIPIENT_ROLL_EVERY))
-            if left > RECIPIENT_ROLL_EVERY:  # between rounds: keep recipient_engagement's live part small
-                try:
-                    await asyncio.to_thread(roll_recipients, store)
-                except store_module.StoreClosed:
-                    return
-                except Exception:
-                    log.exception("recipient rollup failed")
+            log.exception("maintenance failed")
+        await asyncio.sleep(max(0.0, min(due - time.monotonic(), RECIPIENT_ROLL_EVERY)) if leading else LEAD_POLL_S)
 
 
 def purge_command(args: argparse.Namespace) -> int:

@@ -138,9 +138,9 @@ def _settings(cfg, set_name: str, identity: str) -> TrackingSettings | None:
     """The set's settings exactly as delivery would resolve them (every level, sets made with the CLI too)."""
     from relay.core.resolve import UnknownSet
     from relay.resolve import Resolver
-    from relay.store import Store
+    from relay.store import open_store
 
-    store = Store(cfg.database_path)
+    store = open_store(cfg.store_target)
     try:
         return Resolver(cfg, store).resolve(set_name, identity).settings
     except UnknownSet:

@@ -125,6 +125,9 @@ class Pipeline:
         self.upstream = upstream
         self.clock = clock
         self.scanner = scanner  # None: messages are not scanned (no [scan] clamd configured)
+        # (node, until) written with an accepted message's copies (DeliveryQueue.lease_for_new); None: no lease,
+        # any node's queue claims them
+        self.lease_for_new: Callable[[], tuple[str, str] | None] = lambda: None
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -184,7 +187,7 @@ class Pipeline:
         guard = None if fresh else _unchanged_guard(version, sub.recipients, settings.suppression_reasons)
         try:
             written = await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final,
-                                                               guard))
+                                                               guard, self.lease_for_new()))
         except Exception as exc:  # disk full, I/O error, locked database: never answer 250
             log.error("could not queue message from %s: %s", sub.client_ip, exc)
             raise StorageUnavailable(str(exc)) from exc

@@ -32,7 +32,7 @@ from relay.resolve import Resolver
 from relay.scan import make_scanner
 from relay.sign import Signer
 from relay.smtp import Handler, start_server
-from relay.store import Store
+from relay.store import Store, open_store
 
 log = logging.getLogger("relay.service")
 SMTP_DRAIN_S = 30.0
@@ -135,13 +135,15 @@ class Relay:
     @classmethod
     def build(cls, cfg: Config) -> Relay:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(cfg.database_path)
+        store = open_store(cfg.store_target)
         keyring = cfg.keyring()
         upstream = make_upstream(cfg.upstream, cfg.hostname)
         resolver = Resolver(cfg, store)  # configuration sets from the file and the database
         pipeline = Pipeline(cfg, store, resolver, Instrumenter(keyring), Signer(cfg.dkim), upstream,
                             scanner=make_scanner(cfg.scan))  # issue 9: virus scan through clamd
-        queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency)
+        queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency, node=cfg.node_id,
+                              lease_s=cfg.store.lease)
+        pipeline.lease_for_new = queue.lease_for_new  # an accepted message's copies are this node's to deliver
         handler = Handler(cfg.smtp, pipeline, queue.add, InboundStage(cfg, store, keyring))  # issue 9: reports
         relay = cls(cfg, store, pipeline, queue, handler)
         relay.publisher = Publisher(cfg, store, resolver)  # event destinations

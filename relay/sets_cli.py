@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 
 def open_config_and_store(args: argparse.Namespace):
     from relay import config as config_module
-    from relay.store import Store
+    from relay.store import open_store
 
     cfg = config_module.load(args.config)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    return cfg, Store(cfg.database_path)
+    return cfg, open_store(cfg.store_target)
 
 
 def _cli(fn):

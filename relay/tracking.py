@@ -51,7 +51,7 @@ from relay.core.settings import CLICK_PATH, OPEN_PATH, UNSUBSCRIBE_PATH
 from relay.core.tokens import ClickClaims, Keyring, OpenClaims, UnsubscribeClaims, verify
 from relay.core.useragent import summarize
 from relay.inspect import scrubber as privacy_scrubber  # privacy (issue 8)
-from relay.store import Store
+from relay.store import Store, open_store
 
 log = logging.getLogger("relay.tracking")
 
@@ -1089,7 +1089,7 @@ def _stop_workers(children: list[subprocess.Popen]) -> list[int]:
 
 
 async def _track(cfg: Config, config_path: str, spawn: bool) -> int:
-    store = Store(cfg.database_path)
+    store = open_store(cfg.store_target)
     server = TrackingServer(cfg, store, cfg.keyring())
     children: list[subprocess.Popen] = []
     stopping = asyncio.Event()

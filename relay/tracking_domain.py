@@ -16,7 +16,7 @@ from relay.core import events
 from relay.core.challenge import CHALLENGE_PATH, challenge_answer, make_challenge
 from relay.core.domains import InvalidTrackingOptions, split_port, validate_tracking_domain
 from relay.core.tokens import Keyring
-from relay.store import Store
+from relay.store import Store, open_store
 
 
 class _DnsResolver(AbstractResolver):
@@ -104,7 +104,7 @@ def tracking_domain_command(args) -> int:
         print(f"error: {domain} does not reach this tracking listener: {exc}", file=sys.stderr)
         return 1
     host = split_port(domain)[0]
-    store = Store(cfg.database_path)
+    store = open_store(cfg.store_target)
     try:
         store.submit(Store.verified_domain_work(host, address, scheme, events.iso_ms(int(time.time() * 1000))))\
             .result()

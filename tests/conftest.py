@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,3 +22,47 @@ def corpus() -> Path:
     if not (CORPUS / "eml").is_dir():
         pytest.skip(f"corpus not found at {CORPUS} (set RELAY_CORPUS)")
     return CORPUS
+
+
+# --- the two store backends --------------------------------------------------------------------------------
+# Storage-facing tests take `store_target` and run once on SQLite and once on PostgreSQL. PostgreSQL is the
+# server on 127.0.0.1:5432 (trust authentication, user postgres) that CI starts; each test gets a database of
+# its own, dropped after. Without a server the PostgreSQL runs skip with that reason.
+DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)  # what either backend raises for bad SQL or a lost database
+PG_ADMIN_URL = os.environ.get("RELAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@functools.cache
+def postgres_unavailable() -> str | None:
+    """Why the PostgreSQL tests cannot run here, or None."""
+    try:
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return f"no PostgreSQL server at {PG_ADMIN_URL}: {str(exc).strip().splitlines()[0]}"
+    return None
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty database on the test server; its URL. Dropped afterwards, connections and all."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    name = f"relay_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request, tmp_path) -> Iterator[str | Path]:
+    """Where a test's store lives: a SQLite file, or the URL of a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        yield tmp_path / "relay.sqlite3"
+        return
+    with postgres_database() as url:
+        yield url

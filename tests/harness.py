@@ -16,7 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 from aiosmtpd.controller import Controller
+
+from relay.store.postgres import PgConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +104,8 @@ def toml_lines(settings: dict) -> str:
 
 
 def config_text(data_dir: Path, smtp_port: int, tracking_port: int, upstream_port: int | None, extra: str = "",
-                smtp_extra: str = "", delivery: dict | None = None, upstream_settings: dict | None = None) -> str:
+                smtp_extra: str = "", delivery: dict | None = None, upstream_settings: dict | None = None,
+                store: dict | None = None, tracking: dict | None = None) -> str:
     if upstream_port:
         defaults = {"type": "smtp", "host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": "5s"}
     else:
@@ -123,9 +127,13 @@ listen = "127.0.0.1:{smtp_port}"
 [delivery]
 {delivery_lines}
 
+[store]
+{toml_lines(store or {})}
+
 [tracking]
 listen = "127.0.0.1:{tracking_port}"
 default_host = "127.0.0.1:{tracking_port}"
+{toml_lines(tracking or {})}
 
 [configuration_sets.marketing]
 open_tracking = true
@@ -151,6 +159,10 @@ class RelayProcess:
     tracking_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     preexec: object = None  # e.g. set a resource limit in the child
+    store_url: str | None = None  # PostgreSQL (tests.conftest.store_target); None: SQLite under data
+    node_id: str | None = None
+    tracking: dict = field(default_factory=dict)  # more [tracking] settings
+    store: dict = field(default_factory=dict)  # more [store] settings
 
     @property
     def config_path(self) -> Path:
@@ -164,7 +176,11 @@ class RelayProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(config_text(self.workdir / "data", self.smtp_port, self.tracking_port,
                                                 self.upstream_port, self.extra, self.smtp_extra, self.delivery,
-                                                self.upstream))
+                                                self.upstream, self.store_settings(), self.tracking))
+
+    def store_settings(self) -> dict:
+        settings = {**self.store, **({"url": self.store_url} if self.store_url else {})}
+        return {**settings, "node_id": self.node_id} if self.node_id else settings
 
     def start(self) -> RelayProcess:
         self.write_config()
@@ -187,7 +203,10 @@ class RelayProcess:
     def log(self) -> str:
         return (self.workdir / "relay.log").read_text(errors="replace")
 
-    def db(self) -> sqlite3.Connection:
+    def db(self):
+        """A connection to relay's database taking the store's SQL (`?` parameters), SQLite or PostgreSQL."""
+        if self.store_url:
+            return PgConnection(psycopg.connect(self.store_url, autocommit=True))
         return sqlite3.connect(self.db_path, timeout=30)
 
     def events(self, event_type: str | None = None) -> list[tuple]:
@@ -201,9 +220,88 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         rows: list[tuple] = []
         while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.OperationalError):
+            with contextlib.suppress(sqlite3.OperationalError, psycopg.OperationalError):
                 rows = self.events(event_type)
                 if len(rows) >= count:
                     return rows
             time.sleep(0.05)
         raise TimeoutError(f"{len(rows)} of {count} {event_type} events\n{self.log()[-3000:]}")
+
+
+class TcpProxy:
+    """A TCP relay from a local port to `target` that a test can cut: `cut()` closes every connection and
+    refuses new ones (the server behind looks gone, as when PostgreSQL stops), `restore()` lets them in."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.port = free_port()
+        self._open = threading.Event()
+        self._open.set()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> TcpProxy:
+        self._bind()
+        self._thread.start()
+        return self
+
+    def _bind(self) -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(128)
+        s.settimeout(0.2)
+        self._listener = s
+
+    def _serve(self) -> None:
+        while not self._stop:
+            if not self._open.is_set():
+                time.sleep(0.05)
+                continue
+            try:
+                client, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self._lock:
+                self._conns -= {a, b}
+
+    def cut(self) -> None:
+        self._open.clear()
+        self._listener.close()  # new connections are refused
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self._bind()
+        self._open.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.cut()

@@ -30,7 +30,7 @@ import pytest
 from relay.core.outcome import DELIVERED, Outcome
 from relay.pipeline import OutcomeNotRecorded
 from relay.queue import DeliveryQueue
-from relay.store import Store
+from relay.store import open_store
 
 from .harness import ROOT, RelayProcess, Upstream, UpstreamHandler, free_port, wait_port
 
@@ -187,7 +187,7 @@ def failing_work(error: Exception, failures: int, calls: list):
 async def run_queue(tmp_path: Path, error: Exception, failures: int) -> tuple[list, list, int]:
     """One copy whose outcome's write fails; a second copy queued behind it. Returns (write calls, deliveries,
     outcomes waiting seen while the first write was failing)."""
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     calls: list[float] = []
     delivered: list[str] = []
 

@@ -29,7 +29,7 @@ from relay.pipeline import Pipeline, Refusal, Submission
 from relay.resolve import Resolver
 from relay.service import LoopBatchedHandler
 from relay.smtp import RelaySMTP
-from relay.store import Store, mail_json, record_json, suppress
+from relay.store import Store, mail_json, open_store, record_json, suppress
 
 TOML = """
 [relay]
@@ -45,8 +45,8 @@ require_verified_domains = false
 def env(tmp_path):
     cfg = parse(tomllib.loads(TOML), tmp_path, tmp_path / "relay.toml")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(cfg.database_path)
-    other = Store(cfg.database_path)  # another process's writer
+    store = open_store(cfg.database_path)
+    other = open_store(cfg.database_path)  # another process's writer
     pipeline = Pipeline(cfg, store, Resolver(cfg, store), None, None, None)
     yield cfg, store, other, pipeline
     other.close()

@@ -481,7 +481,7 @@ def test_a_client_that_half_closes_after_pipelining_quit_still_gets_its_reply(re
 
 
 def test_retention_and_forget_remove_stored_reports(tmp_path):
-    store = store_module.Store(tmp_path / "db.sqlite3")
+    store = store_module.open_store(tmp_path / "db.sqlite3")
     try:
         def row(when: str, recipient: str | None) -> store_module.InboundReportRow:
             return store_module.InboundReportRow(when, "192.0.2.1", "", "fbl@reports.test", b"raw", "complaint",

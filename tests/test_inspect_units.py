@@ -14,6 +14,7 @@ from relay import config as config_module
 from relay import inspect as ops
 from relay import store as store_module
 from relay.config import PrivacySettings
+from relay.store.views import queries
 
 NOW = datetime(2026, 11, 23, 12, 30, 0, tzinfo=UTC)
 
@@ -94,8 +95,8 @@ def _event(kind: str, time: str, message_id: str, recipient: str) -> tuple:
         "messageId": message_id, "destination": ["ann@example.org", "zed@example.org"]}}))
 
 
-def test_purge_in_chunks_and_forget(tmp_path: Path):
-    store = store_module.Store(tmp_path / "relay.sqlite3")
+def test_purge_in_chunks_and_forget(store_target, tmp_path: Path):
+    store = store_module.open_store(store_target)
     try:
         old, new = "2020-01-01T00:00:00.000Z", "2026-11-23T00:00:00.000Z"
         rows = [_event("Send", old, f"m{i}", f"u{i}@example.org") for i in range(12)]
@@ -113,9 +114,9 @@ def test_purge_in_chunks_and_forget(tmp_path: Path):
         store.close()
 
 
-def test_funnel_rollup_gives_the_live_numbers(tmp_path: Path):
+def test_funnel_rollup_gives_the_live_numbers(store_target, tmp_path: Path):
     """Closed days are computed once into funnel_rollup; funnel_daily shows the same rows either way."""
-    store = store_module.Store(tmp_path / "relay.sqlite3")
+    store = store_module.open_store(store_target)
     try:
         rows = []
         for day, n in (("2026-11-20", 3), ("2026-11-21", 2), ("2026-11-23", 1)):
@@ -140,7 +141,7 @@ def test_funnel_rollup_gives_the_live_numbers(tmp_path: Path):
         assert ops.rollup(store, NOW) == 0  # the 22nd has no events; the 23rd stays open
         assert len(store.query("SELECT * FROM funnel_rollup")) == 3
         assert funnel() == live
-        marketing = {r["day"]: r for r in store_module.funnel_rows(store._reader(), "m", "2026-11-01")}
+        marketing = {r["day"]: r for r in store.read(store_module.funnel_rows, "m", "2026-11-01")}
         assert (marketing["2026-11-20"]["bounced_permanent"], marketing["2026-11-20"]["delivered"]) == (1, 2)
         assert marketing["2026-11-20"]["unique_human_opens"] == 3
     finally:
@@ -152,11 +153,11 @@ def _click(time: str, message_id: str, recipient: str, link: str, set_name: str 
         "link": link, "linkTags": {"slot": ["hero"]} if link.endswith("a") else {}}}))
 
 
-def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
+def test_link_rollup_gives_the_live_numbers(store_target, tmp_path: Path):
     """Closed days of link_clicks are rolled up into link_rollup; the view shows what one pass over every click
     shows (LINK_CLICKS): a copy clicking a link on several days, and again today after its days were rolled
     up (a late click of old mail), is one unique click; humans are counted from their first human click."""
-    store = store_module.Store(tmp_path / "relay.sqlite3")
+    store = store_module.open_store(store_target)
 
     def add(rows: list[tuple], verdicts: list[str]) -> None:
         ids = store.submit(lambda conn: store_module.insert_events_json(conn, rows)).result()
@@ -168,7 +169,7 @@ def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
         return store.query("SELECT * FROM link_clicks ORDER BY configuration_set, link, link_tags")
 
     def one_pass() -> list[tuple]:
-        return store.query(f"SELECT * FROM ({store_module.LINK_CLICKS.format(where='')})"
+        return store.query(f"SELECT * FROM ({queries(store.dialect).link_clicks.format(where='')}) one_pass"
                            " ORDER BY configuration_set, link, link_tags")
 
     try:
@@ -193,7 +194,7 @@ def test_link_rollup_gives_the_live_numbers(tmp_path: Path):
         assert links() == one_pass()
         a = next(r for r in links() if r[0] == "m" and r[1] == "https://x.example/a")
         assert a[3:] == (7, 3, 5, 3, "2026-11-20T10:00:00.000Z", "2026-11-23T08:00:00.000Z")
-        marketing = store_module.link_rows(store._reader(), "m", "2026-11-21T00:00:00.000Z")
+        marketing = store.read(store_module.link_rows, "m", "2026-11-21T00:00:00.000Z")
         assert [(r["link"], r["clicks"], r["unique_clicks"]) for r in marketing] == [
             ("https://x.example/a", 5, 3), ("https://x.example/b", 2, 2)]
     finally:
@@ -214,11 +215,11 @@ def _copy(day: str, n: int, rcpt: str, outcome: str, verdicts: tuple[str, ...] =
     return rows
 
 
-def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
+def test_recipient_rollup_gives_the_live_numbers(store_target, tmp_path: Path):
     """recipient_engagement from recipient_rollup plus the events after its mark gives the numbers of one pass
     over every event: rolled part way, with new events after the mark (a bounce after a rolled delivery, an
     address seen only after it, opens of a rolled copy), after a purge and after `relay forget`."""
-    store = store_module.Store(tmp_path / "relay.sqlite3")
+    store = store_module.open_store(store_target)
     verdict_of = {"open-human": "human", "open-proxy": "proxy", "open-machine": "machine",
                   "click-human": "human", "click-proxy": "proxy", "click-machine": "machine"}
 
@@ -236,7 +237,7 @@ def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
         add(rows, verdicts)
 
     def check() -> None:
-        by_seeks = store.query(store_module.RECIPIENTS_BY_SEEKS + " ORDER BY recipient")
+        by_seeks = store.query(queries(store.dialect).recipients_by_seeks + " ORDER BY recipient")
         assert store.query("SELECT * FROM recipient_engagement ORDER BY recipient") == by_seeks
 
     try:
@@ -271,8 +272,8 @@ def test_recipient_rollup_gives_the_live_numbers(tmp_path: Path):
         store.close()
 
 
-def test_purge_keeps_queued_messages(tmp_path: Path):
-    store = store_module.Store(tmp_path / "relay.sqlite3")
+def test_purge_keeps_queued_messages(store_target, tmp_path: Path):
+    store = store_module.open_store(store_target)
     try:
         old = "2020-01-01T00:00:00.000Z"
         for message_id, state in (("done", "delivered"), ("waiting", "queued")):

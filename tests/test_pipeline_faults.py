@@ -11,7 +11,7 @@ from relay.instrument import Instrumenter
 from relay.pipeline import Pipeline, Submission
 from relay.resolve import Resolver
 from relay.sign import Signer
-from relay.store import Store
+from relay.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ class FailingSigner(Signer):
 
 def test_a_signing_fault_delivers_unsigned_with_a_warning(tmp_path):
     cfg = config_module.load(ROOT / "config.example.toml")
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     upstream = CaptureUpstream(tmp_path / "out")
     pipeline = Pipeline(cfg, store, Resolver(cfg, store), Instrumenter(cfg.keyring()), FailingSigner(cfg.dkim),
                         upstream)

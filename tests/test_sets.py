@@ -22,7 +22,7 @@ from relay.core.headers import split_header_block
 from relay.core.resolve import Destination, TrackingOptions
 from relay.pipeline import Refusal
 from relay.resolve import Resolver
-from relay.store import Store
+from relay.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ default_configuration_set = "filed"
 def env(tmp_path):
     cfg = parse(__import__("tomllib").loads(BASE_TOML), tmp_path, tmp_path / "relay.toml")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(cfg.database_path)
+    store = open_store(cfg.database_path)
     yield cfg, store
     store.close()
 
@@ -169,7 +169,7 @@ def test_changes_reach_a_running_resolver_through_the_counter(env):
     resolver = Resolver(cfg, store)
     with pytest.raises(core.UnknownSet):
         resolver.resolve("later", "a@b.example")
-    other = Store(cfg.database_path)  # another process's view: a separate connection and writer
+    other = open_store(cfg.database_path)  # another process's view: a separate connection and writer
     try:
         sets.create_set(cfg, other, "later")
     finally:

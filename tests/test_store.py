@@ -4,11 +4,12 @@ import threading
 
 import pytest
 
-from relay.store import EventRow, Store
+from relay.store import EventRow, Store, is_url, open_store
+from tests.conftest import DATABASE_ERRORS
 
 
-def test_a_failing_work_in_mid_batch_leaves_nothing_and_runs_once_while_the_others_commit(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_a_failing_work_in_mid_batch_leaves_nothing_and_runs_once_while_the_others_commit(store_target):
+    store = open_store(store_target)
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))  # hold the writer so the next works queue up into one batch
     runs = []
@@ -31,24 +32,25 @@ def test_a_failing_work_in_mid_batch_leaves_nothing_and_runs_once_while_the_othe
     store.close()
 
 
-def test_group_commit_batches_and_isolates_failures(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_group_commit_batches_and_isolates_failures(store_target):
+    store = open_store(store_target)
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))  # hold the writer so the next works queue up into one batch
     ok = [store.submit(Store.events_work([EventRow("Send", "t", f"m{i}", None, None, {"i": i})])) for i in range(50)]
     bad = store.submit(lambda conn: conn.execute("INSERT INTO nope VALUES (1)"))
     gate.set()
     assert all(f.result(5) is None for f in ok)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(DATABASE_ERRORS, match="nope"):
         bad.result(5)
     assert len(store.events()) == 50
     store.close()
-    conn = sqlite3.connect(tmp_path / "db.sqlite3")
-    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    if not is_url(store_target):
+        conn = sqlite3.connect(store_target)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-def test_async_write_and_close_drains(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_async_write_and_close_drains(store_target):
+    store = open_store(store_target)
 
     async def main():
         await asyncio.gather(*(store.write(Store.events_work([EventRow("Open", "t", "m", "r", None, {})]))
@@ -58,14 +60,14 @@ def test_async_write_and_close_drains(tmp_path):
     for _ in range(10):
         store.submit(Store.events_work([EventRow("Click", "t", "m", "r", None, {})]))
     store.close()
-    reopened = Store(tmp_path / "db.sqlite3")
+    reopened = open_store(store_target)
     assert len(reopened.events(event_type="Click")) == 10
     reopened.close()
     assert reopened.submit(lambda c: None).exception() is not None  # closed stores refuse work
 
 
-def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_a_caller_that_gives_up_does_not_stop_the_writer(store_target):
+    store = open_store(store_target)
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))
     abandoned = store.submit(Store.events_work([EventRow("Send", "t", "gone", None, None, {})]))
@@ -77,8 +79,8 @@ def test_a_caller_that_gives_up_does_not_stop_the_writer(tmp_path):
     store.close()
 
 
-def test_cancelled_async_write_is_harmless(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_cancelled_async_write_is_harmless(store_target):
+    store = open_store(store_target)
     gate = threading.Event()
     store.submit(lambda conn: gate.wait(5))
 

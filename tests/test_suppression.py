@@ -19,7 +19,16 @@ import pytest
 
 from relay.core import events as ev
 from relay.core.suppression import Suppression
-from relay.store import EventRow, MessageRow, Store, suppress, suppression_entries, unsuppress, with_suppression
+from relay.store import (
+    EventRow,
+    MessageRow,
+    Store,
+    open_store,
+    suppress,
+    suppression_entries,
+    unsuppress,
+    with_suppression,
+)
 from relay.suppression import parse_csv, to_csv
 
 from .harness import ROOT, RelayProcess, Upstream, UpstreamHandler
@@ -264,7 +273,7 @@ def _row(message_id: str) -> MessageRow:
 
 
 def test_accept_work_records_final_recipients_and_spools_only_what_is_left(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     try:
         final = {"b@x.org": ("bounced", "not sent")}
         store.submit(Store.accept_work(_row("m1"), ["a@x.org", "b@x.org"], b"raw", [], final)).result(5)
@@ -285,7 +294,7 @@ def test_accept_work_records_final_recipients_and_spools_only_what_is_left(tmp_p
 
 
 def test_with_suppression_is_one_transaction(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     try:
         entry = Suppression("x@example.org", "BOUNCE", "2026-11-23T00:00:00.000Z", "m", "f")
         assert with_suppression(Store.events_work([]), []) is not None
@@ -304,7 +313,7 @@ def test_with_suppression_is_one_transaction(tmp_path):
 
 
 def test_entries_filters_and_keyset_pages(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+    store = open_store(tmp_path / "db.sqlite3")
     try:
         entries = [Suppression(f"u{i}@example.org", reason, f"2026-11-2{i}T00:00:00.000Z")
                    for i in range(5) for reason in ("BOUNCE", "COMPLAINT")]

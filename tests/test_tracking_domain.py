@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.core.challenge import challenge_answer, make_challenge
-from relay.store import Store
+from relay.store import open_store
 from relay.tracking_domain import tracking_domain_command
 
 from .dnsstub import StubDns
@@ -71,7 +71,7 @@ def test_verify_command_line_refuses_what_does_not_reach_us(tmp_path, dns_server
         assert bad.returncode == 1 and "InvalidTrackingOptions" in bad.stderr and "label 'bad_name'" in bad.stderr
     finally:
         stranger.stop()
-    store = Store(load(tmp_path).database_path)
+    store = open_store(load(tmp_path).database_path)
     try:
         assert store.verified_tracking_domains() == set()
     finally:

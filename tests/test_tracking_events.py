@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from relay.core import events as events_module
-from relay.store import Store
+from relay.store import open_store
 from relay.tracking import recompute_verdicts
 
 from .test_tracking_helpers import (
@@ -156,7 +156,7 @@ def test_verdicts_recompute_when_lists_change_raw_events_untouched(tmp_path):
     finally:
         server.stop()
     cfg = _config(tmp_path)
-    store = Store(cfg.database_path)
+    store = open_store(cfg.database_path)
     try:
         assert recompute_verdicts(store, cfg) == 2
         rows = store.tracking_verdicts(MID)
@@ -206,7 +206,7 @@ def test_no_event_lost_on_sigterm_under_load(tmp_path, workers):
 
     cfg = config_module.load(path)
     keyring = cfg.keyring()
-    store = Store(cfg.database_path)
+    store = open_store(cfg.database_path)
     store_message(store)
     store.close()
     from relay.core import tokens
@@ -280,7 +280,7 @@ def test_copy_lookups_do_not_grow_with_the_message(tmp_path):
     LIMIT: their cost must not grow with the events of the message (a bulk message, a flood of clicks)."""
     from relay import store as store_module
 
-    store = Store(tmp_path / "relay.sqlite3")
+    store = open_store(tmp_path / "relay.sqlite3")
     try:
         mail = store_message(store, recipients=(RCPT, "other@example.org"))
         now = int(time.time() * 1000)
@@ -320,7 +320,7 @@ def test_stored_records_are_the_core_records_encoded_whole(tmp_path, privacy):
     from relay.inspect import scrubber
     from relay.tracking import EventWriter
 
-    store = Store(tmp_path / "relay.sqlite3")
+    store = open_store(tmp_path / "relay.sqlite3")
     try:
         mail = store_message(store)
         writer = EventWriter("123456789012", verdicts.Lists(), verdicts.Thresholds(),

@@ -15,7 +15,7 @@ from pathlib import Path
 from relay import config as config_module
 from relay.core import events, tokens
 from relay.core.headers import split_header_block
-from relay.store import MessageRow, Store
+from relay.store import MessageRow, Store, open_store
 from relay.tracking import TrackingServer
 
 MID = "0100018c1a2b3c4d-05e008de-024e-4226-841e-98f0e0d61bb1-000000"
@@ -49,7 +49,7 @@ class Listener:
 
     def __init__(self, cfg: config_module.Config, store: Store | None = None):
         self.cfg = cfg
-        self.store = store or Store(cfg.database_path)
+        self.store = store or open_store(cfg.database_path)
         self.keyring = cfg.keyring()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
