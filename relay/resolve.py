@@ -125,8 +125,8 @@ class Resolver:
             return self._model
         try:
             version = configuration_read(self.store, configuration_version)
-        except sqlite3.Error as exc:  # a locked or broken database: keep serving the last known model
-            if self._model is not None:
+        except Exception as exc:  # a locked, broken or unreachable database: keep serving the last known model
+            if self._model is not None and (self.store.unavailable(exc) or isinstance(exc, sqlite3.Error)):
                 log.warning("configuration version unreadable, using the cached model: %s", exc)
                 return self._model
             raise

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import signal
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -411,12 +410,6 @@ RETRY_MAX_S = 5.0  # and at least this often: hits reach the store within 5 s of
 WARN_EVERY_S = 10.0  # one warning per kind per 10 s: a stall of an hour logs 360 lines, not one per retry or hit
 
 
-def _store_unavailable(exc: BaseException) -> bool:
-    """Whether a failed write says the store takes no writes now (full disk, I/O error, a lock, a read-only or
-    damaged file), not that a hit is bad: the first is retried until it passes, the second tried once alone."""
-    return isinstance(exc, (sqlite3.OperationalError, OSError)) or type(exc) is sqlite3.DatabaseError
-
-
 def _retry_delay(failures: int) -> float:
     """Exponential backoff after `failures` failed tries in a row (1, 2, ...): 0.1, 0.2, 0.4 ... 5 s."""
     return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** min(failures - 1, 16))
@@ -514,7 +507,7 @@ class Recorder:
         if isinstance(exc, store_module.StoreClosed) or self._stopped:
             self.dropped["shutdown"] += len(hits)
             log.error("tracking: %d hits not recorded: %s", len(hits), exc)
-        elif _store_unavailable(exc):
+        elif self.store.unavailable(exc):  # retried until it passes; a bad hit is tried once alone
             self._pending.extendleft(reversed(hits))  # first in line again
             if not self._failures:
                 self._failing_since = time.monotonic()

@@ -63,7 +63,8 @@ class SqliteStore(Store):
         super().__init__()
 
     def unavailable(self, error: BaseException) -> bool:
-        return isinstance(error, (sqlite3.OperationalError, OSError))  # disk full, I/O error, locked, read-only
+        """Disk full, I/O error, a lock, a read-only or damaged file (sqlite3's plain DatabaseError)."""
+        return isinstance(error, (sqlite3.OperationalError, OSError)) or type(error) is sqlite3.DatabaseError
 
     def _writer_connection(self) -> SqliteConnection:
         return self._writer_conn
