@@ -84,6 +84,12 @@ class SmtpSettings:
     max_connections_per_client: int = 50
     timeout: float = 300.0
     add_received_header: bool = True
+    # Behind a TCP load balancer: every connection starts with a PROXY protocol header (v1 or v2) naming the
+    # client, accepted only from proxy_networks (the balancers), so trusted networks, caps, AUTH limits and the
+    # Received header see the client rather than the balancer.
+    proxy_protocol: bool = False
+    proxy_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @dataclass(frozen=True)
@@ -504,6 +510,8 @@ def _parse_smtp(s: _Reader, problems: list[str]) -> SmtpSettings:
         max_connections_per_client=s.positive("max_connections_per_client", 50),
         timeout=s.duration("timeout", 300.0),
         add_received_header=s.get("add_received_header", bool, True),
+        proxy_protocol=s.get("proxy_protocol", bool, False),
+        proxy_networks=s.networks("proxy_networks", ["127.0.0.0/8", "::1/128"]),
     )
     s.finish()
     return settings

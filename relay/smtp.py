@@ -49,6 +49,7 @@ AUTH_LINE_OCTETS = 12288
 DATA_READ_OCTETS = 4 * 1024 * 1024
 # A flood of refused connections is logged as one line per this many seconds, not one line each
 REFUSAL_LOG_SECONDS = 60.0
+PROXY_HEADER_TIMEOUT_S = 5.0  # a load balancer sends its PROXY header at once (HAProxy waits 5 s, timeout client)
 
 
 def address_of(peer: Any) -> str:
@@ -57,7 +58,9 @@ def address_of(peer: Any) -> str:
 
 
 def peer_ip(session: Session) -> str:
-    return address_of(session.peer)
+    """The client's address: the one a load balancer named in its PROXY header, else the connection's."""
+    proxied = session.proxy_data.src_addr if session.proxy_data is not None else None
+    return str(proxied) if proxied else address_of(session.peer)
 
 
 def unmatchable_hash(users: Sequence[SmtpUser]) -> str | None:
@@ -303,7 +306,7 @@ class RelaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection (STARTTLS calls this again with the TLS transport)
             ip = address_of(transport.get_extra_info("peername"))
-            refusal = self.event_handler.admit(ip)
+            refusal = self.event_handler.admit(ip, behind_proxy=self._proxy_timeout is not None)
             if refusal is not None:
                 self._refuse(transport, refusal)
                 return
@@ -314,6 +317,17 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
         self._auth_require_tls = not self.event_handler.in_networks(
             peer_ip(self.session), self.event_handler.settings.plaintext_auth_networks)
+
+    def proxied(self, client_ip: str) -> str | None:
+        """The balancer named the client (PROXY header): count the connection as the client's from now on and
+        judge it by that address; or say why it is refused."""
+        balancer = self._client_ip
+        refusal = self.event_handler.admit_proxied(balancer, client_ip)
+        if refusal is None:
+            self._client_ip = client_ip
+            self._auth_require_tls = not self.event_handler.in_networks(
+                client_ip, self.event_handler.settings.plaintext_auth_networks)
+        return refusal
 
     def _refuse(self, transport: asyncio.BaseTransport, reason: str) -> None:
         """421 and close, before aiosmtpd sees the connection: no session, no greeting, nothing read."""
@@ -431,12 +445,34 @@ class Handler:
         self.refusals = RefusalLog()
         self._finishing: set[asyncio.Task] = set()  # accepts whose client went away: kept until they end
 
-    def admit(self, ip: str) -> str | None:
-        """None to serve a new connection from `ip`; else why not (for its 421)."""
-        refusal = self.connections.admit(ip, self.settings, exempt=self.trusted(ip))
+    def admit(self, ip: str, behind_proxy: bool = False) -> str | None:
+        """None to serve a new connection from `ip`; else why not (for its 421). Behind a load balancer only the
+        balancers may connect, and the per-client cap waits for the client's address (handle_PROXY)."""
+        if behind_proxy and not self.in_networks(ip, self.settings.proxy_networks):
+            refusal: str | None = "not a load balancer of smtp.proxy_networks"
+        else:
+            refusal = self.connections.admit(ip, self.settings, exempt=behind_proxy or self.trusted(ip))
         if refusal is not None:
             self.refusals.refused(ip, refusal)
         return refusal
+
+    def admit_proxied(self, balancer: str, client: str) -> str | None:
+        """Move a counted connection from its balancer to the client the balancer named, within the caps."""
+        self.connections.release(balancer)
+        refusal = self.connections.admit(client, self.settings, exempt=self.trusted(client))
+        if refusal is not None:
+            self.connections.admit(balancer, self.settings, exempt=True)  # released as the balancer's again
+            self.refusals.refused(client, refusal)
+        return refusal
+
+    async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data) -> bool:
+        """A PROXY header: serve the connection as the client's when its balancer is trusted and the client
+        within its caps (421 and close otherwise). PROXY UNKNOWN (a balancer's health check) names no client."""
+        client = peer_ip(session)
+        refusal = server.proxied(client)
+        if refusal is not None:
+            server.transport.write(f"421 4.7.0 {server.hostname} Error: {refusal}\r\n".encode())
+        return refusal is None
 
     def release(self, ip: str) -> None:
         self.connections.release(ip)
@@ -566,6 +602,8 @@ async def start_server(settings: SmtpSettings, hostname: str, handler: Handler) 
             ident="relay ESMTP",
             tls_context=context,
             timeout=settings.timeout,
+            # the header is a balancer's first bytes: a few seconds, as HAProxy's accept-proxy timeout
+            proxy_protocol_timeout=PROXY_HEADER_TIMEOUT_S if settings.proxy_protocol else None,
             auth_require_tls=True,
             authenticator=authenticator,
             auth_exclude_mechanism=["CRAM-MD5"],
