@@ -55,8 +55,15 @@ class UpstreamHandler:
     def __init__(self):
         self.messages: list[Received] = []
         self.reply: str | None = None
+        self.refuse: set[str] = set()  # addresses refused at RCPT as unknown (a permanent bounce)
         self.delay = 0.0
         self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.refuse:
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown in virtual mailbox table"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         if self.delay:
