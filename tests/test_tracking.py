@@ -9,6 +9,7 @@ import pytest
 
 from relay.core import tokens
 from relay.core.tokens import Keyring, SigningKey
+from relay.core.uri import to_uri
 from relay.tracking import GIF, NO_STORE
 
 from .test_tracking_helpers import (
@@ -104,7 +105,7 @@ DESTINATIONS = [
 @pytest.mark.parametrize("url", DESTINATIONS)
 def test_click_redirects_byte_exactly(listener, url):
     token = listener.click_token(url, 3, {"campaign": ["autumn"], "pos": ["hero"]})
-    assert _location_bytes(listener.port, token) == url.encode("utf-8")
+    assert _location_bytes(listener.port, token) == to_uri(url).encode("ascii")  # an ASCII link: itself
     status, headers, _ = request(listener.port, "GET", "/c/" + token)
     assert status == 302
     assert header(headers, "Cache-Control") == NO_STORE
@@ -334,7 +335,7 @@ def test_fast_path_answers_as_aiohttp_does(listener, method):
     assert (pixel_status, pixel_fields[b"content-length"], gif) == (b"HTTP/1.1 200 OK", b"43",
                                                                     GIF if method == "GET" else b"")
     assert click_status == b"HTTP/1.1 302 Found"
-    assert click_fields[b"location"] == "https://shop.example/ü?a=1&b=2#x".encode()
+    assert click_fields[b"location"] == b"https://shop.example/%C3%BC?a=1&b=2#x"
     listener.flush()
     assert len(stored(listener.store, "Open")) == 2  # a HEAD open counts too (with a machine verdict)
     assert len(stored(listener.store, "Click")) == (2 if method == "GET" else 0)
