@@ -651,6 +651,7 @@ class _RequestReader:
         self.buffer = b""
         self.start = 0  # where the current request begins in buffer
         self.fed = 0  # how far llhttp has read buffer
+        self.line_start = 0  # where the line being read begins
         self.body_left = 0
         self.passthrough = False  # after a chunked body or an upgrade: the rest is aiohttp's, unread
         self.ended = False  # after a request that closes the connection (and its body): nothing more is read
@@ -666,9 +667,12 @@ class _RequestReader:
         self.method, self.keep_alive, self.complete = b"GET", False, False
 
     def feed(self, data: bytes) -> None:
+        if self.ended and not self.body_left and not self.passthrough:
+            return  # after the last request: nothing more is read
         if self.start:  # what earlier requests took is dropped: the buffer holds one request and what follows
             self.buffer = self.buffer[self.start:] + data if self.start < len(self.buffer) else data
             self.fed -= self.start
+            self.line_start -= self.start
             self.line_end -= self.start if self.line_end else 0
             self.start = 0
         else:
@@ -725,30 +729,30 @@ class _RequestReader:
             raise _Refused(self._method()) from exc
 
     def _read_line(self) -> bool:
-        """Feed the request line, once whole: so a raw non-ASCII target can be escaped first."""
-        while not self.target:  # llhttp skips empty lines before a request line
+        """Feed the request line as it arrives; whether it is whole."""
+        while True:
             end = self.buffer.find(b"\n", self.fed)
+            stop = len(self.buffer) if end < 0 else end + 1
+            piece = self.buffer[self.fed:stop]
+            if not piece.isascii():
+                piece = self._escaped(piece, stop)
+            self.parser.feed_data(piece)
+            self.fed += len(piece)
+            if self.fed - self.line_start > self.max_line + 2:
+                raise _Refused(self._method())
             if end < 0:
-                if len(self.buffer) - self.fed > self.max_line + 2:
-                    raise _Refused
                 return False
-            if end - self.fed > self.max_line + 1:
-                raise _Refused
-            line = self.buffer[self.fed:end + 1]
-            if not line.isascii():
-                line = self._escaped(line, end + 1)
-            self.parser.feed_data(line)
-            self.fed += len(line)
-        self.line_end = self.fed
-        return True
+            if self.target:
+                self.line_end = self.fed
+                return True
+            self.line_start = self.fed  # an empty line before the request line: llhttp skips it
 
-    def _escaped(self, line: bytes, end: int) -> bytes:
-        method, space, rest = line.partition(b" ")
-        target, space2, version = rest.partition(b" ")
-        if space and space2:
-            line = method + space + _RAW_NON_ASCII.sub(lambda m: b"%%%02X" % m[0][0], target) + space2 + version
-            self.buffer = self.buffer[:self.fed] + line + self.buffer[end:]
-        return line
+    def _escaped(self, piece: bytes, stop: int) -> bytes:
+        """A request line's raw non-ASCII bytes as %XX, in the buffer too (aiohttp gets the same line). Only the
+        target can hold them: in the method or version they stay an error."""
+        piece = _RAW_NON_ASCII.sub(lambda m: b"%%%02X" % m[0][0], piece)
+        self.buffer = self.buffer[:self.fed] + piece + self.buffer[stop:]
+        return piece
 
     def _read_head(self) -> _Request | None:
         end = self.buffer.find(b"\r\n\r\n", max(self.fed - 3, self.line_end - 2))
@@ -765,6 +769,8 @@ class _RequestReader:
         self.fed = end
         if self._http11() and b"host" not in self.single:  # RFC 9112 §3.2: a server MUST answer 400
             raise _Refused(self._method())
+        if not _served_target(self.method, self.target):
+            raise _Refused(self._method())
         return self._head(end, passthrough=not self.complete and b"content-length" not in self.single)
 
     def _http11(self) -> bool:
@@ -772,7 +778,7 @@ class _RequestReader:
 
     def _head(self, end: int, passthrough: bool) -> _Request:
         request = _Request(self, self.buffer[self.start:end], self._http11(), passthrough)
-        self.start = self.fed = end
+        self.start = self.fed = self.line_start = end
         self.body_left, self.passthrough, self.ended = request.body, passthrough, not request.keep_alive
         self._begin()
         return request
@@ -788,11 +794,24 @@ class _RequestReader:
             except httptools.HttpParserError as exc:
                 raise _Refused from exc
         piece = self.buffer[self.start:end]
-        self.start = self.fed = end
+        self.start = self.fed = self.line_start = end
         return piece or None
 
     def _method(self) -> bytes:
         return self.parser.get_method() if self.target else b"GET"
+
+
+def _served_target(method: bytes, target: bytes) -> bool:
+    """The request-target forms aiohttp takes (RFC 9112 §3.2): a path, an absolute URL with a host, `*` for
+    OPTIONS (CONNECT's authority form never gets here: llhttp reads it as an upgrade)."""
+    if target[:1] == b"/":
+        return True
+    if target == b"*":
+        return method == b"OPTIONS"
+    try:
+        return bool(httptools.parse_url(target).host)
+    except httptools.HttpParserInvalidURLError:
+        return False
 
 
 class _FastConnection(asyncio.Protocol):

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,13 +104,14 @@ def test_tracking_keys_file_created_private_and_rotatable(tmp_path):
 
 
 def test_relay_check_command(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's relay, not whichever one is installed
     ok = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--config", str(ROOT / "config.example.toml")],
-                        capture_output=True, text=True, cwd=tmp_path)
+                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[smtp]\nmax_recipients = 0\n")
     out = subprocess.run([sys.executable, "-m", "relay.cli", "check", "--config", str(bad)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     assert out.returncode == 1 and "smtp.max_recipients" in out.stderr
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay import config as config_module
 from relay import tracking
@@ -301,6 +303,38 @@ def test_the_fast_path_and_aiohttp_answer_odd_requests_alike(relay):
     assert {name: s[0] for name, s in statuses.items()} == expected
 
 
+def test_the_limits_follow_the_configuration(tmp_path):
+    relay = Relay(tmp_path, tracking="max_headers = 3\nmax_header_bytes = 300\nmax_request_line = 400").start()
+    try:
+        path = relay.open_path().encode()
+        pad = b"?" + b"q" * (400 - len(b"GET  HTTP/1.1") - len(path) - 1)
+        cookie = b"Cookie: " + b"c" * (300 - 9 - 10) + b"\r\n"  # with "Host: t": 300 bytes of fields
+        requests = {
+            (b"GET " + path + b" HTTP/1.1\r\nHost: t\r\na: b\r\nc: d\r\n\r\n"): 200,
+            (b"GET " + path + b" HTTP/1.1\r\nHost: t\r\na: b\r\nc: d\r\ne: f\r\n\r\n"): 400,
+            (b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n" + cookie + b"\r\n"): 200,
+            (b"GET " + path + b" HTTP/1.1\r\nHost: t\r\nc" + cookie + b"\r\n"): 400,
+            (b"GET " + path + pad + b" HTTP/1.1\r\nHost: t\r\n\r\n"): 200,
+            (b"GET " + path + pad + b"q HTTP/1.1\r\nHost: t\r\n\r\n"): 400,
+        }
+        assert {r: _status(relay.tracking_port, r) for r in requests} == requests
+    finally:
+        relay.stop()
+
+
+def test_limit_keys_are_checked(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text('[tracking]\nmax_connections = -1\nmax_headers = 0\nmax_header_bytes = "8k"\n')
+    with pytest.raises(config_module.ConfigError) as err:
+        config_module.load(path)
+    text = "\n".join(err.value.problems)
+    for key in ("tracking.max_connections", "tracking.max_headers", "tracking.max_header_bytes"):
+        assert key in text
+    path.write_text("[tracking]\n")
+    t = config_module.load(path).tracking
+    assert (t.max_connections, t.max_request_line, t.max_header_bytes, t.max_headers) == (0, 32768, 8192, 100)
+
+
 # --- C. redirects in URI form ---------------------------------------------------------------------------------
 
 class _Destination(http.server.ThreadingHTTPServer):
@@ -356,3 +390,73 @@ def test_a_browser_like_client_follows_a_unicode_link_to_its_destination(relay):
     finally:
         destination.shutdown()
         destination.server_close()
+
+
+# --- the listener's reader and aiohttp's parser judge alike ---------------------------------------------------
+
+_METHODS = [b"GET", b"HEAD", b"POST", b"OPTIONS", b"PRI", b"get", b"G\xc3\x89T", b"DELETE", b"GET "]
+_TARGETS = [b"/o/abc", b"/c/abc?x=1&y", b"/o/a%20b", b"/o/%zz", b"*", b"http://h/o/x", b"http:///o/x", b"o/x",
+            b"https://u@h:99/o", b"https://h:99999/o", b"/o/<>\"{}|^`", b"//x", b"/o/x#f", b"/o/\x7f", b"/o/a b", b""]
+_VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.x", b"http/1.1", b"HTTP/1.1 ", b"HTTP/11"]
+_FIELDS = [b"Host: t", b"Host: u", b"Host:", b"host:t", b"User-Agent: a", b"User-Agent: caf\xc3\xa9 \xff",
+           b"X-Forwarded-For: 1.2.3.4", b"X: a\x00b", b"X: \x7f", b"X\x01: b", b"X : y", b" folded", b"\tfolded",
+           b"X: a\tb", b"X: y ", b"X:y", b": v", b"X", b"Content-Length: 0", b"Content-Length: 00",
+           b"Content-Length: x", b"Content-Length: -1", b"Content-Length: 1 1", b"Transfer-Encoding: gzip",
+           b"Connection: close", b"Connection: keep-alive", b"Expect: 100-continue", b"Content-Type: a", b"ETag: x",
+           b"X-\xff: v", b"Cookie: " + b"c" * 3000, b"a: b", b"X: a\rb"]
+
+
+def _aiohttp_accepts(head: bytes, settings) -> bool:
+    """aiohttp's parser (llhttp through its C extension), set up as the listener sets it up, then `_handle`'s
+    size rule: whether aiohttp would answer this request rather than refuse it."""
+    import asyncio
+
+    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.http_parser import HttpRequestParser
+
+    class Protocol:  # the parser's payloads ask their protocol to pause and resume reading
+        def pause_reading(self, **_):
+            pass
+
+        def resume_reading(self, **_):
+            pass
+
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpRequestParser(Protocol(), loop, 2 ** 16, max_line_size=settings.max_request_line,
+                                   max_field_size=settings.max_header_bytes, max_headers=settings.max_headers)
+        messages, _, _ = parser.feed_data(head)
+    except HttpProcessingError:
+        return False
+    finally:
+        loop.close()
+    return bool(messages) and tracking._headers_size(messages[0][0].raw_headers) <= settings.max_header_bytes
+
+
+def _reader_accepts(head: bytes, settings) -> bool | None:
+    """Whether the listener's reader takes the request; None when it leaves the judging to aiohttp (an upgrade
+    or a chunked body: aiohttp reads the rest of that connection)."""
+    reader = tracking._RequestReader(settings)
+    reader.feed(head)
+    try:
+        request = reader.next()
+    except tracking._Refused:
+        return False
+    assert request is not None, head
+    return None if request.passthrough else True
+
+
+@settings(max_examples=600, deadline=None)
+@given(method=st.sampled_from(_METHODS), target=st.sampled_from(_TARGETS), version=st.sampled_from(_VERSIONS),
+       fields=st.lists(st.sampled_from(_FIELDS), max_size=6), filler=st.sampled_from([0, 1, 98, 99, 100, 3000]),
+       host_first=st.booleans())
+def test_the_reader_refuses_what_aiohttp_refuses_and_only_that(method, target, version, fields, filler, host_first):
+    listener = config_module.TrackingConfig()
+    lines = [method + b" " + target + b" " + version] + ([b"Host: t"] if host_first else [])
+    lines += fields + [b"f: v"] * filler
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    if b"\n" in head.replace(b"\r\n", b""):
+        return
+    ours = _reader_accepts(head, listener)
+    if ours is not None:
+        assert ours == _aiohttp_accepts(head, listener), head[:300]
