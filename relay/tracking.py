@@ -472,7 +472,8 @@ class Recorder:
 # --- the HTTP server ----------------------------------------------------------------------------------------
 
 _BACKLOG = 1024  # connections the kernel queues while the listener is at its cap or busy
-_CAP_LOG_INTERVAL = 60.0  # seconds between two "at the cap" messages: a flood must not flood the log too
+_LOG_INTERVAL = 60.0  # seconds between two messages about the cap or failed accepts: a flood must not flood the log
+_ACCEPT_RETRY = 0.5  # seconds without accepting after accept() failed for want of descriptors (as nginx)
 
 
 def connection_cap(configured: int, nofile: int) -> int:
@@ -504,7 +505,7 @@ class _Server(web.Server):
         self.idle: dict[_FastConnection, None] = {}  # answered everything, nothing buffered: oldest first
         self.open = 0  # accepted sockets, those still in a TLS handshake included
         self._room = asyncio.Event()
-        self._evicted, self._last_cap_log = 0, -_CAP_LOG_INTERVAL
+        self._evicted, self._last_cap_log, self._last_accept_log = 0, -_LOG_INTERVAL, -_LOG_INTERVAL
         self._starved = False  # at the cap with no connection to close
         self._starting: set[asyncio.Task] = set()
 
@@ -518,7 +519,17 @@ class _Server(web.Server):
         others wait in the kernel's queue)."""
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(sock)
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except ConnectionAbortedError:  # reset while queued
+                continue
+            except OSError as exc:  # out of descriptors (SMTP and delivery used up theirs too), or memory
+                if self.tick - self._last_accept_log >= _LOG_INTERVAL:
+                    self._last_accept_log = self.tick
+                    log.warning("tracking listener: accepting failed (%s); trying again every %.1f s", exc,
+                                _ACCEPT_RETRY)
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
             self.open += 1
             while self.open > self.cap and not self._make_room():
                 self._room.clear()
@@ -565,7 +576,7 @@ class _Server(web.Server):
                 asked.asked_to_close = True
                 asked.handler.close()  # idle: closes now; busy: after its answer
         self._starved = not made
-        if self.tick - self._last_cap_log >= _CAP_LOG_INTERVAL:
+        if self.tick - self._last_cap_log >= _LOG_INTERVAL:
             self._last_cap_log = self.tick
             log.warning("tracking listener at its connection cap (%d, open-file limit %d): %d idle connections "
                         "closed since the last message%s", self.cap, self.nofile, self._evicted,

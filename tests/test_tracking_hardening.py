@@ -144,6 +144,29 @@ def test_idle_connections_beyond_the_cap_leave_smtp_and_clicks_working(tmp_path)
         upstream.stop()
 
 
+def test_the_listener_survives_running_out_of_descriptors(tmp_path):
+    """SMTP connections take the descriptors the cap leaves (256 files: 192 for tracking, 23 used at rest):
+    accepting tracking connections fails for a while, and resumes once SMTP gives some back."""
+    relay = Relay(tmp_path, tracking='client_timeout = "60s"', preexec=_nofile(256)).start()
+    smtp = [socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) for _ in range(60)]
+    idle: list[socket.socket] = []
+    try:
+        time.sleep(0.5)
+        idle += [socket.create_connection(("127.0.0.1", relay.tracking_port), timeout=10) for _ in range(200)]
+        time.sleep(1.5)  # relay accepts until no descriptor is left
+        for s in smtp:
+            s.close()
+        conn = http.client.HTTPConnection("127.0.0.1", relay.tracking_port, timeout=15)
+        conn.request("GET", relay.click_path("https://shop.example/back"))
+        assert conn.getresponse().status == 302
+        conn.close()
+        assert "tracking listener: accepting failed ([Errno 24] Too many open files)" in relay.log()
+    finally:
+        for s in smtp + idle:
+            s.close()
+        relay.stop()
+
+
 def test_at_the_cap_the_oldest_idle_connection_is_closed_first(tmp_path):
     relay = Relay(tmp_path, tracking='max_connections = 4\nclient_timeout = "60s"').start()
     try:
