@@ -214,6 +214,31 @@ def test_at_the_cap_busy_connections_are_not_closed_and_new_ones_wait(tmp_path):
         relay.stop()
 
 
+def test_connections_ending_every_way_give_their_place_back(tmp_path):
+    relay = Relay(tmp_path, tracking="max_connections = 3").start()
+    try:
+        pixel = f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n".encode()
+        health = b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
+        endings = [pixel + b"Connection: close\r\n\r\n", health + b"Connection: close\r\n\r\n",
+                   b"GET /o/x HTTP/1.1\r\nX: \x00\r\n\r\n", health + b"\r\n" + pixel + b"\r\n", pixel, b""]
+        for _ in range(3):
+            for ending in endings:
+                with socket.create_connection(("127.0.0.1", relay.tracking_port), timeout=10) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    s.sendall(ending)  # then closed: by relay after its answer, or reset by the client
+                    s.settimeout(0.3)
+                    with contextlib.suppress(OSError):
+                        s.recv(65536)
+        time.sleep(0.5)
+        held = [socket.create_connection(("127.0.0.1", relay.tracking_port), timeout=5) for _ in range(3)]
+        for s in held:
+            s.sendall(pixel + b"\r\n")
+            assert _read_response(s) == (200, GIF)  # three places, all free again
+            s.close()
+    finally:
+        relay.stop()
+
+
 def test_the_systemd_unit_raises_the_open_file_limit():
     unit = (Path(__file__).resolve().parent.parent / "systemd" / "relay.service").read_text()
     assert "\nLimitNOFILE=65536\n" in unit
