@@ -672,7 +672,7 @@ class _RequestReader:
         self.target = b""
         self.line_end = 0  # where the request line ends (after its CRLF), once read
         self.fields = 0
-        self.single: set[bytes] = set()
+        self.single: set[bytes] = set()  # the _SINGLE_FIELDS seen
         self.user_agent = self.forwarded_for = None
         self.content_length = 0
         self.method, self.keep_alive, self.complete = b"GET", False, False
@@ -728,16 +728,35 @@ class _RequestReader:
         """The next head or body bytes; None until more arrive. Raises _Refused."""
         if self.passthrough or self.body_left:
             return self._body()
-        if self.ended:
+        if self.ended or self.fed == len(self.buffer):
             return None
         try:
-            if not self.line_end and not self._read_line():
-                return None
+            if not self.line_end:
+                whole = self._read_whole_head()
+                if whole:
+                    return self._complete(whole)
+                if not self._read_line():
+                    return None
             return self._read_head()
         except httptools.HttpParserUpgrade:  # an upgrade or CONNECT: aiohttp reads the rest as it arrives
             return self._head(len(self.buffer), passthrough=True)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, _Refused) as exc:
             raise _Refused(self._method()) from exc
+
+    def _read_whole_head(self) -> int:
+        """The usual case in one call to llhttp: a whole head, nothing of it read yet, an ASCII request line.
+        Where the head ends; 0 to read it line by line."""
+        if self.fed != self.start:
+            return 0
+        end = self.buffer.find(b"\r\n\r\n", self.fed) + 4
+        line_end = self.buffer.find(b"\n", self.fed) + 1
+        if end < 4 or line_end <= self.fed + 2 or not self.buffer[self.fed:line_end].isascii():
+            return 0  # not whole, a blank line first, or a target to escape
+        if line_end - self.fed > self.max_line + 2 or end - line_end - 2 > self.max_header_bytes:
+            raise _Refused
+        self.parser.feed_data(self.buffer[self.fed:end])
+        self.line_end, self.fed = line_end, end
+        return end
 
     def _read_line(self) -> bool:
         """Feed the request line as it arrives; whether it is whole."""
@@ -750,7 +769,7 @@ class _RequestReader:
             self.parser.feed_data(piece)
             self.fed += len(piece)
             if self.fed - self.line_start > self.max_line + 2:
-                raise _Refused(self._method())
+                raise _Refused
             if end < 0:
                 return False
             if self.target:
@@ -771,17 +790,21 @@ class _RequestReader:
             self.parser.feed_data(self.buffer[self.fed:])
             self.fed = len(self.buffer)
             if self.fed - self.line_end > self.max_header_bytes + 2:
-                raise _Refused(self._method())
+                raise _Refused
             return None
         end += 4
         if end - self.line_end - 2 > self.max_header_bytes:
-            raise _Refused(self._method())
+            raise _Refused
         self.parser.feed_data(self.buffer[self.fed:end])
         self.fed = end
+        return self._complete(end)
+
+    def _complete(self, end: int) -> _Request:
+        """The request whose head llhttp read up to `end`, if HTTP/1.1 and the listener allow it."""
         if self._http11() and b"host" not in self.single:  # RFC 9112 §3.2: a server MUST answer 400
-            raise _Refused(self._method())
+            raise _Refused
         if not _served_target(self.method, self.target):
-            raise _Refused(self._method())
+            raise _Refused
         return self._head(end, passthrough=not self.complete and b"content-length" not in self.single)
 
     def _http11(self) -> bool:
@@ -809,7 +832,8 @@ class _RequestReader:
         return piece or None
 
     def _method(self) -> bytes:
-        return self.parser.get_method() if self.target else b"GET"
+        """HEAD if the request being refused is one (its answer has no body), else GET."""
+        return b"HEAD" if self.buffer.startswith(b"HEAD ", self.line_start) else b"GET"
 
 
 def _served_target(method: bytes, target: bytes) -> bool:
