@@ -531,9 +531,13 @@ class _Server(web.Server):
                 await asyncio.sleep(_ACCEPT_RETRY)
                 continue
             self.open += 1
-            while self.open > self.cap and not self._make_room():
-                self._room.clear()
-                await self._room.wait()
+            try:
+                while self.open > self.cap and not self._make_room():
+                    self._room.clear()
+                    await self._room.wait()
+            except asyncio.CancelledError:  # stopping
+                conn.close()
+                raise
             task = loop.create_task(self._connect(conn, ssl_context))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
@@ -1157,7 +1161,8 @@ class TrackingServer:
 
     def reload(self, config: Config, keyring: Keyring | None = None) -> None:
         """Take verdict lists, thresholds, trusted proxies, link age and keys from a reloaded configuration
-        (SIGHUP); listen addresses, certificates and batching need a restart. Call on the loop's thread."""
+        (SIGHUP); listen addresses, certificates, batching, the connection cap and request limits need a restart.
+        Call on the loop's thread."""
         t = self.settings = config.tracking
         self.config = config
         self.lists = load_lists(t)
@@ -1194,7 +1199,8 @@ class TrackingServer:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.raw_path.split("?", 1)[0]
-        if path == self._server.refused_path or _headers_size(request.raw_headers) > self.settings.max_header_bytes:
+        limits = self._server.settings  # as the connection's reader judged it (limits take a restart)
+        if path == self._server.refused_path or _headers_size(request.raw_headers) > limits.max_header_bytes:
             return web.Response(status=400, body=BAD_REQUEST, headers=_PAGE_HEADERS)
         method = request.method
         if path.startswith(OPEN_PATH):
