@@ -5,8 +5,10 @@ verdicts (`relay.core.verdicts`), device summaries (`relay.core.useragent`), dom
 (`relay.core.domains`). This module only talks HTTP and hands hits to the store.
 
 Hot path: a request is answered from memory (token check, constant GIF or a 302) after its hit is appended to
-an in-memory buffer. Plain GET/HEAD pixel and click requests never build aiohttp request or response objects
-(`_FastConnection`); every other request goes through aiohttp and `_handle`. Every `flush_interval` (or
+an in-memory buffer. Every request is read by llhttp (httptools) under one set of limits (`_RequestReader`);
+plain GET/HEAD pixel and click requests never build aiohttp request or response objects (`_FastConnection`);
+every other request goes through aiohttp and `_handle`. Connections are accepted by the listener itself, at most
+`tracking.max_connections` (below the open-file limit), idle ones closed first to make room. Every `flush_interval` (or
 `flush_batch` hits) the buffer becomes SES records and verdicts on the event loop, and one insert-only work in
 the store's group commit. `stop()` closes the sockets, waits for in-flight requests, then drains the buffer: an
 answered hit is never lost. `relay track` can run several worker processes on one port (SO_REUSEPORT), each
@@ -636,7 +638,8 @@ class _Request:
 
 
 class _Refused(Exception):
-    """The request cannot be read, or is over a limit: 400, and the connection closes after it."""
+    """The request cannot be read, or is over a limit: 400, and the connection closes after it. `method`: HEAD
+    or GET, how to answer it."""
 
     def __init__(self, method: bytes = b"GET"):
         super().__init__(method)
@@ -758,8 +761,9 @@ class _RequestReader:
             return 0  # not whole, a blank line first, or a target to escape
         if line_end - self.fed > self.max_line + 2 or end - line_end - 2 > self.max_header_bytes:
             raise _Refused
+        self.line_end = line_end
         self.parser.feed_data(self.buffer[self.fed:end])
-        self.line_end, self.fed = line_end, end
+        self.fed = end
         return end
 
     def _read_line(self) -> bool:
@@ -959,8 +963,7 @@ class _FastConnection(asyncio.Protocol):
             self.transport.write(_fast_response(_REFUSED_HEAD, BAD_REQUEST if method != b"HEAD" else b"", True))
             self.transport.close()
         else:
-            verb = b"HEAD" if method == b"HEAD" else b"GET"
-            self.handler.data_received(verb + b" " + self.server.refused_path.encode("ascii")
+            self.handler.data_received(method + b" " + self.server.refused_path.encode("ascii")
                                        + b" HTTP/1.1\r\nHost: refused\r\nConnection: close\r\n\r\n")
 
 
