@@ -27,6 +27,7 @@ from relay.core import tokens
 from relay.tracking import BAD_REQUEST, GIF
 
 from .harness import RelayProcess, Upstream, wait_port
+from .test_tracking_helpers import raw_request
 
 MID = "0100018c1a2b3c4d-05e008de-024e-4226-841e-98f0e0d61bb1-000000"
 RCPT = "reader@example.org"
@@ -68,17 +69,6 @@ def relay(tmp_path_factory):
     process = Relay(tmp_path_factory.mktemp("relay"), tracking='client_timeout = "30s"').start()
     yield process
     process.stop()
-
-
-def _exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
-    """Send bytes as they are; everything read until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        chunks = []
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def _split(answer: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
@@ -177,7 +167,7 @@ def test_at_the_cap_the_oldest_idle_connection_is_closed_first(tmp_path):
         # a keep-alive connection in use is not closed: it just answered, so it is the newest idle one
         rest[0].sendall(f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         assert _read_response(rest[0]) == (200, GIF)
-        status, _, _ = _split(_exchange(relay.tracking_port, f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n"
+        status, _, _ = _split(raw_request(relay.tracking_port, f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n"
                                         "Connection: close\r\n\r\n".encode()))
         assert status == b"HTTP/1.1 200 OK"
         assert first.recv(1) == b""  # closed by relay: the oldest idle connection
@@ -248,7 +238,7 @@ def test_the_systemd_unit_raises_the_open_file_limit():
 
 def test_a_pixel_request_with_1000_header_fields_gets_400(relay):
     fields = b"a: b\r\n" * 1000  # 6 KB: under the 8 KB limit, over the 100 fields
-    answer = _exchange(relay.tracking_port, f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n".encode() + fields
+    answer = raw_request(relay.tracking_port, f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n".encode() + fields
                        + b"Connection: close\r\n\r\n")
     status, headers, body = _split(answer)
     assert (status, body) == (b"HTTP/1.1 400 Bad Request", BAD_REQUEST)
@@ -257,7 +247,8 @@ def test_a_pixel_request_with_1000_header_fields_gets_400(relay):
 
 def test_a_raw_non_ascii_pixel_path_gets_the_gif(relay):
     for target in (b"/o/\xc3\xa9t\xc3\xa9", b"/o/\xe9", relay.open_path().encode() + b"\xff"):
-        answer = _exchange(relay.tracking_port, b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        request = b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        answer = raw_request(relay.tracking_port, request)
         status, headers, body = _split(answer)
         assert (status, headers[b"content-type"], body) == (b"HTTP/1.1 200 OK", b"image/gif", GIF), target
 
@@ -268,7 +259,7 @@ def test_a_400_to_head_has_no_body(relay, after_aiohttp):
     for bad in (f"HEAD {relay.open_path()} HTTP/1.1\r\nHost: t\r\nCookie: {'c' * 9000}\r\n\r\n".encode(),
                 f"HEAD {relay.open_path()} HTTP/1.1\r\nHost: t\r\n".encode() + b"a: b\r\n" * 200 + b"\r\n",
                 b"HEAD /o/x HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n"):
-        answer = _exchange(relay.tracking_port, first + bad)
+        answer = raw_request(relay.tracking_port, first + bad)
         if after_aiohttp:
             assert _split(answer)[2].startswith(b"ok\nHTTP/1.1 400 ")
             answer = answer[answer.index(b"HTTP/1.1 400 "):]
@@ -428,7 +419,7 @@ def test_a_browser_like_client_follows_a_unicode_link_to_its_destination(relay):
         with opener.open(f"http://127.0.0.1:{relay.tracking_port}{relay.click_path(link)}", timeout=10) as answer:
             assert answer.read() == b"ok"
         assert destination.seen == [(f"xn--bcher-kva.example:{port}", "/stra%C3%9Fe?q=gr%C3%B6%C3%9Fe")]
-        [location] = [v for k, v in _split(_exchange(relay.tracking_port, (
+        [location] = [v for k, v in _split(raw_request(relay.tracking_port, (
             f"GET {relay.click_path(link)} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").encode()))[1].items()
             if k == b"location"]
         assert location == f"http://xn--bcher-kva.example:{port}/stra%C3%9Fe?q=gr%C3%B6%C3%9Fe".encode()
