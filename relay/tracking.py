@@ -673,13 +673,14 @@ class _RequestReader:
         self.body_left = 0
         self.passthrough = False  # after a chunked body or an upgrade: the rest is aiohttp's, unread
         self.ended = False  # after a request that closes the connection (and its body): nothing more is read
+        self.single: set[bytes] = set()
         self._begin()
 
     def _begin(self) -> None:
         self.target = b""
         self.line_end = 0  # where the request line ends (after its CRLF), once read
         self.fields = 0
-        self.single: set[bytes] = set()  # the _SINGLE_FIELDS seen
+        self.single.clear()  # the _SINGLE_FIELDS seen
         self.user_agent = self.forwarded_for = None
         self.content_length = 0
         self.method, self.keep_alive, self.complete = b"GET", False, False
