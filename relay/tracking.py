@@ -747,7 +747,7 @@ class _RequestReader:
                     return None
             return self._read_head()
         except httptools.HttpParserUpgrade:  # an upgrade or CONNECT: aiohttp reads the rest as it arrives
-            return self._head(len(self.buffer), passthrough=True)
+            return self._head(len(self.buffer), self._http11(), passthrough=True)
         except (httptools.HttpParserError, _Refused) as exc:
             raise _Refused(self._method()) from exc
 
@@ -810,17 +810,18 @@ class _RequestReader:
 
     def _complete(self, end: int) -> _Request:
         """The request whose head llhttp read up to `end`, if HTTP/1.1 and the listener allow it."""
-        if self._http11() and b"host" not in self.single:  # RFC 9112 §3.2: a server MUST answer 400
+        http11 = self._http11()
+        if http11 and b"host" not in self.single:  # RFC 9112 §3.2: a server MUST answer 400
             raise _Refused
         if not _served_target(self.method, self.target):
             raise _Refused
-        return self._head(end, passthrough=not self.complete and b"content-length" not in self.single)
+        return self._head(end, http11, passthrough=not self.complete and b"content-length" not in self.single)
 
     def _http11(self) -> bool:
         return self.buffer[self.line_end - 10:self.line_end - 2] == b"HTTP/1.1"
 
-    def _head(self, end: int, passthrough: bool) -> _Request:
-        request = _Request(self, self.buffer[self.start:end], self._http11(), passthrough)
+    def _head(self, end: int, http11: bool, passthrough: bool) -> _Request:
+        request = _Request(self, self.buffer[self.start:end], http11, passthrough)
         self.start = self.fed = self.line_start = end
         self.body_left, self.passthrough, self.ended = request.body, passthrough, not request.keep_alive
         self._begin()
