@@ -9,7 +9,6 @@ import pytest
 
 from relay.core import tokens
 from relay.core.tokens import Keyring, SigningKey
-from relay.core.uri import to_uri
 from relay.tracking import GIF, NO_STORE
 
 from .test_tracking_helpers import (
@@ -105,7 +104,8 @@ DESTINATIONS = [
 @pytest.mark.parametrize("url", DESTINATIONS)
 def test_click_redirects_byte_exactly(listener, url):
     token = listener.click_token(url, 3, {"campaign": ["autumn"], "pos": ["hero"]})
-    assert _location_bytes(listener.port, token) == to_uri(url).encode("ascii")  # an ASCII link: itself
+    sent = url if url.isascii() else "https://xn--bcher-kva.example/stra%C3%9Fe?%C3%BC=1#%C3%A4"  # its URI form
+    assert _location_bytes(listener.port, token) == sent.encode("ascii")
     status, headers, _ = request(listener.port, "GET", "/c/" + token)
     assert status == 302
     assert header(headers, "Cache-Control") == NO_STORE
