@@ -35,13 +35,13 @@ RCPT = "reader@example.org"
 
 @dataclass
 class Relay(RelayProcess):
-    tracking: str = ""  # more [tracking] keys
+    tracking_toml: str = ""  # more [tracking] keys, as TOML lines
 
     def write_config(self) -> None:
         super().write_config()
         text = self.config_path.read_text()
         anchor = f'default_host = "127.0.0.1:{self.tracking_port}"\n'
-        self.config_path.write_text(text.replace(anchor, anchor + self.tracking + "\n", 1))
+        self.config_path.write_text(text.replace(anchor, anchor + self.tracking_toml + "\n", 1))
 
     def start(self) -> Relay:
         super().start()
@@ -66,7 +66,7 @@ def _nofile(limit: int):
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
-    process = Relay(tmp_path_factory.mktemp("relay"), tracking='client_timeout = "30s"').start()
+    process = Relay(tmp_path_factory.mktemp("relay"), tracking_toml='client_timeout = "30s"').start()
     yield process
     process.stop()
 
@@ -108,7 +108,7 @@ def test_idle_connections_beyond_the_cap_leave_smtp_and_clicks_working(tmp_path)
     """1,100 idle connections used to exhaust the descriptors (EMFILE): SMTP stopped accepting, clicks stopped
     answering, nothing was logged. Here relay may open 512 files (cap 384) and gets 600 idle connections."""
     upstream = Upstream().start()
-    relay = Relay(tmp_path, upstream_port=upstream.port, tracking='client_timeout = "60s"',
+    relay = Relay(tmp_path, upstream_port=upstream.port, tracking_toml='client_timeout = "60s"',
                   preexec=_nofile(512)).start()
     idle: list[socket.socket] = []
     try:
@@ -137,7 +137,7 @@ def test_idle_connections_beyond_the_cap_leave_smtp_and_clicks_working(tmp_path)
 def test_the_listener_survives_running_out_of_descriptors(tmp_path):
     """SMTP connections take the descriptors the cap leaves (256 files: 192 for tracking, 23 used at rest):
     accepting tracking connections fails for a while, and resumes once SMTP gives some back."""
-    relay = Relay(tmp_path, tracking='client_timeout = "60s"', preexec=_nofile(256)).start()
+    relay = Relay(tmp_path, tracking_toml='client_timeout = "60s"', preexec=_nofile(256)).start()
     smtp = [socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=10) for _ in range(60)]
     idle: list[socket.socket] = []
     try:
@@ -158,7 +158,7 @@ def test_the_listener_survives_running_out_of_descriptors(tmp_path):
 
 
 def test_at_the_cap_the_oldest_idle_connection_is_closed_first(tmp_path):
-    relay = Relay(tmp_path, tracking='max_connections = 4\nclient_timeout = "60s"').start()
+    relay = Relay(tmp_path, tracking_toml='max_connections = 4\nclient_timeout = "60s"').start()
     try:
         first = socket.create_connection(("127.0.0.1", relay.tracking_port), timeout=10)
         time.sleep(0.3)
@@ -181,7 +181,7 @@ def test_at_the_cap_the_oldest_idle_connection_is_closed_first(tmp_path):
 
 
 def test_at_the_cap_busy_connections_are_not_closed_and_new_ones_wait(tmp_path):
-    relay = Relay(tmp_path, tracking='max_connections = 3\nclient_timeout = "60s"').start()
+    relay = Relay(tmp_path, tracking_toml='max_connections = 3\nclient_timeout = "60s"').start()
     try:
         pixel = f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n".encode()
         busy = [socket.create_connection(("127.0.0.1", relay.tracking_port), timeout=10) for _ in range(3)]
@@ -205,7 +205,7 @@ def test_at_the_cap_busy_connections_are_not_closed_and_new_ones_wait(tmp_path):
 
 
 def test_connections_ending_every_way_give_their_place_back(tmp_path):
-    relay = Relay(tmp_path, tracking="max_connections = 3").start()
+    relay = Relay(tmp_path, tracking_toml="max_connections = 3").start()
     try:
         pixel = f"GET {relay.open_path()} HTTP/1.1\r\nHost: t\r\n".encode()
         health = b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
@@ -343,7 +343,7 @@ def test_the_fast_path_and_aiohttp_answer_odd_requests_alike(relay):
 
 
 def test_the_limits_follow_the_configuration(tmp_path):
-    relay = Relay(tmp_path, tracking="max_headers = 3\nmax_header_bytes = 300\nmax_request_line = 400").start()
+    relay = Relay(tmp_path, tracking_toml="max_headers = 3\nmax_header_bytes = 300\nmax_request_line = 400").start()
     try:
         path = relay.open_path().encode()
         pad = b"?" + b"q" * (400 - len(b"GET  HTTP/1.1") - len(path) - 1)
