@@ -149,6 +149,15 @@ class TrackingConfig:
     workers: int = 1  # `relay track` processes sharing the port (SO_REUSEPORT) and the store
     # Hosts reachable as https://host through a proxy or CDN in front of the listener (TLS terminated there).
     https_hosts: tuple[str, ...] = ()
+    # --- tracking listener: connections and request limits ---
+    # Open connections at most; 0: three quarters of the process's open-file limit (RLIMIT_NOFILE), the other
+    # quarter kept for SMTP, delivery and the store (Debian's nginx: 768 worker_connections under 1,024 files).
+    max_connections: int = 0
+    # Request line (method, target, version): a click token carries its whole destination URL, so more than
+    # nginx's and aiohttp's 8 KiB; 32 KiB keeps every link that worked before.
+    max_request_line: int = 32768
+    max_header_bytes: int = 8192  # the header fields together (SES answers 400 beyond 8 KiB, cookies included)
+    max_headers: int = 100  # header fields per request (Apache's LimitRequestFields; aiohttp's default is 128)
 
 
 @dataclass(frozen=True)
@@ -557,6 +566,7 @@ def _parse_tracking(t: _Reader, data_dir: Path, problems: list[str]) -> Tracking
         keys_file=t.path("keys_file", data_dir / "tracking-keys") or data_dir / "tracking-keys",
         max_link_age=t.duration("max_link_age", 0.0),
         **_parse_tracking_listener(t, problems),
+        **_parse_tracking_limits(t, problems),
     )
     t.finish()
     return settings
@@ -607,6 +617,20 @@ def _parse_tracking_listener(t: _Reader, problems: list[str]) -> dict:
         require_verified_domains=t.get("require_verified_domains", bool, True),
         workers=t.positive("workers", 1),
         https_hosts=tuple(str(h).lower() for h in t.get("https_hosts", list, [])),
+    )
+
+
+def _parse_tracking_limits(t: _Reader, problems: list[str]) -> dict:
+    """The tracking listener's connection cap and request limits."""
+    max_connections = t.get("max_connections", int, 0)
+    if max_connections < 0:
+        problems.append("tracking.max_connections: 0 (derived from the open-file limit) or a positive number")
+        max_connections = 0
+    return dict(
+        max_connections=max_connections,
+        max_request_line=t.positive("max_request_line", 32768),
+        max_header_bytes=t.positive("max_header_bytes", 8192),
+        max_headers=t.positive("max_headers", 100),
     )
 
 

@@ -5,8 +5,10 @@ verdicts (`relay.core.verdicts`), device summaries (`relay.core.useragent`), dom
 (`relay.core.domains`). This module only talks HTTP and hands hits to the store.
 
 Hot path: a request is answered from memory (token check, constant GIF or a 302) after its hit is appended to
-an in-memory buffer. Plain GET/HEAD pixel and click requests never build aiohttp request or response objects
-(`_FastConnection`); every other request goes through aiohttp and `_handle`. Every `flush_interval` (or
+an in-memory buffer. Every request is read by llhttp (httptools) under one set of limits (`_RequestReader`);
+plain GET/HEAD pixel and click requests never build aiohttp request or response objects (`_FastConnection`);
+every other request goes through aiohttp and `_handle`. Connections are accepted by the listener itself, at most
+`tracking.max_connections` (below the open-file limit), idle ones closed first to make room. Every `flush_interval` (or
 `flush_batch` hits) the buffer becomes SES records and verdicts on the event loop, and one insert-only work in
 the store's group commit, one at a time (`Recorder`: bounded, retried while the store cannot write, drops
 counted). `stop()` closes the sockets, waits for in-flight requests, then drains the buffer (a store that cannot
@@ -27,7 +29,10 @@ import json
 import logging
 import os
 import re
+import resource
+import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -38,6 +43,7 @@ from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+import httptools
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
@@ -48,6 +54,7 @@ from relay.core import events, verdicts
 from relay.core.challenge import CHALLENGE_PATH, challenge_answer
 from relay.core.settings import CLICK_PATH, OPEN_PATH, UNSUBSCRIBE_PATH
 from relay.core.tokens import ClickClaims, Keyring, OpenClaims, UnsubscribeClaims, verify
+from relay.core.uri import to_uri
 from relay.core.useragent import summarize
 from relay.inspect import scrubber as privacy_scrubber  # privacy (issue 8)
 from relay.store import Store, open_store
@@ -59,7 +66,6 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
        b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 NO_STORE = "no-store, no-cache, must-revalidate, private"
-MAX_HEADER_BYTES = 8192  # SES answers 400 beyond this (cookies included)
 
 _PIXEL_HEADERS = {"Content-Type": "image/gif", "Cache-Control": NO_STORE, "Pragma": "no-cache", "Expires": "0",
                   "X-Content-Type-Options": "nosniff"}
@@ -569,59 +575,398 @@ class Recorder:
 
 # --- the HTTP server ----------------------------------------------------------------------------------------
 
+_BACKLOG = 1024  # connections the kernel queues while the listener is at its cap or busy
+_LOG_INTERVAL = 60.0  # seconds between two messages about the cap or failed accepts: a flood must not flood the log
+_ACCEPT_RETRY = 0.5  # seconds without accepting after accept() failed for want of descriptors (as nginx)
+
+
+def connection_cap(configured: int, nofile: int) -> int:
+    """How many tracking connections may be open: `configured`, but at most three quarters of the open-file
+    limit, so SMTP, delivery and the store keep a quarter (Debian's nginx: 768 worker_connections under the
+    usual limit of 1,024). 0 configured: that ceiling."""
+    if nofile == resource.RLIM_INFINITY or nofile > 1 << 20:
+        nofile = 1 << 20  # Linux's default nr_open: no process gets more descriptors than this
+    ceiling = max(nofile * 3 // 4, 1)
+    return ceiling if configured <= 0 else min(configured, ceiling)
+
+
 class _Server(web.Server):
-    """aiohttp's low-level server, whose connections start on the fast path (`_FastConnection`), plus a
-    per-connection deadline: aiohttp has no timeout on reading a request's headers, so a client that dribbles
-    them (slowloris) would hold a connection forever."""
+    """aiohttp's low-level server under the listener's own accept loop: every connection starts as a
+    `_FastConnection`, at most `cap` of them are open (the oldest idle ones closed first to make room, as nginx
+    reuses keep-alive connections), and a connection that sends no complete request for `timeout` seconds is
+    closed (aiohttp has no timeout on reading a request's headers: slowloris)."""
 
-    def __init__(self, handler, timeout: float, fast, **kwargs):
+    def __init__(self, handler, settings: TrackingConfig, cap: int, nofile: int, fast, **kwargs):
         super().__init__(handler, **kwargs)
-        self.timeout = timeout
+        self.settings, self.cap, self.nofile = settings, cap, nofile
+        self.timeout = settings.client_timeout
         self.fast = fast  # TrackingServer._fast_answer
+        # A request the listener refuses after aiohttp took the connection goes to aiohttp as a request for this
+        # path, answered 400 by `_handle`, so answers stay in order; nobody outside can guess it.
+        self.refused_path = "/.refused-" + secrets.token_hex(16)
         self.tick = 0.0  # coarse clock, advanced by the sweeper (cheaper than a clock call per request)
-        self.seen: dict[asyncio.BaseProtocol, float] = {}
-        self.transports: dict[asyncio.BaseProtocol, asyncio.BaseTransport] = {}
-
-    def __call__(self) -> asyncio.Protocol:
-        return _FastConnection(self)
+        self.seen: dict[_FastConnection, float] = {}  # every connection, when it last completed a request
+        self.idle: dict[_FastConnection, None] = {}  # answered everything, nothing buffered: oldest first
+        self.open = 0  # accepted sockets, those still in a TLS handshake included
+        self._room = asyncio.Event()
+        self._evicted, self._last_cap_log, self._last_accept_log = 0, -_LOG_INTERVAL, -_LOG_INTERVAL
+        self._starved = False  # at the cap with no connection to close
+        self._starting: set[asyncio.Task] = set()
 
     def aiohttp_connection(self) -> RequestHandler:
-        return super().__call__()
+        return _AiohttpConnection(self, loop=self._loop, **self._kwargs)
 
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        self.seen[handler] = self.tick
-        self.transports[handler] = transport
+    # --- accepting, within the cap ---
 
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        self.seen.pop(handler, None)
-        self.transports.pop(handler, None)
+    async def serve(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+        """Accept connections on a listening socket; beyond `cap`, one waits until a connection makes way (the
+        others wait in the kernel's queue)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except ConnectionAbortedError:  # reset while queued
+                continue
+            except OSError as exc:  # out of descriptors (SMTP and delivery used up theirs too), or memory
+                if self.tick - self._last_accept_log >= _LOG_INTERVAL:
+                    self._last_accept_log = self.tick
+                    log.warning("tracking listener: accepting failed (%s); trying again every %.1f s", exc,
+                                _ACCEPT_RETRY)
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
+            self.open += 1
+            try:
+                while self.open > self.cap and not self._make_room():
+                    self._room.clear()
+                    await self._room.wait()
+            except asyncio.CancelledError:  # stopping
+                conn.close()
+                raise
+            task = loop.create_task(self._connect(conn, ssl_context))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _connect(self, conn: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+        connection = _FastConnection(self)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are small, written whole
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: connection, conn, ssl=ssl_context,
+                ssl_handshake_timeout=self.timeout if ssl_context is not None else None)
+        except OSError as exc:  # reset, or a TLS handshake that failed or timed out
+            conn.close()
+            if connection.transport is None:
+                self.release()
+            log.debug("tracking connection not set up: %s", exc)
+
+    def release(self) -> None:
+        self.open -= 1
+        if self.open <= self.cap:
+            self._room.set()
+
+    def became_idle(self, connection: _FastConnection) -> None:
+        self.idle[connection] = None
+        if self._starved:  # the cap is reached and nothing was idle: this one can make room
+            self._room.set()
+
+    def _make_room(self) -> bool:
+        """Over the cap: close the connection idle the longest, as nginx reuses keep-alive connections. With none
+        idle, ask aiohttp's oldest connection to close after its answer, and say no room was made yet."""
+        made = bool(self.idle)
+        if made:
+            connection = next(iter(self.idle))
+            del self.idle[connection]
+            connection.transport.close()
+            self._evicted += 1
+        else:
+            asked = next((c for c in self.seen if c.handler is not None and not c.asked_to_close), None)
+            if asked is not None:
+                asked.asked_to_close = True
+                asked.handler.close()  # idle: closes now; busy: after its answer
+        self._starved = not made
+        if self.tick - self._last_cap_log >= _LOG_INTERVAL:
+            self._last_cap_log = self.tick
+            log.warning("tracking listener at its connection cap (%d, open-file limit %d): %d idle connections "
+                        "closed since the last message%s", self.cap, self.nofile, self._evicted,
+                        "" if made else "; every connection is busy, new ones wait")
+            self._evicted = 0
+        return made
+
+    # --- aiohttp's bookkeeping of its connections ---
 
     def pre_shutdown(self) -> None:
-        """After the listening sockets closed: fast-path connections have nothing in flight (each answer is
+        """After the listening sockets closed: connections on the fast path have nothing in flight (each answer is
         written whole, its hit already buffered), so they close now; aiohttp's finish their requests."""
         super().pre_shutdown()
-        for protocol, transport in list(self.transports.items()):
-            if isinstance(protocol, _FastConnection):
-                transport.close()
+        for connection in list(self.seen):
+            if connection.handler is None:
+                connection.transport.close()
 
     async def sweep(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             self.tick += 1.0
-            for handler, last in list(self.seen.items()):
+            for connection, last in list(self.seen.items()):
                 if self.tick - last > self.timeout:
-                    transport = self.transports.get(handler)
-                    if transport is not None:
-                        transport.close()
+                    connection.transport.close()
+
+
+class _AiohttpConnection(RequestHandler):
+    """aiohttp's connection, for the requests the listener does not answer itself. A request its parser refuses
+    gets the listener's 400 page (aiohttp's quotes the request back) and no traceback in the log."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400:
+            return super().handle_error(request, status, exc, message)
+        log.debug("bad request from %s: %s", request.remote, exc)
+        response = web.Response(status=400, body=BAD_REQUEST, headers=_PAGE_HEADERS)
+        response.force_close()
+        return response
+
+
+class _Request:
+    """A request head as `_RequestReader` read it."""
+
+    __slots__ = ("method", "target", "http11", "keep_alive", "user_agent", "forwarded_for", "head", "body",
+                 "passthrough")
+
+    def __init__(self, reader: _RequestReader, head: bytes, http11: bool, passthrough: bool):
+        self.method, self.target, self.http11 = reader.method, reader.target, http11
+        self.keep_alive = not passthrough and reader.keep_alive
+        self.user_agent, self.forwarded_for = reader.user_agent, reader.forwarded_for
+        self.head, self.passthrough = head, passthrough
+        self.body = 0 if reader.complete or passthrough else reader.content_length
+
+
+class _Refused(Exception):
+    """The request cannot be read, or is over a limit: 400, and the connection closes after it. `method`: HEAD
+    or GET, how to answer it."""
+
+    def __init__(self, method: bytes = b"GET"):
+        super().__init__(method)
+        self.method = method
+
+
+# aiohttp refuses a second one of these; so does the listener, whichever side answers (ambiguous framing,
+# host and agent: RFC 9112 §3.2, §6.3)
+_SINGLE_FIELDS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+                            b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
+_RAW_NON_ASCII = re.compile(rb"[\x80-\xff]")
+
+
+class _RequestReader:
+    """The requests of one connection, framed and judged by llhttp (httptools, as uvicorn uses it) under one set
+    of limits, whichever side answers them. `next()` gives each request's head (with the exact bytes that carried
+    it), then its body as bytes; `_Refused` for a request that breaks HTTP/1.1 or a limit.
+
+    Heads are fed to llhttp as they arrive (a malformed line is refused at once), and each ends at its blank line,
+    so a request after one aiohttp answers is judged here too. A raw non-ASCII byte in a request target, which
+    llhttp refuses, is read as its %XX escape: what a browser sends for the same link."""
+
+    def __init__(self, settings: TrackingConfig):
+        self.max_line, self.max_header_bytes = settings.max_request_line, settings.max_header_bytes
+        self.max_headers = settings.max_headers
+        self.parser = httptools.HttpRequestParser(self)
+        self.buffer = b""
+        self.start = 0  # where the current request begins in buffer
+        self.fed = 0  # how far llhttp has read buffer
+        self.line_start = 0  # where the line being read begins
+        self.body_left = 0
+        self.passthrough = False  # after a chunked body or an upgrade: the rest is aiohttp's, unread
+        self.ended = False  # after a request that closes the connection (and its body): nothing more is read
+        self.single: set[bytes] = set()
+        self._begin()
+
+    def _begin(self) -> None:
+        self.target = b""
+        self.line_end = 0  # where the request line ends (after its CRLF), once read
+        self.fields = 0
+        self.single.clear()  # the _SINGLE_FIELDS seen
+        self.user_agent = self.forwarded_for = None
+        self.content_length = 0
+        self.method, self.keep_alive, self.complete = b"GET", False, False
+
+    def feed(self, data: bytes) -> None:
+        if self.ended and not self.body_left and not self.passthrough:
+            return  # after the last request: nothing more is read
+        if self.start:  # what earlier requests took is dropped: the buffer holds one request and what follows
+            self.buffer = self.buffer[self.start:] + data if self.start < len(self.buffer) else data
+            self.fed -= self.start
+            self.line_start -= self.start
+            self.line_end -= self.start if self.line_end else 0
+            self.start = 0
+        else:
+            self.buffer += data
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of a next request received."""
+        return self.start == len(self.buffer) and not self.body_left and not self.passthrough
+
+    # llhttp's callbacks
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields += 1
+        if self.fields > self.max_headers:
+            raise _Refused
+        name = name.lower()
+        if name in _SINGLE_FIELDS:
+            if name in self.single:
+                raise _Refused
+            self.single.add(name)
+            if name == b"user-agent":
+                self.user_agent = value.rstrip(b" \t")
+            elif name == b"content-length":
+                self.content_length = int(value)  # llhttp checked the digits
+        elif name == b"x-forwarded-for" and self.forwarded_for is None:
+            self.forwarded_for = value.rstrip(b" \t")
+
+    def on_headers_complete(self) -> None:
+        # llhttp forgets both once the message is complete
+        self.method, self.keep_alive = self.parser.get_method(), self.parser.should_keep_alive()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    # framing
+
+    def next(self) -> _Request | bytes | None:
+        """The next head or body bytes; None until more arrive. Raises _Refused."""
+        if self.passthrough or self.body_left:
+            return self._body()
+        if self.ended or self.fed == len(self.buffer):
+            return None
+        try:
+            if not self.line_end:
+                whole = self._read_whole_head()
+                if whole:
+                    return self._complete(whole)
+                if not self._read_line():
+                    return None
+            return self._read_head()
+        except httptools.HttpParserUpgrade:  # an upgrade or CONNECT: aiohttp reads the rest as it arrives
+            return self._head(len(self.buffer), self._http11(), passthrough=True)
+        except (httptools.HttpParserError, _Refused) as exc:
+            raise _Refused(self._method()) from exc
+
+    def _read_whole_head(self) -> int:
+        """The usual case in one call to llhttp: a whole head, nothing of it read yet, an ASCII request line.
+        Where the head ends; 0 to read it line by line."""
+        if self.fed != self.start:
+            return 0
+        end = self.buffer.find(b"\r\n\r\n", self.fed) + 4
+        line_end = self.buffer.find(b"\n", self.fed) + 1
+        if end < 4 or line_end <= self.fed + 2 or not self.buffer[self.fed:line_end].isascii():
+            return 0  # not whole, a blank line first, or a target to escape
+        if line_end - self.fed > self.max_line + 2 or end - line_end - 2 > self.max_header_bytes:
+            raise _Refused
+        self.line_end = line_end
+        self.parser.feed_data(self.buffer[self.fed:end])
+        self.fed = end
+        return end
+
+    def _read_line(self) -> bool:
+        """Feed the request line as it arrives; whether it is whole."""
+        while True:
+            end = self.buffer.find(b"\n", self.fed)
+            stop = len(self.buffer) if end < 0 else end + 1
+            piece = self.buffer[self.fed:stop]
+            if not piece.isascii():
+                piece = self._escaped(piece, stop)
+            self.parser.feed_data(piece)
+            self.fed += len(piece)
+            if self.fed - self.line_start > self.max_line + 2:
+                raise _Refused
+            if end < 0:
+                return False
+            if self.target:
+                self.line_end = self.fed
+                return True
+            self.line_start = self.fed  # an empty line before the request line: llhttp skips it
+
+    def _escaped(self, piece: bytes, stop: int) -> bytes:
+        """A request line's raw non-ASCII bytes as %XX, in the buffer too (aiohttp gets the same line). Only the
+        target can hold them: in the method or version they stay an error."""
+        piece = _RAW_NON_ASCII.sub(lambda m: b"%%%02X" % m[0][0], piece)
+        self.buffer = self.buffer[:self.fed] + piece + self.buffer[stop:]
+        return piece
+
+    def _read_head(self) -> _Request | None:
+        end = self.buffer.find(b"\r\n\r\n", max(self.fed - 3, self.line_end - 2))
+        if end < 0:
+            self.parser.feed_data(self.buffer[self.fed:])
+            self.fed = len(self.buffer)
+            if self.fed - self.line_end > self.max_header_bytes + 2:
+                raise _Refused
+            return None
+        end += 4
+        if end - self.line_end - 2 > self.max_header_bytes:
+            raise _Refused
+        self.parser.feed_data(self.buffer[self.fed:end])
+        self.fed = end
+        return self._complete(end)
+
+    def _complete(self, end: int) -> _Request:
+        """The request whose head llhttp read up to `end`, if HTTP/1.1 and the listener allow it."""
+        http11 = self._http11()
+        if http11 and b"host" not in self.single:  # RFC 9112 §3.2: a server MUST answer 400
+            raise _Refused
+        if not _served_target(self.method, self.target):
+            raise _Refused
+        return self._head(end, http11, passthrough=not self.complete and b"content-length" not in self.single)
+
+    def _http11(self) -> bool:
+        return self.buffer[self.line_end - 10:self.line_end - 2] == b"HTTP/1.1"
+
+    def _head(self, end: int, http11: bool, passthrough: bool) -> _Request:
+        request = _Request(self, self.buffer[self.start:end], http11, passthrough)
+        self.start = self.fed = self.line_start = end
+        self.body_left, self.passthrough, self.ended = request.body, passthrough, not request.keep_alive
+        self._begin()
+        return request
+
+    def _body(self) -> bytes | None:
+        if self.passthrough:
+            end = len(self.buffer)
+        else:
+            end = min(self.start + self.body_left, len(self.buffer))
+            self.body_left -= end - self.start
+            try:
+                self.parser.feed_data(self.buffer[self.start:end])  # keeps llhttp at the next request
+            except httptools.HttpParserError as exc:
+                raise _Refused from exc
+        piece = self.buffer[self.start:end]
+        self.start = self.fed = self.line_start = end
+        return piece or None
+
+    def _method(self) -> bytes:
+        """HEAD if the request being refused is one (its answer has no body), else GET."""
+        return b"HEAD" if self.buffer.startswith(b"HEAD ", self.line_start) else b"GET"
+
+
+def _served_target(method: bytes, target: bytes) -> bool:
+    """The request-target forms aiohttp takes (RFC 9112 §3.2): a path, an absolute URL with a host, `*` for
+    OPTIONS (CONNECT's authority form never gets here: llhttp reads it as an upgrade)."""
+    if target[:1] == b"/":
+        return True
+    if target == b"*":
+        return method == b"OPTIONS"
+    try:
+        return bool(httptools.parse_url(target).host)
+    except httptools.HttpParserInvalidURLError:
+        return False
 
 
 class _FastConnection(asyncio.Protocol):
-    """A connection answering plain HTTP/1.1 GET/HEAD pixel and click requests itself, keep-alive, in order;
-    at the first request that is anything else (another path or method, a body, HTTP/1.0, oversized or unusual
-    headers, a damaged click token) it hands the connection, from that request on, to aiohttp's
-    RequestHandler, so every other behaviour stays aiohttp's and `_handle`'s.
+    """A connection of the listener. Every request on it is read and judged by `_RequestReader`; plain GET/HEAD
+    pixel and click requests are answered here, keep-alive, in order. At the first request that is anything else
+    (another path or method, a body, HTTP/1.0, a damaged click token) aiohttp's RequestHandler takes over the
+    answers, and from then on gets each request this connection has judged: one set of limits and one 400 page
+    whichever side answers, and every behaviour beyond them aiohttp's and `_handle`'s.
 
     Why: aiohttp's request and response objects were most of the listener's CPU per hit (measured: a bare
     protocol answered the GIF at ~3x aiohttp's rate on the same machine and load)."""
@@ -630,7 +975,10 @@ class _FastConnection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.buffer = b""
+        self.reader = _RequestReader(server.settings)
+        self.handler: RequestHandler | None = None  # aiohttp's, once it answers
+        self.asked_to_close = False
+        self.closing = False  # after a request that ends the connection: whatever follows is not read
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -638,93 +986,118 @@ class _FastConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.server.seen[self] = self.server.tick
-        self.server.transports[self] = transport
+        self.server.became_idle(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.seen.pop(self, None)
-        self.server.transports.pop(self, None)
+        self.server.idle.pop(self, None)
+        self.server.release()
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received() if self.handler is not None else None
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
+        if self.closing:
+            return
+        self.server.idle.pop(self, None)
+        self.reader.feed(data)
         self._answer_buffered()
 
-    def pause_writing(self) -> None:  # the client does not read: stop reading its requests (bounded memory)
-        self.paused = True
-        self.transport.pause_reading()
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+        else:  # the client does not read: stop reading its requests (bounded memory)
+            self.paused = True
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.paused = False
-        self.transport.resume_reading()
-        self._answer_buffered()
+        if self.handler is not None:
+            self.handler.resume_writing()
+        else:
+            self.paused = False
+            self.transport.resume_reading()
+            self._answer_buffered()
 
     def _answer_buffered(self) -> None:
-        while self.buffer and not self.paused:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > _FAST_HEAD_LIMIT or b"\n\n" in self.buffer:
-                    self._hand_over()
-                return
+        while not self.paused and not self.closing:
             try:
-                answer = self.server.fast(self.buffer[:end], self.peer) if end <= _FAST_HEAD_LIMIT else None
-            except Exception:  # answered like aiohttp answers a handler's error (its hit may be buffered: no replay)
-                log.exception("tracking request failed")
-                answer = (_INTERNAL_ERROR, True)
-            if answer is None:
-                self._hand_over()
+                item = self.reader.next()
+            except _Refused as refused:
+                self._refuse(refused.method)
                 return
-            self.buffer = self.buffer[end + 4:]
+            if item is None:
+                break
+            if isinstance(item, bytes):
+                self.server.seen[self] = self.server.tick  # a body, or anything after an upgrade
+                self.handler.data_received(item)
+                continue
             self.server.seen[self] = self.server.tick
-            self.transport.write(answer[0])
-            if answer[1]:
-                self.transport.close()
-                return
+            if self.handler is None and not self._answer(item):
+                self.handler = self.server.aiohttp_connection()
+                self.handler.connection_made(self.transport)
+            if self.handler is not None:
+                self.handler.data_received(item.head)
+        if self.handler is None and not self.closing and self.reader.idle:
+            self.server.became_idle(self)
 
-    def _hand_over(self) -> None:
-        self.server.seen.pop(self, None)
-        self.server.transports.pop(self, None)
-        handler = self.server.aiohttp_connection()
-        self.transport.set_protocol(handler)
-        handler.connection_made(self.transport)
-        if self.paused:  # aiohttp tracks its own write flow control from here on
-            self.transport.resume_reading()
-        data, self.buffer = self.buffer, b""
-        if data:
-            handler.data_received(data)
+    def _answer(self, request: _Request) -> bool:
+        """Answer a plain pixel or click request here; False for aiohttp to answer."""
+        if (request.body or request.passthrough or not request.http11 or request.method not in (b"GET", b"HEAD")
+                or not request.target.startswith(_FAST_PATHS)):
+            return False
+        try:
+            answer = self.server.fast(request, self.peer)
+        except Exception:  # answered like aiohttp answers a handler's error (its hit may be buffered: no replay)
+            log.exception("tracking request failed")
+            answer = _INTERNAL_ERROR
+        if answer is None:
+            return False
+        self.transport.write(answer)
+        if not request.keep_alive or answer is _INTERNAL_ERROR:
+            self.closing = True
+            self.transport.close()
+        return True
+
+    def _refuse(self, method: bytes) -> None:
+        """400 and close, in order: written here, or by aiohttp after the answers it owes."""
+        self.closing = True
+        if self.handler is None:
+            self.transport.write(_fast_response(_REFUSED_HEAD, BAD_REQUEST if method != b"HEAD" else b"", True))
+            self.transport.close()
+        else:
+            self.handler.data_received(method + b" " + self.server.refused_path.encode("ascii")
+                                       + b" HTTP/1.1\r\nHost: refused\r\nConnection: close\r\n\r\n")
 
 
 _FAST_PATHS = (OPEN_PATH.encode("ascii"), CLICK_PATH.encode("ascii"))
 _INTERNAL_ERROR = (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
                    b"Content-Length: 25\r\nConnection: close\r\n\r\n500 Internal Server Error")
-_FAST_HEAD_LIMIT = 8192  # request line and headers; longer requests go to aiohttp, which applies the exact rules
-_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a head without its CRLFs: a stray CR or LF included
-_NO_FAST_FIELDS = (b"content-length", b"transfer-encoding", b"expect", b"upgrade")
 
 
-def _plain_request(head: bytes) -> tuple[str, str, dict[bytes, bytes], bool] | None:
-    """(method, path, first value of each lower-cased header, close after answering) of a plain HTTP/1.1
-    GET/HEAD without a body to a pixel or click path, from its head (without the blank line); else None."""
-    line, _, rest = head.partition(b"\r\n")
-    parts = line.split(b" ")
-    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in (b"GET", b"HEAD"):
-        return None
-    target = parts[1].split(b"?", 1)[0]
-    if not target.startswith(_FAST_PATHS) or not target.isascii():
-        return None
-    if len(rest) > MAX_HEADER_BYTES - 1024 or _CONTROL.search(head.replace(b"\r\n", b"")):
-        return None
-    fields: dict[bytes, bytes] = {}
-    for field in rest.split(b"\r\n") if rest else ():
-        name, sep, value = field.partition(b":")
-        if not sep or _HEADER_NAME.fullmatch(name) is None:
-            return None
-        fields.setdefault(name.lower(), value.strip(b" \t"))
-    if any(name in fields for name in _NO_FAST_FIELDS):
-        return None
-    options = {o.strip() for o in fields.get(b"connection", b"").lower().split(b",")}
-    if b"upgrade" in options:
-        return None
-    return parts[0].decode("ascii"), target.decode("ascii"), fields, b"close" in options
+def _listening_sockets(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for host:port, one per address the name has (as asyncio's
+    create_server binds them); the listener accepts on them itself, so it can stop at its cap."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def _header_block(status: str, headers: dict[str, str]) -> bytes:
@@ -733,6 +1106,7 @@ def _header_block(status: str, headers: dict[str, str]) -> bytes:
 
 _PIXEL_HEAD = _header_block("200 OK", {**_PIXEL_HEADERS, "Content-Length": str(len(GIF))})
 _REDIRECT_HEAD = _header_block("302 Found", _REDIRECT_HEADERS)
+_REFUSED_HEAD = _header_block("400 Bad Request", {**_PAGE_HEADERS, "Content-Length": str(len(BAD_REQUEST))})
 _date_line = [0, b""]  # (second, b"Date: ...\r\n"): formatted once a second
 
 
@@ -857,8 +1231,8 @@ class TrackingServer:
         self._trusted = verdicts.NetworkSet([(net, "proxy") for net in t.trusted_proxies])
         self._max_age = int(t.max_link_age)
         self._server: _Server | None = None
-        self._runner: web.ServerRunner | None = None
-        self._sweeper: asyncio.Task | None = None
+        self._sockets: list[socket.socket] = []
+        self._tasks: list[asyncio.Task] = []  # the accept loops and the sweeper
         self._port = 0
         self._tls_port = 0
 
@@ -866,28 +1240,36 @@ class TrackingServer:
 
     async def start(self) -> None:
         t = self.settings
-        self._server = _Server(self._handle, t.client_timeout, self._fast_answer, access_log=None,
-                               keepalive_timeout=t.client_timeout, max_line_size=32768, max_field_size=8190,
-                               max_headers=100)
-        self._runner = web.ServerRunner(self._server, handle_signals=False, shutdown_timeout=5.0)
-        await self._runner.setup()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        cap = connection_cap(t.max_connections, nofile)
+        if t.max_connections > cap:
+            log.warning("tracking.max_connections %d lowered to %d: three quarters of the open-file limit %d "
+                        "(raise LimitNOFILE to allow more)", t.max_connections, cap, nofile)
+        # aiohttp's parser gets the same limits, so it never refuses a request the listener's reader let through
+        self._server = _Server(self._handle, t, cap, nofile, self._fast_answer, access_log=None,
+                               keepalive_timeout=t.client_timeout, max_line_size=t.max_request_line,
+                               max_field_size=t.max_header_bytes, max_headers=t.max_headers)
         reuse_port = t.workers > 1  # `relay track` workers share the listening ports
-        site = web.TCPSite(self._runner, t.listen_host, t.listen_port, backlog=1024, reuse_address=True,
-                           reuse_port=reuse_port)
-        await site.start()
-        self._port = site._server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        plain = _listening_sockets(t.listen_host, t.listen_port, reuse_port)
+        self._sockets += plain
+        self._tasks += [loop.create_task(self._server.serve(sock, None)) for sock in plain]
+        self._port = plain[0].getsockname()[1]
         if t.tls_listen_host is not None:
-            tls = web.TCPSite(self._runner, t.tls_listen_host, t.tls_listen_port, ssl_context=_tls_context(
-                t.certificates), backlog=1024, reuse_address=True, reuse_port=reuse_port)
-            await tls.start()
-            self._tls_port = tls._server.sockets[0].getsockname()[1]
-        self._sweeper = asyncio.get_running_loop().create_task(self._server.sweep())
-        log.info("tracking listener on http://%s:%s%s", t.listen_host, self._port,
-                 f" and https://{t.tls_listen_host}:{self._tls_port}" if self._tls_port else "")
+            tls, context = _listening_sockets(t.tls_listen_host, t.tls_listen_port, reuse_port), _tls_context(
+                t.certificates)
+            self._sockets += tls
+            self._tasks += [loop.create_task(self._server.serve(sock, context)) for sock in tls]
+            self._tls_port = tls[0].getsockname()[1]
+        self._tasks.append(loop.create_task(self._server.sweep()))
+        log.info("tracking listener on http://%s:%s%s, at most %d connections (open-file limit %d)",
+                 t.listen_host, self._port, f" and https://{t.tls_listen_host}:{self._tls_port}"
+                 if self._tls_port else "", cap, nofile)
 
     def reload(self, config: Config, keyring: Keyring | None = None) -> None:
         """Take verdict lists, thresholds, trusted proxies, link age and keys from a reloaded configuration
-        (SIGHUP); listen addresses, certificates and batching need a restart. Call on the loop's thread."""
+        (SIGHUP); listen addresses, certificates, batching, the connection cap and request limits need a restart.
+        Call on the loop's thread."""
         t = self.settings = config.tracking
         self.config = config
         self.lists = load_lists(t)
@@ -908,21 +1290,25 @@ class TrackingServer:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, then write every buffered event durably."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for task in self._tasks:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close()
+        self._tasks, self._sockets = [], []
+        if self._server is not None:
+            await asyncio.sleep(0)  # requests already read start before idle connections are closed
+            self._server.pre_shutdown()
+            await self._server.shutdown(5.0)
+            self._server = None
         await self.recorder.drain()
 
     # --- requests ---
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        server = self._server
-        server.seen[request.protocol] = server.tick
-        if _headers_size(request.raw_headers) > MAX_HEADER_BYTES:
-            return web.Response(status=400, body=BAD_REQUEST, headers=_PAGE_HEADERS)
         path = request.raw_path.split("?", 1)[0]
+        limits = self._server.settings  # as the connection's reader judged it (limits take a restart)
+        if path == self._server.refused_path or _headers_size(request.raw_headers) > limits.max_header_bytes:
+            return web.Response(status=400, body=BAD_REQUEST, headers=_PAGE_HEADERS)
         method = request.method
         if path.startswith(OPEN_PATH):
             if method in ("GET", "HEAD"):
@@ -954,7 +1340,7 @@ class TrackingServer:
                                 request.headers.get("User-Agent", ""))
         if url is None:
             return self._not_found()
-        return web.Response(status=302, headers={**_REDIRECT_HEADERS, "Location": url})
+        return web.Response(status=302, headers={**_REDIRECT_HEADERS, "Location": to_uri(url)})
 
     def _count_open(self, token: str, method: str, peer: str, forwarded: str | None, ua: str) -> None:
         try:
@@ -973,24 +1359,22 @@ class TrackingServer:
             self._record(events.CLICK, method, claims, peer, forwarded, ua)
         return claims.url
 
-    def _fast_answer(self, head: bytes, peer: str) -> tuple[bytes, bool] | None:
-        """The whole response to a plain GET/HEAD of a pixel or a genuine click, and whether to close after
-        it; None hands the request to aiohttp and `_handle` (anything else, a damaged click included)."""
-        request = _plain_request(head)
-        if request is None:
-            return None
-        method, path, fields, close = request
-        forwarded = fields.get(b"x-forwarded-for")
-        forwarded_text = forwarded.decode("latin-1") if forwarded is not None else None
-        ua = fields.get(b"user-agent", b"").decode("utf-8", "replace")
+    def _fast_answer(self, request: _Request, peer: str) -> bytes | None:
+        """The whole response to a plain GET/HEAD of a pixel or a genuine click; None hands the request to
+        aiohttp and `_handle` (a damaged click, say)."""
+        path = request.target.partition(b"?")[0].decode("latin-1")  # llhttp let only URL characters through
+        method = "GET" if request.method == b"GET" else "HEAD"
+        forwarded = request.forwarded_for.decode("latin-1") if request.forwarded_for is not None else None
+        ua = request.user_agent.decode("utf-8", "replace") if request.user_agent is not None else ""
+        close = not request.keep_alive
         if path.startswith(OPEN_PATH):
-            self._count_open(path[len(OPEN_PATH):], method, peer, forwarded_text, ua)
-            return _fast_response(_PIXEL_HEAD, GIF if method == "GET" else b"", close), close
-        url = self._count_click(path[len(CLICK_PATH):], method, peer, forwarded_text, ua)
+            self._count_open(path[len(OPEN_PATH):], method, peer, forwarded, ua)
+            return _fast_response(_PIXEL_HEAD, GIF if method == "GET" else b"", close)
+        url = self._count_click(path[len(CLICK_PATH):], method, peer, forwarded, ua)
         if url is None:
             return None
         length = b"\r\nContent-Length: 0\r\n" if method == "GET" else b"\r\n"  # as aiohttp: none on a HEAD
-        return _fast_response(_REDIRECT_HEAD + b"Location: " + url.encode("utf-8") + length, b"", close), close
+        return _fast_response(_REDIRECT_HEAD + b"Location: " + to_uri(url).encode("ascii") + length, b"", close)
 
     async def _unsubscribe(self, request: web.BaseRequest, token: str, method: str) -> web.Response:
         """RFC 8058 one-click: a POST of `List-Unsubscribe=One-Click` unsubscribes; GET and HEAD only show a

@@ -104,7 +104,8 @@ DESTINATIONS = [
 @pytest.mark.parametrize("url", DESTINATIONS)
 def test_click_redirects_byte_exactly(listener, url):
     token = listener.click_token(url, 3, {"campaign": ["autumn"], "pos": ["hero"]})
-    assert _location_bytes(listener.port, token) == url.encode("utf-8")
+    sent = url if url.isascii() else "https://xn--bcher-kva.example/stra%C3%9Fe?%C3%BC=1#%C3%A4"  # its URI form
+    assert _location_bytes(listener.port, token) == sent.encode("ascii")
     status, headers, _ = request(listener.port, "GET", "/c/" + token)
     assert status == 302
     assert header(headers, "Cache-Control") == NO_STORE
@@ -334,7 +335,7 @@ def test_fast_path_answers_as_aiohttp_does(listener, method):
     assert (pixel_status, pixel_fields[b"content-length"], gif) == (b"HTTP/1.1 200 OK", b"43",
                                                                     GIF if method == "GET" else b"")
     assert click_status == b"HTTP/1.1 302 Found"
-    assert click_fields[b"location"] == "https://shop.example/ü?a=1&b=2#x".encode()
+    assert click_fields[b"location"] == b"https://shop.example/%C3%BC?a=1&b=2#x"
     listener.flush()
     assert len(stored(listener.store, "Open")) == 2  # a HEAD open counts too (with a machine verdict)
     assert len(stored(listener.store, "Click")) == (2 if method == "GET" else 0)
