@@ -145,14 +145,14 @@ class BackendCpu:
 
 @dataclass(frozen=True)
 class Counters:
-    """What PostgreSQL counts, read at one moment. The first six are the run's database's own; the WAL figures
+    """What PostgreSQL counts, read at one moment. The first five are the run's database's own; the WAL figures
     and transaction ids are the whole server's (so `other_rows` says how much other databases wrote)."""
 
     transactions: int  # committed and rolled back, reads included (each autocommit SELECT is one)
     inserted: int
     updated: int
     deleted: int
-    database_bytes: int
+    database_bytes: int  # pg_database_size: deleted rows (a delivered message's body) hold space until vacuum
     wal_bytes: int  # the WAL insert position
     wal_flushes: int | None  # pg_stat_wal.wal_sync (PostgreSQL 14+)
     wal_full_pages: int | None  # pg_stat_wal.wal_fpi: whole pages logged after a checkpoint
@@ -335,7 +335,7 @@ def print_paper(label: str, row: dict[str, float], capacity: ServerCapacity) -> 
     print(f"  on paper, {label}, per delivered message: {row['pg_transactions']:.2f} transactions"
           f" ({row['pg_write_transactions']:.2f} writing{flushed}), rows {row['pg_inserted']:.1f} inserted,"
           f" {row['pg_updated']:.1f} updated, {row['pg_deleted']:.1f} deleted; WAL {row['pg_wal_bytes'] / kb:.1f} KB"
-          f"{pages}, database +{row['pg_growth_bytes'] / kb:.1f} KB")
+          f"{pages}, database +{row['pg_growth_bytes'] / kb:.1f} KB (deleted rows too, until vacuum)")
     limits = server_limits(row, capacity)
     shown = ", ".join(f"{name} {rate:.0f}" for name, rate in limits.items() if not math.isnan(rate))
     node_rate = 1000 / row["cpu_server_ms"] if row["cpu_server_ms"] > 0 else math.nan
