@@ -8,8 +8,9 @@ Everything runs on 127.0.0.1: a lean pipelining SMTP load generator (this proces
 subprocess; relay then sends each envelope in one round trip). The baseline, measured in the same run with the
 same generator and sink, is an aiosmtpd → aiosmtplib pass-through with no durability and no events. Prints
 medians over the runs, the ratio to the baseline, and relay's peak RSS.
-Scenarios: a 5 KB plain message (no configuration set) and the 61 KB HTML message ../shared/bench/msg60k.eml
-sent with the `marketing` set (open and click tracking: the whole instrumentation path) and signed with DKIM
+Scenarios: a 5 KB plain message (no configuration set, no signing) and the 61 KB HTML message msg60k.eml (in
+../shared/bench, or further up from a worktree) sent with the `marketing` set (open and click tracking: the whole
+instrumentation path) and signed with DKIM
 (RSA-2048, a key made for the bench; the sink counts the signed messages it receives).
 `--compare DIR` also runs the relay of another checkout (e.g. `git worktree add /tmp/base main`) in the same
 runs, interleaved with the others, for an A/B of a change on a noisy machine.
@@ -231,11 +232,14 @@ def html_message() -> bytes:
     return raw.replace(b"\r\n.", b"\r\n..")  # dot-stuffing for the raw generator
 
 
-def relay_config(workdir: Path, smtp_port: int, sink_port: int, connections: int, dkim_key: Path,
+def relay_config(workdir: Path, smtp_port: int, sink_port: int, connections: int, dkim_key: Path | None,
                  tracking_keys: Path, store_url: str | None = None, node_id: str | None = None) -> Path:
-    """One node's configuration; every node of a setup differs only in its ports, folder and node id."""
+    """One node's configuration; every node of a setup differs only in its ports, folder and node id. Without
+    `dkim_key` nothing is signed (with a key, mail from other domains would carry a warning each)."""
     path = workdir / "relay.toml"
     store = f'[store]\nurl = "{store_url}"\nnode_id = "{node_id}"\n' if store_url else ""
+    dkim = (f'[dkim]\n[[dkim.keys]]\ndomain = "{DKIM_DOMAIN}"\nselector = "bench"\nprivate_key_file = "{dkim_key}"\n'
+            if dkim_key else "")
     path.write_text(f"""
 [relay]
 data_dir = "{workdir}/data"
@@ -254,12 +258,7 @@ concurrency = {connections * 2}
 listen = "127.0.0.1:{free_port()}"
 default_host = "track.example.com"
 keys_file = "{tracking_keys}"
-[dkim]
-[[dkim.keys]]
-domain = "{DKIM_DOMAIN}"
-selector = "bench"
-private_key_file = "{dkim_key}"
-[configuration_sets.marketing]
+{dkim}[configuration_sets.marketing]
 open_tracking = true
 click_tracking = true
 """)
@@ -292,7 +291,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(setup: Setup, messages: list[bytes], total: int, connections: int, dkim_key: Path) -> dict:
+def measure(setup: Setup, messages: list[bytes], total: int, connections: int, dkim_key: Path | None) -> dict:
     counts = multiprocessing.Array("q", 2)
     sink_port = free_port()
     sink = multiprocessing.Process(target=run_sink, args=(sink_port, counts), daemon=True)
@@ -356,7 +355,8 @@ def measure_passthrough(load: Load) -> dict:
         proc.join(30)
 
 
-def measure_relay(setup: Setup, load: Load, tmp: Path, dkim_key: Path, pg: PostgresRun | None = None) -> dict:
+def measure_relay(setup: Setup, load: Load, tmp: Path, dkim_key: Path | None, pg: PostgresRun | None = None
+                  ) -> dict:
     """relay of setup.root, `setup.nodes` processes on one store (SQLite when `pg` is None)."""
     nodes: list[tuple[subprocess.Popen, int, Path]] = []
     try:
@@ -478,7 +478,7 @@ def main() -> None:
             runs: dict[Setup, list[dict]] = {setup: [] for setup in chosen}
             for _ in range(args.runs):  # interleaved, so the machine's load drifts over every setup alike
                 for setup in chosen:
-                    runs[setup].append(measure(setup, messages, total, args.connections, dkim_key)
+                    runs[setup].append(measure(setup, messages, total, args.connections, dkim_key if signed else None)
                                        | {"nodes": setup.nodes})
             rows = {setup: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for setup, rs in runs.items()}
             print_scenario(name, total, rows, signed, capacity)
