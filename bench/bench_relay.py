@@ -10,8 +10,8 @@ same generator and sink, is an aiosmtpd → aiosmtplib pass-through with no dura
 medians over the runs, the ratio to the baseline, and relay's peak RSS.
 Scenarios: a 5 KB plain message (no configuration set, no signing) and the 61 KB HTML message msg60k.eml (in
 ../shared/bench, or further up from a worktree) sent with the `marketing` set (open and click tracking: the whole
-instrumentation path) and signed with DKIM
-(RSA-2048, a key made for the bench; the sink counts the signed messages it receives).
+instrumentation path) and signed with DKIM (RSA-2048, a key made for the bench; the sink counts the signed
+messages it receives).
 `--compare DIR` also runs the relay of another checkout (e.g. `git worktree add /tmp/base main`) in the same
 runs, interleaved with the others, for an A/B of a change on a noisy machine.
 `--store URL` (a PostgreSQL server) also measures relay on PostgreSQL, in a fresh database per run (dropped
