@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pg_costs import PostgresRun, ServerCapacity, print_model, print_paper
+from pg_costs import PostgresRun, ServerCapacity, print_model, print_paper, unreachable
 
 ROOT = Path(__file__).resolve().parent.parent
 # ../shared beside the project's checkout; a worktree under the project's folder finds it further up
@@ -453,16 +453,19 @@ def main() -> None:
                     " (postgresql://user@host:port/db; each run makes a database of its own and drops it)")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1], metavar="N",
                     help="relay processes sharing the PostgreSQL database, one setup per count (e.g. 1 2)")
-    ap.add_argument("--server-cores", type=float, default=SERVER_CORES, help="on paper: the database server's cores")
+    ap.add_argument("--server-cores", type=float, default=SERVER_CORES,
+                    help="on paper: the database server's cores (default: %(default)s)")
     ap.add_argument("--server-wal-mb", type=float, default=SERVER_WAL_MB_S,
-                    help="on paper: MB of WAL per second the server's disk sustains")
+                    help="on paper: MB of WAL per second the server's disk sustains (default: %(default)s)")
     ap.add_argument("--server-flushes", type=float, default=SERVER_FLUSHES_S,
-                    help="on paper: WAL flushes (fsync) per second the server's disk sustains")
+                    help="on paper: WAL flushes (fsync) per second the server's disk sustains (default: %(default)s)")
     args = ap.parse_args()
     if any(n < 1 for n in args.nodes):
         ap.error("--nodes: at least 1")
     if args.nodes != [1] and not args.store:
         ap.error("--nodes needs --store: several nodes share a PostgreSQL database")
+    if args.store and (problem := unreachable(args.store)):
+        ap.error(f"--store: {problem}")
     capacity = ServerCapacity(args.server_cores, args.server_wal_mb * 1e6, args.server_flushes)
     scenarios = [("5 KB plain", [plain_message(5000)], args.messages, False)]
     if MSG60K.exists() and not args.only_5k:

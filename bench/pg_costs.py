@@ -54,6 +54,15 @@ def database_url(server_url: str, name: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/{name}" + (f"?{parts.query}" if parts.query else "")
 
 
+def unreachable(server_url: str) -> str | None:
+    """Why the bench cannot use the server (first line of psycopg's error), or None."""
+    try:
+        psycopg.connect(server_url, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
 # --- CPU time from /proc ----------------------------------------------------------------------------------------
 
 def _stat_fields(pid: int) -> list[str] | None:
