@@ -460,6 +460,8 @@ def main() -> None:
     ap.add_argument("--server-flushes", type=float, default=SERVER_FLUSHES_S,
                     help="on paper: WAL flushes (fsync) per second the server's disk sustains (default: %(default)s)")
     args = ap.parse_args()
+    # stopped by `timeout` or kill: unwind as for Ctrl-C, so the nodes stop and the run's database is dropped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if any(n < 1 for n in args.nodes):
         ap.error("--nodes: at least 1")
     if args.nodes != [1] and not args.store:
