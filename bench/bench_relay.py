@@ -448,7 +448,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compare", type=Path, help="also measure the relay of this checkout (A/B)")
-    ap.add_argument("--only-5k", action="store_true", help="skip the 60 KB HTML scenario")
+    ap.add_argument("--only-5k", action="store_true", help="skip the 61 KB HTML scenario")
     ap.add_argument("--store", metavar="URL", help="also measure relay on this PostgreSQL server"
                     " (postgresql://user@host:port/db; each run makes a database of its own and drops it)")
     ap.add_argument("--nodes", type=int, nargs="+", default=[1], metavar="N",
