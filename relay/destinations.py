@@ -217,7 +217,7 @@ class Publisher:
     async def _sync(self) -> None:
         """Start workers for new or changed enabled destinations this node leads, stop the others; record
         disabled ones."""
-        model = self.resolver.model()
+        model = await asyncio.to_thread(self.resolver.model)  # a read: never on the loop, which serves SMTP
         lead_check = time.monotonic() - self._lead_checked >= LEAD_CHECK_S
         if (model is self._model and not lead_check
                 and all(w.task is not None and not w.task.done() for w in self.workers.values())):

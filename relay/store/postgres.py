@@ -13,6 +13,7 @@ fails; the next write reconnects, so the node resumes without a restart once the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -31,7 +32,12 @@ from relay.store.schema import migrate
 
 log = logging.getLogger("relay.store")
 CONNECT_TIMEOUT_S = 5  # a dead server is reported within this, not after the kernel's TCP timeout
-READ_TIMEOUT_S = 5.0  # the longest a read waits for a pooled connection
+READ_TIMEOUT_S = 5.0  # the longest a read in a worker thread waits for a pooled connection
+# A read on the event loop holds up every connection of the node while it waits: it waits this long at most,
+# and while the database is known to be away (the last read or write could not reach it) it fails at once,
+# but for one try a second that finds out whether the database is back.
+LOOP_READ_TIMEOUT_S = 0.25
+AWAY_RETRY_S = 1.0
 _LOCK_CLASS = 0x52454C41  # "RELA": the first key of relay's advisory locks, apart from other applications'
 _MIGRATION_LOCK = 1
 
@@ -87,6 +93,14 @@ def describe(url: str) -> str:
     return f"postgresql://{info.get('user', '')}@{host}:{port}/{info.get('dbname', '')}"
 
 
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class PostgresStore(Store):
     dialect = POSTGRES
 
@@ -100,9 +114,10 @@ class PostgresStore(Store):
                 "SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_CLASS, _MIGRATION_LOCK)))
         if applied:
             log.info("store %s: schema migrations %s applied", self.description, applied)
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=True, configure=_configure,
-                                    kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
-                                    name="relay-readers")
+        self._pool_size = pool_size
+        self._pool = self._new_pool()
+        self._away_since: float | None = None  # monotonic time the database was found unreachable
+        self._next_try = 0.0
         self._leader: psycopg.Connection | None = None
         self._led: set[str] = set()
         self._leader_lock = threading.Lock()
@@ -124,6 +139,7 @@ class PostgresStore(Store):
             self._writer_raw = None
             raw = self._writer_raw = connect(self.url)  # raises while the server is away: the batch fails
             log.info("store %s: writer connected", self.description)
+            self._away_since = None
         return PgConnection(raw)
 
     def _begin(self, conn: PgConnection) -> None:
@@ -142,10 +158,55 @@ class PostgresStore(Store):
 
     # --- readers --------------------------------------------------------------------------------------------
 
+    def _new_pool(self) -> ConnectionPool:
+        return ConnectionPool(self.url, min_size=1, max_size=self._pool_size, open=True, configure=_configure,
+                              kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                              name="relay-readers")
+
     @contextlib.contextmanager
     def _reading(self) -> Iterator[PgConnection]:
-        with self._pool.connection(timeout=READ_TIMEOUT_S) as raw:
+        if self._away_since is not None:
+            with self._probe() as conn:
+                yield conn
+            return
+        try:
+            connection = self._pool.connection(timeout=LOOP_READ_TIMEOUT_S if _on_event_loop() else READ_TIMEOUT_S)
+            raw = connection.__enter__()
+        except (PoolTimeout, psycopg.OperationalError):
+            self._went_away()
+            raise
+        try:
             yield PgConnection(raw)
+        except BaseException as exc:
+            if not connection.__exit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            connection.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def _probe(self) -> Iterator[PgConnection]:
+        """A read while the database is away: fails at once on the event loop but for one try a second; a try
+        is a connection of its own (the pool would come back only after its own growing back-off: up to twice
+        the outage). When one connects, the database is back: a fresh pool serves the reads from now on."""
+        if _on_event_loop() and time.monotonic() < self._next_try:
+            raise psycopg.OperationalError(f"{self.description} is unreachable (tried again every {AWAY_RETRY_S:g}s)")
+        self._next_try = time.monotonic() + AWAY_RETRY_S
+        raw = connect(self.url, autocommit=True)  # raises while it is still away
+        log.info("store %s: reachable again after %.0fs", self.description, time.monotonic() - self._away_since)
+        old, self._pool, self._away_since = self._pool, self._new_pool(), None
+        threading.Thread(target=old.close, name="relay-old-pool", daemon=True).start()
+        try:
+            yield PgConnection(raw)
+        finally:
+            raw.close()
+
+    def _went_away(self) -> None:
+        now = time.monotonic()
+        if self._away_since is None:
+            self._away_since = now
+            log.error("store %s: unreachable; reads on the event loop fail at once while it is away",
+                      self.description)
+        self._next_try = now + AWAY_RETRY_S
 
     def _close_readers(self) -> None:
         self._pool.close()
