@@ -159,7 +159,8 @@ def sink(port: int, counter) -> None:
 def stuffed(message: bytes) -> bytes:
     """The DATA payload: dot-stuffed, ending with the lone-dot line."""
     data = message.replace(b"\r\n.", b"\r\n..")
-    return (b"." + data if data.startswith(b".") else data) + b".\r\n"
+    data = b"." + data if data.startswith(b".") else data
+    return data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
 
 
 def send(port: int, payload: bytes) -> tuple[str, float, float]:
