@@ -311,6 +311,15 @@ def test_intake_and_the_mail_object_raise_only_header_errors(fields, raw_bytes):
     assert isinstance(sender_identity(item.block, "s@example.com"), str)
 
 
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(VALUE, st.text(max_size=40)))
+def test_the_header_decoders_never_raise(value):
+    assert isinstance(headers.decoded(value), str)
+    assert all(isinstance(a, str) for a in headers.addresses(value))
+    block = split_header_block(f"From: {value}\r\n\r\n".encode("utf-8", "surrogatepass"))
+    assert isinstance(sender_identity(block, "s@example.com"), str)
+
+
 # --- C: a bare CR is a line end from intake on ---------------------------------------------------------------
 
 def _key_file(path: Path, key) -> Path:
@@ -322,6 +331,10 @@ def _key_file(path: Path, key) -> Path:
 
 @pytest.fixture
 def signing_relay(tmp_path):
+    yield from _signing_relay(tmp_path)
+
+
+def _signing_relay(tmp_path: Path):
     """A relay signing example.com with an RSA and an Ed25519 key, delivering over SMTP to an aiosmtpd upstream
     (aiosmtplib writes every bare CR as CRLF on the wire, as any sender would)."""
     pytest.importorskip("nacl", reason="dkimpy verifies ed25519-sha256 only with pynacl installed")
@@ -330,6 +343,7 @@ def signing_relay(tmp_path):
     extra = "".join(f'[[dkim.keys]]\ndomain = "example.com"\nselector = "{sel}"\nalgorithm = "{algorithms[sel]}"\n'
                     f'private_key_file = "{_key_file(tmp_path / sel, key)}"\n' for sel, key in keys.items())
     records = {f"{sel}._domainkey.example.com.": relay_dkim.key_record(key) for sel, key in keys.items()}
+    extra += '[configuration_sets.fallback]\ndkim_fallback_domain = "example.com"\n'  # for mail without a From
     upstream = Upstream().start()
     r = RelayProcess(tmp_path / "relay", upstream.port, extra=extra).start()
     yield r, upstream, records
@@ -390,6 +404,28 @@ def test_a_field_behind_a_bare_cr_is_read_and_removed_not_hidden(signing_relay):
     assert send[3] == "plain"
     secret = message.replace(b": plain", b": secret")  # a set that does not exist: refused as in any other place
     assert transaction(relay.smtp_port, secret)[0].startswith("554 ")
+
+
+def _with_bare_cr(corpus: Path) -> list[Path]:
+    """Corpus mail with a bare CR that SMTP can carry at all (lines within 998 octets once CRLF)."""
+    def sendable(raw: bytes) -> bool:
+        return max(map(len, re.split(rb"\r\n|\r|\n", raw))) <= 998
+
+    return [p for p in sorted((corpus / "eml").rglob("*.eml"))
+            if re.search(rb"\r(?!\n)", p.read_bytes()) and sendable(p.read_bytes())]
+
+
+def test_corpus_mail_with_a_bare_cr_arrives_with_signatures_that_verify(corpus, tmp_path):
+    messages = _with_bare_cr(corpus)
+    if not messages:
+        pytest.skip("no corpus message SMTP can carry has a bare CR")
+    for relay, upstream, records in _signing_relay(tmp_path):
+        for n, path in enumerate(messages, 1):
+            # The fallback set signs mail without a From (an Outlook .msg sent as it is, say) for example.com
+            answer, _, _ = transaction(relay.smtp_port, b"X-SES-CONFIGURATION-SET: fallback\r\n" + path.read_bytes())
+            submitted_id(answer)
+            arrived = upstream.wait_for(n, timeout=30)[-1].data
+            assert _verifies(arrived, records, 0) and _verifies(arrived, records, 1), path.name
 
 
 @settings(max_examples=400)
