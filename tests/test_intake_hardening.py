@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay import offload
 from relay.core import dkim as relay_dkim
 from relay.core import events as ev
 from relay.core import headers
@@ -238,6 +240,26 @@ def test_a_quoted_printable_part_with_300000_placeholders_is_delivered_promptly(
     copy = delivered(relay, submitted_id(answer), timeout=20)  # ~2 s; joining its pieces alone took 75 s
     html_out = message_from_bytes(copy, policy=policy.default).get_content()
     assert "{{ses:openTracker}}" not in html_out and len(PIXEL.findall(html_out)) == 1
+
+
+def test_heavy_work_runs_in_one_thread_one_piece_at_a_time_and_light_work_on_the_loop():
+    spans: list[tuple[int, float, float]] = []
+
+    def work() -> None:
+        start = time.monotonic()
+        time.sleep(0.05)
+        spans.append((threading.get_ident(), start, time.monotonic()))
+
+    async def main() -> None:
+        await offload.run(False, work)
+        await asyncio.gather(*(offload.run(True, work) for _ in range(3)))
+
+    asyncio.run(main())
+    loop_thread = threading.get_ident()
+    (inline, *threaded) = spans
+    assert inline[0] == loop_thread and loop_thread not in {t for t, _, _ in threaded}
+    assert len({t for t, _, _ in threaded}) == offload.THREADS == 1
+    assert all(a[2] <= b[1] for a, b in zip(threaded, threaded[1:], strict=False))  # never two at once
 
 
 def test_the_thresholds_for_leaving_the_event_loop():
