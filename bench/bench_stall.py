@@ -25,7 +25,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from relay import config as config_module  # noqa: E402
 from relay.core import tokens  # noqa: E402
-from tests.harness import RelayProcess, Upstream, free_port, wait_port  # noqa: E402
+from tests.harness import RelayProcess, Upstream, dot_stuffed, free_port, raw_transaction, wait_port  # noqa: E402
 
 MID = "0100018c1a2b3c4d-05e008de-024e-4226-841e-98f0e0d61bb1-000000"
 RCPT = "reader@example.org"
@@ -154,42 +153,6 @@ def sink(port: int, counter) -> None:
         time.sleep(3600)
 
 
-# --- SMTP client -----------------------------------------------------------------------------------------------
-
-def stuffed(message: bytes) -> bytes:
-    """The DATA payload: dot-stuffed, ending with the lone-dot line."""
-    data = message.replace(b"\r\n.", b"\r\n..")
-    data = b"." + data if data.startswith(b".") else data
-    return data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
-
-
-def send(port: int, payload: bytes) -> tuple[str, float, float]:
-    """One transaction; (reply to the message, time its first byte was sent, time of the reply)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=600) as s:
-        f = s.makefile("rb")
-
-        def reply() -> bytes:
-            while True:
-                line = f.readline()
-                if line[3:4] != b"-":
-                    return line
-
-        reply()
-        s.sendall(b"EHLO bench\r\n")
-        reply()
-        s.sendall(f"MAIL FROM:<news@example.com>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n".encode())
-        for _ in range(3):
-            last = reply()
-        if not last.startswith(b"354"):
-            raise RuntimeError(last)
-        start = time.monotonic()
-        s.sendall(payload)
-        answer = reply()
-        end = time.monotonic()
-        s.sendall(b"QUIT\r\n")
-    return answer.decode(errors="replace").strip(), start, end
-
-
 # --- measuring -------------------------------------------------------------------------------------------------
 
 def figures(latencies: list[float]) -> dict:
@@ -226,7 +189,7 @@ class Subject:
         delivered = self.counter.value
         p = Probe(self.relay.tracking_port, self.pixel)
         time.sleep(0.3)  # the probe's connections are up
-        answer, start, replied = send(self.relay.smtp_port, payload)
+        answer, start, replied = raw_transaction(self.relay.smtp_port, payload, rcpt=RCPT)
         deadline = time.monotonic() + 300
         while answer.startswith("250") and self.counter.value == delivered and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -264,7 +227,7 @@ def main() -> int:
             for s in subjects:
                 results[s.name]["idle"] = s.idle(args.idle)
             for i, scenario in enumerate(args.only.split(",")):
-                payload = stuffed(SCENARIOS[scenario]())
+                payload = dot_stuffed(SCENARIOS[scenario]())
                 for s in (subjects if i % 2 == 0 else subjects[::-1]):  # in turn, the order alternating
                     results[s.name][scenario] = s.hostile(payload)
                 del payload

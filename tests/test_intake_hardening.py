@@ -18,7 +18,6 @@ import contextlib
 import http.client
 import json
 import re
-import socket
 import threading
 import time
 from email import message_from_bytes, policy
@@ -41,7 +40,7 @@ from relay.core.intake import INLINE_BYTES, INLINE_HEADER_LINES, INLINE_PARTS, h
 from relay.core.resolve import sender_identity
 from relay.store import mail_json
 
-from .harness import RelayProcess, Upstream, wait_port
+from .harness import RelayProcess, Upstream, dot_stuffed, raw_transaction, wait_port
 
 PIXEL = re.compile(r'<img src="http://127\.0\.0\.1:\d+/o/[^"]+" width="1" height="1" alt="" border="0" '
                    r'style="border:0;width:1px;height:1px" />')
@@ -56,29 +55,9 @@ def relay(tmp_path_factory):
     r.stop()
 
 
-def transaction(port: int, message: bytes, rcpt: str = "rcpt@example.org") -> tuple[str, float, float]:
-    """One SMTP transaction over a raw socket (the payload dot-stuffed beforehand, so this process only moves
-    bytes meanwhile); (reply to the message, when its first byte went out, when the reply came)."""
-    payload = message.replace(b"\r\n.", b"\r\n..")
-    payload = b"." + payload if payload.startswith(b".") else payload
-    payload += b".\r\n" if payload.endswith(b"\r\n") else b"\r\n.\r\n"
-    with socket.create_connection(("127.0.0.1", port), timeout=300) as s, s.makefile("rb") as f:
-        def reply() -> bytes:
-            while (line := f.readline())[3:4] == b"-":
-                pass
-            return line
-
-        reply()
-        s.sendall(b"EHLO client.test\r\n")
-        reply()
-        s.sendall(f"MAIL FROM:<news@example.com>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
-        assert [reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
-        start = time.monotonic()
-        s.sendall(payload)
-        answer = reply()
-        end = time.monotonic()
-        s.sendall(b"QUIT\r\n")
-    return answer.decode().strip(), start, end
+def transaction(port: int, message: bytes) -> tuple[str, float, float]:
+    """One SMTP transaction (see harness.raw_transaction): bare CRs reach relay as sent."""
+    return raw_transaction(port, dot_stuffed(message))
 
 
 def submitted_id(answer: str) -> str:
