@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from relay import config as config_module  # noqa: E402
 from relay.core import tokens  # noqa: E402
-from tests.harness import RelayProcess, Upstream, dot_stuffed, free_port, raw_transaction, wait_port  # noqa: E402
+from tests.harness import RelayProcess, Upstream, free_port, wait_port  # noqa: E402
+from tests.raw_smtp import dot_stuffed, raw_transaction  # noqa: E402
 
 MID = "0100018c1a2b3c4d-05e008de-024e-4226-841e-98f0e0d61bb1-000000"
 RCPT = "reader@example.org"

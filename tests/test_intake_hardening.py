@@ -40,7 +40,8 @@ from relay.core.intake import INLINE_BYTES, INLINE_HEADER_LINES, INLINE_PARTS, h
 from relay.core.resolve import sender_identity
 from relay.store import mail_json
 
-from .harness import RelayProcess, Upstream, dot_stuffed, raw_transaction, wait_port
+from .harness import RelayProcess, Upstream, wait_port
+from .raw_smtp import dot_stuffed, raw_transaction
 
 PIXEL = re.compile(r'<img src="http://127\.0\.0\.1:\d+/o/[^"]+" width="1" height="1" alt="" border="0" '
                    r'style="border:0;width:1px;height:1px" />')
@@ -56,7 +57,7 @@ def relay(tmp_path_factory):
 
 
 def transaction(port: int, message: bytes) -> tuple[str, float, float]:
-    """One SMTP transaction (see harness.raw_transaction): bare CRs reach relay as sent."""
+    """One SMTP transaction (see raw_smtp.raw_transaction): bare CRs reach relay as sent."""
     return raw_transaction(port, dot_stuffed(message))
 
 
