@@ -11,11 +11,14 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from relay import offload
 from relay.core import instrument as core
+from relay.core.intake import heavy, many_parts
 from relay.core.settings import TrackingSettings
 from relay.core.tokens import Keyring, sign_address, sign_unsubscribe
 from relay.core.unsubscribe import add_list_unsubscribe
@@ -44,6 +47,7 @@ class Instrumenter:
         self.keyring = keyring
         self.cache_size = cache_size
         self._plans: OrderedDict[tuple[str, TrackingSettings], core.Plan] = OrderedDict()
+        self._lock = threading.Lock()  # copies of big messages are made in threads (copy_async)
 
     def plan(self, message_id: str, raw: bytes, settings: TrackingSettings) -> core.Plan:
         if not settings.enabled and b"text/html" not in raw.lower():
@@ -51,15 +55,28 @@ class Instrumenter:
             # without the type's name anywhere has no HTML part, so its plan is empty (the copy is the input).
             return core.Plan(settings=settings, size=len(raw), settings_json=settings.to_json())
         key = (message_id, settings)
-        plan = self._plans.get(key)
-        if plan is not None and plan.size == len(raw):
-            self._plans.move_to_end(key)
-            return plan
+        with self._lock:
+            plan = self._cached(key, raw)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
         plan = core.analyse(raw, settings)
-        self._plans[key] = plan
-        while len(self._plans) > self.cache_size:
-            self._plans.popitem(last=False)
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.cache_size:
+                self._plans.popitem(last=False)
         return plan
+
+    def _cached(self, key: tuple[str, TrackingSettings], raw: bytes) -> core.Plan | None:
+        plan = self._plans.get(key)
+        return plan if plan is not None and plan.size == len(raw) else None
+
+    async def copy_async(self, message_id: str, raw: bytes, settings: TrackingSettings, recipient: str,
+                         issued: int, position: int = 0) -> Rendered:
+        """`copy`, made in a thread (relay.offload) when it is much work for the event loop: a big message, or
+        the first copy of one with many MIME parts (later copies reuse its analysis)."""
+        off_loop = heavy(raw) or (self._cached((message_id, settings), raw) is None and many_parts(raw))
+        return await offload.run(off_loop, self.copy, message_id, raw, settings, recipient, issued, position)
 
     def copy(self, message_id: str, raw: bytes, settings: TrackingSettings, recipient: str, issued: int,
              position: int = 0) -> Rendered:

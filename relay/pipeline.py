@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from relay import offload
 from relay.config import Config
 from relay.core import clamd
 from relay.core import events as ev
-from relay.core.headers import CONFIG_SET_HEADER, HeaderError, from_domain, split_header_block, to_crlf
-from relay.core.intake import Intake, intake, mail_facts
+from relay.core.headers import CONFIG_SET_HEADER, HeaderBlock, HeaderError, from_domain, split_header_block, to_crlf
+from relay.core.intake import Intake, heavy, intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
 from relay.core.settings import TrackingSettings
@@ -114,6 +115,42 @@ def recipient_position(msg: QueuedMessage, recipient: str) -> int:
         return -1
 
 
+@dataclass(frozen=True)
+class _Accepted:
+    """A message read at acceptance, with what queueing it needs (once more if the fast path proves stale)."""
+
+    sub: Submission
+    item: Intake
+    identity: str  # the sender identity (resolve.sender_identity)
+    header_set: str | None  # X-SES-CONFIGURATION-SET
+    message_id: str
+    now_ms: int
+    off_loop: bool  # its CPU work runs in a thread (relay.offload)
+
+
+def _read(data: bytes, mail_from: str, message_id: str, hostname: str,
+          received: str | None) -> tuple[Intake, str]:
+    """The message as relay queues it, and its sender identity."""
+    item = intake(data, mail_from, message_id, hostname, received)
+    return item, sender_identity(item.block, mail_from)
+
+
+def _read_refused(data: bytes, mail_from: str) -> tuple[HeaderBlock, str, str]:
+    """The header block, sender identity and From domain of a message intake refused."""
+    block = split_header_block(to_crlf(data))
+    return block, sender_identity(block, mail_from), from_domain(block, mail_from)
+
+
+def _send_records(facts: ev.MailFacts, set_name: str | None, when: str) -> tuple[dict, str, list[EventRow]]:
+    """SES's mail object, its JSON (once per message: the message row and every event splice it) and a Send
+    event per recipient."""
+    mail = ev.mail_object(facts)
+    mail_text = mail_json(mail)
+    sends = [EventRow(ev.SEND, when, facts.message_id, r, set_name, ev.send_record(mail), mail_text)
+             for r in facts.destination]
+    return mail, mail_text, sends
+
+
 class Pipeline:
     def __init__(self, config: Config, store: Store, resolver, instrumenter, signer, upstream,
                  clock: Callable[[], float] = time.time, scanner: ClamdScanner | None = None):
@@ -135,28 +172,34 @@ class Pipeline:
     # --- accept, resolve, queue ------------------------------------------------------------------------
 
     async def accept(self, sub: Submission) -> QueuedMessage:
-        """Make the message durable and return it for delivery; raises Refusal or StorageUnavailable."""
+        """Make the message durable and return it for delivery; raises Refusal or StorageUnavailable.
+
+        The work over the message's bytes (reading it, its mail object and events) runs in a thread for a big
+        message (relay.offload), so the loop keeps serving everyone else meanwhile."""
         now_ms = self.now_ms()
         message_id = ev.mint_message_id(now_ms)
+        off_loop = heavy(sub.data)
         try:
-            item = intake(sub.data, sub.mail_from, message_id, self.config.hostname, self._received(sub, message_id))
+            item, identity = await offload.run(off_loop, _read, sub.data, sub.mail_from, message_id,
+                                               self.config.hostname, self._received(sub, message_id))
         except HeaderError as exc:
-            mail, set_name = self._refused_mail(sub, message_id, now_ms, exc)
+            mail, set_name = await self._refused_mail(sub, message_id, now_ms, exc, off_loop)
             await self._record_reject(mail, set_name, now_ms, str(exc))
             raise Refusal(f"554 {exc}") from exc
         header_set = item.control.configuration_set
         # Fast path: the cached configuration and no suppressed recipient, both verified by the queueing
         # transaction itself (no read per message before it). When either proves wrong, the message is prepared
         # again from what the database holds now: it is queued as configured when it was committed.
+        accepted = _Accepted(sub, item, identity, header_set, message_id, now_ms, off_loop)
         try:
-            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=False, scanned=False)
+            return await self._queue(accepted, fresh=False, scanned=False)
         except _Stale as stale:
-            return await self._queue(sub, item, header_set, message_id, now_ms, fresh=True, scanned=stale.scanned)
+            return await self._queue(accepted, fresh=True, scanned=stale.scanned)
 
-    async def _queue(self, sub: Submission, item: Intake, header_set: str | None, message_id: str, now_ms: int,
-                     fresh: bool, scanned: bool) -> QueuedMessage:
+    async def _queue(self, accepted: _Accepted, fresh: bool, scanned: bool) -> QueuedMessage:
+        sub, item, message_id, now_ms = accepted.sub, accepted.item, accepted.message_id, accepted.now_ms
         try:
-            resolved = self.resolver.resolve_or_refuse(header_set, sender_identity(item.block, sub.mail_from),
+            resolved = self.resolver.resolve_or_refuse(accepted.header_set, accepted.identity,
                                                        check=fresh)  # issue 6
         except Refusal:
             if fresh:
@@ -165,19 +208,17 @@ class Pipeline:
         version = self.resolver.version
         set_name, settings = resolved.set_name, resolved.settings
         item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
-        mail = ev.mail_object(mail_facts(
+        facts = mail_facts(
             item, message_id=message_id, now_ms=now_ms, mail_from=sub.mail_from, recipients=sub.recipients,
             source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,
             region=self.config.region,
-        ))
+        )
+        when = ev.iso_ms(now_ms)
+        mail, mail_text, sends = await offload.run(accepted.off_loop, _send_records, facts, set_name, when)
         if not scanned:
             await self._scan(sub, mail, set_name, now_ms)  # issue 9: refuses a virus (554) or, clamd down, 451
-        when = ev.iso_ms(now_ms)
-        mail_text = mail_json(mail)  # once per message: the message row and every event splice it
         row = MessageRow(message_id, when, sub.mail_from, set_name, item.subject, item.message_id_header,
                          len(item.raw), sub.client_ip, sub.auth_user, mail, settings.to_json(), mail_text)
-        sends = [EventRow(ev.SEND, when, message_id, r, set_name, ev.send_record(mail), mail_text)
-                 for r in sub.recipients]
         # SES accepts a message to a suppressed address and records a Send and a Bounce for it at once.
         suppressed = self._suppressed(sub.recipients, settings) if fresh else {}
         bounces = [EventRow(ev.BOUNCE, when, message_id, r, set_name,
@@ -201,21 +242,22 @@ class Pipeline:
         listed = self.store.tracking_read(suppressed_among, recipients, settings.suppression_reasons)
         return {r: listed[r.strip().lower()] for r in recipients if r.strip().lower() in listed}
 
-    def _refused_mail(self, sub: Submission, message_id: str, now_ms: int,
-                      exc: HeaderError) -> tuple[dict, str | None]:
+    async def _refused_mail(self, sub: Submission, message_id: str, now_ms: int, exc: HeaderError,
+                            off_loop: bool) -> tuple[dict, str | None]:
         """The mail object and set of a message refused before intake could read it (bad X-SES-* headers). Its
         set: the header's; without that header, the sender identity's default (a malformed name names none)."""
-        block = split_header_block(to_crlf(sub.data))
+        block, identity, domain = await offload.run(off_loop, _read_refused, sub.data, sub.mail_from)
         set_name = exc.configuration_set
         if set_name is None and block.get(CONFIG_SET_HEADER) is None:
             with contextlib.suppress(UnknownSet):
-                set_name = self.resolver.resolve(None, sender_identity(block, sub.mail_from)).set_name
-        return ev.mail_object(ev.MailFacts(
+                set_name = self.resolver.resolve(None, identity).set_name
+        facts = ev.MailFacts(
             message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients,
             headers=block.fields, configuration_set=set_name, source_ip=sub.client_ip,
-            from_domain=from_domain(block, sub.mail_from), caller_identity=sub.auth_user or "",
+            from_domain=domain, caller_identity=sub.auth_user or "",
             account_id=self.config.account_id, region=self.config.region,
-        )), set_name
+        )
+        return await offload.run(off_loop, ev.mail_object, facts), set_name
 
     async def _record_reject(self, mail: dict, set_name: str | None, now_ms: int, reason: str) -> None:
         """A refusal of a message whose configuration set is known is that set's Reject event."""
@@ -265,7 +307,7 @@ class Pipeline:
         """One attempt for one recipient; records its events and the recipient's new state."""
         warnings: list[tuple[str, str]] = []
         position = recipient_position(msg, recipient)
-        rendered = self.instrumenter.copy(msg.id, msg.raw, msg.settings, recipient, msg.received_ms // 1000,
+        rendered = await self.instrumenter.copy_async(msg.id, msg.raw, msg.settings, recipient, msg.received_ms // 1000,
                                           position=position)
         warnings += [("instrument", w) for w in rendered.warnings]
         fallback = self._fallback_domain(msg.configuration_set)

@@ -39,6 +39,8 @@ def elements(doc: bytes):
         root = lxml_html.document_fromstring(doc)
     except Exception:  # lxml refuses some inputs (e.g. empty documents): nothing to compare
         return None
+    for pixel in [el for el in root.iter() if isinstance(el.tag, str) and is_pixel(el)]:
+        pixel.drop_tree()  # the text after it (a final line break) joins the element before, where it was
     return [el for el in root.iter() if isinstance(el.tag, str)]
 
 
@@ -62,7 +64,6 @@ def test_lxml_sees_the_same_document(corpus):
         before, after = elements(re.sub(rb"\r?\n", b"\r\n", source)), elements(after_html)
         if before is None:
             continue
-        after = [el for el in after if not is_pixel(el)]
         assert [el.tag for el in before] == [el.tag for el in after], path.name
         for a, b in zip(before, after, strict=True):
             attrs_a = {k: v for k, v in a.attrib.items() if k not in MARKERS}

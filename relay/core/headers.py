@@ -17,8 +17,11 @@ CONFIG_SET_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TAG_PART_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 RESERVED_TAG_NAMES = ("ses:feedback-id-a", "ses:feedback-id-b")
 MAX_TAGS = 50  # SES documents no limit; ours, so a header cannot carry unbounded data into every event
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+_BARE_LINE_END = re.compile(rb"\r\n?|\n")  # as aiosmtplib's normalize_message_line_endings reads them
+_FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_NEXT_UNFOLDED_LINE = re.compile(rb"\r\n(?![ \t])")  # the end of a line that the next one does not continue
+_BLANKS = b" \t"
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _HEADER_LINE = re.compile(rb"From |[!-9;-~]*:|[ \t]")  # what the email package takes for a header line
 
 
@@ -42,7 +45,16 @@ class HeaderField:
         """Unfolded value text (undecoded encoded-words), as SES puts it in mail.headers."""
         text = self.raw.decode("utf-8", "replace")
         value = text.split(":", 1)[1] if ":" in text else ""
-        return re.sub(r"\r?\n(?=[ \t])", "", value).strip()
+        return _unfold(value).strip()
+
+
+def _unfold(value: str) -> str:
+    """`value` without the line breaks of its folding (a line break before a space or tab)."""
+    if value.count("\n") == value.count("\r\n"):  # CRLF only, as every field after intake
+        # Two replaces: several times faster than the regex on a long folded value, and no single C call that
+        # holds the GIL (and so the event loop) for hundreds of milliseconds over a 2 MB one.
+        return value.replace("\r\n ", " ").replace("\r\n\t", "\t")
+    return _FOLD.sub("", value)
 
 
 @dataclass
@@ -59,9 +71,40 @@ class HeaderBlock:
 
 
 def to_crlf(raw: bytes) -> bytes:
-    """SMTP's line ending everywhere: bare LF becomes CRLF, nothing else changes."""
-    # Counting is ~15x cheaper than the regex over a message that has no bare LF, as nearly all have.
-    return raw if raw.count(b"\n") == raw.count(b"\r\n") else _BARE_LF.sub(b"\r\n", raw)
+    """SMTP's line ending everywhere: a bare LF or a bare CR becomes CRLF, nothing else changes.
+
+    aiosmtplib does the same to every message it sends, and receivers read a bare CR as a line end: done once
+    at intake, what relay reads, stores, signs and sends are the same bytes (a bare CR made signatures fail,
+    and could hide a field inside another one).
+    """
+    # Counting is ~15x cheaper than the regex over a message that has no bare CR or LF, as nearly all have.
+    crlf = _count(raw, b"\r\n")
+    if _count(raw, b"\n") == crlf == _count(raw, b"\r"):
+        return raw
+    return b"".join([_BARE_LINE_END.sub(b"\r\n", raw[start:end]) for start, end in _slices(raw)])
+
+
+# Big messages are read in a thread, but one C call over all of a 39 MB message (a count, a regex) holds the GIL,
+# and so the event loop, for up to half a second: work on slices of this size, and the loop gets its turns.
+_SLICE = 1 << 20
+
+
+def _count(raw: bytes, sub: bytes) -> int:
+    """raw.count(sub), slice by slice (a slice reaches into the next by len(sub) - 1 bytes, so an occurrence
+    across the cut is counted once, in the slice where it starts)."""
+    if len(raw) <= _SLICE:
+        return raw.count(sub)
+    reach = len(sub) - 1
+    return sum([raw.count(sub, i, i + _SLICE + reach) for i in range(0, len(raw), _SLICE)])
+
+
+def _slices(raw: bytes) -> list[tuple[int, int]]:
+    """(start, end) of consecutive slices of about _SLICE bytes, never cutting between a CR and an LF."""
+    cuts = [0]
+    while cuts[-1] + _SLICE < len(raw):
+        cut = cuts[-1] + _SLICE
+        cuts.append(cut + 1 if raw[cut - 1:cut + 1] == b"\r\n" else cut)
+    return list(zip(cuts, [*cuts[1:], len(raw)], strict=True))
 
 
 def split_header_block(raw: bytes, *, email_package_end: bool = True) -> HeaderBlock:
@@ -74,23 +117,33 @@ def split_header_block(raw: bytes, *, email_package_end: bool = True) -> HeaderB
     """
     fields: list[HeaderField] = []
     pos, size = 0, len(raw)
+    start = -1  # where the field being read starts (-1: none yet)
+    next_line = _NEXT_UNFOLDED_LINE.search
     while pos < size:
-        end = raw.find(b"\r\n", pos)
-        stop = size if end < 0 else end + 2
-        line = raw[pos:stop]
-        if line == b"\r\n":
-            return HeaderBlock(fields, raw[stop:], b"\r\n")
-        malformed = not _HEADER_LINE.match(line)
+        if raw.startswith(b"\r\n", pos):
+            _add_field(fields, raw, start, pos)
+            return HeaderBlock(fields, raw[pos + 2:], b"\r\n")
+        continuation = raw[pos] in _BLANKS
+        malformed = not continuation and not _HEADER_LINE.match(raw, pos)
         if malformed and email_package_end:
+            _add_field(fields, raw, start, pos)
             return HeaderBlock(fields, raw[pos:], b"")
-        if (malformed or line[:1] in (b" ", b"\t")) and fields:
-            last = fields[-1]
-            fields[-1] = HeaderField(last.name, last.raw + line)
-        else:
-            m = _FIELD_NAME.match(line)
-            fields.append(HeaderField(m.group(1).decode("ascii") if m else "", line))
-        pos = stop
+        if start < 0 or not (continuation or malformed):
+            _add_field(fields, raw, start, pos)
+            start = pos
+        # Continuation lines are skipped in one search: one step per field, however often it is folded (a
+        # step per line that copied the field so far made a header of 600,000 folded lines take minutes).
+        m = next_line(raw, pos)
+        pos = size if m is None else m.end()
+    _add_field(fields, raw, start, size)
     return HeaderBlock(fields, b"", b"")  # a header-only message
+
+
+def _add_field(fields: list[HeaderField], raw: bytes, start: int, end: int) -> None:
+    """The field raw[start:end] (none when start < 0), named by its first line."""
+    if start >= 0:
+        m = _FIELD_NAME.match(raw, start, end)
+        fields.append(HeaderField(m.group(1).decode("ascii") if m else "", raw[start:end]))
 
 
 @dataclass
@@ -155,10 +208,20 @@ def extract_ses_control(block: HeaderBlock) -> SesControl:
 
 
 def decoded(value: str) -> str:
+    """Encoded words decoded; the value as written when they cannot be (a broken word, an unknown charset)."""
     try:
         return str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 - HeaderParseError, CharsetError, ...: the email package raises many kinds
         return value
+
+
+def _parsed_addresses(value: str) -> list[tuple[str, str]] | None:
+    """getaddresses' (name, address) pairs; None when it cannot read the value: it recurses once per nested
+    group, so `a:a:a:...` exhausts the stack."""
+    try:
+        return getaddresses([value])
+    except Exception:  # noqa: BLE001 - RecursionError, or anything else the parser meets in hostile text
+        return None
 
 
 _PLAIN_ADDRESS = re.compile(r"\s*(?:([^\"<>,;:()\\@=]*?)\s*<([^<>\s,;:()\"\\]+@[^<>\s,;:()\"\\]+)>"
@@ -171,8 +234,11 @@ def addresses(value: str) -> list[str]:
     matches = [_PLAIN_ADDRESS.fullmatch(item) for item in value.split(",")]
     if all(matches):
         return [f"{m[1]} <{m[2]}>" if m[1] else (m[2] or m[3]) for m in matches]
+    pairs = _parsed_addresses(value)
+    if pairs is None:
+        return [value]  # recorded as written
     out = []
-    for name, addr in getaddresses([value]):
+    for name, addr in pairs:
         if not addr:
             continue
         name = decoded(name)
@@ -181,11 +247,15 @@ def addresses(value: str) -> list[str]:
     return out
 
 
+_COMMON = frozenset({"from", "reply-to", "to", "cc", "bcc", "sender", "return-path", "date", "message-id", "subject"})
+
+
 def common_headers(fields: list[HeaderField], message_id: str) -> dict:
     """SES's mail.commonHeaders from the original header fields."""
-    first = {}
-    for f in fields:
-        first.setdefault(f.lname, f.value)
+    first: dict[str, str] = {}
+    for f in fields:  # only the first of each wanted field is read (a message may have many thousand fields)
+        if f.lname in _COMMON and f.lname not in first:
+            first[f.lname] = f.value
     common: dict = {}
     for key, lname in (("from", "from"), ("replyTo", "reply-to"), ("to", "to"), ("cc", "cc"), ("bcc", "bcc")):
         if lname in first:
@@ -222,7 +292,7 @@ def from_address(block: HeaderBlock) -> str | None:
     plain = _PLAIN_FROM.fullmatch(f.value) if f else None
     if plain:  # `a@b` or `Name <a@b>`: what getaddresses would find, without it
         return plain.group(1) or plain.group(2)
-    for _, addr in getaddresses([f.value]) if f else []:
+    for _, addr in (_parsed_addresses(f.value) or []) if f else []:
         if "@" in addr:
             return addr.strip()
     return None

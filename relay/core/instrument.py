@@ -492,12 +492,21 @@ def _pixel_edits(doc: bytes, scanned: html.Scan, settings: TrackingSettings, edi
         edits.append((scanned.body_close, scanned.body_close, PIXEL))
         return {"placement": "before </body>", "offset": scanned.body_close}
     if not scanned.open_end:
-        edits.append((size, size, PIXEL))
-        return {"placement": "end", "offset": size}
+        end = _before_final_line_break(doc, size)
+        edits.append((end, end, PIXEL))
+        return {"placement": "end", "offset": end}
     if scanned.body_open_end is not None:  # the end sits inside a broken tag: the top is the only safe spot
         edits.append((scanned.body_open_end, scanned.body_open_end, PIXEL))
         return {"placement": "top", "offset": scanned.body_open_end}
     return {"placement": "none", "reason": "the HTML ends inside an unterminated tag or comment", "url": None}
+
+
+def _before_final_line_break(doc: bytes, size: int) -> int:
+    """Where a pixel goes at the end of a document: before its final line break, so the part (and, for a
+    single part, the message) still ends with one."""
+    if doc.endswith(b"\r\n"):
+        return size - 2
+    return size - 1 if doc.endswith(b"\n") else size
 
 
 def _estimate(size: int, edits: list, plan: Plan, settings: TrackingSettings) -> int:
@@ -554,12 +563,7 @@ def _qp_template(pieces: list) -> list[bytes | int]:
     A slot holds a URL, whose characters QP leaves as they are, so a copy only cuts it into lines of 75.
     Pieces of type _Encoded are whole encoded lines and pass through.
     """
-    joined: list[bytes | int | _Encoded] = []  # adjacent plain pieces encode as one: their lines run on
-    for p in pieces:
-        if type(p) is bytes and joined and type(joined[-1]) is bytes:
-            joined[-1] = joined[-1] + p
-        else:
-            joined.append(p)
+    joined = _join_adjacent(pieces)  # adjacent plain pieces encode as one: their lines run on
     encoded = iter(mime.encode_qp_many([p for p in joined if type(p) is bytes]))
     out: list[bytes | int] = []
     run: list[bytes] = []  # encoded text since the last slot, joined into one item when the next slot comes
@@ -581,6 +585,24 @@ def _qp_template(pieces: list) -> list[bytes | int]:
         else:  # _Encoded: whole lines, ending in a line break
             run.append(p.data)
             mid_line = False
+    if run:
+        out.append(b"".join(run))
+    return out
+
+
+def _join_adjacent(pieces: list) -> list:
+    """`pieces` with each run of adjacent bytes joined into one (joined at the end of the run: adding each
+    piece to the one before copied it again, quadratic in a run of thousands of removed markers)."""
+    out: list = []
+    run: list[bytes] = []
+    for p in pieces:
+        if type(p) is bytes:
+            run.append(p)
+            continue
+        if run:
+            out.append(b"".join(run))
+            run = []
+        out.append(p)
     if run:
         out.append(b"".join(run))
     return out
