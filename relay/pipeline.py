@@ -28,7 +28,7 @@ from relay.config import Config
 from relay.core import clamd
 from relay.core import events as ev
 from relay.core.headers import CONFIG_SET_HEADER, HeaderBlock, HeaderError, from_domain, split_header_block, to_crlf
-from relay.core.intake import Intake, heavy, intake, mail_facts
+from relay.core.intake import INLINE_BYTES, Intake, heavy, intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
 from relay.core.settings import TrackingSettings
@@ -311,7 +311,8 @@ class Pipeline:
                                           position=position)
         warnings += [("instrument", w) for w in rendered.warnings]
         fallback = self._fallback_domain(msg.configuration_set)
-        data = self._sign(rendered.data, msg, fallback, warnings)
+        # signing hashes the whole copy: a big one is signed off the loop, as it was rendered
+        data = await offload.run(len(rendered.data) > INLINE_BYTES, self._sign, rendered.data, msg, fallback, warnings)
         reply: Reply = await self.upstream.send(self._return_path(msg, position), recipient, data, msg.id)
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,

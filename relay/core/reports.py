@@ -142,21 +142,24 @@ _FIELD = re.compile(r"([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*)")
 
 
 def _text_blocks(text: str) -> list[list[tuple[str, str]]]:
-    """Blocks of `Name: value` fields in a text; blank lines separate blocks, folded lines are unfolded."""
+    """Blocks of `Name: value` fields in a text; blank lines separate blocks, folded lines are unfolded (each
+    field joined once: a report may be folded a million times, and anyone may send one)."""
     blocks: list[list[tuple[str, str]]] = []
-    block: list[tuple[str, str]] = []
+    block: list[tuple[str, list[str]]] = []
+
+    def close() -> None:
+        if block:
+            blocks.append([(name, " ".join(pieces).strip()) for name, pieces in block])
+
     for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
         if not line.strip():
-            if block:
-                blocks.append(block)
+            close()
             block = []
         elif line[0] in " \t" and block:
-            name, value = block[-1]
-            block[-1] = (name, f"{value} {line.strip()}".strip())
+            block[-1][1].append(line.strip())
         elif match := _FIELD.fullmatch(line.rstrip()):
-            block.append((match[1], match[2].strip()))
-    if block:
-        blocks.append(block)
+            block.append((match[1], [match[2].strip()]))
+    close()
     return blocks
 
 
@@ -387,20 +390,19 @@ _IDENTIFYING = frozenset({"message-id", "from", "to", "subject", "date"})
 def _quoted_headers(text: str) -> tuple[tuple[str, str], ...]:
     """Header lines a non-standard bounce quotes in its text (Sun's "This report relates to a message you sent
     with the following header fields:"): the first run of field lines holding a Message-ID or two of
-    From/To/Subject/Date."""
-    run: list[tuple[str, str]] = []
+    From/To/Subject/Date. A folded field is joined once, however often it is folded."""
+    run: list[tuple[str, list[str]]] = []
     for line in [*text.splitlines(), ""]:
         match = _QUOTED_FIELD.fullmatch(line.rstrip())
         if match:
-            run.append((match[1], match[2]))
+            run.append((match[1], [match[2]]))
             continue
         if run and line[:1] in (" ", "\t") and line.strip():  # a folded field
-            name, value = run[-1]
-            run[-1] = (name, f"{value} {line.strip()}")
+            run[-1][1].append(line.strip())
             continue
         names = {name.lower() for name, _ in run}
         if "message-id" in names or len(names & _IDENTIFYING) >= 2:
-            return tuple(run)
+            return tuple((name, " ".join(pieces)) for name, pieces in run)
         run = []
     return ()
 
