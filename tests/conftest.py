@@ -58,7 +58,11 @@ def postgres_database() -> Iterator[str]:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+BACKENDS = ["sqlite", "postgresql"]
+INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)  # a constraint refused the row
+
+
+@pytest.fixture(params=BACKENDS)
 def store_target(request, tmp_path) -> Iterator[str | Path]:
     """Where a test's store lives: a SQLite file, or the URL of a PostgreSQL database of its own."""
     if request.param == "sqlite":
@@ -66,3 +70,25 @@ def store_target(request, tmp_path) -> Iterator[str | Path]:
         return
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+def store_url(store_target) -> str | None:
+    """`store_target` as relay's configuration takes it: the PostgreSQL URL ([store] url, RelayProcess's
+    store_url), or None for SQLite, which relay keeps under its data_dir."""
+    return store_target if isinstance(store_target, str) else None
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_store_url(request) -> Iterator[str | None]:
+    """As `store_url`, for a module-scoped relay: its tests run once per backend, on one database each."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with postgres_database() as url:
+        yield url
+
+
+def store_toml(url: str | None) -> str:
+    """The [store] table of a configuration file for `store_url` (none for SQLite)."""
+    return f'\n[store]\nurl = "{url}"\n' if url else ""
