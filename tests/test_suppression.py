@@ -1,7 +1,8 @@
 """The account suppression list (issue 9): suppressed recipients are not relayed and get SES's Send + Bounce
 (OnAccountSuppressionList); a permanent bounce lists the address; per-set reasons; `relay suppression`.
 
-End to end through relay as a subprocess with an aiosmtpd upstream; the store parts on real SQLite files.
+End to end through relay as a subprocess with an aiosmtpd upstream; the store parts on a real database. Every
+test that touches the store runs on both backends (SQLite, PostgreSQL).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +31,7 @@ from relay.store import (
 )
 from relay.suppression import parse_csv, to_csv
 
+from .conftest import INTEGRITY_ERRORS, postgres_database
 from .harness import ROOT, RelayProcess, Upstream, UpstreamHandler
 from .test_destinations import wait_until
 from .test_events import REFERENCE, keys
@@ -94,8 +95,8 @@ def upstream():
 
 
 @pytest.fixture
-def relay(tmp_path, upstream):
-    r = RelayProcess(tmp_path / "relay", upstream.port, extra=SETS).start()
+def relay(tmp_path, upstream, store_url):
+    r = RelayProcess(tmp_path / "relay", upstream.port, extra=SETS, store_url=store_url).start()
     yield r
     r.stop()
 
@@ -190,8 +191,8 @@ def test_a_5xx_lists_the_address_and_the_next_message_is_not_relayed(relay, upst
 
 # --- the CLI on a real database --------------------------------------------------------------------------------
 
-def test_cli_add_list_remove_import_export_round_trip(tmp_path):
-    first = RelayProcess(tmp_path / "one")
+def test_cli_add_list_remove_import_export_round_trip(tmp_path, store_url):
+    first = RelayProcess(tmp_path / "one", store_url=store_url)
     first.write_config()
     config = first.config_path
     assert cli(config, "add", " Someone@Example.COM ", "--reason", "bounce").returncode == 0
@@ -229,13 +230,15 @@ def test_cli_add_list_remove_import_export_round_trip(tmp_path):
                                  "someone@example.com,COMPLAINT"]
     assert cli(config, "export").stdout == text  # stdout without a file
 
-    second = RelayProcess(tmp_path / "two")
-    second.write_config()
-    clean = cli(second.config_path, "import", str(exported))
-    assert clean.returncode == 0 and "imported 5 entries, skipped 0 bad lines" in clean.stdout
-    again = tmp_path / "again.csv"
-    assert cli(second.config_path, "export", str(again)).returncode == 0
-    assert again.read_text() == text  # export -> import round-trips
+    with contextlib.ExitStack() as other_database:  # a second store on the same backend
+        second_url = other_database.enter_context(postgres_database()) if store_url else None
+        second = RelayProcess(tmp_path / "two", store_url=second_url)
+        second.write_config()
+        clean = cli(second.config_path, "import", str(exported))
+        assert clean.returncode == 0 and "imported 5 entries, skipped 0 bad lines" in clean.stdout
+        again = tmp_path / "again.csv"
+        assert cli(second.config_path, "export", str(again)).returncode == 0
+        assert again.read_text() == text  # export -> import round-trips
 
     removed = cli(config, "remove", "SOMEONE@example.com", "--reason", "COMPLAINT")
     assert removed.returncode == 0 and "removed 1 entry" in removed.stdout
@@ -245,8 +248,8 @@ def test_cli_add_list_remove_import_export_round_trip(tmp_path):
     assert "someone@example.com" not in cli(config, "list").stdout
 
 
-def test_cli_set_options(tmp_path):
-    r = RelayProcess(tmp_path / "r", extra=SETS)
+def test_cli_set_options(tmp_path, store_url):
+    r = RelayProcess(tmp_path / "r", extra=SETS, store_url=store_url)
     r.write_config()
     made = subprocess.run([sys.executable, "-m", "relay.cli", "config-set", "create", "news", "--config",
                            str(r.config_path)], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
@@ -272,8 +275,8 @@ def _row(message_id: str) -> MessageRow:
                       None, {"messageId": message_id}, {})
 
 
-def test_accept_work_records_final_recipients_and_spools_only_what_is_left(tmp_path):
-    store = open_store(tmp_path / "db.sqlite3")
+def test_accept_work_records_final_recipients_and_spools_only_what_is_left(store_target):
+    store = open_store(store_target)
     try:
         final = {"b@x.org": ("bounced", "not sent")}
         store.submit(Store.accept_work(_row("m1"), ["a@x.org", "b@x.org"], b"raw", [], final)).result(5)
@@ -293,8 +296,8 @@ def test_accept_work_records_final_recipients_and_spools_only_what_is_left(tmp_p
         store.close()
 
 
-def test_with_suppression_is_one_transaction(tmp_path):
-    store = open_store(tmp_path / "db.sqlite3")
+def test_with_suppression_is_one_transaction(store_target):
+    store = open_store(store_target)
     try:
         entry = Suppression("x@example.org", "BOUNCE", "2026-11-23T00:00:00.000Z", "m", "f")
         assert with_suppression(Store.events_work([]), []) is not None
@@ -303,7 +306,7 @@ def test_with_suppression_is_one_transaction(tmp_path):
         assert store.tracking_read(suppression_entries) == [entry]
 
         unstorable = Suppression("y@example.org", None, "t")  # type: ignore[arg-type]  # NOT NULL fails
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(INTEGRITY_ERRORS):
             store.submit(with_suppression(Store.events_work([EventRow("Bounce", "t", "m2", "y", None, {})]),
                                           [unstorable])).result(5)
         assert store.tracking_read(suppression_entries) == [entry]
@@ -312,8 +315,8 @@ def test_with_suppression_is_one_transaction(tmp_path):
         store.close()
 
 
-def test_entries_filters_and_keyset_pages(tmp_path):
-    store = open_store(tmp_path / "db.sqlite3")
+def test_entries_filters_and_keyset_pages(store_target):
+    store = open_store(store_target)
     try:
         entries = [Suppression(f"u{i}@example.org", reason, f"2026-11-2{i}T00:00:00.000Z")
                    for i in range(5) for reason in ("BOUNCE", "COMPLAINT")]
