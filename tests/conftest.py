@@ -32,6 +32,11 @@ DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)  # what either backend raises f
 PG_ADMIN_URL = os.environ.get("RELAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "sqlite_only(why): a test of SQLite itself (WAL, file permissions, a full"
+                                       " disk, its progress handler): it has no PostgreSQL run")
+
+
 @functools.cache
 def postgres_unavailable() -> str | None:
     """Why the PostgreSQL tests cannot run here, or None."""

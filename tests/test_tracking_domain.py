@@ -1,5 +1,5 @@
 """`relay tracking-domain verify`: resolve through a tiny DNS server on 127.0.0.1, fetch a one-time challenge
-through the name from the running listener, remember the verified domain."""
+through the name from the running listener, remember the verified domain (in either store backend)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def _args(domain: str, config: Path, dns_port: int) -> argparse.Namespace:
                               nameserver="127.0.0.1", port=dns_port)
 
 
-def test_verify_through_dns_and_listener(tmp_path, dns_server, capsys):
-    cfg_path = write_config(tmp_path)
-    server = Listener(load(tmp_path))
+def test_verify_through_dns_and_listener(tmp_path, dns_server, capsys, store_url):
+    cfg_path = write_config(tmp_path, store_url=store_url)
+    server = Listener(load(tmp_path, store_url=store_url))
     try:
         assert not server.store.is_tracking_domain_verified("track.example.test")
         code = tracking_domain_command(_args(f"track.example.test:{server.port}", cfg_path, dns_server.port))
@@ -49,8 +49,8 @@ def test_verify_through_dns_and_listener(tmp_path, dns_server, capsys):
         server.stop()
 
 
-def test_verify_command_line_refuses_what_does_not_reach_us(tmp_path, dns_server):
-    cfg_path = write_config(tmp_path)
+def test_verify_command_line_refuses_what_does_not_reach_us(tmp_path, dns_server, store_url):
+    cfg_path = write_config(tmp_path, store_url=store_url)
     other = tmp_path / "other"
     other.mkdir()
     stranger = Listener(load(other))  # a tracking listener with other keys: not ours
@@ -71,7 +71,7 @@ def test_verify_command_line_refuses_what_does_not_reach_us(tmp_path, dns_server
         assert bad.returncode == 1 and "InvalidTrackingOptions" in bad.stderr and "label 'bad_name'" in bad.stderr
     finally:
         stranger.stop()
-    store = open_store(load(tmp_path).database_path)
+    store = open_store(load(tmp_path, store_url=store_url).store_target)
     try:
         assert store.verified_tracking_domains() == set()
     finally:
