@@ -94,6 +94,21 @@ def module_store_url(request) -> Iterator[str | None]:
         yield url
 
 
+@pytest.fixture
+def backend_url(request) -> Iterator[str | None]:
+    """As `store_url`, for a fixture most of whose tests are not about the store: SQLite (None) unless the test
+    is marked `both_backends`."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield None
+        return
+    with postgres_database() as url:
+        yield url
+
+
+both_backends = pytest.mark.parametrize("backend_url", BACKENDS, indirect=True)
+sqlite_run_only = pytest.mark.parametrize("store_target", ["sqlite"], indirect=True)
+
+
 def store_toml(url: str | None) -> str:
     """The [store] table of a configuration file for `store_url` (none for SQLite)."""
     return f'\n[store]\nurl = "{url}"\n' if url else ""

@@ -1,4 +1,5 @@
-"""The relay core end to end: smtplib → relay (a subprocess) → an aiosmtpd upstream, events in SQLite."""
+"""The relay core end to end: smtplib → relay (a subprocess) → an aiosmtpd upstream, events in the store. The
+tests about what the store keeps (events, the queue across retries and restarts) run on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from relay.config import hash_password
 
+from .conftest import both_backends
 from .harness import RelayProcess, Upstream, free_port
 
 MULTIPART = (
@@ -38,8 +40,8 @@ def upstream():
 
 
 @pytest.fixture
-def relay(tmp_path, upstream):
-    r = RelayProcess(tmp_path / "relay", upstream.port).start()
+def relay(tmp_path, upstream, backend_url):
+    r = RelayProcess(tmp_path / "relay", upstream.port, store_url=backend_url).start()
     yield r
     r.stop()
 
@@ -76,6 +78,7 @@ def strip_received(data: bytes) -> bytes:
     return data[end:]
 
 
+@both_backends
 def test_message_arrives_intact_and_events_are_recorded(relay, upstream):
     code, reply = submit(relay.smtp_port, MULTIPART)
     assert code == 250
@@ -268,9 +271,10 @@ def test_failed_auth_is_rate_limited_per_address(tmp_path, upstream):
         r.stop()
 
 
-def test_upstream_down_then_back_delays_then_delivers(tmp_path):
+@both_backends
+def test_upstream_down_then_back_delays_then_delivers(tmp_path, backend_url):
     port = free_port()
-    r = RelayProcess(tmp_path / "r", port).start()
+    r = RelayProcess(tmp_path / "r", port, store_url=backend_url).start()
     up = Upstream(port)
     try:
         mids = [relay_id(submit(r.smtp_port, MULTIPART)[1]) for _ in range(3)]
@@ -288,6 +292,7 @@ def test_upstream_down_then_back_delays_then_delivers(tmp_path):
         up.stop()
 
 
+@both_backends
 def test_upstream_permanent_failure_bounces_without_retry(relay, upstream):
     upstream.handler.reply = "550 5.1.1 <rcpt@example.org>: Recipient address rejected: User unknown"
     mid = relay_id(submit(relay.smtp_port, MULTIPART)[1])
@@ -304,9 +309,10 @@ def test_upstream_permanent_failure_bounces_without_retry(relay, upstream):
     assert relay.events("DeliveryDelay") == []
 
 
-def test_temporary_failure_beyond_max_age_bounces_transient(tmp_path, upstream):
+@both_backends
+def test_temporary_failure_beyond_max_age_bounces_transient(tmp_path, upstream, backend_url):
     upstream.handler.reply = "452 4.2.2 Mailbox full"
-    r = RelayProcess(tmp_path / "r", upstream.port, delivery={"max_age": "1s"}).start()
+    r = RelayProcess(tmp_path / "r", upstream.port, delivery={"max_age": "1s"}, store_url=backend_url).start()
     try:
         submit(r.smtp_port, MULTIPART)
         record = json.loads(r.wait_events("Bounce", 1)[0][4])["bounce"]
@@ -317,9 +323,10 @@ def test_temporary_failure_beyond_max_age_bounces_transient(tmp_path, upstream):
         r.stop()
 
 
-def test_sigterm_keeps_the_queue_and_a_restart_resumes_it(tmp_path):
+@both_backends
+def test_sigterm_keeps_the_queue_and_a_restart_resumes_it(tmp_path, backend_url):
     port = free_port()
-    r = RelayProcess(tmp_path / "r", port, delivery={"retry_initial": "30s"}).start()
+    r = RelayProcess(tmp_path / "r", port, delivery={"retry_initial": "30s"}, store_url=backend_url).start()
     mids = [relay_id(submit(r.smtp_port, MULTIPART)[1]) for _ in range(5)]
     r.wait_events("DeliveryDelay", 5)
     assert r.stop(signal.SIGTERM) == 0
