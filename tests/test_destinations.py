@@ -2,8 +2,9 @@
 
 The receiver is down, then answers 500, then is slow (beyond the destination's timeout), then recovers:
 every event of the set arrives, in order per message, signed, with no duplicate beyond at-least-once. The
-tests whose subject is what the store keeps (cursors, set-aside events, destinations changed by the CLI) run
-on both store backends.
+tests whose subject is what the store keeps (cursors across a backlog and a restart, set-aside events, a set
+made by the CLI reaching the running relay) run on both store backends; the JSON Lines file and the CLI's
+enable/disable run on SQLite (their store works are the same).
 """
 
 from __future__ import annotations
@@ -264,9 +265,9 @@ def _shape(value, depth: int = 0):
     return type(value).__name__
 
 
-def test_jsonl_matches_ses_examples_and_reopens_after_sighup(tmp_path, upstream, store_url):
+def test_jsonl_matches_ses_examples_and_reopens_after_sighup(tmp_path, upstream):
     jsonl = tmp_path / "events.jsonl"
-    r = RelayProcess(tmp_path / "r", upstream.port, extra=hooks_toml(free_port(), jsonl), store_url=store_url).start()
+    r = RelayProcess(tmp_path / "r", upstream.port, extra=hooks_toml(free_port(), jsonl)).start()
     try:
         submit(r.smtp_port, MESSAGE)
         wait_until(lambda: jsonl.exists() and len(jsonl.read_text().splitlines()) == 2, what="2 lines")
@@ -363,8 +364,8 @@ max_refusals = 2
         hook.stop()
 
 
-def test_cli_destinations_follow_while_serving_and_a_disabled_one_receives_nothing(tmp_path, upstream, store_url):
-    r = RelayProcess(tmp_path / "r", upstream.port, store_url=store_url).start()
+def test_cli_destinations_follow_while_serving_and_a_disabled_one_receives_nothing(tmp_path, upstream):
+    r = RelayProcess(tmp_path / "r", upstream.port).start()
     out = tmp_path / "cli.jsonl"
 
     def cli(*args: str) -> None:

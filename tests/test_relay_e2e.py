@@ -1,5 +1,6 @@
-"""The relay core end to end: smtplib → relay (a subprocess) → an aiosmtpd upstream, events in the store. The
-tests about what the store keeps (events, the queue across retries and restarts) run on SQLite and PostgreSQL."""
+"""The relay core end to end: smtplib → relay (a subprocess) → an aiosmtpd upstream, events in the store. Two
+tests also run on PostgreSQL: a message's events and copy state, and the queue kept across a restart (the other
+outcomes are the same store works, and tests/test_nodes.py delivers under load on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -271,10 +272,9 @@ def test_failed_auth_is_rate_limited_per_address(tmp_path, upstream):
         r.stop()
 
 
-@both_backends
-def test_upstream_down_then_back_delays_then_delivers(tmp_path, backend_url):
+def test_upstream_down_then_back_delays_then_delivers(tmp_path):
     port = free_port()
-    r = RelayProcess(tmp_path / "r", port, store_url=backend_url).start()
+    r = RelayProcess(tmp_path / "r", port).start()
     up = Upstream(port)
     try:
         mids = [relay_id(submit(r.smtp_port, MULTIPART)[1]) for _ in range(3)]
@@ -292,7 +292,6 @@ def test_upstream_down_then_back_delays_then_delivers(tmp_path, backend_url):
         up.stop()
 
 
-@both_backends
 def test_upstream_permanent_failure_bounces_without_retry(relay, upstream):
     upstream.handler.reply = "550 5.1.1 <rcpt@example.org>: Recipient address rejected: User unknown"
     mid = relay_id(submit(relay.smtp_port, MULTIPART)[1])
@@ -309,10 +308,9 @@ def test_upstream_permanent_failure_bounces_without_retry(relay, upstream):
     assert relay.events("DeliveryDelay") == []
 
 
-@both_backends
-def test_temporary_failure_beyond_max_age_bounces_transient(tmp_path, upstream, backend_url):
+def test_temporary_failure_beyond_max_age_bounces_transient(tmp_path, upstream):
     upstream.handler.reply = "452 4.2.2 Mailbox full"
-    r = RelayProcess(tmp_path / "r", upstream.port, delivery={"max_age": "1s"}, store_url=backend_url).start()
+    r = RelayProcess(tmp_path / "r", upstream.port, delivery={"max_age": "1s"}).start()
     try:
         submit(r.smtp_port, MULTIPART)
         record = json.loads(r.wait_events("Bounce", 1)[0][4])["bounce"]
