@@ -219,30 +219,30 @@ def test_no_event_lost_on_sigterm_under_load(tmp_path, workers, store_url):
     paths = ["/o/" + tokens.sign_open(keyring, MID, RCPT, now),
              "/c/" + tokens.sign_click(keyring, MID, RCPT, now, 0, "https://shop.example/x#y", {})]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "track", "--config", str(path)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err_path = tmp_path / "track.err"  # a file, not a pipe: read while the workers run
+    with open(err_path, "wb") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "track", "--config", str(path)], cwd=tmp_path,
+                                env=env, stdout=subprocess.DEVNULL, stderr=err_file)
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                if request(port, "GET", "/healthz")[0] == 200:
-                    break
-            assert proc.poll() is None, proc.stderr.read().decode()
+        deadline = time.monotonic() + 30  # every worker up (on a loaded machine a worker takes seconds)
+        while err_path.read_bytes().count(b"relay track: listening") < workers:
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
             time.sleep(0.05)
         results: list = []
         stop_at = time.monotonic() + 6
         threads = [threading.Thread(target=_load, args=(port, paths, stop_at, results, 3000)) for _ in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.8 + workers)  # let the extra worker start and take its share
+        time.sleep(1.5)  # every worker takes its share of the load
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(10)
-        _, err = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    err = err_path.read_bytes()
     assert proc.returncode == 0, err.decode()
     ok = sum(r[0] for r in results)
     sent = sum(r[1] for r in results)
