@@ -48,19 +48,35 @@ def postgres_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A new, empty database on the test server; its URL. Dropped afterwards, connections and all."""
+def postgres_database(template: str | None = None) -> Iterator[str]:
+    """A new database on the test server, empty or a copy of `template`; its URL. Dropped afterwards,
+    connections and all."""
     reason = postgres_unavailable()
     if reason:
         pytest.skip(reason)
     name = f"relay_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
+        admin.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def migrated_template() -> Iterator[str | None]:
+    """The name of a database migrated to relay's schema once a session, which the storage-facing tests' databases
+    copy (a file copy, where migrating each new database costs up to a second on a loaded machine). Migrating an
+    empty database, several nodes at once, is tests/test_nodes.py's. None without a server."""
+    if postgres_unavailable():
+        yield None
+        return
+    from relay.store import open_store
+
+    with postgres_database() as url:
+        open_store(url).close()
+        yield url.rsplit("/", 1)[1]
 
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -73,7 +89,7 @@ def store_target(request, tmp_path) -> Iterator[str | Path]:
     if request.param == "sqlite":
         yield tmp_path / "relay.sqlite3"
         return
-    with postgres_database() as url:
+    with postgres_database(request.getfixturevalue("migrated_template")) as url:
         yield url
 
 
@@ -90,7 +106,7 @@ def module_store_url(request) -> Iterator[str | None]:
     if request.param == "sqlite":
         yield None
         return
-    with postgres_database() as url:
+    with postgres_database(request.getfixturevalue("migrated_template")) as url:
         yield url
 
 
@@ -101,7 +117,7 @@ def backend_url(request) -> Iterator[str | None]:
     if getattr(request, "param", "sqlite") == "sqlite":
         yield None
         return
-    with postgres_database() as url:
+    with postgres_database(request.getfixturevalue("migrated_template")) as url:
         yield url
 
 

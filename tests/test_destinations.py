@@ -2,9 +2,9 @@
 
 The receiver is down, then answers 500, then is slow (beyond the destination's timeout), then recovers:
 every event of the set arrives, in order per message, signed, with no duplicate beyond at-least-once. The
-tests whose subject is what the store keeps (cursors across a backlog and a restart, set-aside events, a set
-made by the CLI reaching the running relay) run on both store backends; the JSON Lines file and the CLI's
-enable/disable run on SQLite (their store works are the same).
+tests whose subject is what the store keeps (cursors across a backlog and a restart, set-aside events) run on
+both store backends; the JSON Lines file and the CLI's changes reaching a running relay run on SQLite (the
+CLI's store works and the change counter run on both in tests/test_sets.py and tests/test_api.py).
 """
 
 from __future__ import annotations
@@ -297,8 +297,8 @@ def test_jsonl_matches_ses_examples_and_reopens_after_sighup(tmp_path, upstream)
         r.stop()
 
 
-def test_hot_change_from_the_cli_while_serving(tmp_path, upstream, store_url):
-    r = RelayProcess(tmp_path / "r", upstream.port, store_url=store_url).start()
+def test_hot_change_from_the_cli_while_serving(tmp_path, upstream):
+    r = RelayProcess(tmp_path / "r", upstream.port).start()
 
     def cli(*args: str) -> None:
         out = subprocess.run([sys.executable, "-m", "relay.cli", *args, "--config", str(r.config_path)],
