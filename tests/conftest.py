@@ -47,16 +47,21 @@ def postgres_unavailable() -> str | None:
     return None
 
 
+# Operators' databases seldom sort text in byte order (en_US.UTF-8 is common): the storage-facing tests' databases
+# sort as a person would, so SQL that holds only in byte order (a '~' sorting after letters) fails here too.
+LINGUISTIC = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+
+
 @contextlib.contextmanager
-def postgres_database(template: str | None = None) -> Iterator[str]:
-    """A new database on the test server, empty or a copy of `template`; its URL. Dropped afterwards,
-    connections and all."""
+def postgres_database(template: str | None = None, options: str = "") -> Iterator[str]:
+    """A new database on the test server, empty (`options`: CREATE DATABASE's) or a copy of `template`; its URL.
+    Dropped afterwards, connections and all."""
     reason = postgres_unavailable()
     if reason:
         pytest.skip(reason)
     name = f"relay_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+        admin.execute(f"CREATE DATABASE {name} " + (f"TEMPLATE {template}" if template else options))
     try:
         yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     finally:
@@ -67,14 +72,15 @@ def postgres_database(template: str | None = None) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def migrated_template() -> Iterator[str | None]:
     """The name of a database migrated to relay's schema once a session, which the storage-facing tests' databases
-    copy (a file copy, where migrating each new database costs up to a second on a loaded machine). Migrating an
-    empty database, several nodes at once, is tests/test_nodes.py's. None without a server."""
+    copy (a file copy, where migrating each new database costs up to a second on a loaded machine), collation
+    and all. Migrating an empty database, several nodes at once, is tests/test_nodes.py's. None without a
+    server."""
     if postgres_unavailable():
         yield None
         return
     from relay.store import open_store
 
-    with postgres_database() as url:
+    with postgres_database(options=LINGUISTIC) as url:
         open_store(url).close()
         yield url.rsplit("/", 1)[1]
 
