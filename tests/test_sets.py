@@ -2,7 +2,7 @@
 
 The precedence tests go through the real store and the management functions (relay/sets.py) with a parsed
 TOML file; the CLI tests run `python3 -m relay.cli` as a subprocess against a temporary config and database.
-Every test that touches the store runs on both backends (SQLite, PostgreSQL).
+The tests that touch the store run on both backends (SQLite, PostgreSQL), but for two CLI tests (see there).
 """
 
 from __future__ import annotations

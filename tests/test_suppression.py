@@ -1,8 +1,8 @@
 """The account suppression list (issue 9): suppressed recipients are not relayed and get SES's Send + Bounce
 (OnAccountSuppressionList); a permanent bounce lists the address; per-set reasons; `relay suppression`.
 
-End to end through relay as a subprocess with an aiosmtpd upstream; the store parts on a real database. Every
-test that touches the store runs on both backends (SQLite, PostgreSQL).
+End to end through relay as a subprocess with an aiosmtpd upstream; the store parts on a real database. The
+tests that touch the store run on both backends (SQLite, PostgreSQL), but for those the CLI drives (see there).
 """
 
 from __future__ import annotations

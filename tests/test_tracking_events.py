@@ -1,6 +1,7 @@
 """Events and verdicts recorded by the running listener: recorded user agents of Apple MPP, Gmail's and Yahoo's
 proxies and scanners, timing rules, unique opens, recomputation, and no event lost on SIGTERM under load.
-Each runs on both store backends (SQLite, PostgreSQL), but the one that counts SQLite's own work."""
+Each runs on both store backends (SQLite, PostgreSQL), but the one that counts SQLite's own work (and the
+SIGTERM test runs on PostgreSQL with two workers only)."""
 
 from __future__ import annotations
 
