@@ -123,15 +123,16 @@ def cmd_suppression(args: argparse.Namespace) -> int:
 
 
 def check_database(cfg) -> int:
-    """`relay check`, issue 6: the SQLite-held sets, levels and identities, and conflicts with the file."""
-    if not cfg.database_path.exists():  # no database yet: identities can only name sets of the file
+    """`relay check`: the database-held sets, levels and identities, and conflicts with the file."""
+    from relay.store import has_database, open_store
+
+    if not has_database(cfg.store_target):  # no database yet: identities can only name sets of the file
         missing = [f"identities.{i}.default_configuration_set: configuration set <{s}> does not exist"
                    for i, s in cfg.identities.items() if s not in cfg.configuration_sets]
         for line in missing:
             print(f"error: {line}", file=sys.stderr)
         return len(missing)
     from relay.sets import check_database as check
-    from relay.store import open_store
 
     store = open_store(cfg.store_target)
     try:

@@ -212,9 +212,7 @@ class RelayProcess:
 
     def db(self):
         """A connection to relay's database taking the store's SQL (`?` parameters), SQLite or PostgreSQL."""
-        if self.store_url:
-            return PgConnection(psycopg.connect(self.store_url, autocommit=True))
-        return sqlite3.connect(self.db_path, timeout=30)
+        return db_connection(self.store_url or self.db_path)
 
     def events(self, event_type: str | None = None) -> list[tuple]:
         with contextlib.closing(self.db()) as conn:
@@ -233,6 +231,46 @@ class RelayProcess:
                     return rows
             time.sleep(0.05)
         raise TimeoutError(f"{len(rows)} of {count} {event_type} events\n{self.log()[-3000:]}")
+
+
+class HarnessPgConnection(PgConnection):
+    """PgConnection used as tests use sqlite3's: `with conn:` ends a transaction (here every statement is its
+    own: autocommit)."""
+
+    def __enter__(self) -> HarnessPgConnection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def db_connection(target: str | Path):
+    """A connection to the database at `target` (a SQLite file, or a PostgreSQL URL) taking the store's SQL."""
+    if isinstance(target, str):
+        return HarnessPgConnection(psycopg.connect(target, autocommit=True))
+    return sqlite3.connect(target, timeout=30)
+
+
+def dict_rows(cursor) -> list[dict]:
+    """A cursor's rows as {column: value}, on either backend (sqlite3.Row has no PostgreSQL twin)."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def database_text(conn) -> str:
+    """Every row of every table as text (binary columns as hex, as sqlite3's iterdump writes them): to check
+    that something is nowhere in the database."""
+    if isinstance(conn, PgConnection):
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                                             " ORDER BY 1").fetchall()]
+    else:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1")]
+    lines = []
+    for table in tables:
+        for row in conn.execute(f"SELECT * FROM {table}").fetchall():
+            values = [bytes(v).hex() if isinstance(v, bytes | memoryview) else v for v in row]
+            lines.append(f"{table}: {values!r}")
+    return "\n".join(lines)
 
 
 class TcpProxy:

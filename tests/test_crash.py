@@ -10,6 +10,8 @@ import threading
 import time
 from collections import Counter
 
+import pytest
+
 from .harness import RelayProcess, Upstream
 
 CLIENTS = 6
@@ -86,6 +88,7 @@ def limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (3 * 1024 * 1024, 3 * 1024 * 1024))
 
 
+@pytest.mark.sqlite_only("a full disk through the SQLite file's size limit")
 def test_full_disk_answers_4xx_never_250(tmp_path):
     upstream = Upstream().start()
     upstream.handler.delay = 3.0  # a slow upstream: the spool fills faster than it drains

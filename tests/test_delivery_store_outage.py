@@ -3,7 +3,9 @@
 The full disk is RLIMIT_FSIZE lowered to 0 on the running relay (`prlimit`, as the util-linux tool does): every
 write to a file fails (EFBIG; SQLite reports "disk I/O error", for ENOSPC "database or disk is full": both are
 sqlite3.OperationalError), and raising the limit again is the operator freeing space. Relay's output goes
-through a pipe (not subject to the limit) so its log lines during the outage are kept.
+through a pipe (not subject to the limit) so its log lines during the outage are kept. The full disk is SQLite's
+own failure (PostgreSQL going away is tests/test_nodes.py's); the queue's handling of a write that fails runs
+on both backends, each failing with its own driver's error.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO
 
+import psycopg
 import pytest
 
 from relay.core.outcome import DELIVERED, Outcome
@@ -141,6 +144,7 @@ def outage(tmp_path):
         upstream.stop()
 
 
+@pytest.mark.sqlite_only("a full disk through the SQLite file's size limit")
 def test_a_full_disk_holds_the_outcomes_and_sends_no_copy_twice(outage):
     relay, upstream, ids, metrics_port = outage
     time.sleep(4)  # three writes refused (after 1 s, 2 s, 4 s)
@@ -158,6 +162,7 @@ def test_a_full_disk_holds_the_outcomes_and_sends_no_copy_twice(outage):
     assert "the store took the outcome of" in relay.log()
 
 
+@pytest.mark.sqlite_only("a full disk through the SQLite file's size limit")
 def test_a_crash_while_outcomes_wait_sends_those_copies_again_after_restart(outage):
     """At-least-once stays: outcomes held in memory die with the process; the store still lists the copies."""
     relay, upstream, ids, _ = outage
@@ -176,7 +181,7 @@ def test_a_crash_while_outcomes_wait_sends_those_copies_again_after_restart(outa
 def failing_work(error: Exception, failures: int, calls: list):
     """A recipient outcome's write that fails `failures` times with `error`, then succeeds."""
 
-    def work(conn: sqlite3.Connection) -> None:
+    def work(conn) -> None:
         calls.append(time.monotonic())
         if len(calls) <= failures:
             raise error
@@ -184,10 +189,10 @@ def failing_work(error: Exception, failures: int, calls: list):
     return work
 
 
-async def run_queue(tmp_path: Path, error: Exception, failures: int) -> tuple[list, list, int]:
+async def run_queue(store_target: Path | str, error: Exception, failures: int) -> tuple[list, list, int]:
     """One copy whose outcome's write fails; a second copy queued behind it. Returns (write calls, deliveries,
     outcomes waiting seen while the first write was failing)."""
-    store = open_store(tmp_path / "db.sqlite3")
+    store = open_store(store_target)
     calls: list[float] = []
     delivered: list[str] = []
 
@@ -222,13 +227,20 @@ async def run_queue(tmp_path: Path, error: Exception, failures: int) -> tuple[li
     return calls, delivered, waiting
 
 
-def test_a_store_error_is_written_again_until_it_passes(tmp_path):
-    calls, delivered, waiting = asyncio.run(run_queue(tmp_path, sqlite3.OperationalError("disk I/O error"), 3))
+def database_error(store_target: Path | str) -> Exception:
+    """What the backend's driver raises when the database cannot take a write for now."""
+    if isinstance(store_target, str):
+        return psycopg.OperationalError("server closed the connection unexpectedly")
+    return sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_store_error_is_written_again_until_it_passes(store_target):
+    calls, delivered, waiting = asyncio.run(run_queue(store_target, database_error(store_target), 3))
     assert len(calls) == 4 and delivered == ["first@example.org", "second@example.org"] and waiting == 1
     gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
     assert gaps[0] >= 0.04 and gaps[-1] >= 0.15  # backoff: 0.05 s, 0.1 s, 0.2 s
 
 
-def test_a_fault_in_the_record_itself_is_not_retried_and_does_not_hold_the_queue(tmp_path):
-    calls, delivered, waiting = asyncio.run(run_queue(tmp_path, TypeError("not serialisable"), 100))
+def test_a_fault_in_the_record_itself_is_not_retried_and_does_not_hold_the_queue(store_target):
+    calls, delivered, waiting = asyncio.run(run_queue(store_target, TypeError("not serialisable"), 100))
     assert len(calls) == 1 and delivered == ["first@example.org", "second@example.org"] and waiting == 0

@@ -1,7 +1,10 @@
 """Event destinations end to end: relay as a process, a real aiohttp receiver on 127.0.0.1, JSON Lines files.
 
 The receiver is down, then answers 500, then is slow (beyond the destination's timeout), then recovers:
-every event of the set arrives, in order per message, signed, with no duplicate beyond at-least-once.
+every event of the set arrives, in order per message, signed, with no duplicate beyond at-least-once. The
+tests whose subject is what the store keeps (cursors across a backlog and a restart, set-aside events) run on
+both store backends; the JSON Lines file and the CLI's changes reaching a running relay run on SQLite (the
+CLI's store works and the change counter run on both in tests/test_sets.py and tests/test_api.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 import re
 import signal
 import smtplib
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -101,7 +103,7 @@ def submit(port: int, data: bytes, set_name: str | None = "hooks", sender: str =
 
 def set_events(r: RelayProcess, set_name: str, types: tuple[str, ...]) -> list[tuple[int, str, str]]:
     """(id, type, message id) of a set's events in the database."""
-    with contextlib.closing(sqlite3.connect(r.db_path, timeout=30)) as conn:
+    with contextlib.closing(r.db()) as conn:
         marks = ",".join("?" * len(types))
         return conn.execute(f"SELECT id, type, message_id FROM events WHERE configuration_set = ? AND type IN"
                             f" ({marks}) ORDER BY id", (set_name, *types)).fetchall()
@@ -161,10 +163,10 @@ def upstream():
     u.stop()
 
 
-def test_webhook_down_500_slow_then_recovers(tmp_path, upstream):
+def test_webhook_down_500_slow_then_recovers(tmp_path, upstream, store_url):
     hook = Receiver()
     jsonl = tmp_path / "events.jsonl"
-    r = RelayProcess(tmp_path / "r", upstream.port, extra=hooks_toml(hook.port, jsonl)).start()
+    r = RelayProcess(tmp_path / "r", upstream.port, extra=hooks_toml(hook.port, jsonl), store_url=store_url).start()
     try:
         mids = [submit(r.smtp_port, MESSAGE) for _ in range(4)]
         wait_until(lambda: len(set_events(r, "hooks", ("Send", "Delivery"))) == 8, what="8 events")
@@ -228,9 +230,10 @@ def _check_deliveries(hook: Receiver, expected: list[int], rows: list[tuple]) ->
             assert record["eventType"] in ("Send", "Delivery") and record["mail"]["messageId"] == message_of[event_id]
 
 
-def test_a_restart_in_the_middle_of_a_backlog_loses_nothing(tmp_path, upstream):
+def test_a_restart_in_the_middle_of_a_backlog_loses_nothing(tmp_path, upstream, store_url):
     hook = Receiver()
-    r = RelayProcess(tmp_path / "r", upstream.port, extra=hooks_toml(hook.port, tmp_path / "e.jsonl")).start()
+    r = RelayProcess(tmp_path / "r", upstream.port, extra=hooks_toml(hook.port, tmp_path / "e.jsonl"),
+                     store_url=store_url).start()
     try:
         for _ in range(3):
             submit(r.smtp_port, MESSAGE)
@@ -330,7 +333,7 @@ def test_hot_change_from_the_cli_while_serving(tmp_path, upstream):
         r.stop()
 
 
-def test_a_refused_event_is_set_aside_and_the_rest_goes_on(tmp_path, upstream):
+def test_a_refused_event_is_set_aside_and_the_rest_goes_on(tmp_path, upstream, store_url):
     hook = Receiver().start()
     hook.status = 400
     extra = f"""
@@ -344,7 +347,7 @@ retry_initial = "0.05s"
 retry_max = "0.1s"
 max_refusals = 2
 """
-    r = RelayProcess(tmp_path / "r", upstream.port, extra=extra).start()
+    r = RelayProcess(tmp_path / "r", upstream.port, extra=extra, store_url=store_url).start()
     try:
         submit(r.smtp_port, MESSAGE, "strict")
         wait_until(lambda: len(hook.got) >= 2, what="two refusals")

@@ -3,8 +3,8 @@ but a change committed before a message is queued still applies to it; events sp
 are byte for byte what encoding the whole record gives; plain MAIL/RCPT paths parse as aiosmtpd parses them;
 batched log lines come out whole and in order.
 
-The pipeline runs on a real SQLite store; changes come through a second Store on the same file, as from
-`relay config-set` or `relay suppression` in another process.
+The pipeline runs on a real store, SQLite and PostgreSQL in turn; changes come through a second Store on the
+same database, as from `relay config-set` or `relay suppression` in another process.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from relay.service import LoopBatchedHandler
 from relay.smtp import RelaySMTP
 from relay.store import Store, mail_json, open_store, record_json, suppress
 
+from .conftest import store_toml
+
 TOML = """
 [relay]
 data_dir = "data"
@@ -42,11 +44,11 @@ require_verified_domains = false
 
 
 @pytest.fixture
-def env(tmp_path):
-    cfg = parse(tomllib.loads(TOML), tmp_path, tmp_path / "relay.toml")
+def env(tmp_path, store_url):
+    cfg = parse(tomllib.loads(TOML + store_toml(store_url)), tmp_path, tmp_path / "relay.toml")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(cfg.database_path)
-    other = open_store(cfg.database_path)  # another process's writer
+    store = open_store(cfg.store_target)
+    other = open_store(cfg.store_target)  # another process's writer
     pipeline = Pipeline(cfg, store, Resolver(cfg, store), None, None, None)
     yield cfg, store, other, pipeline
     other.close()

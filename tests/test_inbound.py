@@ -1,6 +1,7 @@
 """Reports coming back (issue 9) end to end: relay (a subprocess) sends with a VERP envelope sender through an
 aiosmtpd upstream; DSNs, ARF reports and other mail then arrive at relay's own SMTP listener from a client that
-neither authenticates nor is trusted, and become events (or, for anything else, stored reports without one)."""
+neither authenticates nor is trusted, and become events (or, for anything else, stored reports without one).
+The module runs twice: once with relay on SQLite, once on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import contextlib
 import json
 import smtplib
 import socket
-import sqlite3
 import time
 from email.utils import make_msgid
 
@@ -19,7 +19,7 @@ from relay.config import hash_password
 from relay.config import load as load_config
 from relay.core.tokens import sign_address, verify_address
 
-from .harness import ROOT, RelayProcess, Upstream
+from .harness import ROOT, RelayProcess, Upstream, dict_rows
 from .test_events import keys
 
 BOUNCE_DOMAIN = "bounces.test"
@@ -40,9 +40,9 @@ def upstream():
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory, upstream):
+def relay(tmp_path_factory, upstream, module_store_url):
     r = RelayProcess(tmp_path_factory.mktemp("inbound") / "relay", upstream.port, extra=EXTRA,
-                     smtp_extra=SMTP_EXTRA).start()
+                     smtp_extra=SMTP_EXTRA, store_url=module_store_url).start()
     yield r
     r.stop()
 
@@ -90,8 +90,7 @@ def report(relay: RelayProcess, rcpt: str, data: bytes, sender: str = "") -> tup
 
 def stored_reports(relay: RelayProcess) -> list[dict]:
     with contextlib.closing(relay.db()) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM inbound_reports ORDER BY id")]
+        return dict_rows(conn.execute("SELECT * FROM inbound_reports ORDER BY id"))
 
 
 def events_of(relay: RelayProcess, message_id: str, event_type: str, count: int = 1) -> list[tuple]:
@@ -441,8 +440,9 @@ def test_a_large_report_is_parsed_from_its_start_and_stored_whole(relay, upstrea
 
 def test_report_for_a_purged_message_is_kept_without_event(relay, upstream):
     message_id, _, verp = send(relay, upstream, ["quin@example.org"])
-    with contextlib.closing(relay.db()) as conn, conn:
-        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))  # what retention does
+    with contextlib.closing(relay.db()) as conn, conn:  # what retention does, in its order (foreign keys)
+        for table, column in (("recipients", "message_id"), ("spool", "message_id"), ("messages", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (message_id,))
     assert report(relay, verp[0], dsn(verp[0], "quin@example.org"))[0] == 250
     row = next(r for r in stored_reports(relay) if r["rcpt"] == verp[0])
     assert "purged" in row["outcome"] and row["message_id"] is None
@@ -480,8 +480,8 @@ def test_a_client_that_half_closes_after_pipelining_quit_still_gets_its_reply(re
     events_of(relay, message_id, "Bounce")
 
 
-def test_retention_and_forget_remove_stored_reports(tmp_path):
-    store = store_module.open_store(tmp_path / "db.sqlite3")
+def test_retention_and_forget_remove_stored_reports(store_target):
+    store = store_module.open_store(store_target)
     try:
         def row(when: str, recipient: str | None) -> store_module.InboundReportRow:
             return store_module.InboundReportRow(when, "192.0.2.1", "", "fbl@reports.test", b"raw", "complaint",

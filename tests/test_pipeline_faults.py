@@ -23,9 +23,9 @@ class FailingSigner(Signer):
         raise RuntimeError("HSM unavailable")
 
 
-def test_a_signing_fault_delivers_unsigned_with_a_warning(tmp_path):
+def test_a_signing_fault_delivers_unsigned_with_a_warning(tmp_path, store_target):
     cfg = config_module.load(ROOT / "config.example.toml")
-    store = open_store(tmp_path / "db.sqlite3")
+    store = open_store(store_target)
     upstream = CaptureUpstream(tmp_path / "out")
     pipeline = Pipeline(cfg, store, Resolver(cfg, store), Instrumenter(cfg.keyring()), FailingSigner(cfg.dkim),
                         upstream)

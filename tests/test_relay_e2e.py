@@ -1,4 +1,6 @@
-"""The relay core end to end: smtplib → relay (a subprocess) → an aiosmtpd upstream, events in SQLite."""
+"""The relay core end to end: smtplib → relay (a subprocess) → an aiosmtpd upstream, events in the store. Two
+tests also run on PostgreSQL: a message's events and copy state, and the queue kept across a restart (the other
+outcomes are the same store works, and tests/test_nodes.py delivers under load on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 from relay.config import hash_password
 
+from .conftest import both_backends
 from .harness import RelayProcess, Upstream, free_port
 
 MULTIPART = (
@@ -38,8 +41,8 @@ def upstream():
 
 
 @pytest.fixture
-def relay(tmp_path, upstream):
-    r = RelayProcess(tmp_path / "relay", upstream.port).start()
+def relay(tmp_path, upstream, backend_url):
+    r = RelayProcess(tmp_path / "relay", upstream.port, store_url=backend_url).start()
     yield r
     r.stop()
 
@@ -76,6 +79,7 @@ def strip_received(data: bytes) -> bytes:
     return data[end:]
 
 
+@both_backends
 def test_message_arrives_intact_and_events_are_recorded(relay, upstream):
     code, reply = submit(relay.smtp_port, MULTIPART)
     assert code == 250
@@ -317,9 +321,10 @@ def test_temporary_failure_beyond_max_age_bounces_transient(tmp_path, upstream):
         r.stop()
 
 
-def test_sigterm_keeps_the_queue_and_a_restart_resumes_it(tmp_path):
+@both_backends
+def test_sigterm_keeps_the_queue_and_a_restart_resumes_it(tmp_path, backend_url):
     port = free_port()
-    r = RelayProcess(tmp_path / "r", port, delivery={"retry_initial": "30s"}).start()
+    r = RelayProcess(tmp_path / "r", port, delivery={"retry_initial": "30s"}, store_url=backend_url).start()
     mids = [relay_id(submit(r.smtp_port, MULTIPART)[1]) for _ in range(5)]
     r.wait_events("DeliveryDelay", 5)
     assert r.stop(signal.SIGTERM) == 0

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from relay.store import EventRow, Store, is_url, open_store
+from relay.store import EventRow, Store, has_database, is_url, open_store
 from tests.conftest import DATABASE_ERRORS
 
 
@@ -94,3 +94,11 @@ def test_cancelled_async_write_is_harmless(store_target):
 
     assert asyncio.run(main()) == 1
     store.close()
+
+
+def test_has_database_is_a_sqlite_file_that_exists_or_any_postgresql_url(tmp_path):
+    path = tmp_path / "relay.sqlite3"
+    assert not has_database(path)  # a command that only reads must not make an empty one
+    open_store(path).close()
+    assert has_database(path)
+    assert has_database("postgresql://relay@db.example/relay")  # the server answers for it when opened

@@ -1,7 +1,8 @@
 """The account suppression list (issue 9): suppressed recipients are not relayed and get SES's Send + Bounce
 (OnAccountSuppressionList); a permanent bounce lists the address; per-set reasons; `relay suppression`.
 
-End to end through relay as a subprocess with an aiosmtpd upstream; the store parts on real SQLite files.
+End to end through relay as a subprocess with an aiosmtpd upstream; the store parts on a real database. The
+tests that touch the store run on both backends (SQLite, PostgreSQL), but for those the CLI drives (see there).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +31,7 @@ from relay.store import (
 )
 from relay.suppression import parse_csv, to_csv
 
+from .conftest import INTEGRITY_ERRORS, sqlite_run_only
 from .harness import ROOT, RelayProcess, Upstream, UpstreamHandler
 from .test_destinations import wait_until
 from .test_events import REFERENCE, keys
@@ -94,8 +95,8 @@ def upstream():
 
 
 @pytest.fixture
-def relay(tmp_path, upstream):
-    r = RelayProcess(tmp_path / "relay", upstream.port, extra=SETS).start()
+def relay(tmp_path, upstream, store_url):
+    r = RelayProcess(tmp_path / "relay", upstream.port, extra=SETS, store_url=store_url).start()
     yield r
     r.stop()
 
@@ -138,6 +139,7 @@ def test_a_suppressed_recipient_is_bounced_at_acceptance_and_the_other_is_relaye
     wait_until(lambda: not rows(relay, "SELECT 1 FROM spool WHERE message_id = ?", message_id), what="spool gone")
 
 
+@sqlite_run_only  # its store work (accept_work with final copies) runs on both backends in the unit test below
 def test_a_message_whose_recipients_are_all_suppressed_is_accepted_and_final(relay, upstream):
     assert cli(relay.config_path, "add", "a@example.org", "--reason", "COMPLAINT").returncode == 0
     assert cli(relay.config_path, "add", "b@example.org", "--reason", "UNSUBSCRIBE").returncode == 0
@@ -189,6 +191,9 @@ def test_a_5xx_lists_the_address_and_the_next_message_is_not_relayed(relay, upst
 
 
 # --- the CLI on a real database --------------------------------------------------------------------------------
+# SQLite only: each call is a process (about a second on PostgreSQL). The store's side of every command (suppress,
+# unsuppress, the filtered and paged list, set options) runs on both backends in the unit tests below and in
+# tests/test_api_suppression.py.
 
 def test_cli_add_list_remove_import_export_round_trip(tmp_path):
     first = RelayProcess(tmp_path / "one")
@@ -272,8 +277,8 @@ def _row(message_id: str) -> MessageRow:
                       None, {"messageId": message_id}, {})
 
 
-def test_accept_work_records_final_recipients_and_spools_only_what_is_left(tmp_path):
-    store = open_store(tmp_path / "db.sqlite3")
+def test_accept_work_records_final_recipients_and_spools_only_what_is_left(store_target):
+    store = open_store(store_target)
     try:
         final = {"b@x.org": ("bounced", "not sent")}
         store.submit(Store.accept_work(_row("m1"), ["a@x.org", "b@x.org"], b"raw", [], final)).result(5)
@@ -293,8 +298,8 @@ def test_accept_work_records_final_recipients_and_spools_only_what_is_left(tmp_p
         store.close()
 
 
-def test_with_suppression_is_one_transaction(tmp_path):
-    store = open_store(tmp_path / "db.sqlite3")
+def test_with_suppression_is_one_transaction(store_target):
+    store = open_store(store_target)
     try:
         entry = Suppression("x@example.org", "BOUNCE", "2026-11-23T00:00:00.000Z", "m", "f")
         assert with_suppression(Store.events_work([]), []) is not None
@@ -303,7 +308,7 @@ def test_with_suppression_is_one_transaction(tmp_path):
         assert store.tracking_read(suppression_entries) == [entry]
 
         unstorable = Suppression("y@example.org", None, "t")  # type: ignore[arg-type]  # NOT NULL fails
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(INTEGRITY_ERRORS):
             store.submit(with_suppression(Store.events_work([EventRow("Bounce", "t", "m2", "y", None, {})]),
                                           [unstorable])).result(5)
         assert store.tracking_read(suppression_entries) == [entry]
@@ -312,8 +317,8 @@ def test_with_suppression_is_one_transaction(tmp_path):
         store.close()
 
 
-def test_entries_filters_and_keyset_pages(tmp_path):
-    store = open_store(tmp_path / "db.sqlite3")
+def test_entries_filters_and_keyset_pages(store_target):
+    store = open_store(store_target)
     try:
         entries = [Suppression(f"u{i}@example.org", reason, f"2026-11-2{i}T00:00:00.000Z")
                    for i in range(5) for reason in ("BOUNCE", "COMPLAINT")]

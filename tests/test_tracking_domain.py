@@ -1,5 +1,7 @@
 """`relay tracking-domain verify`: resolve through a tiny DNS server on 127.0.0.1, fetch a one-time challenge
-through the name from the running listener, remember the verified domain."""
+through the name from the running listener, remember the verified domain. The command's runs are on SQLite
+(most of their time is the listener's answer to an https attempt, the same on either backend); what it stores
+is checked on both backends below."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay.core.challenge import challenge_answer, make_challenge
-from relay.store import open_store
+from relay.store import Store, open_store
 from relay.tracking_domain import tracking_domain_command
 
 from .dnsstub import StubDns
@@ -95,3 +97,19 @@ def test_challenge_is_signed_and_expires(tmp_path):
         assert request(server.port, "GET", "/.well-known/relay-tracking/" + token)[0] == 404
     finally:
         server.stop()
+
+
+def test_a_verified_domain_is_remembered_once_in_lower_case(store_target):
+    store = open_store(store_target)
+    try:
+        for address, scheme, when in (("127.0.0.1", "http", "2026-11-01T00:00:00.000Z"),
+                                      ("192.0.2.7", "https", "2026-11-02T00:00:00.000Z")):  # verified again
+            store.submit(Store.verified_domain_work("Track.Example.Test.", address, scheme, when)).result()
+        assert store.is_tracking_domain_verified("track.example.test")
+        assert store.is_tracking_domain_verified("TRACK.example.test.")
+        assert not store.is_tracking_domain_verified("other.example.test")
+        assert store.verified_tracking_domains() == {"track.example.test"}
+        assert store.query("SELECT verified_at, address, scheme FROM tracking_domains") == [
+            ("2026-11-02T00:00:00.000Z", "192.0.2.7", "https")]
+    finally:
+        store.close()

@@ -1,5 +1,6 @@
 """Shared parts of the tracking-listener tests: a config on disk, the listener running in a thread against a
-real Store, raw HTTP requests over 127.0.0.1, and stored messages to attribute events to. No tests here."""
+real Store (SQLite, or PostgreSQL with `store_url`), raw HTTP requests over 127.0.0.1, and stored messages
+to attribute events to. No tests here."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from relay.core.headers import split_header_block
 from relay.store import MessageRow, Store, open_store
 from relay.tracking import TrackingServer
 
+from .conftest import store_toml
+
 MID = "0100018c1a2b3c4d-05e008de-024e-4226-841e-98f0e0d61bb1-000000"
 RCPT = "reader@example.org"
 CHROME = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -30,18 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp: Path, tracking: str = "", sets: str = "", listen: str = "127.0.0.1:0") -> Path:
+def write_config(tmp: Path, tracking: str = "", sets: str = "", listen: str = "127.0.0.1:0",
+                 store_url: str | None = None) -> Path:
     path = tmp / "relay.toml"
     path.write_text(
         f'[relay]\ndata_dir = "data"\n\n[tracking]\nlisten = "{listen}"\ndefault_host = "localhost"\n'
-        f"{tracking}\n{sets}\n",
+        f"{tracking}\n{sets}\n{store_toml(store_url)}",
         encoding="utf-8",
     )
     return path
 
 
-def load(tmp: Path, tracking: str = "", sets: str = "") -> config_module.Config:
-    return config_module.load(write_config(tmp, tracking, sets))
+def load(tmp: Path, tracking: str = "", sets: str = "", store_url: str | None = None) -> config_module.Config:
+    return config_module.load(write_config(tmp, tracking, sets, store_url=store_url))
 
 
 class Listener:
@@ -49,7 +53,7 @@ class Listener:
 
     def __init__(self, cfg: config_module.Config, store: Store | None = None):
         self.cfg = cfg
-        self.store = store or open_store(cfg.database_path)
+        self.store = store or open_store(cfg.store_target)
         self.keyring = cfg.keyring()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -1,7 +1,7 @@
 """One-click unsubscribe (RFC 8058) end to end: relay as a subprocess adds List-Unsubscribe and
 List-Unsubscribe-Post under its DKIM signature; the tracking listener's /u/ page records nothing on GET (what
 scanners do) and a Subscription event plus a suppression entry on the one-click POST (what Gmail does).
-The listener's edge cases run against the TrackingServer in-process with a real store."""
+The listener's edge cases run against the TrackingServer in-process with a real store, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -209,8 +209,8 @@ def test_one_click_unsubscribe_end_to_end(tmp_path):
 # --- the listener in-process, with a real store ---------------------------------------------------------------
 
 @pytest.fixture
-def listener(tmp_path):
-    server = Listener(load(tmp_path, "max_link_age = 86400\n"))
+def listener(tmp_path, store_url):
+    server = Listener(load(tmp_path, "max_link_age = 86400\n", store_url=store_url))
     yield server
     server.stop()
 

@@ -95,6 +95,12 @@ def is_url(target: str | Path) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
+def has_database(target: str | Path) -> bool:
+    """Whether there is a database at `target` for a command to read: a SQLite file that exists (opening would
+    make an empty one), or any PostgreSQL URL (the operator made that database; the server answers for it)."""
+    return is_url(target) or Path(target).exists()
+
+
 def open_store(target: str | Path) -> Store:
     """The store at `target`: a PostgreSQL URL, or the path of a SQLite file."""
     if is_url(target):
@@ -174,6 +180,7 @@ __all__ = [
     "upsert_verdicts",
     "verified_domain_work",
     "with_suppression",
+    "has_database",
     "is_url",
     "open_store",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 from relay.store.reports import forget_inbound_reports
 from relay.store.views import (
+    DAY_END,
     FUNNEL_COUNTS,
     FUNNEL_MARK,
     LATER,
@@ -221,7 +222,7 @@ def funnel_day_rows(conn, day: str) -> list[tuple]:
 
 def link_day_rows(conn, day: str) -> list[tuple]:
     """The link_clicks rows of one closed day, per set ('' for no set) and link, as link_rollup stores them."""
-    return _per_set(conn, queries(conn.dialect).link_days, " AND e.time >= ? AND e.time < ?", [day, day + "~"],
+    return _per_set(conn, queries(conn.dialect).link_days, " AND e.time >= ? AND e.time < ?", [day, day + DAY_END],
                     "link, link_tags, " + ", ".join(LINK_COUNTS), "AND ")
 
 

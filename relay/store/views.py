@@ -22,9 +22,11 @@ FUNNEL_COUNTS = ("sent", "delivered", "bounced_permanent", "bounced_transient", 
 LINK_COUNTS = ("clicks", "unique_clicks", "human_clicks", "unique_human_clicks", "first_click", "last_click")
 # Rollup marks (funnel_rollup_mark.id): every day up to and including `day` is rolled up in that table.
 FUNNEL_MARK, LINK_MARK = 1, 2
-# The events after a mark ('' = none rolled up): '~' sorts after every time of the mark's day, so an index on
-# time serves it.
-_AFTER_MARK = ("e.time > (SELECT CASE WHEN day = '' THEN '' ELSE day || '~' END FROM funnel_rollup_mark"
+# Appended to a day: after every time of that day and before the next day's, in any collation (an hour is at
+# most 23; a '~' sorts after digits only in byte order, and PostgreSQL databases often sort as a person would).
+DAY_END = "T99"
+# The events after a mark ('' = none rolled up): compared on the whole time, so an index on time serves it.
+_AFTER_MARK = (f"e.time > (SELECT CASE WHEN day = '' THEN '' ELSE day || '{DAY_END}' END FROM funnel_rollup_mark"
                " WHERE id = {mark})")
 RECIPIENT_MARK = "(SELECT last_event_id FROM recipient_rollup_mark WHERE id = 1)"
 _HUMAN_ENGAGED = ("e.type IN ('Open', 'Click') AND v.verdict IN ('human', 'proxy')"
