@@ -9,6 +9,8 @@ import itertools
 import re
 import signal
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from .conftest import postgres_database
-from .harness import RelayProcess, TcpProxy, Upstream, wait_port
+from .harness import ROOT, RelayProcess, TcpProxy, Upstream, wait_port
 
 pytestmark = pytest.mark.timeout(240)
 MAX_MESSAGES = 3000  # bounded load
@@ -260,4 +262,29 @@ retry_max = "0.2s"
             for n in nodes:
                 n.stop()
             receiver.stop()
+    upstream.stop()
+
+
+def test_a_configuration_set_made_through_one_node_applies_on_another_for_the_next_message(tmp_path):
+    upstream = Upstream().start()
+    with postgres_database() as url:
+        a, b = (node(tmp_path, name, upstream, url) for name in ("a", "b"))
+        a.start()
+        b.start()
+        try:
+            message = (b"From: news@example.com\r\nTo: c@example.org\r\nX-SES-CONFIGURATION-SET: launch\r\n"
+                       b"Subject: s\r\n\r\nbody\r\n")
+            with smtplib.SMTP("127.0.0.1", b.smtp_port, timeout=30) as client, pytest.raises(
+                    smtplib.SMTPDataError, match="Configuration Set does not exist"):
+                client.sendmail("news@example.com", ["c@example.org"], message)
+            done = subprocess.run([sys.executable, "-m", "relay.cli", "config-set", "create", "launch", "--config",
+                                   str(a.config_path)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert done.returncode == 0, done.stderr
+            with smtplib.SMTP("127.0.0.1", b.smtp_port, timeout=30) as client:
+                client.sendmail("news@example.com", ["c@example.org"], message)  # accepted by the other node
+            sets = [r[3] for r in b.wait_events("Send", 1)]
+            assert sets == ["launch"]
+        finally:
+            a.stop()
+            b.stop()
     upstream.stop()
