@@ -76,7 +76,7 @@ class Sessions:
 
     def _expire(self, now: float, settings: ConsoleSettings) -> None:
         for digest, s in list(self._by_digest.items()):
-            if now - s.seen > settings.session_idle or now - s.created > settings.session_lifetime:
+            if now - s.seen >= settings.session_idle or now - s.created >= settings.session_lifetime:
                 del self._by_digest[digest]
 
     def __len__(self) -> int:
