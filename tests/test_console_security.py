@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 
 import pytest
@@ -222,3 +223,22 @@ def test_a_session_ends_after_its_idle_time_and_its_lifetime(proxied):
         time.sleep(0.4)
     assert all(status == 200 for at, status in answers if at < 2.0), answers
     assert all(status == 303 for at, status in answers if at > 4.0), answers
+
+
+def test_a_user_removed_on_reload_loses_the_session_at_once(tmp_path):
+    c = start_relay(tmp_path / "reload")
+    try:
+        viewer = Client(c.base)
+        assert viewer.login(VIEWER, VIEWER_PASSWORD) == 303 and viewer.get("/queue")[0] == 200
+        text = c.relay.config_path.read_text()
+        without = re.sub(r'\[\[console\.users\]\]\nusername = "viewer"\n[^\[]*', "", text)
+        assert without != text
+        c.relay.config_path.write_text(without)
+        c.relay.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "configuration reloaded" not in c.relay.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert viewer.get("/queue")[0] == 303 and viewer.get("/data/queue")[0] == 401
+        assert viewer.login(VIEWER, VIEWER_PASSWORD) == 401
+    finally:
+        c.stop()
