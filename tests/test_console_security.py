@@ -242,3 +242,14 @@ def test_a_user_removed_on_reload_loses_the_session_at_once(tmp_path):
         assert viewer.login(VIEWER, VIEWER_PASSWORD) == 401
     finally:
         c.stop()
+
+
+def test_after_login_only_a_page_of_the_console_is_next(campaign):
+    for wanted, location in (("/queue?x=1", "/queue?x=1"), ("//attacker.example/", "/"),
+                             ("/\\attacker.example/", "/"), ("https://attacker.example/", "/")):
+        client = Client(campaign.base)
+        client.get("/login")
+        status, headers, _body = client.post("/login", {"username": VIEWER, "password": VIEWER_PASSWORD,
+                                                        "csrf": client.cookie("relay_console_login"),
+                                                        "next": wanted})
+        assert (status, headers["Location"]) == (303, location), wanted

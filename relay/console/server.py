@@ -211,7 +211,8 @@ class ConsoleServer:
             return await self.login_form(request, "Wrong user name or password.", 401)
         token, _session = self.sessions.create(username)
         target = str(form.get("next", ""))
-        response = see_other(target if target.startswith("/") and not target.startswith("//") else "/")
+        local = target.startswith("/") and target[1:2] not in ("/", "\\")  # "//x" and "/\\x" lead elsewhere
+        response = see_other(target if local else "/")
         auth.set_cookie(response, auth.SESSION_COOKIE, token, request["https"])
         auth.clear_cookie(response, auth.LOGIN_COOKIE, request["https"])
         return response
