@@ -253,3 +253,14 @@ def test_after_login_only_a_page_of_the_console_is_next(campaign):
                                                         "csrf": client.cookie("relay_console_login"),
                                                         "next": wanted})
         assert (status, headers["Location"]) == (303, location), wanted
+
+
+def test_a_form_larger_than_the_console_takes_is_refused(campaign):
+    """MAX_FORM: 64 KiB holds any of the console's forms; a larger body is refused before it is read whole."""
+    admin = Client(campaign.base)
+    admin.login(ADMIN, ADMIN_PASSWORD)
+    status, _headers, _body = admin.post("/suppression/add", {"csrf": admin.csrf(), "address": "x" * 70_000,
+                                                              "reason": "BOUNCE"})
+    assert status == 413
+    assert admin.post("/suppression/add", {"csrf": admin.csrf(), "address": "big@example.org",
+                                           "reason": "BOUNCE"})[0] == 303

@@ -290,3 +290,37 @@ def test_domains_links_messages_and_suppression_search(store):
     rest = s.read(reads.suppression_search, "", "BOUNCE", (first[-1].email_address, first[-1].reason), 10)
     assert len(first) == 2 and len(rest) == 2 and s.read(reads.suppression_counts) == {"BOUNCE": 4}
     assert json.loads(json.dumps(s.read(reads.destination_states))) == []
+
+
+def test_lists_are_paged_and_capped(store):
+    """SUPPRESSION_PAGE entries a page (keyset: the next page starts after the last address shown),
+    MESSAGES_SHOWN messages a search, QUEUE_SHOWN copies and replies on the queue page."""
+    from relay.console import pages
+
+    s, today = store
+    n = pages.SUPPRESSION_PAGE + 7
+    s.submit(lambda conn: store_module.suppress(conn, [Suppression(f"u{i:04d}@example.org", "BOUNCE", ops.iso(today))
+                                                       for i in range(n)])).result()
+
+    def view(query: dict):
+        cfg = config_module.parse({}, Path("."))
+        return pages.View(cfg, s, query, {}, today)
+
+    first = pages.suppression_list(view({}))
+    assert len(first["entries"]) == pages.SUPPRESSION_PAGE and first["next"] == "u0099@example.org BOUNCE"
+    rest = pages.suppression_list(view({"after": first["next"]}))
+    assert [e["email_address"] for e in rest["entries"]][0] == "u0100@example.org"
+    assert len(rest["entries"]) == 7 and rest["next"] == ""
+    assert len(s.read(lambda conn: reads.find_messages(conn, since=ops.iso(today - timedelta(days=2)), limit=3))) == 3
+
+    def queued(conn):
+        for i in range(3):
+            conn.execute("INSERT INTO messages (id, received_at, mail_from, size, mail_json, settings_json)"
+                         " VALUES (?, ?, 'a@example.com', 1, '{}', '{}')", (f"q{i}", ops.iso(today)))
+            conn.execute("INSERT INTO recipients (message_id, recipient, position, state, updated_at, last_response)"
+                         " VALUES (?, 'r@example.org', 0, 'queued', ?, ?)", (f"q{i}", ops.iso(today), f"451 {i % 2}"))
+    s.submit(queued).result()
+    assert [c["message_id"] for c in s.read(reads.queue_oldest, 2)] == ["q0", "q1"]
+    assert [(r["last_response"], r["copies"]) for r in s.read(reads.queue_replies, 1)] == [("451 0", 2)]
+    page = pages.queue(view({}))
+    assert page["depth"] == 3 and len(page["copies"]) == 3 and page["shown"] == pages.QUEUE_SHOWN
