@@ -50,8 +50,7 @@ def funnel_days(conn, scope: Scope, since_day: str, until_day: str) -> list[dict
     try:
         names = sets_with_events(conn) if scope == EVERY_SET else [scope]
         mark = conn.execute(f"SELECT day FROM funnel_rollup_mark WHERE id = {FUNNEL_MARK}").fetchone()[0]
-        # one lower bound: with two, the planner bounds the index by the one it meets first
-        live_since = max(since_day, (date.fromisoformat(mark) + timedelta(days=1)).isoformat() if mark else "")
+        live_since = _after(since_day, mark)  # one lower bound: of two, the planner may bound the index by either
         rows = []
         for name in names:
             where, params = _set_clause(name)
@@ -134,26 +133,33 @@ def domain_rows(conn, scope: Scope, since_day: str, until_day: str, sample: int)
 
 def link_range_rows(conn, scope: Scope, since_day: str, until_day: str) -> list[dict]:
     """link_clicks of one set over the days from `since_day` to `until_day`: the rolled-up days from
-    link_rollup, the days after its mark from the events (as the link_clicks view, with a range of days).
-    Unique counts are copies whose first click of the link fell in the range, most clicked first."""
+    link_rollup, the days after its mark from the set's clicks (events_click_set_time), as the link_clicks view
+    adds them up. Unique counts are copies whose first click of the link fell in the range; most clicked first."""
     if scope == EVERY_SET:
         raise ValueError("link_range_rows: one set at a time")
-    rolled_set = "configuration_set = ?"
-    live_where, live_params = _set_clause(scope, "e.configuration_set")
-    mark = f"(SELECT day FROM funnel_rollup_mark WHERE id = {LINK_MARK})"
-    live = queries(conn.dialect).link_days.format(
-        where=f"{live_where} AND substr(e.time, 1, 10) > {mark} AND substr(e.time, 1, 10) >= ?"
-              " AND substr(e.time, 1, 10) <= ?")
+    where, params = _set_clause(scope, "e.configuration_set")
     columns = ", ".join(LINK_COUNTS)
-    return dicts(conn.execute(f"""
-        SELECT link, link_tags, SUM(clicks) AS clicks, SUM(unique_clicks) AS unique_clicks,
-            SUM(human_clicks) AS human_clicks, SUM(unique_human_clicks) AS unique_human_clicks,
-            MIN(first_click) AS first_click, MAX(last_click) AS last_click
-        FROM (SELECT link, link_tags, {columns} FROM link_rollup
-              WHERE {rolled_set} AND day >= ? AND day <= ? AND day <= {mark}
-              UNION ALL SELECT link, link_tags, {columns} FROM ({live}) days) l
-        GROUP BY link, link_tags ORDER BY clicks DESC, link""",
-        ["" if scope is None else scope, since_day, until_day, *live_params, since_day, until_day]))
+    conn.execute(conn.dialect.begin_snapshot)
+    try:
+        mark = conn.execute(f"SELECT day FROM funnel_rollup_mark WHERE id = {LINK_MARK}").fetchone()[0]
+        live = queries(conn.dialect).link_days.format(where=f"{where} AND e.time >= ? AND e.time < ?")
+        return dicts(conn.execute(f"""
+            SELECT link, link_tags, SUM(clicks) AS clicks, SUM(unique_clicks) AS unique_clicks,
+                SUM(human_clicks) AS human_clicks, SUM(unique_human_clicks) AS unique_human_clicks,
+                MIN(first_click) AS first_click, MAX(last_click) AS last_click
+            FROM (SELECT link, link_tags, {columns} FROM link_rollup
+                  WHERE configuration_set = ? AND day >= ? AND day <= ? AND day <= ?
+                  UNION ALL SELECT link, link_tags, {columns} FROM ({live}) days) l
+            GROUP BY link, link_tags ORDER BY clicks DESC, link""",
+            ["" if scope is None else scope, since_day, until_day, mark,
+             *params, _after(since_day, mark), until_day + "~"]))
+    finally:
+        conn.execute("COMMIT")
+
+
+def _after(since_day: str, mark: str) -> str:
+    """The first day from `since_day` on that a rollup with `mark` has not rolled up."""
+    return max(since_day, (date.fromisoformat(mark) + timedelta(days=1)).isoformat() if mark else "")
 
 
 # --- messages -----------------------------------------------------------------------------------------------
