@@ -111,6 +111,37 @@ async def timings(base: str, wanted: list[tuple[str, str]], runs: int) -> list[t
     return out
 
 
+def baselines(db: Path, start: datetime, runs: int) -> None:
+    """The console's reads beside the plain queries on the views they replace, in the same run: funnel_daily of
+    every set at once (the planner bounds the live part by the range's first day, not by the rollup mark) and
+    the set's links of the range from its clicks (link_rows: every click of the range, no rollup)."""
+    from relay.inspect import iso
+    from relay.store import console as reads
+    from relay.store import link_rows
+
+    store = open_store(db)
+    first, last = (start + timedelta(days=1)).strftime("%Y-%m-%d"), (start + timedelta(days=59)).strftime("%Y-%m-%d")
+    pairs = [
+        ("funnel of every set, 59 days", lambda c: reads.funnel_days(c, reads.EVERY_SET, first, last),
+         lambda c: c.execute("SELECT * FROM funnel_daily WHERE day >= ? AND day <= ?", (first, last)).fetchall()),
+        ("links of one set, 59 days", lambda c: reads.link_range_rows(c, "marketing", first, last),
+         lambda c: link_rows(c, "marketing", iso(datetime.strptime(first, "%Y-%m-%d").replace(tzinfo=UTC)))),
+    ]
+    print(f"\nreads, median of {runs} (ms): the console's / the plain view query it replaces")
+    for name, ours, plain in pairs:
+        medians = []
+        for read in (ours, plain):
+            store.read(read)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                store.read(read)
+                times.append(time.perf_counter() - t0)
+            medians.append(statistics.median(times) * 1000)
+        print(f"{medians[0]:9.1f} / {medians[1]:9.1f}  {name}", flush=True)
+    store.close()
+
+
 def report(rows: list[tuple[str, float, int, int]], label: str) -> None:
     print(f"\n{label}")
     for name, ms, status, size in rows:
@@ -172,6 +203,7 @@ def main() -> int:
     events = sqlite3.connect(db).execute("SELECT COUNT(*) FROM events").fetchone()[0]
     message_id, recipient = sample(db, start)
     wanted = pages(start, message_id, recipient)
+    baselines(db, start, args.runs)
     console = Console(db)
     try:
         rows = asyncio.run(timings(console.base, wanted, args.runs))
