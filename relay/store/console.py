@@ -3,8 +3,7 @@
 Each helper is a read (Store.read): a function of a connection, in the SQL both engines read alike, asking
 the connection's dialect where they differ. A set is chosen by `scope`: EVERY_SET, or one set's name (None:
 mail sent without a set). Times are ISO strings as the events table keeps them; days are YYYY-MM-DD (UTC).
-Every query seeks an index (relay.store.schema) and reads a bounded number of rows: a page of the console
-answers in a fraction of a second on a database of ten million events (bench/bench_console.py).
+Every query seeks an index (relay.store.schema); what a page costs is measured by bench/bench_console.py.
 """
 
 from __future__ import annotations
@@ -29,6 +28,11 @@ def _set_clause(scope: Scope, column: str = "configuration_set") -> tuple[str, l
     if scope is None:
         return f" AND {column} IS NULL", []
     return f" AND {column} = ?", [scope]
+
+
+def _containing(text: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') of the values that contain `text` as it is, % and _ included."""
+    return "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _domain_of(conn, column: str) -> str:
@@ -95,14 +99,12 @@ def funnel_hours(conn, scope: Scope, hours: list[tuple[str, str]]) -> list[tuple
     of_set = ("e.id IN (SELECT id FROM events WHERE substr(time, 1, 10) >= ? AND substr(time, 1, 10) <= ?"
               f"{where})")
     params = [since, until, since[:10], until[:10], *chosen]
-    return conn.execute(
-        f"SELECT substr(e.time, 1, 13), e.type, NULL, COUNT(*) FROM events e WHERE e.type IN {_PLAIN}"
-        f" AND e.time >= ? AND e.time < ? AND {of_set} GROUP BY e.type, substr(e.time, 1, 13)", params).fetchall() + \
-        conn.execute(
-        "SELECT substr(e.time, 1, 13), e.type, v.verdict, COUNT(*) FROM events e"
-        f" LEFT JOIN tracking_verdicts v ON v.event_id = e.id WHERE e.type IN {_ENGAGED}"
-        f" AND e.time >= ? AND e.time < ? AND {of_set} GROUP BY e.type, substr(e.time, 1, 13), v.verdict",
-        params).fetchall()
+    plain = (f"SELECT substr(e.time, 1, 13), e.type, NULL, COUNT(*) FROM events e WHERE e.type IN {_PLAIN}"
+             f" AND e.time >= ? AND e.time < ? AND {of_set} GROUP BY e.type, substr(e.time, 1, 13)")
+    engaged = ("SELECT substr(e.time, 1, 13), e.type, v.verdict, COUNT(*) FROM events e"
+               f" LEFT JOIN tracking_verdicts v ON v.event_id = e.id WHERE e.type IN {_ENGAGED}"
+               f" AND e.time >= ? AND e.time < ? AND {of_set} GROUP BY e.type, substr(e.time, 1, 13), v.verdict")
+    return [tuple(row) for sql in (plain, engaged) for row in conn.execute(sql, params).fetchall()]
 
 
 def domain_rows(conn, scope: Scope, since_day: str, until_day: str, sample: int) -> list[dict]:
@@ -192,11 +194,10 @@ def find_messages(conn, *, recipient: str | None = None, message_id: str | None 
             f" ({','.join('?' * len(addresses))}) AND type = 'Send'{''.join(window[0])}"
             " ORDER BY time DESC LIMIT ?", [*addresses, *window[1], limit]).fetchall()
     elif subject:
-        pattern = "%" + subject.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         found = conn.execute(
             "SELECT id, received_at, configuration_set FROM messages WHERE subject LIKE ? ESCAPE '\\'"
             f"{''.join(window[0]).replace('time', 'received_at')} ORDER BY received_at DESC LIMIT ?",
-            [pattern, *window[1], limit]).fetchall()
+            [_containing(subject), *window[1], limit]).fetchall()
     else:
         found = conn.execute(
             f"SELECT message_id, time, configuration_set FROM events WHERE type = 'Send'{''.join(window[0])}"
@@ -345,8 +346,7 @@ def suppression_search(conn, text: str, reason: str | None, after: tuple[str, st
     params: list = []
     if text.strip():
         sql += " AND email_address LIKE ? ESCAPE '\\'"
-        escaped = text.strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        params.append(f"%{escaped}%")
+        params.append(_containing(text.lower()))
     if reason:
         sql += " AND reason = ?"
         params.append(reason)
