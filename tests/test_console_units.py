@@ -275,6 +275,17 @@ def test_domains_links_messages_and_suppression_search(store):
     found = s.read(lambda conn: reads.find_messages(conn, since=ops.iso(today), until=ops.iso(today + timedelta(1))))
     assert len(found) == 4
     assert s.read(lambda conn: reads.find_messages(conn, message_id=f"0100-{today:%d}-3"))[0]["time"]
+    s.submit(lambda conn: conn.execute(
+        "INSERT INTO messages (id, received_at, mail_from, configuration_set, subject, message_id_header, size,"
+        " mail_json, settings_json) VALUES ('kept', ?, 'news@example.com', 'marketing', ?, '<abc@example.com>', 10,"
+        " '{}', '{}')", (ops.iso(today), "Big 50% SALE_now"))).result()
+    window = {"since": ops.iso(today), "until": ops.iso(today + timedelta(days=1))}
+    for text, found in (("50% sale_", ["kept"]), ("50_ sale", []), ("big", ["kept"]), ("nothing", [])):
+        got = s.read(lambda conn, t=text: reads.find_messages(conn, subject=t, **window))
+        assert [m["message_id"] for m in got] == found, text
+    for wanted in ("kept", "abc@example.com", "<abc@example.com>"):
+        assert [m["subject"] for m in s.read(lambda conn, w=wanted: reads.find_messages(conn, message_id=w))] == [
+            "Big 50% SALE_now"], wanted
     detail = s.read(reads.message_detail, f"0100-{today:%d}-0")
     assert [e["type"] for e in detail["timeline"]] == ["Send", "Delivery", "Open", "Click", "Click"]
     assert detail["links"][0]["clicks"] == 2 and detail["message"]["has_body"] is False

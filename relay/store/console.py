@@ -169,7 +169,8 @@ def _after(since_day: str, mark: str) -> str:
 def find_messages(conn, *, recipient: str | None = None, message_id: str | None = None,
                   subject: str | None = None, since: str | None = None, until: str | None = None,
                   limit: int = 50) -> list[dict]:
-    """Messages by relay's message id or their Message-ID header, by recipient, by subject (a part of it) or
+    """Messages by relay's message id or their Message-ID header, by recipient, by subject (a part of it, in any
+    case) or
     by time (`since` <= sent < `until`), newest first: {message_id, time, configuration_set, mail_from,
     subject, recipients}. By recipient and by time the Send events are sought (events_recipient_time,
     events_type_time); by subject the messages accepted in the time range (messages_received)."""
@@ -195,9 +196,9 @@ def find_messages(conn, *, recipient: str | None = None, message_id: str | None 
             " ORDER BY time DESC LIMIT ?", [*addresses, *window[1], limit]).fetchall()
     elif subject:
         found = conn.execute(
-            "SELECT id, received_at, configuration_set FROM messages WHERE subject LIKE ? ESCAPE '\\'"
+            "SELECT id, received_at, configuration_set FROM messages WHERE lower(subject) LIKE ? ESCAPE '\\'"
             f"{''.join(window[0]).replace('time', 'received_at')} ORDER BY received_at DESC LIMIT ?",
-            [_containing(subject), *window[1], limit]).fetchall()
+            [_containing(subject.lower()), *window[1], limit]).fetchall()
     else:
         found = conn.execute(
             f"SELECT message_id, time, configuration_set FROM events WHERE type = 'Send'{''.join(window[0])}"
