@@ -37,7 +37,6 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 # The message preview: its own styles (mail is styled inline) but no script, no remote image, no form.
 PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:; form-action 'none';"
                " frame-ancestors 'self'; base-uri 'none'; sandbox")
-PUBLIC = ("/login", "/static/")
 ADMIN_ONLY = ("/suppression/add", "/suppression/remove")
 TEMPLATES = {"overview": "overview.html", "set": "set.html", "messages": "messages.html", "message": "message.html",
              "queue": "queue.html", "destinations": "destinations.html", "suppression": "suppression.html",
@@ -157,7 +156,7 @@ class ConsoleServer:
         if request.method == "POST" and not auth.same_origin(request, https):
             log.warning("console %s %s refused: cross-origin (%s)", request.method, request.path, request["ip"])
             return self.error(request, 403, "This form did not come from the console.")
-        if request.path == "/login" or request.path.startswith("/static/"):
+        if request.path == "/login" or request.path.startswith("/static/"):  # all that answers without a session
             return await handler(request)
         token = request.cookies.get(auth.SESSION_COOKIE)
         session = self.sessions.get(token, self.settings)
