@@ -233,6 +233,7 @@ class Config:
     complaints_addresses: tuple[str, ...] = ()  # ARF reports are also accepted at these addresses (lower case)
     scan: ScanSettings = field(default_factory=lambda: ScanSettings())  # [scan]: virus scan through clamd
     store: StoreSettings = field(default_factory=StoreSettings)
+    console: ConsoleSettings = field(default_factory=lambda: ConsoleSettings())  # [console]: the web console
 
     @property
     def database_path(self) -> Path:
@@ -433,11 +434,12 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     feedback, complaints = _parse_feedback(top, problems)  # issue 9
     scan = _parse_scan(top.sub("scan"), problems)  # issue 9: virus scan through clamd
     store = _parse_store(top.sub("store"), problems)
+    console = _parse_console(top.sub("console"), problems)
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
                  api=api, feedback=feedback, complaints_addresses=complaints, scan=scan, store=store,
-                 **relay_kw)
+                 console=console, **relay_kw)
     cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
@@ -992,4 +994,77 @@ def _parse_scan(s: _Reader, problems: list[str]) -> ScanSettings:
     if settings.timeout <= 0:
         problems.append("scan.timeout: must be a positive duration")
     s.finish()
+    return settings
+
+
+# --- the web console: [console], [[console.users]] ----------------------------------------------------------------
+
+CONSOLE_ROLES = ("admin", "viewer")
+
+
+@dataclass(frozen=True)
+class ConsoleUser:
+    username: str
+    password_hash: str = field(repr=False)  # from `relay passwd`
+    role: str = "viewer"  # admin: may change the suppression list; viewer: reads only
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """[console]: its own listener, never the public tracking one; off without `listen` and users."""
+
+    listen_host: str | None = None  # None: no console
+    listen_port: int = 0
+    users: tuple[ConsoleUser, ...] = ()
+    # Cookies marked Secure (sent over HTTPS only): set it when people reach the console through an HTTPS proxy.
+    # Without it, a request from trusted_proxies with X-Forwarded-Proto: https gets Secure cookies all the same.
+    secure_cookies: bool = False
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # X-Forwarded-* believed
+    # OWASP's session cheat sheet: 15-30 minutes idle for low-risk applications, and an absolute timeout of 4-8
+    # hours for an application used through an office day.
+    session_idle: float = 1800.0
+    session_lifetime: float = 8 * 3600.0
+    # The failed-login limit of SMTP AUTH (smtp.auth_fail_limit / auth_fail_window), per client address.
+    auth_fail_limit: int = 5
+    auth_fail_window: float = 300.0
+    auth_concurrency: int = 2  # scrypt checks at once, as SMTP AUTH's (16 MiB and ~40 ms of a core each)
+    # The domain breakdown of a set reads the newest this many copies of the range, each with its events: some
+    # 4 row reads a copy, 10 us each from the page cache, so 2,000 copies cost about 100 ms of a page's 300 ms,
+    # and a domain with a tenth of the mail still has 200 copies to rate.
+    domain_sample: int = 2_000
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen_host is not None and bool(self.users)
+
+
+def _parse_console(c: _Reader, problems: list[str]) -> ConsoleSettings:
+    host, port = c.listen("listen", "", 0) if c.get("listen", str, "") else (None, 0)  # "": no console
+    users = []
+    for i, u in enumerate(c.get("users", list, [])):
+        ur = _Reader(u if isinstance(u, dict) else {}, f"console.users[{i}]", problems, c.base)
+        name, pw = ur.get("username", str, ""), ur.get("password_hash", str, "")
+        if not name:
+            problems.append(f"console.users[{i}].username: required")
+        elif any(x.username == name for x in users):
+            problems.append(f"console.users[{i}].username: {name!r} is listed twice")
+        if not pw.startswith("scrypt$"):
+            problems.append(f"console.users[{i}].password_hash: expected a hash from `relay passwd`, not a password")
+        role = ur.choice("role", CONSOLE_ROLES, "viewer") or "viewer"
+        ur.finish()
+        users.append(ConsoleUser(name, pw, role))
+    settings = ConsoleSettings(
+        listen_host=host, listen_port=port, users=tuple(users),
+        secure_cookies=c.get("secure_cookies", bool, False),
+        trusted_proxies=c.networks("trusted_proxies", []),
+        session_idle=c.duration("session_idle", 1800.0),
+        session_lifetime=c.duration("session_lifetime", 8 * 3600.0),
+        auth_fail_limit=c.positive("auth_fail_limit", 5),
+        auth_fail_window=c.duration("auth_fail_window", 300.0),
+        domain_sample=c.positive("domain_sample", 2_000),
+    )
+    for name in ("session_idle", "session_lifetime", "auth_fail_window"):
+        if getattr(settings, name) <= 0:
+            problems.append(f"console.{name}: must be a positive duration")
+    c.finish()
     return settings

@@ -130,6 +130,7 @@ class Relay:
     tracking: object | None = None
     publisher: object | None = None  # relay.destinations.Publisher (issue 6)
     api: object | None = None  # relay.api.server.ApiServer (issue 7)
+    console: object | None = None  # relay.console.ConsoleServer: the web console ([console])
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
 
     @classmethod
@@ -163,6 +164,10 @@ class Relay:
 
         self.api = ApiServer(lambda: self.config, self.store)
         await self.api.start()
+        from relay.console import ConsoleServer  # the web console, on its own listener when [console] has one
+
+        self.console = ConsoleServer(lambda: self.config, self.store)
+        await self.console.start()
         tracking_port = self.tracking.port if self.tracking else 0
         self.operations = await start_operations(self)  # inspection (issue 8): /metrics, retention
         log.info("relay listening: smtp %s:%d, tracking %s:%d, data %s", self.config.smtp.listen_host,
@@ -213,6 +218,8 @@ class Relay:
             await self.tracking.stop()
         if self.api is not None:
             await self.api.stop()  # api (issue 7)
+        if self.console is not None:
+            await self.console.stop()
         await self.pipeline.upstream.close()
         await self.publisher.stop()  # issue 6: cursors are saved as events go; nothing to flush
         await stop_operations(self)  # inspection (issue 8)
