@@ -28,6 +28,7 @@ from relay import store as store_module  # noqa: E402
 from relay.inspect import roll_recipients, rollup  # noqa: E402
 from relay.store import LINK_CLICKS, RECIPIENTS_BY_SEEKS, open_store  # noqa: E402
 from relay.store.schema import BASELINE  # noqa: E402
+from relay.store.sqlite import connect as sqlite_connect  # noqa: E402
 
 SETS = ("marketing", "transactional", "newsletter")
 DAYS = 60
@@ -233,7 +234,7 @@ def main() -> int:
     days = rollup(store)  # what the running relay does hourly: closed days of the funnel and links, computed once
     store.close()
     print(f"funnel and link rollups of {days} closed days in {time.perf_counter() - t0:.1f} s", flush=True)
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = sqlite_connect(path)  # relay's own SQLite connection: the store's helpers read its dialect
     print(f"median of {RUNS} runs each:", flush=True)
     for name, sql, params in queries(start):
         ms, rows = median_ms(conn, sql, params)
