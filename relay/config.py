@@ -884,6 +884,10 @@ class MetricsSettings:
 class RetentionSettings:
     days: int = 60  # events, verdicts and message records older than this are purged; 0 keeps them forever
     interval: float = 3600.0  # how often the running relay purges
+    # A message's body after its last copy is final: kept this long (seconds) so the console can show it as
+    # delivered, with its clicks on its links; 0 deletes it at once. Bodies are personal data and disk: every
+    # message of a bulk send is one (2 days of 100,000 61 KB messages a day is 12 GB).
+    message_bodies: float = 2 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -901,7 +905,8 @@ def _parse_inspection(top: _Reader, problems: list[str]) -> dict:
     if days < 0:
         problems.append("retention.days: 0 (keep forever) or a positive number of days")
         days = 60
-    retention = RetentionSettings(days=days, interval=r.duration("interval", 3600.0))
+    retention = RetentionSettings(days=days, interval=r.duration("interval", 3600.0),
+                                  message_bodies=r.duration("message_bodies", 2 * 86400.0))
     if retention.interval <= 0:
         problems.append("retention.interval: must be a positive duration")
     r.finish()

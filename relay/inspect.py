@@ -346,10 +346,14 @@ def roll_recipients(store: store_module.Store, now: datetime | None = None, chun
     return mark - start
 
 
-def maintain(store: store_module.Store, days: int) -> dict:
-    """One round of the periodic work: funnel rollup, then the retention purge."""
+def maintain(store: store_module.Store, days: int, bodies_s: float = 0.0) -> dict:
+    """One round of the periodic work: funnel rollup, the retention purge, and the bodies kept after delivery
+    (retention.message_bodies) that are older than that."""
     rolled = rollup(store)
     done = purge(store, days) if days > 0 else {"events": 0, "messages": 0}
+    if bodies_s > 0:
+        cutoff = iso(datetime.now(UTC) - timedelta(seconds=bodies_s))
+        done["bodies"] = _chunks(store, store_module.purge_bodies_chunk, cutoff, 600.0)
     return {**done, "rolled_up_days": rolled}
 
 
@@ -366,11 +370,11 @@ async def retention_task(store: store_module.Store, get_config: Callable[[], Con
             leading = await asyncio.to_thread(store.try_lead, MAINTENANCE)
             if leading and time.monotonic() >= due:
                 due = time.monotonic() + cfg.retention.interval
-                done = await asyncio.to_thread(maintain, store, cfg.retention.days)
+                done = await asyncio.to_thread(maintain, store, cfg.retention.days, cfg.retention.message_bodies)
                 if any(done.values()):
-                    log.info("maintenance retention_days=%d purged_events=%d purged_messages=%d"
+                    log.info("maintenance retention_days=%d purged_events=%d purged_messages=%d purged_bodies=%d"
                              " rolled_up_days=%d", cfg.retention.days, done["events"], done["messages"],
-                             done["rolled_up_days"])
+                             done.get("bodies", 0), done["rolled_up_days"])
             elif leading:  # between rounds: keep recipient_engagement's live part small
                 await asyncio.to_thread(roll_recipients, store)
             else:

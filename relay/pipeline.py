@@ -325,7 +325,7 @@ class Pipeline:
         entries = entries_for(record, recipient, msg.settings.suppression_reasons, ev.iso_ms(now_ms))
         work = with_suppression(Store.recipient_work(
             msg.id, recipient, outcome.state, attempts, next_at, reply.text, ev.iso_ms(now_ms), [event], warnings,
-        ), entries)
+            keep_body=self.config.retention.message_bodies > 0), entries)
         log.info("delivery id=%s rcpt=%s attempt=%d state=%s reply=%r step=%s", msg.id, recipient, attempts,
                  outcome.state, reply.text[:200], reply.step)
         try:

@@ -288,3 +288,25 @@ def test_purge_keeps_queued_messages(store_target, tmp_path: Path):
         assert store.query("SELECT message_id, state FROM recipients") == [("waiting", "queued")]
     finally:
         store.close()
+
+
+def test_kept_bodies_go_after_their_time_and_with_forget_but_a_queued_one_stays(store_target):
+    store = store_module.open_store(store_target)
+    try:
+        for message_id, received, state in (("old", "2026-11-01T00:00:00.000Z", "delivered"),
+                                            ("new", "2026-12-07T00:00:00.000Z", "delivered"),
+                                            ("waiting", "2026-11-01T00:00:00.000Z", "queued")):
+            msg = store_module.MessageRow(message_id, received, "a@example.com", "m", "s", None, 3, "127.0.0.1",
+                                          None, {"messageId": message_id}, {})
+            store.submit(store_module.Store.accept_work(msg, [f"{message_id}@example.org"], b"raw", [])).result()
+            if state != "queued":
+                store.submit(store_module.Store.recipient_work(message_id, f"{message_id}@example.org", state, 1,
+                                                               None, "250", received, [], keep_body=True)).result()
+        assert sorted(store.query("SELECT message_id FROM spool")) == [("new",), ("old",), ("waiting",)]
+        cutoff = "2026-12-01T00:00:00.000Z"
+        assert store.submit(lambda c: store_module.purge_bodies_chunk(c, cutoff, 100)).result() == (1, False)
+        assert sorted(store.query("SELECT message_id FROM spool")) == [("new",), ("waiting",)]
+        gone = ops.forget(store, "new@example.org")
+        assert gone["bodies"] == 1 and store.query("SELECT message_id FROM spool") == [("waiting",)]
+    finally:
+        store.close()

@@ -109,7 +109,20 @@ def test_message_arrives_intact_and_events_are_recorded(relay, upstream):
     assert json.loads(send[4])["send"] == {}
     with relay.db() as conn:
         assert conn.execute("SELECT state FROM recipients WHERE message_id = ?", (mid,)).fetchall() == [("delivered",)]
-        assert conn.execute("SELECT COUNT(*) FROM spool").fetchone() == (0,)
+        # the body is kept after delivery (retention.message_bodies, 2 days) for the console's view of it
+        assert conn.execute("SELECT COUNT(*) FROM spool").fetchone() == (1,)
+
+
+def test_without_kept_bodies_the_body_goes_at_the_last_copy(tmp_path, upstream):
+    r = RelayProcess(tmp_path / "relay", upstream.port, extra='[retention]\nmessage_bodies = "0s"\n').start()
+    try:
+        code, reply = submit(r.smtp_port, MULTIPART)
+        assert code == 250
+        r.wait_events("Delivery", 1)
+        with r.db() as conn:
+            assert conn.execute("SELECT COUNT(*) FROM spool").fetchone() == (0,)
+    finally:
+        r.stop()
 
 
 def test_ses_headers_removed_from_mail_but_kept_in_events(relay, upstream):

@@ -14,7 +14,7 @@ from typing import Final
 
 from relay.core.suppression import Suppression
 from relay.store.rollups import sets_with_events
-from relay.store.views import FUNNEL_COUNTS, FUNNEL_MARK, LINK_COUNTS, LINK_MARK, dicts, queries
+from relay.store.views import DAY_END, FUNNEL_COUNTS, FUNNEL_MARK, LINK_COUNTS, LINK_MARK, dicts, queries
 
 EVERY_SET: Final = "\0every set"  # not a set name (those are A-Z a-z 0-9 _ -)
 Scope = str | None
@@ -154,7 +154,7 @@ def link_range_rows(conn, scope: Scope, since_day: str, until_day: str) -> list[
                   UNION ALL SELECT link, link_tags, {columns} FROM ({live}) days) l
             GROUP BY link, link_tags ORDER BY clicks DESC, link""",
             ["" if scope is None else scope, since_day, until_day, mark,
-             *params, _after(since_day, mark), until_day + "~"]))
+             *params, _after(since_day, mark), until_day + DAY_END]))
     finally:
         conn.execute("COMMIT")
 

@@ -120,8 +120,10 @@ def recipient_work(
     now: str,
     events: list[EventRow],
     warnings: list[tuple[str, str]] = (),
+    keep_body: bool = False,
 ):
-    """Record a delivery attempt's outcome; drop the spooled body once every recipient is final."""
+    """Record a delivery attempt's outcome; drop the spooled body once every recipient is final, unless it is
+    kept for a while (retention.message_bodies: the console shows the message as delivered)."""
 
     def work(conn) -> None:
         conn.execute(
@@ -134,7 +136,7 @@ def recipient_work(
             "INSERT INTO message_warnings (message_id, recipient, time, stage, warning) VALUES (?,?,?,?,?)",
             [(message_id, recipient, now, stage, text) for stage, text in warnings],
         )
-        if state != "queued":
+        if state != "queued" and not keep_body:
             left = conn.execute(
                 "SELECT COUNT(*) FROM recipients WHERE message_id = ? AND state = 'queued'", (message_id,)
             ).fetchone()[0]

@@ -111,6 +111,17 @@ def purge_events_chunk(conn, cutoff: str, chunk: int) -> tuple[int, bool]:
                                                  (lo, hi)).fetchone()[0] == 0
 
 
+def purge_bodies_chunk(conn, cutoff: str, chunk: int) -> tuple[int, bool]:
+    """Delete up to `chunk` kept bodies of messages accepted before `cutoff` whose copies are all final:
+    (deleted, more). A queued copy's body stays, whatever its age: it is still to be delivered."""
+    ids = [r[0] for r in conn.execute(
+        "SELECT s.message_id FROM spool s JOIN messages m ON m.id = s.message_id WHERE m.received_at < ?"
+        " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = s.message_id AND r.state = 'queued')"
+        " LIMIT ?", (cutoff, chunk))]
+    conn.executemany("DELETE FROM spool WHERE message_id = ?", [(i,) for i in ids])
+    return len(ids), len(ids) == chunk
+
+
 def purge_messages_chunk(conn, cutoff: str, chunk: int) -> tuple[int, bool]:
     """Delete up to `chunk` message records accepted before `cutoff` with no copy still queued, with their
     recipients, warnings and spool: (deleted, more)."""
@@ -138,6 +149,11 @@ def forget_address(conn, addresses: tuple[str, ...],
     out["events"] = conn.execute(f"DELETE FROM events WHERE recipient IN ({marks})", addresses).rowcount
     out["recipients"] = conn.execute(f"DELETE FROM recipients WHERE recipient IN ({marks})", addresses).rowcount
     out["warnings"] = conn.execute(f"DELETE FROM message_warnings WHERE recipient IN ({marks})", addresses).rowcount
+    # the bodies of its messages kept for the console quote the address: gone with it (a body still to be
+    # delivered to someone else stays)
+    out["bodies"] = sum(conn.execute(
+        "DELETE FROM spool WHERE message_id = ? AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = ?"
+        " AND r.state = 'queued')", (m, m)).rowcount for m in messages)
     out["inbound_reports"] = forget_inbound_reports(conn, addresses)  # issue 9
     conn.execute(f"DELETE FROM recipient_rollup WHERE recipient IN ({marks})", addresses)
     _lower_recipient_mark(conn)
