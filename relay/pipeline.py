@@ -88,6 +88,14 @@ class Submission:
     helo: str
     auth_user: str | None
     tls: bool
+    operation: str = "SendSmtpEmail"  # ses:operation (the API's operation for mail sent through it)
+    api_key: str | None = None  # the access key that sent it through the API
+
+    @property
+    def caller_identity(self) -> str:
+        """ses:caller-identity: who sent it, as SES names the IAM identity. The SMTP user, the API's access key, and
+        for a trusted client that sent without AUTH, its address (the only name relay knows it by)."""
+        return self.auth_user or self.api_key or self.client_ip
 
 
 @dataclass
@@ -139,7 +147,8 @@ class Pipeline:
         now_ms = self.now_ms()
         message_id = ev.mint_message_id(now_ms)
         try:
-            item = intake(sub.data, sub.mail_from, message_id, self.config.hostname, self._received(sub, message_id))
+            item = intake(sub.data, sub.mail_from, message_id, self.config.hostname, self._received(sub, message_id),
+                          date=format_datetime(datetime.fromtimestamp(now_ms / 1000, UTC)))
         except HeaderError as exc:
             mail, set_name = self._refused_mail(sub, message_id, now_ms, exc)
             await self._record_reject(mail, set_name, now_ms, str(exc))
@@ -167,8 +176,8 @@ class Pipeline:
         item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
         mail = ev.mail_object(mail_facts(
             item, message_id=message_id, now_ms=now_ms, mail_from=sub.mail_from, recipients=sub.recipients,
-            source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,
-            region=self.config.region,
+            source_ip=sub.client_ip, caller_identity=sub.caller_identity, account_id=self.config.account_id,
+            region=self.config.region, operation=sub.operation,
         ))
         if not scanned:
             await self._scan(sub, mail, set_name, now_ms)  # issue 9: refuses a virus (554) or, clamd down, 451
@@ -176,8 +185,8 @@ class Pipeline:
         mail_text = mail_json(mail)  # once per message: the message row and every event splice it
         row = MessageRow(message_id, when, sub.mail_from, set_name, item.subject, item.message_id_header,
                          len(item.raw), sub.client_ip, sub.auth_user, mail, settings.to_json(), mail_text)
-        sends = [EventRow(ev.SEND, when, message_id, r, set_name, ev.send_record(mail), mail_text)
-                 for r in sub.recipients]
+        # One Send per message (SES's): its mail.destination lists every recipient; consumers fan it out over them.
+        sends = [EventRow(ev.SEND, when, message_id, None, set_name, ev.send_record(mail), mail_text)]
         # SES accepts a message to a suppressed address and records a Send and a Bounce for it at once.
         suppressed = self._suppressed(sub.recipients, settings) if fresh else {}
         bounces = [EventRow(ev.BOUNCE, when, message_id, r, set_name,
@@ -213,7 +222,7 @@ class Pipeline:
         return ev.mail_object(ev.MailFacts(
             message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients,
             headers=block.fields, configuration_set=set_name, source_ip=sub.client_ip,
-            from_domain=from_domain(block, sub.mail_from), caller_identity=sub.auth_user or "",
+            from_domain=from_domain(block, sub.mail_from), caller_identity=sub.caller_identity,
             account_id=self.config.account_id, region=self.config.region,
         )), set_name
 
@@ -274,9 +283,12 @@ class Pipeline:
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
                          self.retry_policy(), step=reply.step)
-        record = self._event_for(msg, recipient, reply, outcome, now_ms)
+        mail, mail_text = msg.mail, msg.mail_json
+        if outcome.state == DELIVERED:  # SES tags a Delivery with the address it delivered from
+            mail, mail_text = ev.with_outgoing_ip(mail, mail_text, reply.local_ip)
+        record = self._event_for(msg, mail, recipient, reply, outcome, now_ms)
         event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record,
-                         msg.mail_json)
+                         mail_text)
         next_at = ev.iso_ms(outcome.next_attempt_ms) if outcome.next_attempt_ms else None
         # a permanent bounce puts the address on the suppression list in the same transaction as its event
         entries = entries_for(record, recipient, msg.settings.suppression_reasons, ev.iso_ms(now_ms))
@@ -323,14 +335,15 @@ class Pipeline:
         cs = self.config.configuration_sets.get(set_name) if set_name else None
         return cs.dkim_fallback_domain if cs else None
 
-    def _event_for(self, msg: QueuedMessage, recipient: str, reply: Reply, outcome: Outcome, now_ms: int) -> dict:
+    def _event_for(self, msg: QueuedMessage, mail: dict, recipient: str, reply: Reply, outcome: Outcome,
+                   now_ms: int) -> dict:
         mta = self.config.hostname
         if outcome.state == DELIVERED:
-            return ev.delivery_record(msg.mail, recipient, now_ms, reply.text, mta, reply.remote_ip)
+            return ev.delivery_record(mail, recipient, now_ms, reply.text, mta, reply.remote_ip)
         if outcome.state == BOUNCED:
-            return ev.bounce_record(msg.mail, recipient, now_ms, outcome.bounce_type, outcome.bounce_sub_type,
+            return ev.bounce_record(mail, recipient, now_ms, outcome.bounce_type, outcome.bounce_sub_type,
                                     outcome.diagnostic, outcome.status, mta, reply.remote_ip)
-        return ev.delay_record(msg.mail, recipient, now_ms, outcome.delay_type, outcome.status, outcome.diagnostic,
+        return ev.delay_record(mail, recipient, now_ms, outcome.delay_type, outcome.status, outcome.diagnostic,
                                outcome.expires_ms or now_ms, reply.remote_ip)
 
 

@@ -97,7 +97,10 @@ class ApiServer:
                                   cfg.api.regions, cfg.api.max_skew)
         except sigv4.AuthError as exc:
             log.warning("api %s %s refused: %s (%s)", request.method, path, exc.code, request.remote)
-            err = WireError(exc.status, exc.code, exc.message)
+            # SES v2 names an unknown key (or a session token relay never issued) otherwise than v1
+            code = "UnrecognizedClientException" if protocol == "v2" and exc.code == "InvalidClientTokenId" \
+                else exc.code
+            err = WireError(exc.status, code, exc.message)
             return error_response(protocol, err, request_id)
         ctx = Context(cfg, self.store)
         if protocol == "v2":

@@ -116,14 +116,14 @@ def destination_json(d: Destination) -> dict:
     return data
 
 
-def set_json(s: SetDef, default_host: str) -> dict:
+def set_json(s: SetDef) -> dict:
     data: dict = {"ConfigurationSetName": s.name}
     t = s.tracking
     if t.custom_redirect_domain or t.https_policy:
-        # CustomRedirectDomain is required in the shape: without its own, the set uses relay's default host.
-        data["TrackingOptions"] = {"CustomRedirectDomain": t.custom_redirect_domain or default_host}
-        if t.https_policy:
-            data["TrackingOptions"]["HttpsPolicy"] = t.https_policy
+        # What was put, and only that: a set given only an HttpsPolicy has no domain of its own (it uses relay's
+        # default host), and showing that host as its CustomRedirectDomain would have a client write it back.
+        data["TrackingOptions"] = {k: v for k, v in (("CustomRedirectDomain", t.custom_redirect_domain),
+                                                     ("HttpsPolicy", t.https_policy)) if v}
     if t.open_tracking is not None and t.open_tracking == t.click_tracking:
         status = "ENABLED" if t.open_tracking else "DISABLED"
         data["VdmOptions"] = {"DashboardOptions": {"EngagementMetrics": status}}
@@ -224,7 +224,7 @@ def create_set(ctx: Context, call: Call) -> dict:
 
 
 def get_set(ctx: Context, call: Call) -> dict:
-    return set_json(ctx.model_set(call.params[0]), ctx.config.tracking.default_host)
+    return set_json(ctx.model_set(call.params[0]))
 
 
 def list_sets(ctx: Context, call: Call) -> dict:
