@@ -26,7 +26,14 @@ from email.utils import format_datetime
 from relay.config import Config
 from relay.core import clamd
 from relay.core import events as ev
-from relay.core.headers import CONFIG_SET_HEADER, HeaderError, from_domain, split_header_block, to_crlf
+from relay.core.headers import (
+    CONFIG_SET_HEADER,
+    HeaderError,
+    domain_of,
+    from_domain,
+    split_header_block,
+    to_crlf,
+)
 from relay.core.intake import Intake, intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
@@ -90,6 +97,9 @@ class Submission:
     tls: bool
     operation: str = "SendSmtpEmail"  # ses:operation (the API's operation for mail sent through it)
     api_key: str | None = None  # the access key that sent it through the API
+    # The API's ConfigurationSetName and tags, which SES prefers to the message's X-SES-* headers (None: those)
+    configuration_set: str | None = None
+    tags: dict[str, list[str]] | None = None
 
     @property
     def caller_identity(self) -> str:
@@ -153,6 +163,10 @@ class Pipeline:
             mail, set_name = self._refused_mail(sub, message_id, now_ms, exc)
             await self._record_reject(mail, set_name, now_ms, str(exc))
             raise Refusal(f"554 {exc}") from exc
+        if sub.configuration_set is not None:
+            item.control.configuration_set = sub.configuration_set
+        if sub.tags is not None:
+            item.control.tags = sub.tags
         header_set = item.control.configuration_set
         # Fast path: the cached configuration and no suppressed recipient, both verified by the queueing
         # transaction itself (no read per message before it). When either proves wrong, the message is prepared
@@ -226,6 +240,30 @@ class Pipeline:
             account_id=self.config.account_id, region=self.config.region,
         )), set_name
 
+    async def record_rendering_failure(self, sub: Submission, template: str, error: str) -> str:
+        """A message that was not sent because its template could not be rendered (or does not exist): its set's
+        Rendering Failure event, with a message id as SES gives one. Nothing is queued. The set: the request's, or
+        the sender identity's default; an unknown set has no events (the send itself says so)."""
+        now_ms = self.now_ms()
+        message_id = ev.mint_message_id(now_ms)
+        set_name = None
+        with contextlib.suppress(UnknownSet):
+            set_name = self.resolver.resolve(sub.configuration_set, sender_identity(
+                split_header_block(b""), sub.mail_from)).set_name
+        mail = ev.mail_object(ev.MailFacts(
+            message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients, headers=[],
+            configuration_set=set_name, tags=sub.tags or {}, source_ip=sub.client_ip,
+            from_domain=domain_of(sub.mail_from), caller_identity=sub.caller_identity,
+            account_id=self.config.account_id, region=self.config.region, operation=sub.operation,
+        ))
+        log.info("api id=%s from=<%s> rcpts=%d set=%s rendering failure: %s", message_id, sub.mail_from,
+                 len(sub.recipients), set_name or "-", error)
+        if set_name in self.resolver.model().sets:
+            record = ev.rendering_failure_record(mail, template, error)
+            await self.store.write(Store.events_work(
+                [EventRow(ev.RENDERING_FAILURE, ev.iso_ms(now_ms), message_id, None, set_name, record)]))
+        return message_id
+
     async def _record_reject(self, mail: dict, set_name: str | None, now_ms: int, reason: str) -> None:
         """A refusal of a message whose configuration set is known is that set's Reject event."""
         if set_name not in self.resolver.model().sets:
@@ -261,7 +299,7 @@ class Pipeline:
     def _received(self, sub: Submission, message_id: str) -> str | None:
         if not self.config.smtp.add_received_header:
             return None
-        proto = "ESMTP" + ("S" if sub.tls else "") + ("A" if sub.auth_user else "")
+        proto = "HTTP" if sub.api_key else "ESMTP" + ("S" if sub.tls else "") + ("A" if sub.auth_user else "")
         helo = "".join(c for c in sub.helo if c.isprintable() and c not in "()\r\n")[:100] or "unknown"
         rcpt = f"\r\n\tfor <{sub.recipients[0]}>" if len(sub.recipients) == 1 else ""
         date = format_datetime(datetime.fromtimestamp(self.clock(), UTC))

@@ -159,9 +159,10 @@ class Relay:
 
             self.tracking = TrackingServer(self.config, self.store, self.config.keyring())
             await self.tracking.start()
+        from relay.api.sending import Sender
         from relay.api.server import ApiServer  # api (issue 7): SES-compatible management API
 
-        self.api = ApiServer(lambda: self.config, self.store)
+        self.api = ApiServer(lambda: self.config, self.store, Sender(self.pipeline, self.queue.add))
         await self.api.start()
         tracking_port = self.tracking.port if self.tracking else 0
         self.operations = await start_operations(self)  # inspection (issue 8): /metrics, retention

@@ -296,6 +296,13 @@ def click_record(
     return record(CLICK, mail, detail)
 
 
+def rendering_failure_record(mail: dict, template: str, error_message: str) -> dict:
+    """A Rendering Failure: the message was not sent. SES's record has no headers or commonHeaders (none were
+    written)."""
+    bare = {k: v for k, v in mail.items() if k not in ("headers", "commonHeaders")}
+    return record(RENDERING_FAILURE, bare, {"errorMessage": error_message, "templateName": template})
+
+
 def ms_from_iso(text: str) -> int:
     """Inverse of `iso_ms`."""
     digits = text[:4] + text[5:7] + text[8:10] + text[11:13] + text[14:16] + text[17:19] + text[20:23]
