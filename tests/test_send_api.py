@@ -476,3 +476,35 @@ def test_the_aws_cli_sends_and_manages_templates(env, tmp_path):
     out = _aws(env, "ses", "send-email", "--from", SENDER, "--destination", "ToAddresses=" + ",".join(
         f"r{i}@example.org" for i in range(51)), "--message", "Subject={Data=s},Body={Text={Data=t}}")
     assert out.returncode != 0 and "Recipient count exceeds 50." in out.stderr
+
+
+# --- relay template -----------------------------------------------------------------------------------------------
+
+def test_the_template_command_shares_the_apis_store(env, tmp_path):
+    html = tmp_path / "greeting.html"
+    html.write_text(MY_TEMPLATE.html, encoding="utf-8")
+    out = env.relay_cli("template", "create", "FromCli", "--subject", MY_TEMPLATE.subject, "--text", MY_TEMPLATE.text,
+                        "--html-file", str(html))
+    assert out.returncode == 0, out.stderr
+    assert env.client("sesv2").get_email_template(TemplateName="FromCli")["TemplateContent"]["Html"] == MY_TEMPLATE.html
+    alejandro = '{"name": "Alejandro", "favoriteanimal": "alligator"}'
+    out = env.relay_cli("template", "render", "FromCli", "--data", alejandro, "--part", "subject")
+    assert out.returncode == 0 and out.stdout == "Greetings, Alejandro!\n"
+    out = env.relay_cli("template", "render", "FromCli", "--data", alejandro)
+    assert rendered_parts(out.stdout)[2] == "<h1>Hello Alejandro,</h1><p>Your favorite animal is alligator.</p>\n"
+    out = env.relay_cli("template", "render", "FromCli", "--data", '{"name": "Alejandro"}')
+    assert out.returncode == 1 and out.stderr == ("error: MissingRenderingAttribute: Attribute 'favoriteanimal' is not"
+                                                  " present in the rendering data.\n")
+    env.client("ses").create_template(Template={"TemplateName": "FromApi", "SubjectPart": "Hi {{name}}"})
+    listed = env.relay_cli("template", "list").stdout.splitlines()
+    assert {"FromCli", "FromApi"} <= {line.split("\t")[0] for line in listed}
+    shown = json.loads(env.relay_cli("template", "show", "FromApi").stdout)
+    assert shown["SubjectPart"] == "Hi {{name}}" and shown["HtmlPart"] is None
+    assert env.relay_cli("template", "create", "FromApi", "--subject", "x").returncode == 1
+    assert env.relay_cli("template", "update", "FromApi", "--subject", "Hello {{name}}").returncode == 0
+    assert env.client("ses").get_template(TemplateName="FromApi")["Template"]["SubjectPart"] == "Hello {{name}}"
+    bad = env.relay_cli("template", "create", "Broken", "--html", "{{#each x}}unclosed")
+    assert bad.returncode == 1 and "InvalidTemplate" in bad.stderr
+    for name in ("FromCli", "FromApi"):
+        assert env.relay_cli("template", "delete", name).returncode == 0
+    assert "TemplateDoesNotExist" in env.relay_cli("template", "show", "FromCli").stderr
