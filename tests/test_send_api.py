@@ -508,3 +508,31 @@ def test_the_template_command_shares_the_apis_store(env, tmp_path):
     for name in ("FromCli", "FromApi"):
         assert env.relay_cli("template", "delete", name).returncode == 0
     assert "TemplateDoesNotExist" in env.relay_cli("template", "show", "FromCli").stderr
+
+
+def test_the_limits_follow_the_configuration(tmp_path):
+    extra = ("max_recipients = 3\nmax_templates = 2\nmax_template_size = 200\nmax_bulk_destinations = 2\n")
+    with send_env(tmp_path, extra) as e:
+        v1, v2 = e.client("ses"), e.client("sesv2")
+        simple = {"Simple": {"Subject": {"Data": "s"}, "Body": {"Text": {"Data": "t"}}}}
+        four = [f"r{i}@example.org" for i in range(4)]
+        with pytest.raises(ClientError) as exc:
+            v2.send_email(FromEmailAddress=SENDER, Destination={"ToAddresses": four}, Content=simple)
+        assert exc.value.response["Error"]["Message"] == "Recipient count exceeds 3."
+        v2.send_email(FromEmailAddress=SENDER, Destination={"ToAddresses": four[:3]}, Content=simple)
+        with pytest.raises(v2.exceptions.BadRequestException) as exc:
+            v2.create_email_template(TemplateName="Big", TemplateContent={"Html": "x" * 201})
+        assert "the limit is 200 bytes" in exc.value.response["Error"]["Message"]
+        v2.create_email_template(TemplateName="One", TemplateContent={"Subject": "Hi {{name}}"})
+        v1.create_template(Template={"TemplateName": "Two", "SubjectPart": "Hi"})
+        with pytest.raises(v2.exceptions.LimitExceededException):
+            v2.create_email_template(TemplateName="Three", TemplateContent={"Subject": "Hi"})
+        entries = [{"Destination": {"ToAddresses": [f"b{i}@example.org"]}} for i in range(3)]
+        default = {"Template": {"TemplateName": "One", "TemplateData": '{"name": "x"}'}}
+        with pytest.raises(v2.exceptions.BadRequestException) as exc:
+            v2.send_bulk_email(FromEmailAddress=SENDER, DefaultContent=default, BulkEmailEntries=entries)
+        assert exc.value.response["Error"]["Message"] == "Destination count exceeds 2."
+        results = v2.send_bulk_email(FromEmailAddress=SENDER, DefaultContent=default,
+                                     BulkEmailEntries=entries[:2])["BulkEmailEntryResults"]
+        assert [r["Status"] for r in results] == ["SUCCESS", "SUCCESS"]
+        assert e.messages_count() == 3

@@ -294,7 +294,8 @@ def templated(ctx: Context, env: Envelope, dest: Destination, template: Template
     except core.RenderingFailure as exc:
         return Outgoing(env.mail_from, check_recipients(ctx, dest.recipients()), None, env.configuration_set,
                         env.tags, template.name, str(exc))
-    out = simple_message(ctx, env, dest, rendered.subject, rendered.text, rendered.html, files=files)
+    text = "" if rendered.text is None and rendered.html is None else rendered.text  # a subject-only template
+    out = simple_message(ctx, env, dest, rendered.subject, text, rendered.html, files=files)
     out.template = template.name
     return out
 
