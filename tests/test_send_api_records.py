@@ -16,27 +16,17 @@ import smtplib
 import pytest
 from botocore.exceptions import ClientError
 
-from .harness import Upstream, free_port, wait_port
-from .test_api import REGION, SECRET, ApiRelay, Env, api_toml, code_of
-from .test_destinations import Receiver, wait_until
+from .test_api import REGION, SECRET, Env, code_of
+from .test_destinations import wait_until
+from .test_send_api import send_env
 
 SES_ID = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-000000$")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    upstream = Upstream().start()
-    hook = Receiver().start()
-    api_port = free_port()
-    relay = ApiRelay(tmp_path_factory.mktemp("records"), upstream.port, extra=api_toml(api_port, hook.port))
-    relay.start()
-    try:
-        wait_port(api_port, proc=relay.proc)
-        yield Env(relay, upstream, hook, api_port)
-    finally:
-        relay.stop()
-        hook.stop()
-        upstream.stop()
+    with send_env(tmp_path_factory.mktemp("records")) as e:
+        yield e
 
 
 def smtp_send(env: Env, data: bytes, recipients: list[str]) -> str:

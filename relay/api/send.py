@@ -15,7 +15,7 @@ import email.utils
 from dataclasses import dataclass, field
 
 from relay import templates as stored
-from relay.api.common import Context, invalid, required
+from relay.api.common import Context, invalid, required, structure
 from relay.core import compose
 from relay.core import templates as core
 from relay.core.compose import AddressError, Attachment, Simple
@@ -319,14 +319,6 @@ def template_data(text: object, where: str) -> dict:
 
 # --- SES v2 -------------------------------------------------------------------------------------------------------
 
-def _obj(value: object, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid(value, where, "Member must be a structure")
-    return value
-
-
 def _v2_envelope(body: dict, headers: tuple[tuple[str, str], ...] = (), raw: bool = False) -> Envelope:
     source = body.get("FromEmailAddress")
     if not raw:
@@ -335,7 +327,7 @@ def _v2_envelope(body: dict, headers: tuple[tuple[str, str], ...] = (), raw: boo
     mail_from = addr(feedback, "feedbackForwardingEmailAddress") if feedback else \
         (addr(source, "fromEmailAddress") if source else "")
     if body.get("ListManagementOptions") is not None:
-        required(_obj(body["ListManagementOptions"], "listManagementOptions").get("ContactListName"),
+        required(structure(body["ListManagementOptions"], "listManagementOptions").get("ContactListName"),
                  "listManagementOptions.contactListName")
     return Envelope(str(source or ""), mail_from, tuple(address_list(body.get("ReplyToAddresses"),
                                                                      "replyToAddresses")),
@@ -343,30 +335,30 @@ def _v2_envelope(body: dict, headers: tuple[tuple[str, str], ...] = (), raw: boo
 
 
 def v2_send_email(ctx: Context, body: dict) -> Plan:
-    content = _obj(required(body.get("Content"), "content"), "content")
+    content = structure(required(body.get("Content"), "content"), "content")
     given = [k for k in ("Simple", "Raw", "Template") if content.get(k) is not None]
     if len(given) != 1:
         raise parameter_error("Content must have exactly one of Simple, Raw or Template.")
     kind = given[0]
     if kind == "Raw":
         env = _v2_envelope(body, raw=True)
-        data = base64_data(_obj(content["Raw"], "content.raw").get("Data"), "content.raw.data")
+        data = base64_data(structure(content["Raw"], "content.raw").get("Data"), "content.raw.data")
         dest = destination(body.get("Destination"), "destination", optional=True)
         return Plan("SendEmail", [raw_message(ctx, env.source or None, dest, data, env.configuration_set,
                                               env.tags)])
     dest = destination(required(body.get("Destination"), "destination"), "destination")
     if kind == "Simple":
-        simple = _obj(content["Simple"], "content.simple")
+        simple = structure(content["Simple"], "content.simple")
         env = _v2_envelope(body, header_list(simple.get("Headers"), "content.simple.headers"))
         subject, subject_charset = content_text(required(simple.get("Subject"), "content.simple.subject"),
                                                 "content.simple.subject")
-        message_body = _obj(required(simple.get("Body"), "content.simple.body"), "content.simple.body")
+        message_body = structure(required(simple.get("Body"), "content.simple.body"), "content.simple.body")
         text, text_charset = content_text(message_body.get("Text"), "content.simple.body.text")
         html, html_charset = content_text(message_body.get("Html"), "content.simple.body.html")
         files = attachments(simple.get("Attachments"), "content.simple.attachments")
         return Plan("SendEmail", [simple_message(ctx, env, dest, subject or "", text, html,
                                                  (subject_charset, text_charset, html_charset), files)])
-    spec = _obj(content["Template"], "content.template")
+    spec = structure(content["Template"], "content.template")
     env = _v2_envelope(body, header_list(spec.get("Headers"), "content.template.headers"))
     data = template_data(spec.get("TemplateData"), "content.template.templateData")
     files = attachments(spec.get("Attachments"), "content.template.attachments")
@@ -380,8 +372,8 @@ def v2_send_email(ctx: Context, body: dict) -> Plan:
 
 
 def v2_send_bulk(ctx: Context, body: dict) -> Plan:
-    default = _obj(_obj(required(body.get("DefaultContent"), "defaultContent"), "defaultContent").get("Template"),
-                   "defaultContent.template")
+    content = structure(required(body.get("DefaultContent"), "defaultContent"), "defaultContent")
+    default = structure(content.get("Template"), "defaultContent.template")
     required(default or None, "defaultContent.template")
     default_headers = header_list(default.get("Headers"), "defaultContent.template.headers")
     env = _v2_envelope(body, default_headers)
@@ -411,11 +403,11 @@ def v2_send_bulk(ctx: Context, body: dict) -> Plan:
 def _bulk_entry(ctx: Context, env: Envelope, entry: object, where: str, template: Template | None, name: str,
                 default_data: dict, default_tags: dict | None, default_headers: tuple, files: tuple) -> Outgoing:
     """One destination of a bulk send: rendered on its own, so its failure is its own."""
-    entry = _obj(entry, where)
+    entry = structure(entry, where)
     try:
         dest = destination(entry.get("Destination"), f"{where}.destination")
         own_tags = tags(entry.get("ReplacementTags"), f"{where}.replacementTags")
-        replacement = _obj(_obj(entry.get("ReplacementEmailContent"), f"{where}.replacementEmailContent")
+        replacement = structure(structure(entry.get("ReplacementEmailContent"), f"{where}.replacementEmailContent")
                            .get("ReplacementTemplate"), f"{where}.replacementEmailContent.replacementTemplate")
         data = core.merge(default_data, template_data(replacement.get("ReplacementTemplateData"),
                                                       f"{where}.replacementTemplateData"))

@@ -32,6 +32,7 @@ from relay.api.common import (
     token_key,
     undo_on_error,
 )
+from relay.api.common import structure as _obj
 from relay.core.events import iso_ms, ms_from_iso
 from relay.core.resolve import Destination, SetDef, TrackingOptions
 from relay.core.settings import SUPPRESSION_REASONS
@@ -144,14 +145,6 @@ def set_json(s: SetDef) -> dict:
 
 
 # --- input ----------------------------------------------------------------------------------------------------
-
-def _obj(value: object, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid(value, where, "Member must be a structure")
-    return value
-
 
 def _tracking(body: dict, where: str) -> tuple[TrackingOptions, frozenset[str]]:
     """(options given, fields cleared): PutConfigurationSetTrackingOptions replaces the set's options."""
