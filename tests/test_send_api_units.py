@@ -3,12 +3,17 @@ checked as SES's model constrains them, the body limit derived from the raw mess
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from relay.api import send
 from relay.api.errors import v1_error, v2_error
 from relay.api.sending import refusal_error
 from relay.config import ApiSettings
+from relay.core import events as ev
 from relay.sets import SesError
 
 
@@ -71,3 +76,17 @@ def test_base64_and_addresses():
 def test_the_request_body_limit_follows_the_raw_message_limit():
     assert ApiSettings(max_raw_message_size=40 * 1024 * 1024).max_body == 61 * 1024 * 1024
     assert ApiSettings(max_raw_message_size=1000).max_body == 1500 + 1024 * 1024
+
+
+def test_a_rendering_failure_has_ses_fields():
+    reference = Path(os.environ.get("RELAY_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+    path = reference / "ses-events" / "rendering-failure.json"
+    if not path.is_file():
+        pytest.skip(f"SES's example not found at {path} (set RELAY_REFERENCE)")
+    example = json.loads(path.read_text())
+    mail = ev.mail_object(ev.MailFacts("0100abc-000000", 1_516_646_586_197, "sender@example.com",
+                                       ["recipient@example.com"], [], configuration_set="ConfigSet"))
+    ours = ev.rendering_failure_record(mail, "MyTemplate",
+                                       "Attribute 'attributeName' is not present in the rendering data.")
+    assert set(ours) == set(example) and ours["failure"] == example["failure"]
+    assert set(example["mail"]) <= set(ours["mail"]) and "headers" not in ours["mail"]
