@@ -35,8 +35,8 @@ _STATUS_OF = {"MessageRejected": "MESSAGE_REJECTED", "ConfigurationSetDoesNotExi
 
 @dataclass
 class Outgoing:
-    """One message to send. `data` None: not sent (`failure` says why, an SES error code and message, or a
-    Rendering Failure of `template`)."""
+    """One message to send. `data` None: not sent, because of `error` (SES's error for it) or a Rendering Failure
+    of `template` (`rendering_failure`), or both (a template that does not exist)."""
 
     mail_from: str
     recipients: list[str]
@@ -44,7 +44,7 @@ class Outgoing:
     configuration_set: str | None
     tags: dict[str, list[str]] | None  # the API's tags (they replace X-SES-MESSAGE-TAGS); None: the message's
     template: str | None = None
-    rendering_failure: str | None = None  # SES's errorMessage: the message is not sent, a Rendering Failure is
+    rendering_failure: str | None = None  # SES's errorMessage: not sent; the set's Rendering Failure event instead
     error: SesError | None = None  # refused before the pipeline (a bulk destination's own error)
 
 
