@@ -536,3 +536,27 @@ def test_the_limits_follow_the_configuration(tmp_path):
                                      BulkEmailEntries=entries[:2])["BulkEmailEntryResults"]
         assert [r["Status"] for r in results] == ["SUCCESS", "SUCCESS"]
         assert e.messages_count() == 3
+
+
+def test_templates_move_with_relay_store_migrate(tmp_path):
+    from relay.store import open_store
+    from relay.store.templates import get_template, insert_template
+
+    from .conftest import postgres_database
+    from .test_store_migrate import relay_cli
+
+    path = tmp_path / "relay.sqlite3"
+    store = open_store(path)
+    row = ("Greeting", MY_TEMPLATE.subject, MY_TEMPLATE.text, MY_TEMPLATE.html, "2026-12-01T00:00:00.000Z")
+    try:
+        assert store.submit(lambda conn: insert_template(conn, row, 10)).result() == "created"
+    finally:
+        store.close()
+    with postgres_database() as url:
+        done = relay_cli("store", "migrate", "--from", str(path), "--to", url)
+        assert done.returncode == 0, done.stderr
+        target = open_store(url)
+        try:
+            assert target.read(get_template, "Greeting") == row
+        finally:
+            target.close()
