@@ -27,12 +27,11 @@ V2_SHAPES = {
     "TooManyRequests": "TooManyRequestsException",
     "TemplateDoesNotExist": "NotFoundException",
     "AlreadyExists": "AlreadyExistsException",
-    "MailFromDomainNotVerifiedException": "MailFromDomainNotVerifiedException",
 }
 V2_STATUS = {"NotFoundException": 404, "AlreadyExistsException": 400, "LimitExceededException": 400,
              "BadRequestException": 400, "TooManyRequestsException": 429, "ConcurrentModificationException": 500,
              "UnknownOperationException": 404, "InternalFailure": 500, "InvalidNextTokenException": 400,
-             "MessageRejected": 400, "MailFromDomainNotVerifiedException": 400, "ServiceUnavailable": 503}
+             "MessageRejected": 400, "ServiceUnavailable": 503}
 # v1 codes that are not the client's fault (all others are 400 Sender)
 V1_STATUS = {"ServiceUnavailable": 503}
 
