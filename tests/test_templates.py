@@ -208,13 +208,13 @@ def test_addresses_as_ses_checks_them():
             compose.addr_spec(bad)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.text(max_size=3000), st.text(max_size=3000), st.text(min_size=1, max_size=300))
 def test_any_text_is_written_within_998_octets_and_reads_back(text, html, subject):
     data = compose.build(compose.Simple("a@example.com", subject, text=text, html=html, to=("b@example.org",)))
     assert max(len(line) for line in data.split(b"\r\n")) <= 998
     message = _parse(data)
-    assert message["Subject"] == compose.one_line(subject).strip() or not subject.strip()
+    assert message["Subject"].split() == compose.one_line(subject).split()  # folding may change the whitespace
     normalised = text.replace("\r\n", "\n").replace("\r", "\n")
     got = message.get_body(("plain",)).get_content().replace("\r\n", "\n")
     assert got.rstrip("\n") == normalised.rstrip("\n") or got == normalised + "\n"
