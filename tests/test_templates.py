@@ -145,7 +145,7 @@ def test_bad_data_and_bad_templates():
         with pytest.raises(TemplateDataError):
             parse_data(text)
     assert parse_data(None) == {} and parse_data("") == {}
-    for bad in ("{{#if x}}never closed", "{{#each}}{{/if}}", "{{"):
+    for bad in ("{{#if x}}never closed", "{{#each}}{{/if}}", "{{", "{{#if a}}A{{else if b}}B{{/if}}"):
         with pytest.raises(TemplateError):
             check(Template("bad", bad))
     check(MY_TEMPLATE)

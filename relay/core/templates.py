@@ -70,11 +70,14 @@ def no_such_template(name: str) -> str:
 # Handlebars.js keeps it, and SES's examples depend on it. A mark after the last tag keeps it; it is taken off
 # the output again.
 _END = "\ue002"
+_ELSE_IF = re.compile(r"\{\{~?\s*else\s+(if|unless)\b")
 
 
 @functools.lru_cache(maxsize=256)  # a template is compiled once for all its sends; 256 holds the working set
 def _compiled(source: str, html: bool) -> Callable:
     """The template function of `source`; `html`: values are HTML-escaped (else output as they are)."""
+    if _ELSE_IF.search(source):  # pybars3 reads `{{else if x}}` as a plain {{else}}: refused, not misrendered
+        raise TemplateError("{{else if ...}} is not supported here: nest an {{#if}} inside the {{else}}")
     with _compile_lock:
         try:
             function = Compiler().compile(source + _END)
