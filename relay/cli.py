@@ -242,7 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_suppression(sub)
     sub.choices["suppression"].set_defaults(func=cmd_suppression)
+    from relay.template_cli import add_parser as add_template  # the sending API's templates
+
+    add_template(sub)
+    sub.choices["template"].set_defaults(func=cmd_template)
     return parser
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    from relay.template_cli import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

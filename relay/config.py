@@ -810,10 +810,23 @@ class ApiSettings:
     max_skew: float = 900.0  # seconds between X-Amz-Date and now (AWS: 15 minutes)
     sns_topics: dict[str, ApiTarget] = field(default_factory=dict)
     event_buses: dict[str, ApiTarget] = field(default_factory=dict)
+    # The sending API's limits, SES's own (quotas.md): a client that works with SES works with relay.
+    max_recipients: int = 50  # To + Cc + Bcc of one message (SES, and [smtp] max_recipients)
+    max_raw_message_size: int = 40 * 1024 * 1024  # a Raw message, decoded (SES v2 and SMTP: 40 MB)
+    max_message_size: int = 10 * 1024 * 1024  # a message built from Simple or Template content (SES: 10 MB)
+    max_templates: int = 10_000  # templates stored (SES: 10,000 per account)
+    max_template_size: int = 500 * 1024  # subject, text and HTML of one template together (SES: 500 KB)
+    max_bulk_destinations: int = 50  # destinations of one SendBulkEmail / SendBulkTemplatedEmail (SES: 50)
 
     @property
     def enabled(self) -> bool:
         return bool(self.access_keys)
+
+    @property
+    def max_body(self) -> int:
+        """The largest request body read: a raw message at its limit, base64 (4/3) and form-encoded (a v1 `+`
+        or `/` takes three octets), with room for the other parameters."""
+        return self.max_raw_message_size * 3 // 2 + 1024 * 1024
 
 
 _ARN_RE = re.compile(r"^arn:aws[a-z-]*:(sns|events):[a-z0-9-]*:\d{12}:\S+$")
@@ -867,6 +880,12 @@ def _parse_api(a: _Reader) -> ApiSettings:
         max_skew=a.duration("max_skew", 900.0),
         sns_topics=_parse_api_targets(a.sub("sns_topics"), "sns", True),
         event_buses=_parse_api_targets(a.sub("event_buses"), "events", False),
+        max_recipients=a.positive("max_recipients", 50),
+        max_raw_message_size=a.positive("max_raw_message_size", 40 * 1024 * 1024),
+        max_message_size=a.positive("max_message_size", 10 * 1024 * 1024),
+        max_templates=a.positive("max_templates", 10_000),
+        max_template_size=a.positive("max_template_size", 500 * 1024),
+        max_bulk_destinations=a.positive("max_bulk_destinations", 50),
     )
     a.finish()
     return settings

@@ -39,6 +39,7 @@ class Reply:
     step: str  # the step this reply answered: CONNECT, MAIL, RCPT, DATA or END_OF_DATA (relay.core.outcome)
     remote_ip: str = ""
     connection_failed: bool = False
+    local_ip: str = ""  # the address relay delivered from (SES's ses:outgoing-ip)
 
     @property
     def text(self) -> str:
@@ -188,7 +189,7 @@ class SmtpUpstream:
                 replies.write(b".\r\n" if refusal else dot_stuffed(data))
                 final = await replies.next()
                 if refusal is None and final.code == 250:
-                    return Reply(final.code, final.message, END_OF_DATA, _peer_ip(client))
+                    return Reply(final.code, final.message, END_OF_DATA, _peer_ip(client), local_ip=_local_ip(client))
                 refusal = refusal or (END_OF_DATA, final)
             closing = 421 in replies.codes
         assert refusal is not None  # a DATA not answered 354 is itself the refusal
@@ -327,6 +328,12 @@ def _peer_ip(client: aiosmtplib.SMTP) -> str:
     transport = getattr(client, "transport", None)
     peer = transport.get_extra_info("peername") if transport else None
     return peer[0] if peer else ""
+
+
+def _local_ip(client: aiosmtplib.SMTP) -> str:
+    transport = getattr(client, "transport", None)
+    local = transport.get_extra_info("sockname") if transport else None
+    return local[0] if local else ""
 
 
 async def _discard(client: aiosmtplib.SMTP | None) -> None:

@@ -35,7 +35,7 @@ log = logging.getLogger("relay.metrics")
 
 # eventType -> (metric name, help); Open/Click carry the verdict, Bounce its bounceType
 EVENT_METRICS = {
-    "Send": ("relay_sent", "Send events: recipient copies accepted for delivery"),
+    "Send": ("relay_sent", "Send events: messages accepted for delivery (one per message, as SES)"),
     "Delivery": ("relay_delivered", "Copies delivered (Delivery events)"),
     "Bounce": ("relay_bounced", "Copies bounced (Bounce events), by bounce type"),
     "DeliveryDelay": ("relay_delayed", "Delivery attempts deferred (DeliveryDelay events)"),

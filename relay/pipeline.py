@@ -27,7 +27,15 @@ from relay import offload
 from relay.config import Config
 from relay.core import clamd
 from relay.core import events as ev
-from relay.core.headers import CONFIG_SET_HEADER, HeaderBlock, HeaderError, from_domain, split_header_block, to_crlf
+from relay.core.headers import (
+    CONFIG_SET_HEADER,
+    HeaderBlock,
+    HeaderError,
+    domain_of,
+    from_domain,
+    split_header_block,
+    to_crlf,
+)
 from relay.core.intake import INLINE_BYTES, Intake, heavy, intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
@@ -89,6 +97,17 @@ class Submission:
     helo: str
     auth_user: str | None
     tls: bool
+    operation: str = "SendSmtpEmail"  # ses:operation (the API's operation for mail sent through it)
+    api_key: str | None = None  # the access key that sent it through the API
+    # The API's ConfigurationSetName and tags, which SES prefers to the message's X-SES-* headers (None: those)
+    configuration_set: str | None = None
+    tags: dict[str, list[str]] | None = None
+
+    @property
+    def caller_identity(self) -> str:
+        """ses:caller-identity: who sent it, as SES names the IAM identity. The SMTP user, the API's access key, and
+        for a trusted client that sent without AUTH, its address (the only name relay knows it by)."""
+        return self.auth_user or self.api_key or self.client_ip
 
 
 @dataclass
@@ -128,10 +147,10 @@ class _Accepted:
     off_loop: bool  # its CPU work runs in a thread (relay.offload)
 
 
-def _read(data: bytes, mail_from: str, message_id: str, hostname: str,
-          received: str | None) -> tuple[Intake, str]:
-    """The message as relay queues it, and its sender identity."""
-    item = intake(data, mail_from, message_id, hostname, received)
+def _read(data: bytes, mail_from: str, message_id: str, hostname: str, received: str | None,
+          date: str) -> tuple[Intake, str]:
+    """The message as relay queues it (`date`: its Date field when it has none), and its sender identity."""
+    item = intake(data, mail_from, message_id, hostname, received, date=date)
     return item, sender_identity(item.block, mail_from)
 
 
@@ -142,13 +161,12 @@ def _read_refused(data: bytes, mail_from: str) -> tuple[HeaderBlock, str, str]:
 
 
 def _send_records(facts: ev.MailFacts, set_name: str | None, when: str) -> tuple[dict, str, list[EventRow]]:
-    """SES's mail object, its JSON (once per message: the message row and every event splice it) and a Send
-    event per recipient."""
+    """SES's mail object, its JSON (once per message: the message row and every event splice it) and the
+    message's one Send event, as SES records it: its mail.destination lists every recipient (consumers fan it out
+    over them)."""
     mail = ev.mail_object(facts)
     mail_text = mail_json(mail)
-    sends = [EventRow(ev.SEND, when, facts.message_id, r, set_name, ev.send_record(mail), mail_text)
-             for r in facts.destination]
-    return mail, mail_text, sends
+    return mail, mail_text, [EventRow(ev.SEND, when, facts.message_id, None, set_name, ev.send_record(mail), mail_text)]
 
 
 class Pipeline:
@@ -181,11 +199,16 @@ class Pipeline:
         off_loop = heavy(sub.data)
         try:
             item, identity = await offload.run(off_loop, _read, sub.data, sub.mail_from, message_id,
-                                               self.config.hostname, self._received(sub, message_id))
+                                               self.config.hostname, self._received(sub, message_id),
+                                               format_datetime(datetime.fromtimestamp(now_ms / 1000, UTC)))
         except HeaderError as exc:
             mail, set_name = await self._refused_mail(sub, message_id, now_ms, exc, off_loop)
             await self._record_reject(mail, set_name, now_ms, str(exc))
             raise Refusal(f"554 {exc}") from exc
+        if sub.configuration_set is not None:
+            item.control.configuration_set = sub.configuration_set
+        if sub.tags is not None:
+            item.control.tags = sub.tags
         header_set = item.control.configuration_set
         # Fast path: the cached configuration and no suppressed recipient, both verified by the queueing
         # transaction itself (no read per message before it). When either proves wrong, the message is prepared
@@ -210,8 +233,8 @@ class Pipeline:
         item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
         facts = mail_facts(
             item, message_id=message_id, now_ms=now_ms, mail_from=sub.mail_from, recipients=sub.recipients,
-            source_ip=sub.client_ip, caller_identity=sub.auth_user or "", account_id=self.config.account_id,
-            region=self.config.region,
+            source_ip=sub.client_ip, caller_identity=sub.caller_identity, account_id=self.config.account_id,
+            region=self.config.region, operation=sub.operation,
         )
         when = ev.iso_ms(now_ms)
         mail, mail_text, sends = await offload.run(accepted.off_loop, _send_records, facts, set_name, when)
@@ -254,10 +277,34 @@ class Pipeline:
         facts = ev.MailFacts(
             message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients,
             headers=block.fields, configuration_set=set_name, source_ip=sub.client_ip,
-            from_domain=domain, caller_identity=sub.auth_user or "",
+            from_domain=domain, caller_identity=sub.caller_identity,
             account_id=self.config.account_id, region=self.config.region,
         )
         return await offload.run(off_loop, ev.mail_object, facts), set_name
+
+    async def record_rendering_failure(self, sub: Submission, template: str, error: str) -> str:
+        """A message that was not sent because its template could not be rendered (or does not exist): its set's
+        Rendering Failure event, with a message id as SES gives one. Nothing is queued. The set: the request's, or
+        the sender identity's default; an unknown set has no events (the send itself says so)."""
+        now_ms = self.now_ms()
+        message_id = ev.mint_message_id(now_ms)
+        set_name = None
+        with contextlib.suppress(UnknownSet):
+            set_name = self.resolver.resolve(sub.configuration_set, sender_identity(
+                split_header_block(b""), sub.mail_from)).set_name
+        mail = ev.mail_object(ev.MailFacts(
+            message_id=message_id, timestamp_ms=now_ms, source=sub.mail_from, destination=sub.recipients, headers=[],
+            configuration_set=set_name, tags=sub.tags or {}, source_ip=sub.client_ip,
+            from_domain=domain_of(sub.mail_from), caller_identity=sub.caller_identity,
+            account_id=self.config.account_id, region=self.config.region, operation=sub.operation,
+        ))
+        log.info("api id=%s from=<%s> rcpts=%d set=%s rendering failure: %s", message_id, sub.mail_from,
+                 len(sub.recipients), set_name or "-", error)
+        if set_name in self.resolver.model().sets:
+            record = ev.rendering_failure_record(mail, template, error)
+            await self.store.write(Store.events_work(
+                [EventRow(ev.RENDERING_FAILURE, ev.iso_ms(now_ms), message_id, None, set_name, record)]))
+        return message_id
 
     async def _record_reject(self, mail: dict, set_name: str | None, now_ms: int, reason: str) -> None:
         """A refusal of a message whose configuration set is known is that set's Reject event."""
@@ -294,7 +341,7 @@ class Pipeline:
     def _received(self, sub: Submission, message_id: str) -> str | None:
         if not self.config.smtp.add_received_header:
             return None
-        proto = "ESMTP" + ("S" if sub.tls else "") + ("A" if sub.auth_user else "")
+        proto = "HTTP" if sub.api_key else "ESMTP" + ("S" if sub.tls else "") + ("A" if sub.auth_user else "")
         helo = "".join(c for c in sub.helo if c.isprintable() and c not in "()\r\n")[:100] or "unknown"
         rcpt = f"\r\n\tfor <{sub.recipients[0]}>" if len(sub.recipients) == 1 else ""
         date = format_datetime(datetime.fromtimestamp(self.clock(), UTC))
@@ -317,9 +364,12 @@ class Pipeline:
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
                          self.retry_policy(), step=reply.step)
-        record = self._event_for(msg, recipient, reply, outcome, now_ms)
+        mail, mail_text = msg.mail, msg.mail_json
+        if outcome.state == DELIVERED:  # SES tags a Delivery with the address it delivered from
+            mail, mail_text = ev.with_outgoing_ip(mail, mail_text, reply.local_ip)
+        record = self._event_for(msg, mail, recipient, reply, outcome, now_ms)
         event = EventRow(record["eventType"], ev.iso_ms(now_ms), msg.id, recipient, msg.configuration_set, record,
-                         msg.mail_json)
+                         mail_text)
         next_at = ev.iso_ms(outcome.next_attempt_ms) if outcome.next_attempt_ms else None
         # a permanent bounce puts the address on the suppression list in the same transaction as its event
         entries = entries_for(record, recipient, msg.settings.suppression_reasons, ev.iso_ms(now_ms))
@@ -366,14 +416,15 @@ class Pipeline:
         cs = self.config.configuration_sets.get(set_name) if set_name else None
         return cs.dkim_fallback_domain if cs else None
 
-    def _event_for(self, msg: QueuedMessage, recipient: str, reply: Reply, outcome: Outcome, now_ms: int) -> dict:
+    def _event_for(self, msg: QueuedMessage, mail: dict, recipient: str, reply: Reply, outcome: Outcome,
+                   now_ms: int) -> dict:
         mta = self.config.hostname
         if outcome.state == DELIVERED:
-            return ev.delivery_record(msg.mail, recipient, now_ms, reply.text, mta, reply.remote_ip)
+            return ev.delivery_record(mail, recipient, now_ms, reply.text, mta, reply.remote_ip)
         if outcome.state == BOUNCED:
-            return ev.bounce_record(msg.mail, recipient, now_ms, outcome.bounce_type, outcome.bounce_sub_type,
+            return ev.bounce_record(mail, recipient, now_ms, outcome.bounce_type, outcome.bounce_sub_type,
                                     outcome.diagnostic, outcome.status, mta, reply.remote_ip)
-        return ev.delay_record(msg.mail, recipient, now_ms, outcome.delay_type, outcome.status, outcome.diagnostic,
+        return ev.delay_record(mail, recipient, now_ms, outcome.delay_type, outcome.status, outcome.diagnostic,
                                outcome.expires_ms or now_ms, reply.remote_ip)
 
 

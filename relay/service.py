@@ -160,9 +160,10 @@ class Relay:
 
             self.tracking = TrackingServer(self.config, self.store, self.config.keyring())
             await self.tracking.start()
+        from relay.api.sending import Sender
         from relay.api.server import ApiServer  # api (issue 7): SES-compatible management API
 
-        self.api = ApiServer(lambda: self.config, self.store)
+        self.api = ApiServer(lambda: self.config, self.store, Sender(self.pipeline, self.queue.add))
         await self.api.start()
         from relay.console import ConsoleServer  # the web console, on its own listener when [console] has one
 

@@ -489,7 +489,7 @@ def test_credentials_signatures_and_dates_are_checked(env):
         assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
         with pytest.raises(ClientError) as exc:
             env.client(service, key="AKIDUNKNOWN").list_configuration_sets()
-        assert code_of(exc) == "InvalidClientTokenId"
+        assert code_of(exc) == {"ses": "InvalidClientTokenId", "sesv2": "UnrecognizedClientException"}[service]
         with pytest.raises(ClientError) as exc:
             env.client(service, region="eu-west-1").list_configuration_sets()
         assert code_of(exc) == "SignatureDoesNotMatch" and "region" in exc.value.response["Error"]["Message"]

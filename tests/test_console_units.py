@@ -206,9 +206,9 @@ def _events(today: datetime) -> list[EventRow]:
 
             def ev(kind, at, body=None, mid=mid, rcpt=rcpt, mail=mail):
                 key = kind[0].lower() + kind[1:]
-                return EventRow(kind, ops.iso(at), mid, rcpt, "marketing",
+                return EventRow(kind, ops.iso(at), mid, None if kind == "Send" else rcpt, "marketing",
                                 {"eventType": kind, "mail": mail, key: body or {}})
-            out.append(ev("Send", t))
+            out.append(ev("Send", t))  # one per message, as relay records it
             if n == 3:
                 out.append(ev("Bounce", t + timedelta(seconds=5), {"bounceType": "Permanent"}))
                 continue
@@ -228,7 +228,14 @@ def store(store_target):
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
     def fill(conn):
-        insert_events(conn, _events(today))
+        events = _events(today)
+        for send in (e for e in events if e.type == "Send"):  # the message records beside the events
+            mail, final = send.record["mail"], "bounced" if send.message_id.endswith("-3") else "delivered"
+            rcpt = mail["destination"][0]
+            row = store_module.MessageRow(send.message_id, send.time, mail["source"], "marketing",
+                                          mail["commonHeaders"]["subject"], None, 10, "127.0.0.1", None, mail, {})
+            store_module.Store.accept_work(row, [rcpt], b"", [], {rcpt: (final, "250")})(conn)
+        insert_events(conn, events)
         ids = [r[0] for r in conn.execute("SELECT id FROM events WHERE type IN ('Open', 'Click') ORDER BY id")]
         upsert_verdicts(conn, [VerdictRow(i, "GET", "machine" if k % 3 == 2 else "human", [], "", "", "",
                                           ops.iso(today)) for k, i in enumerate(ids)])

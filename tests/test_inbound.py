@@ -17,6 +17,7 @@ import pytest
 from relay import store as store_module
 from relay.config import hash_password
 from relay.config import load as load_config
+from relay.core import events as ev
 from relay.core.tokens import sign_address, verify_address
 
 from .harness import ROOT, RelayProcess, Upstream, dict_rows
@@ -215,7 +216,7 @@ def test_dsn_to_the_verp_address_is_a_permanent_bounce_and_suppresses(relay, ups
     assert bounce["bouncedRecipients"] == [{
         "emailAddress": "carol@example.org", "action": "failed", "status": "5.1.1",
         "diagnosticCode": DIAGNOSTIC.format(rcpt="carol@example.org")}]
-    assert bounce["feedbackId"].startswith(message_id)
+    assert ev.SES_ID_FORMAT.match(bounce["feedbackId"])
     assert record["mail"]["messageId"] == message_id and record["mail"]["destination"] == ["carol@example.org"]
     reason, sup_message, sup_feedback = suppressed(relay, "carol@example.org")[0]
     assert (reason, sup_message, sup_feedback) == ("BOUNCE", message_id, bounce["feedbackId"])

@@ -108,12 +108,12 @@ def test_a_suppressed_recipient_is_bounced_at_acceptance_and_the_other_is_relaye
     assert added.returncode == 0, added.stderr
     message_id = send(relay, ("ok@example.org", "blocked@example.org"), "marketing")
     upstream.wait_for(1)
-    wait_until(lambda: len(message_events(relay, message_id)) == 4, what="4 events")
+    wait_until(lambda: len(message_events(relay, message_id)) == 3, what="3 events")
     assert [(m.rcpt_tos) for m in upstream.messages] == [["ok@example.org"]]
     assert "blocked@example.org" not in upstream.handler.rcpts  # never even offered upstream
     got = message_events(relay, message_id)
     assert [(t, r) for t, r, _ in got if t in ("Send", "Bounce")] == [
-        ("Send", "ok@example.org"), ("Send", "blocked@example.org"), ("Bounce", "blocked@example.org")]
+        ("Send", None), ("Bounce", "blocked@example.org")]  # one Send per message (SES's)
     assert [(t, r) for t, r, _ in got if t == "Delivery"] == [("Delivery", "ok@example.org")]
     bounce = next(rec for t, _, rec in got if t == "Bounce")
     send_record = next(rec for t, _, rec in got if t == "Send")
@@ -129,7 +129,7 @@ def test_a_suppressed_recipient_is_bounced_at_acceptance_and_the_other_is_relaye
     assert detail["bouncedRecipients"] == [{"emailAddress": "blocked@example.org", "action": "failed",
                                             "status": "5.1.1", "diagnosticCode": ev.SUPPRESSED_DIAGNOSTIC}]
     assert detail["reportingMTA"] == "dsn; relay.test"
-    assert detail["feedbackId"].startswith(message_id)
+    assert ev.SES_ID_FORMAT.match(detail["feedbackId"])
     assert detail["timestamp"] == bounce["mail"]["timestamp"]  # at acceptance, as SES does
     assert rows(relay, "SELECT recipient, state, attempts FROM recipients WHERE message_id = ? ORDER BY position",
                 message_id) == [("ok@example.org", "delivered", 1), ("blocked@example.org", "bounced", 0)]
@@ -151,7 +151,7 @@ def test_a_message_whose_recipients_are_all_suppressed_is_accepted_and_final(rel
         ("b@example.org", "bounced", "not sent: on the suppression list (UNSUBSCRIBE)")]
     assert rows(relay, "SELECT COUNT(*) FROM spool WHERE message_id = ?", message_id) == [(0,)]
     assert [(t, r) for t, r, _ in message_events(relay, message_id)] == [
-        ("Send", "A@example.org"), ("Send", "b@example.org"), ("Bounce", "A@example.org"),
+        ("Send", None), ("Bounce", "A@example.org"),
         ("Bounce", "b@example.org")]
     send(relay, ("ok@example.org",))  # the relay goes on as usual
     upstream.wait_for(1)

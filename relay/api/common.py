@@ -49,6 +49,15 @@ def invalid(value: object, where: str, constraint: str) -> SesError:
     return SesError("ValidationError", validation_message(value, where, constraint))
 
 
+def structure(value: object, where: str) -> dict:
+    """A structure member of a JSON request: absent is empty, anything but an object is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(value, where, "Member must be a structure")
+    return value
+
+
 def required(value: object, where: str) -> object:
     if value is None or value == "":
         raise SesError("ValidationError", f"1 validation error detected: Value null at '{where}' failed to satisfy"

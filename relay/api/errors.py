@@ -25,10 +25,15 @@ V2_SHAPES = {
     "TrackingOptionsAlreadyExists": "AlreadyExistsException",
     "LimitExceeded": "LimitExceededException",
     "TooManyRequests": "TooManyRequestsException",
+    "TemplateDoesNotExist": "NotFoundException",
+    "AlreadyExists": "AlreadyExistsException",
 }
 V2_STATUS = {"NotFoundException": 404, "AlreadyExistsException": 400, "LimitExceededException": 400,
              "BadRequestException": 400, "TooManyRequestsException": 429, "ConcurrentModificationException": 500,
-             "UnknownOperationException": 404, "InternalFailure": 500, "InvalidNextTokenException": 400}
+             "UnknownOperationException": 404, "InternalFailure": 500, "InvalidNextTokenException": 400,
+             "MessageRejected": 400, "ServiceUnavailable": 503}
+# v1 codes that are not the client's fault (all others are 400 Sender)
+V1_STATUS = {"ServiceUnavailable": 503}
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,9 @@ class WireError:
     sender: bool = True  # v1 <Type>: Sender (the client's fault) or Receiver
 
 
-def v1_error(code: str, message: str, status: int = 400) -> WireError:
+def v1_error(code: str, message: str, status: int | None = None) -> WireError:
     """A relay/sets.py or auth code as SES v1 sends it (all modelled errors are 400 Sender)."""
+    status = status or V1_STATUS.get(code, 400)
     return WireError(status, V1_CODES.get(code, code), message, status < 500)
 
 

@@ -20,12 +20,13 @@ from aiohttp import web
 from relay.api import sigv4, v1, v2
 from relay.api.common import Context
 from relay.api.errors import WireError, v1_error, v2_error
+from relay.api.send import Plan, Result
+from relay.api.sending import Sender
 from relay.config import Config
 from relay.sets import SesError
 from relay.store import Store
 
 log = logging.getLogger("relay.api")
-MAX_BODY = 1024 * 1024
 INTERNAL = WireError(500, "InternalFailure", "The request processing has failed because of an unknown error.", False)
 
 
@@ -56,8 +57,9 @@ class ApiServer:
     """Started by `Relay.start` when [[api.access_keys]] are configured. `config` is a callable, so a
     reloaded configuration (SIGHUP: keys, ARN mappings, sets) applies to the next request."""
 
-    def __init__(self, config: Callable[[], Config], store: Store):
+    def __init__(self, config: Callable[[], Config], store: Store, sender: Sender | None = None):
         self._config, self.store = config, store
+        self.sender = sender  # the sending operations' way into the pipeline; None: they are refused
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -66,7 +68,7 @@ class ApiServer:
         if not api.enabled:
             log.info("management API disabled: no [[api.access_keys]] in the configuration")
             return
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=api.max_body)  # a Raw message at its limit, encoded
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -97,24 +99,41 @@ class ApiServer:
                                   cfg.api.regions, cfg.api.max_skew)
         except sigv4.AuthError as exc:
             log.warning("api %s %s refused: %s (%s)", request.method, path, exc.code, request.remote)
-            err = WireError(exc.status, exc.code, exc.message)
+            # SES v2 names an unknown key (or a session token relay never issued) otherwise than v1
+            code = "UnrecognizedClientException" if protocol == "v2" and exc.code == "InvalidClientTokenId" \
+                else exc.code
+            err = WireError(exc.status, code, exc.message)
             return error_response(protocol, err, request_id)
         ctx = Context(cfg, self.store)
+        client = request.remote or ""
         if protocol == "v2":
-            return await self._v2(ctx, request.method, path, query, body, request_id, key_id)
+            return await self._v2(ctx, request.method, path, query, body, request_id, key_id, client)
         params = parse_qsl(body.decode("utf-8", "replace") if request.method == "POST" else query,
                            keep_blank_values=True)
-        return await self._v1(ctx, params, request_id, key_id)
+        return await self._v1(ctx, params, request_id, key_id, client)
+
+    async def _send(self, ctx: Context, plan_of: Callable[[], Plan], key_id: str, client: str
+                    ) -> tuple[Plan, list[Result]]:
+        """A sending operation: planned in a worker thread (decoding, rendering, MIME), then sent."""
+        if self.sender is None:
+            raise SesError("ServiceUnavailable", "This relay does not send through the API.")
+        plan = await asyncio.to_thread(plan_of)
+        return plan, await self.sender.send(plan, key_id, client)
 
     async def _v2(self, ctx: Context, method: str, path: str, query: str, body: bytes, request_id: str,
-                  key_id: str) -> web.Response:
+                  key_id: str, client: str) -> web.Response:
         found = v2.route(method, path)
         if found is None:
             err = WireError(404, "UnknownOperationException", f"No operation at {method} {path}.")
             return error_response("v2", err, request_id)
         op, params = found
         try:
-            data = await asyncio.to_thread(v2.dispatch, ctx, op, params, query, body)
+            if op in v2.SEND_PLANS:
+                plan, results = await self._send(ctx, lambda: v2.SEND_PLANS[op](ctx, v2.parse_body(body)), key_id,
+                                                 client)
+                data = v2.send_response(plan, results)
+            else:
+                data = await asyncio.to_thread(v2.dispatch, ctx, op, params, query, body)
         except SesError as exc:
             log.info("api %s by %s: %s", op, key_id, exc.code)
             return error_response("v2", v2_error(exc.code, exc.message), request_id)
@@ -124,13 +143,18 @@ class ApiServer:
         log.info("api %s by %s: ok", op, key_id)
         return _json_response(200, data, request_id)
 
-    async def _v1(self, ctx: Context, params: list[tuple[str, str]], request_id: str, key_id: str) -> web.Response:
+    async def _v1(self, ctx: Context, params: list[tuple[str, str]], request_id: str, key_id: str,
+                  client: str) -> web.Response:
         action = v1.action_of(params)
-        if action not in v1.ACTIONS:
+        if action not in v1.ACTIONS and action not in v1.SEND_PLANS:
             err = v1_error("InvalidAction", f"The action {action} is not valid for this web service.")
             return error_response("v1", err, request_id)
         try:
-            inner = await asyncio.to_thread(v1.dispatch, ctx, action, params)
+            if action in v1.SEND_PLANS:
+                plan, results = await self._send(ctx, lambda: v1.send_plan(ctx, action, params), key_id, client)
+                inner = v1.send_response(plan, results)
+            else:
+                inner = await asyncio.to_thread(v1.dispatch, ctx, action, params)
         except SesError as exc:
             log.info("api %s by %s: %s", action, key_id, exc.code)
             return error_response("v1", v1_error(exc.code, exc.message), request_id)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from xml.sax.saxutils import escape
 
-from relay import sets
+from relay import sets, templates
+from relay.api import send
 from relay.api.common import (
     V1_EVENT_TYPES,
     V2_TO_V1,
@@ -20,13 +21,16 @@ from relay.api.common import (
     event_types,
     has_tracking_options,
     invalid,
+    key_token,
     page,
     page_size,
     required,
+    token_key,
 )
 from relay.api.common import target_fields as _target_fields
 from relay.api.errors import WireError
 from relay.core.resolve import Destination, SetDef, TrackingOptions
+from relay.core.templates import Template
 from relay.sets import SesError
 
 NAMESPACE = "http://ses.amazonaws.com/doc/2010-12-01/"
@@ -248,6 +252,84 @@ def delete_destination(ctx: Context, p: dict) -> str:
     return ""
 
 
+# --- templates ----------------------------------------------------------------------------------------------------
+
+def _template(p: dict) -> Template:
+    t = p.get("Template") if isinstance(p.get("Template"), dict) else {}
+    name = str(required(t.get("TemplateName"), "template.templateName"))
+    return Template(name, t.get("SubjectPart") or None, t.get("TextPart") or None, t.get("HtmlPart") or None)
+
+
+def create_template(ctx: Context, p: dict) -> str:
+    templates.create(ctx.config, ctx.store, _template(p))
+    return ""
+
+
+def update_template(ctx: Context, p: dict) -> str:
+    templates.update(ctx.config, ctx.store, _template(p))
+    return ""
+
+
+def get_template(ctx: Context, p: dict) -> str:
+    t = templates.get(ctx.store, str(required(p.get("TemplateName"), "templateName")))
+    parts = [_el("TemplateName", t.name)] + [_el(tag, v) for tag, v in (
+        ("SubjectPart", t.subject), ("TextPart", t.text), ("HtmlPart", t.html)) if v is not None]
+    return f"<Template>{''.join(parts)}</Template>"
+
+
+def delete_template(ctx: Context, p: dict) -> str:
+    try:  # v1 models no error for a template that is not there
+        templates.delete(ctx.store, str(required(p.get("TemplateName"), "templateName")))
+    except SesError as exc:
+        if exc.code != "TemplateDoesNotExist":
+            raise
+    return ""
+
+
+def list_templates(ctx: Context, p: dict) -> str:
+    size = page_size(p.get("MaxItems"), "maxItems")
+    token = p.get("NextToken") or None
+    rows = templates.listing(ctx.store, token_key(token) if token else None, size + 1)
+    items = "".join(f"<member>{_el('Name', n)}{_el('CreatedTimestamp', t)}</member>" for n, t in rows[:size])
+    out = f"<TemplatesMetadata>{items}</TemplatesMetadata>" if items else "<TemplatesMetadata/>"
+    return out + (_el("NextToken", key_token(rows[size - 1][0])) if len(rows) > size else "")
+
+
+def test_render(ctx: Context, p: dict) -> str:
+    template = templates.get(ctx.store, str(required(p.get("TemplateName"), "templateName")))
+    rendered = templates.render(template, str(required(p.get("TemplateData"), "templateData")))
+    return _el("RenderedTemplate", templates.rendered_message(ctx.config, rendered))
+
+
+# --- sending: planned in a worker thread, sent by the server through the pipeline ------------------------------
+
+SEND_PLANS: dict[str, Callable[[Context, dict], send.Plan]] = {
+    "SendEmail": send.v1_send_email, "SendRawEmail": send.v1_send_raw,
+    "SendTemplatedEmail": send.v1_send_templated, "SendBulkTemplatedEmail": send.v1_send_bulk_templated,
+}
+
+
+def send_plan(ctx: Context, action: str, params: list[tuple[str, str]]) -> send.Plan:
+    return SEND_PLANS[action](ctx, unflatten([(k, v) for k, v in params if k not in ("Action", "Version")]))
+
+
+def send_response(plan: send.Plan, results: list[send.Result]) -> str:
+    """`<MessageId>` (or the error, raised); SendBulkTemplatedEmail's status per destination."""
+    if not plan.bulk:
+        if results[0].error is not None:
+            raise results[0].error
+        return _el("MessageId", results[0].message_id)
+    members = []
+    for r in results:
+        parts = [_el("Status", send.BULK_STATUS_V1[send.bulk_status(r.error)])]
+        if r.error is not None:
+            parts.append(_el("Error", r.error.message))
+        if r.message_id:
+            parts.append(_el("MessageId", r.message_id))
+        members.append(f"<member>{''.join(parts)}</member>")
+    return f"<Status>{''.join(members)}</Status>"
+
+
 ACTIONS: dict[str, Callable[[Context, dict], str]] = {
     "CreateConfigurationSet": create_set, "DescribeConfigurationSet": describe_set,
     "ListConfigurationSets": list_sets, "DeleteConfigurationSet": delete_set,
@@ -257,6 +339,8 @@ ACTIONS: dict[str, Callable[[Context, dict], str]] = {
     "CreateConfigurationSetEventDestination": create_destination,
     "UpdateConfigurationSetEventDestination": update_destination,
     "DeleteConfigurationSetEventDestination": delete_destination,
+    "CreateTemplate": create_template, "GetTemplate": get_template, "ListTemplates": list_templates,
+    "UpdateTemplate": update_template, "DeleteTemplate": delete_template, "TestRenderTemplate": test_render,
 }
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, parse_qsl, unquote
 
-from relay import sets, suppression
+from relay import sets, suppression, templates
+from relay.api import send
 from relay.api.common import (
     FEATURE_STATUS,
     HTTPS_POLICIES,
@@ -31,9 +32,11 @@ from relay.api.common import (
     token_key,
     undo_on_error,
 )
+from relay.api.common import structure as _obj
 from relay.core.events import iso_ms, ms_from_iso
 from relay.core.resolve import Destination, SetDef, TrackingOptions
 from relay.core.settings import SUPPRESSION_REASONS
+from relay.core.templates import Template
 from relay.sets import SesError
 
 _SEG = r"([^/]+)"
@@ -75,6 +78,15 @@ ROUTES: list[tuple[str, re.Pattern, str]] = [
     ("GET", re.compile(r"^/v2/email/suppression/addresses$"), "ListSuppressedDestinations"),
     ("GET", re.compile(rf"^/v2/email/suppression/addresses/{_SEG}$"), "GetSuppressedDestination"),
     ("DELETE", re.compile(rf"^/v2/email/suppression/addresses/{_SEG}$"), "DeleteSuppressedDestination"),
+    # sending and templates
+    ("POST", re.compile(r"^/v2/email/outbound-emails$"), "SendEmail"),
+    ("POST", re.compile(r"^/v2/email/outbound-bulk-emails$"), "SendBulkEmail"),
+    ("POST", re.compile(r"^/v2/email/templates$"), "CreateEmailTemplate"),
+    ("GET", re.compile(r"^/v2/email/templates$"), "ListEmailTemplates"),
+    ("GET", re.compile(rf"^/v2/email/templates/{_SEG}$"), "GetEmailTemplate"),
+    ("PUT", re.compile(rf"^/v2/email/templates/{_SEG}$"), "UpdateEmailTemplate"),
+    ("DELETE", re.compile(rf"^/v2/email/templates/{_SEG}$"), "DeleteEmailTemplate"),
+    ("POST", re.compile(rf"^/v2/email/templates/{_SEG}/render$"), "TestRenderEmailTemplate"),
 ]
 
 
@@ -116,14 +128,14 @@ def destination_json(d: Destination) -> dict:
     return data
 
 
-def set_json(s: SetDef, default_host: str) -> dict:
+def set_json(s: SetDef) -> dict:
     data: dict = {"ConfigurationSetName": s.name}
     t = s.tracking
     if t.custom_redirect_domain or t.https_policy:
-        # CustomRedirectDomain is required in the shape: without its own, the set uses relay's default host.
-        data["TrackingOptions"] = {"CustomRedirectDomain": t.custom_redirect_domain or default_host}
-        if t.https_policy:
-            data["TrackingOptions"]["HttpsPolicy"] = t.https_policy
+        # What was put, and only that: a set given only an HttpsPolicy has no domain of its own (it uses relay's
+        # default host), and showing that host as its CustomRedirectDomain would have a client write it back.
+        data["TrackingOptions"] = {k: v for k, v in (("CustomRedirectDomain", t.custom_redirect_domain),
+                                                     ("HttpsPolicy", t.https_policy)) if v}
     if t.open_tracking is not None and t.open_tracking == t.click_tracking:
         status = "ENABLED" if t.open_tracking else "DISABLED"
         data["VdmOptions"] = {"DashboardOptions": {"EngagementMetrics": status}}
@@ -133,14 +145,6 @@ def set_json(s: SetDef, default_host: str) -> dict:
 
 
 # --- input ----------------------------------------------------------------------------------------------------
-
-def _obj(value: object, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid(value, where, "Member must be a structure")
-    return value
-
 
 def _tracking(body: dict, where: str) -> tuple[TrackingOptions, frozenset[str]]:
     """(options given, fields cleared): PutConfigurationSetTrackingOptions replaces the set's options."""
@@ -224,7 +228,7 @@ def create_set(ctx: Context, call: Call) -> dict:
 
 
 def get_set(ctx: Context, call: Call) -> dict:
-    return set_json(ctx.model_set(call.params[0]), ctx.config.tracking.default_host)
+    return set_json(ctx.model_set(call.params[0]))
 
 
 def list_sets(ctx: Context, call: Call) -> dict:
@@ -386,6 +390,76 @@ def list_suppressed(ctx: Context, call: Call) -> dict:
     return out
 
 
+# --- templates ----------------------------------------------------------------------------------------------------
+
+def _template(name: str, body: dict) -> Template:
+    content = _obj(required(body.get("TemplateContent"), "templateContent"), "templateContent")
+    return Template(name, content.get("Subject"), content.get("Text"), content.get("Html"))
+
+
+def create_template(ctx: Context, call: Call) -> dict:
+    name = str(required(call.body.get("TemplateName"), "templateName"))
+    templates.create(ctx.config, ctx.store, _template(name, call.body))
+    return {}
+
+
+def get_template(ctx: Context, call: Call) -> dict:
+    t = templates.get(ctx.store, call.params[0])
+    content = {k: v for k, v in (("Subject", t.subject), ("Text", t.text), ("Html", t.html)) if v is not None}
+    return {"TemplateName": t.name, "TemplateContent": content, "Tags": []}
+
+
+def list_templates(ctx: Context, call: Call) -> dict:
+    size = page_size(call.query.get("PageSize"), "pageSize")
+    token = call.query.get("NextToken")
+    rows = templates.listing(ctx.store, token_key(token, "BadRequestException") if token else None, size + 1)
+    out: dict = {"TemplatesMetadata": [{"TemplateName": n, "CreatedTimestamp": _epoch(t)} for n, t in rows[:size]]}
+    if len(rows) > size:
+        out["NextToken"] = key_token(rows[size - 1][0])
+    return out
+
+
+def update_template(ctx: Context, call: Call) -> dict:
+    templates.update(ctx.config, ctx.store, _template(call.params[0], call.body))
+    return {}
+
+
+def delete_template(ctx: Context, call: Call) -> dict:
+    templates.delete(ctx.store, call.params[0])
+    return {}
+
+
+def test_render(ctx: Context, call: Call) -> dict:
+    data = required(call.body.get("TemplateData"), "templateData")
+    rendered = templates.render(templates.get(ctx.store, call.params[0]), str(data))
+    return {"RenderedTemplate": templates.rendered_message(ctx.config, rendered)}
+
+
+# --- sending: planned in a worker thread, sent by the server through the pipeline ------------------------------
+
+SEND_PLANS: dict[str, Callable[[Context, dict], send.Plan]] = {
+    "SendEmail": send.v2_send_email, "SendBulkEmail": send.v2_send_bulk,
+}
+
+
+def send_response(plan: send.Plan, results: list[send.Result]) -> dict:
+    """SendEmail's MessageId (or its error, raised), SendBulkEmail's result per entry."""
+    if not plan.bulk:
+        result = results[0]
+        if result.error is not None:
+            raise result.error
+        return {"MessageId": result.message_id}
+    entries = []
+    for r in results:
+        entry: dict = {"Status": send.bulk_status(r.error)}
+        if r.error is not None:
+            entry["Error"] = r.error.message
+        if r.message_id:
+            entry["MessageId"] = r.message_id
+        entries.append(entry)
+    return {"BulkEmailEntryResults": entries}
+
+
 HANDLERS: dict[str, Handler] = {
     "CreateConfigurationSet": create_set, "GetConfigurationSet": get_set, "ListConfigurationSets": list_sets,
     "DeleteConfigurationSet": delete_set, "PutConfigurationSetTrackingOptions": put_tracking,
@@ -398,4 +472,7 @@ HANDLERS: dict[str, Handler] = {
     "PutConfigurationSetSuppressionOptions": put_set_suppression, "PutSuppressedDestination": put_suppressed,
     "GetSuppressedDestination": get_suppressed, "DeleteSuppressedDestination": delete_suppressed,
     "ListSuppressedDestinations": list_suppressed,
+    "CreateEmailTemplate": create_template, "GetEmailTemplate": get_template, "ListEmailTemplates": list_templates,
+    "UpdateEmailTemplate": update_template, "DeleteEmailTemplate": delete_template,
+    "TestRenderEmailTemplate": test_render,
 }

@@ -7,8 +7,11 @@ object. Times are passed in (milliseconds since the epoch) so these functions st
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +20,8 @@ from datetime import UTC, datetime
 from relay.core.headers import HeaderField, common_headers
 
 SES_ID_PREFIX = "0100"
+# An SES message id (and feedbackId): 16 hex digits (a prefix and the time in ms), a UUID, -000000
+SES_ID_FORMAT = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}-000000$")
 HEADERS_LIMIT = 10 * 1024  # SES truncates mail.headers beyond 10 KB
 
 SEND, REJECT, BOUNCE, COMPLAINT, DELIVERY = "Send", "Reject", "Bounce", "Complaint", "Delivery"
@@ -73,6 +78,7 @@ class MailFacts:
     caller_identity: str = ""
     account_id: str = "000000000000"
     region: str = "local"
+    operation: str = "SendSmtpEmail"  # ses:operation: SMTP, or the API operation (SendEmail, SendRawEmail, ...)
 
 
 def mail_object(facts: MailFacts) -> dict:
@@ -93,7 +99,7 @@ def mail_object(facts: MailFacts) -> dict:
         tags["ses:from-domain"] = [facts.from_domain]
     if facts.caller_identity:
         tags["ses:caller-identity"] = [facts.caller_identity]
-    tags["ses:operation"] = ["SendSmtpEmail"]
+    tags["ses:operation"] = [facts.operation]
     for name, values in facts.tags.items():
         tags[name] = list(values)
     identity = facts.from_domain or facts.source.rpartition("@")[2]
@@ -160,8 +166,22 @@ def bounce_record(
 
 
 def feedback_id(message_id: str, now_ms: int) -> str:
-    """A feedbackId: unique per bounce or complaint report, tied to the message."""
-    return f"{message_id}-{now_ms:x}"
+    """A feedbackId in SES's format, the message id's (`0100` + 12-hex milliseconds, a UUID, `-000000`): unique per
+    bounce or complaint report, and the same for the same message and moment (a retried write records one id)."""
+    digest = hashlib.sha256(f"{message_id}|{now_ms}".encode()).digest()[:16]
+    return mint_message_id(now_ms, uuid.UUID(bytes=digest, version=4))
+
+
+def with_outgoing_ip(mail: dict, mail_text: str | None, ip: str) -> tuple[dict, str | None]:
+    """The mail object of a Delivery, with SES's `ses:outgoing-ip` tag (the address relay delivered from), and its
+    JSON: the message's stored JSON with the tag spliced in at the end of `tags` (mail_object writes tags last),
+    rather than the whole object encoded again for every copy."""
+    if not ip:
+        return mail, mail_text
+    tagged = {**mail, "tags": {**mail.get("tags", {}), "ses:outgoing-ip": [ip]}}
+    if mail_text is None or not mail_text.endswith("]}}") or list(mail)[-1] != "tags":
+        return tagged, None
+    return tagged, f'{mail_text[:-2]},"ses:outgoing-ip":{json.dumps([ip])}}}}}'
 
 
 SUPPRESSED_DIAGNOSTIC = ("Amazon SES did not send the message to this address because it is on the suppression list"
@@ -274,6 +294,13 @@ def click_record(
         "linkTags": {k: list(v) for k, v in link_tags.items()},
     }
     return record(CLICK, mail, detail)
+
+
+def rendering_failure_record(mail: dict, template: str, error_message: str) -> dict:
+    """A Rendering Failure: the message was not sent. SES's record has no headers or commonHeaders (none were
+    written)."""
+    bare = {k: v for k, v in mail.items() if k not in ("headers", "commonHeaders")}
+    return record(RENDERING_FAILURE, bare, {"errorMessage": error_message, "templateName": template})
 
 
 def ms_from_iso(text: str) -> int:

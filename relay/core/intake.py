@@ -4,7 +4,10 @@
 - every X-SES-* field is removed from the header block (SES does the same) but kept for events' mail.headers;
 - X-SES-CONFIGURATION-SET and X-SES-MESSAGE-TAGS are read and validated (HeaderError on bad input);
 - a Message-ID is added only when the client sent none (threading depends on the client's own), and not to a
-  message that is itself a signed, encrypted or wrapped container (relay treats it as sealed);
+  message that is itself a signed, encrypted or wrapped container (relay treats it as sealed); it is relay's,
+  not the client's, so it stays out of the event's mail.headers (commonHeaders.messageId is then SES's id);
+- a Date is added, on the same terms, when the client sent none: RFC 5322 requires one, and a submission
+  agent adds it (RFC 6409 8.2); the events' mail.headers and commonHeaders show it;
 - optionally a Received trace field is prepended, as every MTA does.
 """
 
@@ -47,7 +50,9 @@ class Intake:
     subject: str | None
 
 
-def intake(raw: bytes, mail_from: str, relay_message_id: str, hostname: str, received: str | None = None) -> Intake:
+def intake(raw: bytes, mail_from: str, relay_message_id: str, hostname: str, received: str | None = None,
+           date: str | None = None) -> Intake:
+    """`date`: the Date value (RFC 5322 form) given to a message that has none; None adds no Date."""
     block = split_header_block(to_crlf(raw))
     if block.fields and not block.fields[-1].raw.endswith(b"\r\n"):
         last = block.fields[-1]  # a message that ends inside its header block
@@ -55,10 +60,12 @@ def intake(raw: bytes, mail_from: str, relay_message_id: str, hostname: str, rec
     original = list(block.fields)
     control = extract_ses_control(block)
     mid = block.get("message-id")
+    if date is not None and block.get("date") is None and not sealed(block):
+        block.fields.append(HeaderField("Date", f"Date: {date}\r\n".encode("ascii")))
+        original.append(block.fields[-1])
     if mid is None and not sealed(block):
         value = f"<{relay_message_id}@{hostname}>"
         block.fields.append(HeaderField("Message-ID", f"Message-ID: {value}\r\n".encode("ascii")))
-        original.append(block.fields[-1])
     if received:
         block.fields.insert(0, HeaderField("Received", received.encode("utf-8") + b"\r\n"))
     if not block.separator and not block.body:
@@ -98,7 +105,7 @@ def sealed(block: HeaderBlock) -> bool:
 
 def mail_facts(item: Intake, *, message_id: str, now_ms: int, mail_from: str, recipients: list[str],
                source_ip: str = "", caller_identity: str = "", account_id: str = "000000000000",
-               region: str = "local") -> MailFacts:
+               region: str = "local", operation: str = "SendSmtpEmail") -> MailFacts:
     return MailFacts(
         message_id=message_id,
         timestamp_ms=now_ms,
@@ -112,4 +119,5 @@ def mail_facts(item: Intake, *, message_id: str, now_ms: int, mail_from: str, re
         caller_identity=caller_identity,
         account_id=account_id,
         region=region,
+        operation=operation,
     )

@@ -108,16 +108,17 @@ def funnel_hours(conn, scope: Scope, hours: list[tuple[str, str]]) -> list[tuple
 
 
 def domain_rows(conn, scope: Scope, since_day: str, until_day: str, sample: int) -> list[dict]:
-    """Per recipient domain, what became of the newest `sample` copies sent from `since_day` to `until_day`:
+    """Per recipient domain, what became of the copies of the newest `sample` messages accepted from `since_day`
+    to `until_day` (a message's copies are its recipients; one Send event stands for all of them):
     copies sent, delivered, bounced, complained, opened (by anyone, by a person: a human or proxy open, or a
     human click) and clicked (by anyone, by a person). Counted per copy, so a copy opened twice is one."""
     where, params = _set_clause(scope)
     d = conn.dialect
     human = ("(e.type = 'Open' AND v.verdict IN ('human', 'proxy')) OR (e.type = 'Click' AND v.verdict = 'human')")
     return dicts(conn.execute(f"""
-        WITH sent AS (SELECT id FROM events WHERE substr(time, 1, 10) >= ? AND substr(time, 1, 10) <= ?{where}
-                      AND type = 'Send' ORDER BY substr(time, 1, 10) DESC, id DESC LIMIT ?),
-             copies AS (SELECT message_id, recipient FROM events WHERE id IN (SELECT id FROM sent))
+        WITH sent AS (SELECT id FROM messages WHERE substr(received_at, 1, 10) >= ?
+                      AND substr(received_at, 1, 10) <= ?{where} ORDER BY received_at DESC LIMIT ?),
+             copies AS (SELECT message_id, recipient FROM recipients WHERE message_id IN (SELECT id FROM sent))
         SELECT {_domain_of(conn, 'c.recipient')} AS domain,
             COUNT(DISTINCT c.message_id || ' ' || c.recipient) AS sent,
             COUNT(DISTINCT CASE WHEN e.type = 'Delivery' THEN {_COPY} END) AS delivered,
@@ -190,10 +191,15 @@ def find_messages(conn, *, recipient: str | None = None, message_id: str | None 
                                  " WHERE message_id = ? GROUP BY message_id", (wanted,)).fetchall()
     elif recipient:
         addresses = tuple(dict.fromkeys([recipient.strip(), recipient.strip().lower()]))
-        found = conn.execute(
-            f"SELECT message_id, time, configuration_set FROM events WHERE recipient IN"
-            f" ({','.join('?' * len(addresses))}) AND type = 'Send'{''.join(window[0])}"
-            " ORDER BY time DESC LIMIT ?", [*addresses, *window[1], limit]).fetchall()
+        marks = ",".join("?" * len(addresses))
+        found = conn.execute(  # the message records' recipients, then the events of records already purged
+            f"SELECT m.id, m.received_at, m.configuration_set FROM recipients r JOIN messages m ON m.id = r.message_id"
+            f" WHERE r.recipient IN ({marks}){''.join(window[0]).replace('time', 'm.received_at')}"
+            " ORDER BY m.received_at DESC LIMIT ?", [*addresses, *window[1], limit]).fetchall()
+        found += conn.execute(
+            f"SELECT message_id, MIN(time), MIN(configuration_set) FROM events WHERE recipient IN ({marks})"
+            f" AND type IN ('Delivery', 'Bounce', 'DeliveryDelay'){''.join(window[0])}"
+            " GROUP BY message_id ORDER BY MIN(time) DESC LIMIT ?", [*addresses, *window[1], limit]).fetchall()
     elif subject:
         found = conn.execute(
             "SELECT id, received_at, configuration_set FROM messages WHERE lower(subject) LIKE ? ESCAPE '\\'"
@@ -202,7 +208,7 @@ def find_messages(conn, *, recipient: str | None = None, message_id: str | None 
     else:
         found = conn.execute(
             f"SELECT message_id, time, configuration_set FROM events WHERE type = 'Send'{''.join(window[0])}"
-            " ORDER BY time DESC LIMIT ?", [*window[1], limit * 20]).fetchall()  # a message has a Send per copy
+            " ORDER BY time DESC LIMIT ?", [*window[1], limit]).fetchall()  # one Send per message
     return _decorated(conn, found, limit)
 
 

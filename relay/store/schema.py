@@ -276,11 +276,24 @@ _POSTGRES_POSITIONS = [
     "CREATE INDEX events_set_tx ON events (configuration_set, tx, id)",
 ]
 
+# SES's email templates (CreateTemplate / CreateEmailTemplate): the parts as given, rendered at send time.
+_TEMPLATES = [
+    """CREATE TABLE email_templates (
+        name TEXT PRIMARY KEY,
+        subject TEXT,
+        text_part TEXT,
+        html_part TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )""",
+]
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "baseline: messages, queue, events, verdicts, configuration, suppression, reports, rollups",
               lambda d: [render(s, d) for s in BASELINE] + (_POSTGRES_EXTRA if d.postgres else [])),
     Migration(2, "several nodes: queue leases, destination positions in commit order",
               lambda d: [render(s, d) for s in _LEASES_AND_POSITIONS] + (_POSTGRES_POSITIONS if d.postgres else [])),
+    Migration(3, "email templates (the sending API)", lambda d: [render(s, d) for s in _TEMPLATES]),
 ]
 LATEST = MIGRATIONS[-1].version
 

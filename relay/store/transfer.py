@@ -23,7 +23,7 @@ TABLES = ("messages", "spool", "recipients", "message_warnings", "events", "trac
           "configuration_sets", "tracking_options", "identity_sets", "event_destinations", "destination_cursors",
           "destination_failures", "suppressed_destinations", "suppression_options", "inbound_reports",
           "funnel_rollup", "link_rollup", "recipient_rollup", "configuration_version", "funnel_rollup_mark",
-          "recipient_rollup_mark")
+          "recipient_rollup_mark", "email_templates")
 SINGLETONS = ("configuration_version", "funnel_rollup_mark", "recipient_rollup_mark")
 IDENTITIES = ("events", "inbound_reports")  # tables whose ids PostgreSQL assigns: their sequences move on
 COPY_BATCH = 5000
