@@ -577,6 +577,7 @@ class Recorder:
 
 _BACKLOG = 1024  # connections the kernel queues while the listener is at its cap or busy
 _LOG_INTERVAL = 60.0  # seconds between two messages about the cap or failed accepts: a flood must not flood the log
+_SETTLE_S = 0.05  # the longest the cap waits for starting connections to settle (a TLS handshake may not)
 _ACCEPT_RETRY = 0.5  # seconds without accepting after accept() failed for want of descriptors (as nginx)
 
 
@@ -636,7 +637,14 @@ class _Server(web.Server):
                 continue
             self.open += 1
             try:
-                while self.open > self.cap and not self._make_room():
+                while self.open > self.cap:
+                    if self._starting:  # sockets accepted but not set up yet (a client may have gone already,
+                        # a port probe): let them settle before closing a connection that is only starting
+                        await asyncio.wait(set(self._starting), timeout=_SETTLE_S)
+                        if self.open <= self.cap:
+                            break
+                    if self._make_room():
+                        break
                     self._room.clear()
                     await self._room.wait()
             except asyncio.CancelledError:  # stopping
