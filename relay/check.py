@@ -105,9 +105,19 @@ def _files_read(cfg: Config) -> list[Need]:
 # --- can the service user reach them ------------------------------------------------------------------------
 
 def access_problems(items: list[Need], account: Account | None = None) -> list[str]:
-    """One line per path `account` (None: this process, with its ACLs and read-only mounts) cannot use."""
+    """One line per path `account` (None: this process, with its ACLs and read-only mounts) cannot use; a
+    path inside a folder already reported is not reported again (the data folder's files)."""
     who = account.name if account else Account.current().name
-    return [p for p in (_access_problem(n, account, who) for n in items) if p]
+    problems: list[str] = []
+    failed: list[Path] = []
+    for need in items:
+        if any(need.path.is_relative_to(folder) for folder in failed):
+            continue
+        problem = _access_problem(need, account, who)
+        if problem:
+            problems.append(problem)
+            failed.append(need.path)
+    return problems
 
 
 def _access_problem(need: Need, account: Account | None, who: str) -> str | None:

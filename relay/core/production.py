@@ -57,10 +57,11 @@ class Owner:
 
 def permits(owner: Owner, uid: int, gids: frozenset[int], want: int) -> bool:
     """Whether a process of `uid` in groups `gids` may do `want` (READ | WRITE | ENTER) to a path, by its bits
-    alone, as the kernel decides: root reads and writes anything and enters what anyone may enter; everyone
-    else is judged by exactly one class (owner, else group, else others), not the most generous one."""
-    if uid == 0:
-        return not (want & ENTER) or bool(owner.mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
+    alone, as the kernel decides: root reads and writes anything and enters any folder; everyone else is
+    judged by exactly one class (owner, else group, else others), not the most generous one."""
+    if uid == 0:  # a folder root always enters; a file it executes only when someone may
+        executable = stat.S_ISDIR(owner.mode) or bool(owner.mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
+        return not (want & ENTER) or executable
     if uid == owner.uid:
         bits = owner.mode
     elif owner.gid in gids:
