@@ -171,8 +171,8 @@ def next_steps(s: Setup, relay_command: str) -> list[str]:
         f"Serve https://{s.tracking_host}/ from a reverse proxy that forwards to 127.0.0.1:8080 (docs/tracking.md).",
         f"Check the configuration as the service will use it: {relay_command} check --production --config "
         f"{s.config_file}{as_user}",
-        "Install and start the unit: install -m 0644 systemd/relay.service /etc/systemd/system/ && "
-        "systemctl daemon-reload && systemctl enable --now relay (docs/operating.md).",
+        "Install the unit from the source (systemd/relay.service) into /etc/systemd/system/, then systemctl"
+        " daemon-reload && systemctl enable --now relay (docs/operating.md, \"The systemd unit\").",
         f"Point your applications at SMTP {s.smtp_listen} with the header X-SES-CONFIGURATION-SET: marketing.",
         f"Back up {s.config_dir} (the keys) and the database under {s.data_dir} (docs/operating.md, \"Backups\").",
     ]
