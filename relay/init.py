@@ -38,11 +38,19 @@ def init_command(args: argparse.Namespace) -> int:
     except InitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    command = shutil.which("relay") or "relay"
+    command = _this_command()
     print(f"wrote {setup.config_file}, {setup.dkim_key} and {setup.tracking_keys}\n")
     print("DNS records to publish:\n" + "\n".join(dns_records(setup, record)) + "\n")
     print("Next steps:\n" + "\n".join(next_steps(setup, command)))
     return 0
+
+
+def _this_command() -> str:
+    """How the operator ran relay (/opt/relay/venv/bin/relay), for the commands the next steps show."""
+    invoked = Path(sys.argv[0])
+    if invoked.name == "relay" and invoked.is_absolute():
+        return str(invoked)
+    return shutil.which("relay") or "relay"
 
 
 # --- what was asked --------------------------------------------------------------------------------------------
