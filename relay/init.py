@@ -63,9 +63,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
         raise InitError(f"--tracking-host: {tracking_host} is a loopback name: recipients could not reach it")
     if not all(c.isalnum() or c in "-_" for c in args.selector):
         raise InitError(f"--selector: {args.selector!r}: letters, digits, - and _ only")
-    hostname = _domain("--hostname", args.hostname or socket.getfqdn())
-    if is_loopback_host(hostname):
-        raise InitError(f"--hostname: this machine calls itself {hostname}: give relay's public host name")
+    hostname = _hostname(args.hostname)
     host, port = _host_port("--upstream", args.upstream, DEFAULT_UPSTREAM_PORT) if args.upstream else (None, 0)
     _host_port("--smtp-listen", args.smtp_listen, None)
     return Setup(
@@ -75,6 +73,20 @@ def setup_from(args: argparse.Namespace) -> Setup:
         bounce_domain=_domain("--bounce-domain", args.bounce_domain) if args.bounce_domain else None,
         user=args.user,
     )
+
+
+def _hostname(given: str | None) -> str:
+    """relay's public name: as given, else this machine's fully qualified name when it is one."""
+    if given:
+        name = _domain("--hostname", given)
+        if is_loopback_host(name):
+            raise InitError(f"--hostname: {name} is a loopback name: give relay's public host name")
+        return name
+    name = socket.getfqdn().lower()
+    if not HOST_RE.match(name) or "." not in name or is_loopback_host(name):
+        raise InitError(f"--hostname: this machine calls itself {name!r}, not a public host name: give relay's"
+                        " with --hostname")
+    return name
 
 
 def _domain(option: str, value: str) -> str:

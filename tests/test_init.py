@@ -97,8 +97,10 @@ def test_init_never_overwrites_and_names_bad_options(tmp_path):
         f"error: {tmp_path}/etc/relay.toml exists: relay init never overwrites a configuration (move it away, or"
         " edit it)"]
     assert (tmp_path / "etc" / "dkim" / "example.com.relay1.pem").read_bytes() == key
-    for args, key_name in ((["--tracking-host", "localhost"], "--tracking-host"), (["--upstream", "a:b"], "--upstream"),
-                           (["--domain", "not a domain"], "--domain")):
+    bad = [(["--tracking-host", "localhost"], "--tracking-host"), (["--upstream", "a:b"], "--upstream"),
+           (["--domain", "not a domain"], "--domain"), (["--hostname", "relay.localhost"], "--hostname"),
+           (["--user", "no-such-user-here"], "--user")]
+    for args, key_name in bad:
         done = relay_cli("init", str(tmp_path / "other"), "--domain", "example.com", "--tracking-host",
                          "track.example.com", "--hostname", "mx.example.com", *args)
         assert done.returncode == 1 and done.stderr.startswith(f"error: {key_name}: "), done.stderr

@@ -166,8 +166,8 @@ def next_steps(s: Setup, relay_command: str) -> list[str]:
     if s.upstream_host is None:
         steps.append(f"Name your smarthost in [upstream] of {s.config_file} (type, host, port, login).")
     steps += [
-        "Publish the DNS records above; `relay dkim check --config "
-        f"{s.config_file} --domain {s.domain}` says when the DKIM record is live.",
+        f"Publish the DNS records above; `{relay_command} dkim check --config {s.config_file} --domain"
+        f" {s.domain}` says when the DKIM record is live.",
         f"Serve https://{s.tracking_host}/ from a reverse proxy that forwards to 127.0.0.1:8080 (docs/tracking.md).",
         f"Check the configuration as the service will use it: {relay_command} check --production --config "
         f"{s.config_file}{as_user}",
