@@ -168,12 +168,17 @@ def test_events_tail_since_shows_recent_history_then_follows(tmp_path):
         follow = subprocess.Popen([sys.executable, "-m", "relay.cli", *tail, "--since", "1h", "--count", "3"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-        history = [json.loads(follow.stdout.readline()) for _ in range(2)]  # shown at once, before anything new
-        assert [(r["eventType"], r["mail"]["destination"]) for r in history] == [
-            ("Send", ["ann@example.org"]), ("Delivery", ["ann@example.org"])]
-        with smtplib.SMTP("127.0.0.1", relay.smtp_port) as s:
-            s.sendmail("news@example.com", ["bob@example.org"], HTML)
-        out, err = follow.communicate(timeout=30)
+        try:
+            history = [json.loads(follow.stdout.readline()) for _ in range(2)]  # at once, before anything new
+            assert [(r["eventType"], r["mail"]["destination"]) for r in history] == [
+                ("Send", ["ann@example.org"]), ("Delivery", ["ann@example.org"])]
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port) as s:
+                s.sendmail("news@example.com", ["bob@example.org"], HTML)
+            out, err = follow.communicate(timeout=30)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
         assert follow.returncode == 0, err
         (new,) = [json.loads(line) for line in out.decode().splitlines()]
         assert (new["eventType"], new["mail"]["destination"]) == ("Send", ["bob@example.org"])
