@@ -1,7 +1,8 @@
 """The `relay` command: one function per subcommand, each calling the core or a service.
 
 Heavy modules are imported inside the subcommand that needs them, so `relay instrument` (run once per message
-by scripts) starts quickly.
+by scripts) starts quickly. What an operator can fix (a file, a port, a key) ends the command with one line
+naming it and exit status 1; the traceback is printed only with -v.
 """
 
 from __future__ import annotations
@@ -9,36 +10,85 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
+from relay import __version__
 from relay import config as config_module
+
+DESCRIPTION = ("relay: an SMTP relay for your applications' mail that tracks opens and clicks, signs with DKIM "
+               "and records every event, the way Amazon SES does.")
+EPILOG = ("Start with `relay init /etc/relay --domain example.com --tracking-host track.example.com`. Commands "
+          "that read a configuration take --config FILE, else $RELAY_CONFIG, else /etc/relay/relay.toml when it "
+          "exists. Errors are one line; -v adds the traceback.")
+CONFIG_HELP = "configuration file (default: $RELAY_CONFIG, else /etc/relay/relay.toml when it exists)"
+
+
+def print_errors(lines: list[str], kind: str = "error") -> None:
+    for line in lines:
+        print(f"{kind}: {line}", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.check import access_problems, listen_problems, needs, serve_listeners
+
+    cfg = config_module.load(args.config)
+    problems = access_problems([n for n in needs(cfg, args.config) if n.at_start])
+    problems += listen_problems(serve_listeners(cfg))
+    if problems:  # said plainly now, rather than as a traceback from deep inside the start
+        print_errors(problems)
+        return 1
     from relay.service import serve
 
     return serve(args.config)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_module.load(args.config)
-    except config_module.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 1
+    from relay.check import (
+        Account,
+        access_problems,
+        needs,
+        production_findings,
+        production_warnings,
+        reaches_beyond_loopback,
+    )
     from relay.sign import check_keys
 
-    problems = check_keys(cfg.dkim)
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
-    for warning in config_module.warnings(cfg):
-        print(f"warning: {warning}", file=sys.stderr)
-    if check_database(cfg) or problems:  # issue 6: the SQLite-held configuration too
+    try:
+        cfg = config_module.load(args.config)
+        account = Account.named(args.user) if args.user else None
+    except config_module.ConfigError as exc:
+        print_errors(exc.problems)
+        return 1
+    except LookupError as exc:
+        print_errors([f"--user: {exc}"])
+        return 1
+    errors = check_keys(cfg.dkim)
+    notes = config_module.warnings(cfg)
+    unreachable, findings = access_problems(needs(cfg, args.config), account), production_findings(cfg)
+    if args.production:
+        errors += unreachable + findings
+        notes += production_warnings(cfg)
+        if account is None and os.geteuid() == 0:
+            notes.append("--user: files were checked for root, who may read anything: --user relay checks them"
+                         " for the service user")
+    else:  # a trial on loopback keeps the example's capture upstream and localhost links without a word
+        notes += unreachable + (findings if reaches_beyond_loopback(cfg.smtp.listen_host) else [])
+    print_errors(errors)
+    print_errors(notes, "warning")
+    if check_database(cfg) or errors:
         return 1
     print(f"{args.config}: ok ({len(cfg.configuration_sets)} configuration sets)")
     return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from relay.init import init_command
+
+    return init_command(args)
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -63,8 +113,15 @@ def cmd_dkim(args: argparse.Namespace) -> int:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from relay.tracking import track_command
+    from relay.check import listen_problems, track_listeners
+    from relay.tracking import WORKER_ENV, track_command
 
+    if WORKER_ENV not in os.environ:  # a worker binds ports its parent already holds
+        cfg = config_module.load(args.config)
+        problems = listen_problems(track_listeners(cfg), reuse_port=cfg.tracking.workers > 1)
+        if problems:
+            print_errors(problems)
+            return 1
     return track_command(args)
 
 
@@ -123,7 +180,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
 
 
 def check_database(cfg) -> int:
-    """`relay check`: the database-held sets, levels and identities, and conflicts with the file."""
+    """`relay check`: the sets, levels and identities held in the database, and conflicts with the file."""
     from relay.store import has_database, open_store
 
     if not has_database(cfg.store_target):  # no database yet: identities can only name sets of the file
@@ -169,16 +226,37 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="relay", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks with errors")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a production configuration, DKIM and tracking keys; print DNS records")
+    p.add_argument("dir", help="folder for relay.toml and the keys, e.g. /etc/relay (created)")
+    p.add_argument("--domain", required=True, help="the domain your mail is sent from (its DKIM key is made)")
+    p.add_argument("--tracking-host", required=True, help="public host name of the pixel and links, e.g."
+                   " track.example.com")
+    p.add_argument("--data-dir", default="/var/lib/relay", help="database and queue (default: /var/lib/relay, the"
+                   " unit's StateDirectory)")
+    p.add_argument("--user", help="service user to own the files (when run as root), e.g. relay")
+    p.add_argument("--upstream", help="HOST[:PORT] of the smarthost relay delivers through (default port 587);"
+                   " without it mail is captured to files and `relay check --production` refuses the file")
+    p.add_argument("--smtp-listen", default="127.0.0.1:2525", help="address your applications send to"
+                   " (default: 127.0.0.1:2525)")
+    p.add_argument("--hostname", help="relay's name in greetings and Message-IDs (default: this machine's)")
+    p.add_argument("--selector", default="relay1", help="DKIM selector (default: relay1)")
+    p.add_argument("--bounce-domain", help="receive bounces and complaints at this domain (VERP)")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("serve", help="run the SMTP listener, delivery and the tracking listener")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check", help="validate a configuration file")
+    p = sub.add_parser("check", help="validate a configuration file (--production: as the systemd unit does)")
     p.add_argument("--config", required=True)
+    p.add_argument("--production", action="store_true", help="refuse what cannot serve real mail: a capture"
+                   " upstream, loopback tracking hosts, files the service user cannot use")
+    p.add_argument("--user", help="check file access for this user (the service user) instead of the caller")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("passwd", help="hash an SMTP password (read from standard input) for smtp.users")
@@ -186,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("instrument", help="dry run: instrument a message from stdin as relay would deliver it")
     p.add_argument("--config", required=True)
-    p.add_argument("--config-set", required=True)
-    p.add_argument("--recipient", required=True)
+    p.add_argument("--config-set", help="default: the message's X-SES-CONFIGURATION-SET, else its sender's"
+                   " default set")
+    p.add_argument("--recipient", help="default: the first To, Cc or Bcc address of the message")
     p.add_argument("--report-json", help="write the instrumentation report here")
     p.add_argument("--message-id", help="relay message id to sign into tracking URLs (default: a new one)")
     p.set_defaults(func=cmd_instrument)
@@ -246,7 +325,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_template(sub)
     sub.choices["template"].set_defaults(func=cmd_template)
+    _config_from_environment(parser, config_module.default_config_path())
     return parser
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """`parser` and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _parsers(child)
+
+
+def _config_from_environment(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """Every --config falls back on `default` ($RELAY_CONFIG or /etc/relay/relay.toml); each subcommand also
+    takes -v after its name (`relay serve -v`)."""
+    for p in _parsers(parser):
+        for action in p._actions:
+            if "--config" in action.option_strings:
+                action.required, action.default, action.help = default is None, default, CONFIG_HELP
+        if p is not parser and not any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="debug logging, and tracebacks with errors")
+
+
+def operator_error(exc: BaseException) -> str | None:
+    """One line for what an operator can fix (a file, a port, a database out of reach); None for a bug."""
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc)
+        return f"{exc.filename}: {what}" if exc.filename else str(exc).split("] ", 1)[-1]
+    if type(exc).__name__ == "OperationalError" and type(exc).__module__.split(".")[0] in ("sqlite3", "psycopg"):
+        return f"database: {str(exc).strip().splitlines()[0]}"
+    return None
 
 
 def cmd_template(args: argparse.Namespace) -> int:
@@ -267,8 +378,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except config_module.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print_errors(exc.problems)
+        return 1
+    except Exception as exc:
+        line = operator_error(exc)
+        if line is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print_errors([line])
         return 1
 
 

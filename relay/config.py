@@ -42,6 +42,20 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOST_RE = re.compile(rf"^(?=.{{1,253}}(?::\d+)?$){_LABEL}(?:\.{_LABEL})*(?::\d{{1,5}})?$")
 
 
+# Where every subcommand finds its configuration without --config: $RELAY_CONFIG, else the file the systemd
+# unit and `relay init /etc/relay` use, when it exists.
+CONFIG_ENV = "RELAY_CONFIG"
+SYSTEM_CONFIG = Path("/etc/relay/relay.toml")
+
+
+def default_config_path(environ: dict[str, str] | None = None, system: Path = SYSTEM_CONFIG) -> str | None:
+    """The configuration file to use when --config is not given; None when there is none to guess."""
+    named = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if named:
+        return named
+    return str(system) if system.is_file() else None
+
+
 class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
@@ -260,7 +274,11 @@ class Config:
         return any(name in c.domains or wildcard in c.domains for c in t.certificates)
 
     def keyring(self) -> Keyring:
-        return load_or_create_keyring(self.tracking.keys_file)
+        try:
+            return load_or_create_keyring(self.tracking.keys_file)
+        except OSError as exc:  # unreadable, or its folder not writable: the key to fix, not a traceback
+            raise ConfigError([f"tracking.keys_file: {exc.filename or self.tracking.keys_file}: "
+                               f"{exc.strerror or exc}"]) from exc
 
 
 # --- passwords ---------------------------------------------------------------------------------------------

@@ -120,12 +120,14 @@ class Instrumenter:
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    """`relay instrument`: stdin → what relay would deliver to --recipient (before DKIM), and the report."""
+    """`relay instrument`: stdin → what relay would deliver to a recipient (before DKIM), and the report. The set
+    and the recipient are the message's own (its X-SES-CONFIGURATION-SET or its sender's default set, its
+    first To/Cc/Bcc address) unless --config-set and --recipient name others."""
     from relay import config as config_module
     from relay.core.events import mint_message_id
-    from relay.core.headers import HeaderError
+    from relay.core.headers import HeaderError, first_recipient
     from relay.core.intake import intake
-    from relay.core.resolve import sender_identity
+    from relay.core.resolve import UnknownSet, sender_identity
 
     cfg = config_module.load(args.config)
     now_ms = int(time.time() * 1000)
@@ -135,15 +137,21 @@ def dry_run(args: argparse.Namespace) -> int:
     except HeaderError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    settings = _settings(cfg, args.config_set, sender_identity(item.block, ""))
-    if settings is None:
-        print(f"Configuration Set does not exist: Configuration set <{args.config_set}> does not exist.",
-              file=sys.stderr)
+    recipient = args.recipient or first_recipient(item.block)
+    if recipient is None:
+        print("error: --recipient: the message has no To, Cc or Bcc address; name the recipient", file=sys.stderr)
         return 1
-    rendered = Instrumenter(cfg.keyring()).copy(message_id, item.raw, settings, args.recipient, now_ms // 1000)
+    try:
+        resolution = _resolve(cfg, args.config_set or item.control.configuration_set,
+                              sender_identity(item.block, ""))
+    except UnknownSet as exc:
+        print(f"Configuration Set does not exist: Configuration set <{exc.name}> does not exist.", file=sys.stderr)
+        return 1
+    rendered = Instrumenter(cfg.keyring()).copy(message_id, item.raw, resolution.settings, recipient,
+                                                now_ms // 1000)
     sys.stdout.buffer.write(rendered.data)
     sys.stdout.buffer.flush()
-    rendered.report["configuration_set"] = args.config_set
+    rendered.report["configuration_set"] = resolution.set_name
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
             json.dump(rendered.report, f, indent=2)
@@ -151,16 +159,14 @@ def dry_run(args: argparse.Namespace) -> int:
     return 0  # warnings went to the log (stderr) and the report
 
 
-def _settings(cfg, set_name: str, identity: str) -> TrackingSettings | None:
-    """The set's settings exactly as delivery would resolve them (every level, sets made with the CLI too)."""
-    from relay.core.resolve import UnknownSet
+def _resolve(cfg, set_name: str | None, identity: str):
+    """The set and settings exactly as delivery would resolve them (every level, sets made with the CLI too);
+    raises UnknownSet."""
     from relay.resolve import Resolver
     from relay.store import open_store
 
     store = open_store(cfg.store_target)
     try:
-        return Resolver(cfg, store).resolve(set_name, identity).settings
-    except UnknownSet:
-        return None
+        return Resolver(cfg, store).resolve(set_name, identity)
     finally:
         store.close()

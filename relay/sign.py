@@ -165,29 +165,37 @@ def dkim_command(args: argparse.Namespace) -> int:
     return _check(args)
 
 
-def _keygen(args: argparse.Namespace) -> int:
-    from cryptography.hazmat.primitives import serialization
+def new_private_key(algorithm: str, bits: int = 2048) -> dkim.PrivateKey:
+    """A fresh DKIM signing key: "rsa" with `bits` (at least dkim.MIN_RSA_BITS), or "ed25519"."""
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+    return rsa.generate_private_key(65537, bits) if algorithm == "rsa" else ed25519.Ed25519PrivateKey.generate()
+
+
+def write_private_key(out: Path, key: dkim.PrivateKey) -> None:
+    """The key as PEM at `out`, mode 0600 whatever the umask; never over an existing file (FileExistsError):
+    a key in use replaced by a new one breaks every signature until DNS catches up."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(pem)
+
+
+def _keygen(args: argparse.Namespace) -> int:
     if args.algorithm == "rsa" and args.bits < dkim.MIN_RSA_BITS:
         print(f"error: --bits {args.bits}: DKIM RSA keys need {dkim.MIN_RSA_BITS} bits or more", file=sys.stderr)
         return 2
     domain = args.domain.lower().rstrip(".")
     out = Path(args.out or f"{domain}.{args.selector}.pem")
-    key: dkim.PrivateKey = (
-        rsa.generate_private_key(65537, args.bits)
-        if args.algorithm == "rsa"
-        else ed25519.Ed25519PrivateKey.generate()
-    )
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key = new_private_key(args.algorithm, args.bits)
     try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrite a key in use
+        write_private_key(out, key)
     except OSError as exc:
         print(f"error: {out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # whatever the umask
-        f.write(pem)
     print(dkim.zone_file_line(f"{args.selector}._domainkey.{domain}", dkim.key_record(key)))
     algorithm = "rsa-sha256" if args.algorithm == "rsa" else "ed25519-sha256"
     print(

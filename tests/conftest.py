@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,9 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Programs installed beside this interpreter (a virtual environment's `aws`, `relay`) are found as if the
+# environment were activated: the README runs the tests as `.venv/bin/python -m pytest`.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 CORPUS = Path(os.environ.get("RELAY_CORPUS", ROOT.parent / "shared" / "corpus"))
 
 

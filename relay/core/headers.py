@@ -298,6 +298,16 @@ def from_address(block: HeaderBlock) -> str | None:
     return None
 
 
+def first_recipient(block: HeaderBlock) -> str | None:
+    """The first address of To, else of Cc, else of Bcc: whom the message is addressed to first."""
+    for name in ("to", "cc", "bcc"):
+        f = block.get(name)
+        for _, addr in (_parsed_addresses(f.value) or []) if f else []:
+            if "@" in addr:
+                return addr.strip()
+    return None
+
+
 def from_domain(block: HeaderBlock, fallback: str) -> str:
     address = from_address(block)
     return domain_of(address if address is not None else fallback)
