@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_suppression(sub)
     sub.choices["suppression"].set_defaults(func=cmd_suppression)
+    from relay.control_cli import add_parsers as add_control  # sending control: account
+
+    add_control(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.core.control import QuotaLimits, Quotas, Thresholds
 from relay.core.domains import InvalidTrackingOptions, validate_tracking_domain
 from relay.core.headers import CONFIG_SET_RE
 from relay.core.resolve import (
@@ -233,6 +234,9 @@ class Config:
     complaints_addresses: tuple[str, ...] = ()  # ARF reports are also accepted at these addresses (lower case)
     scan: ScanSettings = field(default_factory=lambda: ScanSettings())  # [scan]: virus scan through clamd
     store: StoreSettings = field(default_factory=StoreSettings)
+    # --- sending control: [quotas], [reputation] ---
+    quotas: Quotas = field(default_factory=Quotas)
+    reputation: ReputationSettings = field(default_factory=lambda: ReputationSettings())
 
     @property
     def database_path(self) -> Path:
@@ -433,11 +437,12 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     feedback, complaints = _parse_feedback(top, problems)  # issue 9
     scan = _parse_scan(top.sub("scan"), problems)  # issue 9: virus scan through clamd
     store = _parse_store(top.sub("store"), problems)
+    control = {"quotas": _parse_quotas(top.sub("quotas")), "reputation": _parse_reputation(top.sub("reputation"))}
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
                  api=api, feedback=feedback, complaints_addresses=complaints, scan=scan, store=store,
-                 **relay_kw)
+                 **control, **relay_kw)
     cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
@@ -992,4 +997,78 @@ def _parse_scan(s: _Reader, problems: list[str]) -> ScanSettings:
     if settings.timeout <= 0:
         problems.append("scan.timeout: must be a positive duration")
     s.finish()
+    return settings
+
+
+# --- sending control: [quotas], [reputation] -------------------------------------------------------------------
+
+def _quota_limits(r: _Reader) -> QuotaLimits:
+    limits = QuotaLimits(max_send_rate=r.get("max_send_rate", int, 0),
+                         max_24_hour_send=r.get("max_24_hour_send", int, 0))
+    for name in ("max_send_rate", "max_24_hour_send"):
+        if getattr(limits, name) < 0:
+            r.problems.append(f"{r.key(name)}: 0 (no limit) or a positive number of recipients")
+    return limits
+
+
+def _parse_quotas(q: _Reader) -> Quotas:
+    """[quotas] (the account's), [quotas.sets.NAME] and [quotas.users.NAME] (SMTP users)."""
+    scoped: dict[str, dict[str, QuotaLimits]] = {}
+    for kind in ("sets", "users"):
+        table = q.sub(kind)
+        scoped[kind] = {}
+        for name in list(table.table):
+            r = table.sub(name)
+            scoped[kind][name] = _quota_limits(r)
+            r.finish()
+        table.finish()
+    account = _quota_limits(q)
+    q.finish()
+    return Quotas(account, scoped["sets"], scoped["users"])
+
+
+@dataclass(frozen=True)
+class ReputationSettings:
+    """[reputation]: the guard that pauses a set whose bounce or complaint rate reaches its threshold."""
+
+    enabled: bool = True
+    defaults: Thresholds = field(default_factory=Thresholds)
+    sets: dict[str, Thresholds] = field(default_factory=dict)  # [reputation.sets.NAME]: a set's own thresholds
+    # How often the guard looks; a minute, as often as Gmail's and SES's dashboards move at all.
+    check_interval: float = 60.0
+    notify_destinations: bool = True  # a set's destinations receive SendingPaused / SendingResumed events
+
+    def thresholds(self, set_name: str) -> Thresholds:
+        return self.sets.get(set_name, self.defaults)
+
+
+def _thresholds(r: _Reader, base: Thresholds) -> Thresholds:
+    t = Thresholds(window_s=r.duration("window", base.window_s), min_volume=r.get("min_volume", int, base.min_volume),
+                   bounce_rate=r.get("bounce_rate", float, base.bounce_rate),
+                   complaint_rate=r.get("complaint_rate", float, base.complaint_rate))
+    if t.window_s < 60:
+        r.problems.append(f"{r.key('window')}: at least 1m (outcomes are counted per minute)")
+    if t.min_volume < 1:
+        r.problems.append(f"{r.key('min_volume')}: at least 1 message")
+    for name in ("bounce_rate", "complaint_rate"):
+        if not 0 < getattr(t, name) <= 1:
+            r.problems.append(f"{r.key(name)}: a fraction between 0 and 1 (0.05 is 5 %)")
+    return t
+
+
+def _parse_reputation(r: _Reader) -> ReputationSettings:
+    defaults = _thresholds(r, Thresholds())
+    table = r.sub("sets")
+    sets = {}
+    for name in list(table.table):
+        sr = table.sub(name)
+        sets[name] = _thresholds(sr, defaults)
+        sr.finish()
+    table.finish()
+    settings = ReputationSettings(enabled=r.get("enabled", bool, True), defaults=defaults, sets=sets,
+                                  check_interval=r.duration("check_interval", 60.0),
+                                  notify_destinations=r.get("notify_destinations", bool, True))
+    if settings.check_interval <= 0:
+        r.problems.append("reputation.check_interval: must be a positive duration")
+    r.finish()
     return settings

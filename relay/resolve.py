@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from dataclasses import replace
 
 from relay.config import Config
 from relay.core import resolve as core
+from relay.core.control import ACCOUNT, ENABLED, SendingState, SetOptions
 from relay.core.resolve import (
     Destination,
     FeedbackOptions,
@@ -98,7 +100,27 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
     base = Level("[tracking] (config file)", TrackingOptions(
         custom_redirect_domain=t.default_host, https_policy=t.https_policy, pixel_position=t.pixel_position))
     hosts = core.all_tracking_hosts(t.default_host, sets, domains, account)
-    return Model(sets, domains, identities, account, base, hosts, cfg.feedback), conflicts
+    states = sending_states(stored)
+    sets = with_sending_control(sets, states, stored)
+    return Model(sets, domains, identities, account, base, hosts, cfg.feedback,
+                 states.get(ACCOUNT, ENABLED)), conflicts
+
+
+def sending_states(stored: StoredConfiguration) -> dict[str, SendingState]:
+    """scope ('' = the account, else a set) -> its sending switch, who set it and why."""
+    return {scope: SendingState(bool(enabled), reason, by, at, fresh) for scope, enabled, reason, by, at, fresh
+            in stored.sending}
+
+
+def with_sending_control(sets: dict[str, SetDef], states: dict[str, SendingState],
+                         stored: StoredConfiguration) -> dict[str, SetDef]:
+    """Each set with its switch (a set of the file may be paused too: pausing is operation, not definition) and
+    the delivery and reputation options the CLI or the API gave it (sets of the database only)."""
+    options = {name: SetOptions(tls, seconds, None if metrics is None else bool(metrics))
+               for name, tls, seconds, metrics in stored.set_options}
+    return {name: replace(s, sending=states.get(name, ENABLED),
+                          options=options.get(name, SetOptions()) if s.source == DB else s.options)
+            for name, s in sets.items()}
 
 
 class Resolver:

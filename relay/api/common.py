@@ -37,6 +37,7 @@ NOT_WEBHOOK = ("relay delivers events to webhooks only: use an SnsDestination (o
 class Context:
     config: Config
     store: Store
+    caller: str = ""  # who is asking, as recorded with what they change: "api:<access key id>"
 
     def model_set(self, name: str) -> SetDef:
         s = Resolver(self.config, self.store).model().sets.get(name)

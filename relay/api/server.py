@@ -99,7 +99,7 @@ class ApiServer:
             log.warning("api %s %s refused: %s (%s)", request.method, path, exc.code, request.remote)
             err = WireError(exc.status, exc.code, exc.message)
             return error_response(protocol, err, request_id)
-        ctx = Context(cfg, self.store)
+        ctx = Context(cfg, self.store, f"api:{key_id}")
         if protocol == "v2":
             return await self._v2(ctx, request.method, path, query, body, request_id, key_id)
         params = parse_qsl(body.decode("utf-8", "replace") if request.method == "POST" else query,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from xml.sax.saxutils import escape
 
 from relay import sets
+from relay.api import account
 from relay.api.common import (
     V1_EVENT_TYPES,
     V2_TO_V1,
@@ -120,11 +121,7 @@ def describe_xml(s: SetDef, attributes: list[str]) -> str:
     if "trackingOptions" in attributes and s.tracking.custom_redirect_domain:
         parts.append(f"<TrackingOptions>{_el('CustomRedirectDomain', s.tracking.custom_redirect_domain)}"
                      "</TrackingOptions>")
-    if "deliveryOptions" in attributes:
-        parts.append("<DeliveryOptions><TlsPolicy>Optional</TlsPolicy></DeliveryOptions>")
-    if "reputationOptions" in attributes:
-        parts.append("<ReputationOptions><SendingEnabled>true</SendingEnabled>"
-                     "<ReputationMetricsEnabled>false</ReputationMetricsEnabled></ReputationOptions>")
+    parts.append(account.describe_v1(s, attributes))  # DeliveryOptions, ReputationOptions: as they are
     return "".join(parts)
 
 
@@ -258,6 +255,9 @@ ACTIONS: dict[str, Callable[[Context, dict], str]] = {
     "UpdateConfigurationSetEventDestination": update_destination,
     "DeleteConfigurationSetEventDestination": delete_destination,
 }
+
+
+ACTIONS.update(account.V1_ACTIONS)  # sending switches, delivery options, quota, statistics
 
 
 def action_of(params: list[tuple[str, str]]) -> str | None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qs, parse_qsl, unquote
 
 from relay import sets, suppression
+from relay.api import account
 from relay.api.common import (
     FEATURE_STATUS,
     HTTPS_POLICIES,
@@ -208,7 +209,8 @@ def create_set(ctx: Context, call: Call) -> dict:
     engagement = _engagement(call.body.get("VdmOptions"))
     reasons = _suppressed_reasons(_obj(call.body.get("SuppressionOptions"), "suppressionOptions"),
                                   "suppressionOptions.")
-    sets.create_set(ctx.config, ctx.store, name)
+    enabled, sending_options = account.create_options(call.body)
+    sets.create_set(ctx.config, ctx.store, name, account.created(ctx, name, enabled, sending_options))
 
     def configure() -> None:
         if options is not None:
@@ -224,7 +226,8 @@ def create_set(ctx: Context, call: Call) -> dict:
 
 
 def get_set(ctx: Context, call: Call) -> dict:
-    return set_json(ctx.model_set(call.params[0]), ctx.config.tracking.default_host)
+    s = ctx.model_set(call.params[0])
+    return {**set_json(s, ctx.config.tracking.default_host), **account.options_v2(s)}
 
 
 def list_sets(ctx: Context, call: Call) -> dict:
@@ -399,3 +402,8 @@ HANDLERS: dict[str, Handler] = {
     "GetSuppressedDestination": get_suppressed, "DeleteSuppressedDestination": delete_suppressed,
     "ListSuppressedDestinations": list_suppressed,
 }
+
+
+# Sending control: the account and sets' sending switches, delivery and reputation options (relay/api/account.py).
+ROUTES += account.V2_ROUTES
+HANDLERS.update(account.V2_HANDLERS)

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from relay.core.control import ENABLED, SendingState, SetOptions
 from relay.core.headers import CONFIG_SET_RE, HeaderBlock, domain_of, from_address
 from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, SUPPRESSION_REASONS, TrackingSettings
 
@@ -147,6 +148,8 @@ class SetDef:
     destinations: tuple[Destination, ...] = ()
     has_tracking: bool = False  # tracking options exist at this level (TrackingOptionsAlreadyExists)
     feedback: FeedbackOptions = field(default_factory=FeedbackOptions)
+    sending: SendingState = ENABLED  # paused or not, by whom and why (relay/core/control.py)
+    options: SetOptions = field(default_factory=SetOptions)  # SES's DeliveryOptions and ReputationOptions
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ class Model:
     base: Level  # the [tracking] table (custom_redirect_domain = default_host)
     tracking_hosts: frozenset[str]
     feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
+    account_sending: SendingState = ENABLED  # the account's switch (SES's SendingEnabled)
 
 
 @dataclass(frozen=True)
@@ -334,7 +338,7 @@ def resolve(model: Model, set_name: str | None, identity: str, https_available: 
         open_tracking=bool(values["open_tracking"]), click_tracking=bool(values["click_tracking"]), host=host,
         https_policy=str(values["https_policy"]), pixel_position=str(values["pixel_position"]),
         tracking_hosts=model.tracking_hosts, https_available=https_available(host),
-        **feedback_settings(model, model.sets[set_name]),
+        **feedback_settings(model, model.sets[set_name]), **model.sets[set_name].options.delivery_settings(),
     )
     return Resolution(set_name, settings, provenance, set_reason)
 

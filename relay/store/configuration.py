@@ -19,6 +19,8 @@ class StoredConfiguration:
     destinations: list[tuple]  # (set, name, enabled, event_types JSON, kind, settings JSON)
     version: int
     suppression: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (set, reasons): set_suppression_options
+    sending: tuple[tuple, ...] = ()  # sending switches (store.control.sending_states)
+    set_options: tuple[tuple, ...] = ()  # sets' delivery and reputation options (store.control.set_options)
 
 
 def configuration_read(store, helper: Callable[..., T], *args) -> T:
@@ -37,6 +39,8 @@ def bump_configuration_version(conn) -> None:
 
 def load_configuration(conn) -> StoredConfiguration:
     """Everything in one read transaction, so a concurrent change is seen whole or not at all."""
+    from relay.store import control
+
     conn.execute(conn.dialect.begin_snapshot)
     try:
         return StoredConfiguration(
@@ -51,6 +55,8 @@ def load_configuration(conn) -> StoredConfiguration:
                 " ORDER BY configuration_set, name").fetchall(),
             version=configuration_version(conn),
             suppression=set_suppression_options(conn),
+            sending=tuple(control.sending_states(conn)),
+            set_options=tuple(control.set_options(conn)),
         )
     finally:
         conn.execute("COMMIT")
