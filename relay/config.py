@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.core.control import QuotaLimits, Quotas, Thresholds
+from relay.core.control import TLS_POLICIES, QuotaLimits, Quotas, SetOptions, Thresholds
 from relay.core.domains import InvalidTrackingOptions, validate_tracking_domain
 from relay.core.headers import CONFIG_SET_RE
 from relay.core.resolve import (
@@ -193,6 +193,7 @@ class ConfigurationSet:
     dkim_fallback_domain: str | None = None
     destinations: tuple[Destination, ...] = ()  # [[configuration_sets.NAME.destinations]]
     feedback: FeedbackOptions = field(default_factory=FeedbackOptions)  # verp, list_unsubscribe, suppression
+    delivery: SetOptions = field(default_factory=SetOptions)  # tls_policy, max_delivery_seconds (SES DeliveryOptions)
 
     def tracking_options(self) -> TrackingOptions:
         return TrackingOptions(self.open_tracking, self.click_tracking, self.custom_redirect_domain,
@@ -665,13 +666,14 @@ def _parse_sets(c: _Reader, problems: list[str]) -> dict[str, ConfigurationSet]:
         s = c.sub(name)
         fallback = s.get("dkim_fallback_domain", str, "") or None
         feedback = _parse_feedback_options(s, problems)
+        delivery = _parse_set_delivery(s)
         destinations = _parse_destinations(s, problems)
         o = _parse_options(s, problems)  # the set's tracking options; also reports the table's unknown keys
         sets[name] = ConfigurationSet(
             name=name, open_tracking=o.open_tracking, click_tracking=o.click_tracking,
             custom_redirect_domain=o.custom_redirect_domain, https_policy=o.https_policy,
             pixel_position=o.pixel_position, dkim_fallback_domain=fallback, destinations=destinations,
-            feedback=feedback,
+            feedback=feedback, delivery=delivery,
         )
     return sets
 
@@ -1001,6 +1003,15 @@ def _parse_scan(s: _Reader, problems: list[str]) -> ScanSettings:
 
 
 # --- sending control: [quotas], [reputation] -------------------------------------------------------------------
+
+def _parse_set_delivery(s: _Reader) -> SetOptions:
+    """A set's `tls_policy` (REQUIRE: its copies go out over TLS or wait) and `max_delivery_seconds`."""
+    seconds = s.get("max_delivery_seconds", int, 0) or None
+    if seconds is not None and not 300 <= seconds <= 50400:
+        s.problems.append(f"{s.key('max_delivery_seconds')}: between 300 and 50400 (SES's range)")
+        seconds = None
+    return SetOptions(tls_policy=s.choice("tls_policy", TLS_POLICIES, None), max_delivery_seconds=seconds)
+
 
 def _quota_limits(r: _Reader) -> QuotaLimits:
     limits = QuotaLimits(max_send_rate=r.get("max_send_rate", int, 0),

@@ -25,6 +25,7 @@ from relay.store import control as sql
 
 T = TypeVar("T")
 PAUSED, RESUMED = "SendingPaused", "SendingResumed"  # eventType of the notices a set's destinations receive
+NOTICE_TYPES = (PAUSED, RESUMED)
 
 
 class OverQuota(Exception):
@@ -90,10 +91,11 @@ def notice(set_name: str, enabled: bool, reason: str, by: str, now: str, details
 
 def set_sending(cfg: Config, store: Store, set_name: str, enabled: bool, reason: str, by: str,
                 details: dict | None = None) -> bool:
-    """Pause or resume a set (of the file or the database); False when it already was so."""
+    """Pause or resume a set (of the file or the database); False when it already was so. The change is also
+    an event of the set (SendingPaused, SendingResumed): its destinations hear of it, the metrics count it."""
     _set(cfg, store, set_name)
     now = _now()
-    event = notice(set_name, enabled, reason, by, now, details) if cfg.reputation.notify_destinations else None
+    event = notice(set_name, enabled, reason, by, now, details)
     return _run(store, lambda conn: sql.put_sending(conn, set_name, enabled, reason, by, now, event))
 
 

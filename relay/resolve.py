@@ -78,7 +78,7 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
             conflicts.append(f"configuration set {name} is defined in both {cfg.path} and the database;"
                              " the file's definition is used (delete it with `relay config-set delete`)")
         opts = cs.tracking_options()
-        sets[name] = SetDef(name, "config", opts, cs.destinations, not opts.empty, cs.feedback)
+        sets[name] = SetDef(name, "config", opts, cs.destinations, not opts.empty, cs.feedback, options=cs.delivery)
     domains: dict[str, Level] = {}
     for (level, scope), opts in db_tracking.items():
         if level == "domain":

@@ -28,6 +28,7 @@ from relay.instrument import Instrumenter
 from relay.metrics import start_operations, stop_operations  # inspection (issue 8)
 from relay.pipeline import Pipeline
 from relay.queue import DeliveryQueue
+from relay.reputation import Guard
 from relay.resolve import Resolver
 from relay.scan import make_scanner
 from relay.sign import Signer
@@ -130,6 +131,7 @@ class Relay:
     tracking: object | None = None
     publisher: object | None = None  # relay.destinations.Publisher (issue 6)
     api: object | None = None  # relay.api.server.ApiServer (issue 7)
+    guard: Guard | None = None  # the reputation guard (relay.reputation)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
 
     @classmethod
@@ -165,6 +167,8 @@ class Relay:
         await self.api.start()
         tracking_port = self.tracking.port if self.tracking else 0
         self.operations = await start_operations(self)  # inspection (issue 8): /metrics, retention
+        self.guard = Guard(lambda: self.config, self.store, self.pipeline.resolver)  # sending control
+        self.guard.start()
         log.info("relay listening: smtp %s:%d, tracking %s:%d, data %s", self.config.smtp.listen_host,
                  self.config.smtp.listen_port, self.config.tracking.listen_host, tracking_port, self.config.data_dir)
 
@@ -216,6 +220,8 @@ class Relay:
         await self.pipeline.upstream.close()
         await self.publisher.stop()  # issue 6: cursors are saved as events go; nothing to flush
         await stop_operations(self)  # inspection (issue 8)
+        if self.guard is not None:
+            await self.guard.stop()
         await asyncio.to_thread(self.store.close)
 
 

@@ -176,6 +176,32 @@ def duration_text(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+# --- outcomes per set and minute, from the events ------------------------------------------------------------
+
+SUPPRESSION_SUBTYPES = ("OnAccountSuppressionList", "OnSuppressionList")  # never sent: not in the bounce rate
+
+
+def minute_counts(events: list[tuple[str, str, int, str | None, str | None, int]]
+                  ) -> dict[tuple[str, int], tuple[int, ...]]:
+    """(set, eventType, time in ms, bounceType, bounceSubType, recipients of a Send) rows summed per (set, epoch
+    minute) into (attempts, delivered, bounced, permanent, complaints, rejects), the columns of send_statistics."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for set_name, kind, time_ms, bounce_type, sub_type, recipients in events:
+        counts = out.setdefault((set_name, time_ms // 60000), [0] * 6)
+        if kind == "Send":
+            counts[0] += recipients or 0
+        elif kind == "Delivery":
+            counts[1] += 1
+        elif kind == "Bounce" and sub_type not in SUPPRESSION_SUBTYPES:
+            counts[2] += 1
+            counts[3] += bounce_type == "Permanent"
+        elif kind == "Complaint":
+            counts[4] += 1
+        elif kind == "Reject":
+            counts[5] += 1
+    return {key: tuple(c) for key, c in out.items()}
+
+
 # --- SES's GetSendStatistics -----------------------------------------------------------------------------------
 
 STATISTICS_MINUTES = 15  # SES's data points are 15-minute intervals ...

@@ -110,8 +110,6 @@ def quota_sent(conn, scope: str, now_s: int) -> int:
 # --- outcomes per set and minute, summed from the events ------------------------------------------------------
 
 _COUNTED = ("Send", "Delivery", "Bounce", "Complaint", "Reject")
-# Bounces SES leaves out of the bounce rate: the message was never sent to the address.
-SUPPRESSION_SUBTYPES = ("OnAccountSuppressionList", "OnSuppressionList")
 STATISTIC_COLUMNS = ("attempts", "delivered", "bounced", "permanent", "complaints", "rejects")
 
 
