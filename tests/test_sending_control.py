@@ -288,3 +288,38 @@ def test_the_aws_cli_switches_and_reads_back(env):
     out = _aws(env, "sesv2", "put-configuration-set-sending-options", "--configuration-set-name", "nope",
                "--sending-enabled")
     assert out.returncode != 0 and "NotFoundException" in out.stderr
+
+
+# --- the sending API (when this relay has it) ----------------------------------------------------------------------
+
+def _simple(v2, set_name: str | None) -> dict:
+    extra = {"ConfigurationSetName": set_name} if set_name else {}
+    return v2.send_email(FromEmailAddress="news@example.com", Destination={"ToAddresses": ["rcpt@example.org"]},
+                         Content={"Simple": {"Subject": {"Data": "Hi"}, "Body": {"Text": {"Data": "hello"}}}},
+                         **extra)
+
+
+def test_the_sending_api_refuses_a_pause_with_ses_codes(env):
+    v1, v2 = env.client("ses"), env.client("sesv2")
+    try:
+        _simple(v2, "plain")
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "UnknownOperationException":
+            pytest.skip("this relay has no SendEmail: the pause is refused over SMTP only")
+        raise
+    v2.create_configuration_set(ConfigurationSetName="api-paused", SendingOptions={"SendingEnabled": False})
+    with pytest.raises(v2.exceptions.SendingPausedException):
+        _simple(v2, "api-paused")
+    with pytest.raises(v1.exceptions.ConfigurationSetSendingPausedException):
+        v1.send_email(Source="news@example.com", Destination={"ToAddresses": ["rcpt@example.org"]},
+                      Message={"Subject": {"Data": "Hi"}, "Body": {"Text": {"Data": "hello"}}},
+                      ConfigurationSetName="api-paused")
+    v2.put_account_sending_attributes(SendingEnabled=False)
+    try:
+        with pytest.raises(v2.exceptions.SendingPausedException):
+            _simple(v2, "plain")
+        with pytest.raises(v1.exceptions.AccountSendingPausedException):
+            v1.send_email(Source="news@example.com", Destination={"ToAddresses": ["rcpt@example.org"]},
+                          Message={"Subject": {"Data": "Hi"}, "Body": {"Text": {"Data": "hello"}}})
+    finally:
+        v2.put_account_sending_attributes(SendingEnabled=True)
