@@ -242,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_suppression(sub)
     sub.choices["suppression"].set_defaults(func=cmd_suppression)
     from relay.control_cli import add_parsers as add_control  # sending control: account
+    from relay.identity_cli import add_parsers as add_identity  # sending identities and their DKIM keys
 
     add_control(sub)
+    add_identity(sub)
     return parser
 
 

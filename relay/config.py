@@ -238,6 +238,7 @@ class Config:
     # --- sending control: [quotas], [reputation] ---
     quotas: Quotas = field(default_factory=Quotas)
     reputation: ReputationSettings = field(default_factory=lambda: ReputationSettings())
+    sending: SendingSettings = field(default_factory=lambda: SendingSettings())  # identities: [sending]
 
     @property
     def database_path(self) -> Path:
@@ -293,17 +294,18 @@ def check_password(password: str, stored: str) -> bool:
 
 # --- tracking keys -----------------------------------------------------------------------------------------
 
-def load_or_create_keyring(path: Path) -> Keyring:
+def load_or_create_keyring(path: Path, title: str = "relay tracking keys") -> Keyring:
     """Tracking keys, one `kid secret-hex` per line, newest first. Created with one random key when absent.
 
-    Every relay and tracking node that serves the same links must share this file.
+    Every relay and tracking node that serves the same links must share this file. (The DKIM sealing keys of
+    [sending] dkim_keys_file have the same form: `title` names them in the file.)
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         kid = "k" + secrets.token_hex(3)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write("# relay tracking keys: `key-id secret-hex`, newest (signing) key first.\n")
+            f.write(f"# {title}: `key-id secret-hex`, newest (signing) key first.\n")
             f.write(f"{kid} {secrets.token_hex(32)}\n")
     keys = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -438,7 +440,8 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     feedback, complaints = _parse_feedback(top, problems)  # issue 9
     scan = _parse_scan(top.sub("scan"), problems)  # issue 9: virus scan through clamd
     store = _parse_store(top.sub("store"), problems)
-    control = {"quotas": _parse_quotas(top.sub("quotas")), "reputation": _parse_reputation(top.sub("reputation"))}
+    control = {"quotas": _parse_quotas(top.sub("quotas")), "reputation": _parse_reputation(top.sub("reputation")),
+               "sending": _parse_sending(top.sub("sending"), data_dir)}
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
@@ -1081,5 +1084,60 @@ def _parse_reputation(r: _Reader) -> ReputationSettings:
                                   notify_destinations=r.get("notify_destinations", bool, True))
     if settings.check_interval <= 0:
         r.problems.append("reputation.check_interval: must be a positive duration")
+    r.finish()
+    return settings
+
+
+@dataclass(frozen=True)
+class SendingSettings:
+    """[sending]: identities made with the CLI or the API, their DNS checks and their DKIM keys."""
+
+    require_verified_identity: bool = False  # refuse mail From an identity not verified (SES's sandbox rule)
+    # DNS servers for identity checks, "host" or "host:port"; empty: the system's resolver (/etc/resolv.conf)
+    nameservers: tuple[tuple[str, int], ...] = ()
+    # SES keeps looking for a pending identity's records for 72 hours; every 5 minutes finds them soon after
+    # they are published without a query storm (one or two lookups per pending identity).
+    check_pending_interval: float = 300.0
+    # A verified identity's records are looked up again daily, so a removed DKIM record stops the signing.
+    check_verified_interval: float = 86400.0
+    dns_timeout: float = 5.0  # per lookup, as `relay dkim check`
+    # Identities' DKIM private keys are stored sealed (AES-256-GCM) under the first key of this file (`kid
+    # secret-hex` lines, created 0600 on first use). Every node sharing the store needs the same file.
+    dkim_keys_file: Path = Path("relay-data/dkim-sealing-keys")
+
+
+def _nameservers(r: _Reader) -> tuple[tuple[str, int], ...]:
+    out = []
+    for i, text in enumerate(str(t) for t in r.get("nameservers", list, [])):
+        if text.startswith("["):  # [IPv6]:port
+            host, _, port = text[1:].partition("]:")
+        elif text.count(":") == 1:  # IPv4:port
+            host, port = text.split(":")
+        else:  # an address alone
+            host, port = text, "53"
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            r.problems.append(f"{r.key('nameservers')}[{i}]: {text!r} is not an IP address (with :port)")
+            continue
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            r.problems.append(f"{r.key('nameservers')}[{i}]: {text!r} has no valid port")
+            continue
+        out.append((host, int(port)))
+    return tuple(out)
+
+
+def _parse_sending(r: _Reader, data_dir: Path) -> SendingSettings:
+    settings = SendingSettings(
+        require_verified_identity=r.get("require_verified_identity", bool, False),
+        nameservers=_nameservers(r),
+        check_pending_interval=r.duration("check_pending_interval", 300.0),
+        check_verified_interval=r.duration("check_verified_interval", 86400.0),
+        dns_timeout=r.duration("dns_timeout", 5.0),
+        dkim_keys_file=r.path("dkim_keys_file", data_dir / "dkim-sealing-keys") or data_dir / "dkim-sealing-keys",
+    )
+    for name in ("check_pending_interval", "check_verified_interval", "dns_timeout"):
+        if getattr(settings, name) <= 0:
+            r.problems.append(f"sending.{name}: must be a positive duration")
     r.finish()
     return settings

@@ -28,8 +28,9 @@ from relay.config import Config
 from relay.control import OverQuota, counted
 from relay.core import clamd
 from relay.core import events as ev
-from relay.core.control import ENABLED, paused
+from relay.core.control import ENABLED, Refused, paused
 from relay.core.headers import CONFIG_SET_HEADER, HeaderBlock, HeaderError, from_domain, split_header_block, to_crlf
+from relay.core.identities import is_verified, unverified_reply
 from relay.core.intake import INLINE_BYTES, Intake, heavy, intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
@@ -211,7 +212,7 @@ class Pipeline:
             raise _Stale(scanned=False) from None  # perhaps a set created since the cached model was built
         version = self.resolver.version
         set_name, settings = resolved.set_name, resolved.settings
-        self._check_sending(set_name, fresh)
+        self._check_sending(set_name, accepted.identity, fresh)
         item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
         facts = mail_facts(
             item, message_id=message_id, now_ms=now_ms, mail_from=sub.mail_from, recipients=sub.recipients,
@@ -245,12 +246,17 @@ class Pipeline:
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms,
                              frozenset(suppressed), mail_text)
 
-    def _check_sending(self, set_name: str | None, fresh: bool) -> None:
-        """Refuse a message while its account or set is paused. A pause read from the cached model may be over
-        already: the message is then prepared again from what the database holds (a pause made since the model
-        was cached is caught by the queueing transaction's version check)."""
+    def _check_sending(self, set_name: str | None, identity: str, fresh: bool) -> None:
+        """Refuse a message while its account or set is paused, or its sender identity is not verified (when
+        sending.require_verified_identity). Either read from the cached model may be over already: the message
+        is then prepared again from what the database holds (a change made since the model was cached is caught
+        by the queueing transaction's version check)."""
         model = self.resolver.model(check=False)
         refused = paused(model.account_sending, set_name, model.sets[set_name].sending if set_name else ENABLED)
+        if refused is None and self.config.sending.require_verified_identity \
+                and not is_verified(model.verified_identities, identity):
+            reply, text = unverified_reply(identity, self.config.region)
+            refused = Refused(reply, "MessageRejected", text)
         if refused is None:
             return
         if not fresh:

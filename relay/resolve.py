@@ -19,6 +19,7 @@ from dataclasses import replace
 from relay.config import Config
 from relay.core import resolve as core
 from relay.core.control import ACCOUNT, ENABLED, SendingState, SetOptions
+from relay.core.identities import SUCCESS, IdentityDef
 from relay.core.resolve import (
     Destination,
     FeedbackOptions,
@@ -102,8 +103,21 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
     hosts = core.all_tracking_hosts(t.default_host, sets, domains, account)
     states = sending_states(stored)
     sets = with_sending_control(sets, states, stored)
-    return Model(sets, domains, identities, account, base, hosts, cfg.feedback,
-                 states.get(ACCOUNT, ENABLED)), conflicts
+    own = sending_identities(stored)
+    return Model(sets, domains, identities, account, base, hosts, cfg.feedback, states.get(ACCOUNT, ENABLED),
+                 own, verified_identities(cfg, own)), conflicts
+
+
+def sending_identities(stored: StoredConfiguration) -> dict[str, IdentityDef]:
+    return {r.identity: IdentityDef(r.identity, r.kind, r.verification_status == SUCCESS, r.dkim_signing,
+                                    r.dkim_status, r.dkim_selector, r.dkim_algorithm, r.dkim_key)
+            for r in stored.sending_identities}
+
+
+def verified_identities(cfg: Config, own: dict[str, IdentityDef]) -> frozenset[str]:
+    """Who may send under require_verified_identity: the database's verified identities, and the file's."""
+    return frozenset([i for i, d in own.items() if d.verified] + list(cfg.identities)
+                     + [k.domain.lower() for k in cfg.dkim.keys])
 
 
 def sending_states(stored: StoredConfiguration) -> dict[str, SendingState]:

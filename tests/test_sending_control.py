@@ -40,9 +40,11 @@ def env(tmp_path_factory):
 
 def send(port: int, set_name: str | None, subject: str = "Hi", sender: str = "news@example.com",
          rcpts: tuple[str, ...] = ("rcpt@example.org",)) -> tuple[int, str]:
-    """(code, reply) of one SMTP transaction with the set in X-SES-CONFIGURATION-SET."""
+    """(code, reply) of one SMTP transaction with the set in X-SES-CONFIGURATION-SET; `sender` is the MAIL FROM
+    and the From address."""
     head = f"X-SES-CONFIGURATION-SET: {set_name}\r\n".encode() if set_name else b""
-    data = head + MESSAGE.replace(b"Subject: Hi", f"Subject: {subject}".encode())
+    data = head + MESSAGE.replace(b"Subject: Hi", f"Subject: {subject}".encode()).replace(
+        b"From: News <news@example.com>", f"From: News <{sender}>".encode())
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")
         client.mail(sender)

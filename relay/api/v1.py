@@ -11,7 +11,7 @@ from collections.abc import Callable
 from xml.sax.saxutils import escape
 
 from relay import sets
-from relay.api import account
+from relay.api import account, identities
 from relay.api.common import (
     V1_EVENT_TYPES,
     V2_TO_V1,
@@ -257,7 +257,7 @@ ACTIONS: dict[str, Callable[[Context, dict], str]] = {
 }
 
 
-ACTIONS.update(account.V1_ACTIONS)  # sending switches, delivery options, quota, statistics
+ACTIONS.update(account.V1_ACTIONS | identities.V1_ACTIONS)  # sending control; identities and DKIM
 
 
 def action_of(params: list[tuple[str, str]]) -> str | None:

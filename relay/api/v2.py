@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qs, parse_qsl, unquote
 
 from relay import sets, suppression
-from relay.api import account
+from relay.api import account, identities
 from relay.api.common import (
     FEATURE_STATUS,
     HTTPS_POLICIES,
@@ -404,6 +404,7 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-# Sending control: the account and sets' sending switches, delivery and reputation options (relay/api/account.py).
-ROUTES += account.V2_ROUTES
-HANDLERS.update(account.V2_HANDLERS)
+# Sending control: the account and sets' sending switches, delivery and reputation options (relay/api/account.py),
+# email identities and their DKIM keys (relay/api/identities.py).
+ROUTES += account.V2_ROUTES + identities.V2_ROUTES
+HANDLERS.update(account.V2_HANDLERS | identities.V2_HANDLERS)

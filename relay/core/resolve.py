@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from relay.core.control import ENABLED, SendingState, SetOptions
 from relay.core.headers import CONFIG_SET_RE, HeaderBlock, domain_of, from_address
+from relay.core.identities import IdentityDef
 from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, SUPPRESSION_REASONS, TrackingSettings
 
 MAX_DESTINATIONS = 10  # per configuration set (SES quota)
@@ -170,6 +171,10 @@ class Model:
     tracking_hosts: frozenset[str]
     feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
     account_sending: SendingState = ENABLED  # the account's switch (SES's SendingEnabled)
+    # Identities of the database (with their DKIM keys, sealed), and every identity that may send: those verified
+    # there, and those of the file ([identities], [[dkim.keys]] domains), which the operator vouches for.
+    sending_identities: dict[str, IdentityDef] = field(default_factory=dict)
+    verified_identities: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
