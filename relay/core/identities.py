@@ -117,30 +117,24 @@ def generate_key(length: str) -> tuple[PrivateKey, str]:
 
 
 def key_from_owner(text: str) -> tuple[PrivateKey, str]:
-    """SES's DomainSigningPrivateKey (base64 of the DER key) or a PEM key; InvalidIdentity saying why not."""
+    """SES's DomainSigningPrivateKey (base64 of the DER key, PKCS#8 or PKCS#1) or a PEM key; InvalidIdentity
+    saying why it cannot sign."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
     from relay.core import dkim
 
     text = text.strip()
-    if text.startswith("-----BEGIN"):
-        pem = text.encode("ascii", "replace")
-    else:
-        try:
-            der = base64.b64decode(text, validate=True)
-        except ValueError as exc:
-            raise InvalidIdentity("DomainSigningPrivateKey is neither base64 nor PEM") from exc
-        body = base64.encodebytes(der).decode("ascii")
-        pem = f"-----BEGIN PRIVATE KEY-----\n{body}-----END PRIVATE KEY-----\n".encode()
-        try:
-            serialization.load_der_private_key(der, password=None)
-        except (ValueError, TypeError):
-            pem = pem.replace(b"PRIVATE KEY", b"RSA PRIVATE KEY")  # PKCS#1, as `openssl genrsa` writes it
     try:
-        key = dkim.load_private_key(pem)
-    except ValueError as exc:
-        raise InvalidIdentity(f"DomainSigningPrivateKey: {exc}") from exc
+        if text.startswith("-----BEGIN"):
+            key = dkim.load_private_key(text.encode("ascii", "replace"))
+        else:
+            key = serialization.load_der_private_key(base64.b64decode(text, validate=True), password=None)
+    except (ValueError, TypeError) as exc:
+        raise InvalidIdentity(f"DomainSigningPrivateKey is not an unencrypted private key in base64 DER or PEM"
+                              f" ({exc})") from exc
+    if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise InvalidIdentity(f"DomainSigningPrivateKey: a {type(key).__name__}; DKIM signs with RSA or Ed25519")
     algorithm = dkim.ED25519_SHA256 if isinstance(key, ed25519.Ed25519PrivateKey) else dkim.RSA_SHA256
     problem = dkim.key_problem(key, algorithm)
     if problem:
