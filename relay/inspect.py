@@ -182,7 +182,7 @@ def event_line(row: tuple) -> str:
 # --- the store (one Store per command; its SCHEMA adds the views to an older database) -------------------------
 
 def _open(cfg: Config) -> store_module.Store:
-    if not cfg.database_path.exists():
+    if cfg.store.url is None and not cfg.database_path.exists():  # PostgreSQL: the server says if it is there
         raise SystemExit(f"error: no database at {cfg.database_path} (has relay run with this configuration?)")
     return store_module.open_store(cfg.store_target)
 

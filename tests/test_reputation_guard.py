@@ -1,7 +1,8 @@
 """The reputation guard with real bounces: relay as a subprocess, an aiosmtpd upstream answering `550 5.1.1` for
 unknown users, a webhook destination of the set. The guard does nothing before the set's minimum volume, pauses
 the set at its threshold (the refusal names the rate), tells the set's destinations, logs it, counts it in the
-metrics; `relay config-set resume` resumes it with a fresh start."""
+metrics; `relay config-set resume` resumes it with a fresh start. On SQLite and on PostgreSQL (where events are
+summed once settled, ten seconds on)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from relay.core import control as core
 
+from .conftest import postgres_database
 from .harness import ROOT, RelayProcess, Upstream, free_port, wait_port
 from .test_destinations import Receiver, wait_until
 from .test_sending_control import send
@@ -64,20 +66,23 @@ def sending(relay: RelayProcess) -> dict:
     return json.loads(cli(relay, "config-set", "show", "guarded").stdout)["Sending"]
 
 
-@pytest.fixture
-def guarded(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def guarded(tmp_path, request):
     upstream = Upstream().start()
     upstream.handler.refuse = {f"gone{i}@example.org" for i in range(20)}
     hook = Receiver().start()
     metrics_port = free_port()
-    relay = RelayProcess(tmp_path / "r", upstream.port, extra=guard_toml(hook.port, metrics_port)).start()
-    wait_port(metrics_port, proc=relay.proc)
-    try:
-        yield relay, hook, metrics_port
-    finally:
-        relay.stop()
-        hook.stop()
-        upstream.stop()
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres_database()) if request.param == "postgresql" else None
+        relay = RelayProcess(tmp_path / "r", upstream.port, extra=guard_toml(hook.port, metrics_port),
+                             store_url=url).start()
+        try:
+            wait_port(metrics_port, proc=relay.proc)
+            yield relay, hook, metrics_port
+        finally:
+            relay.stop()
+            hook.stop()
+            upstream.stop()
 
 
 def test_the_guard_waits_for_the_minimum_volume_then_pauses_the_set_and_says_why(guarded):
@@ -85,13 +90,13 @@ def test_the_guard_waits_for_the_minimum_volume_then_pauses_the_set_and_says_why
     for i in range(MIN_VOLUME - 1):
         assert send(relay.smtp_port, "guarded", rcpts=(f"gone{i}@example.org",))[0] == 250
     relay.wait_events("Bounce", MIN_VOLUME - 1)
-    wait_until(lambda: reputation(relay)["permanent"] == MIN_VOLUME - 1, what="the bounces summed")
+    wait_until(lambda: reputation(relay)["permanent"] == MIN_VOLUME - 1, 60, what="the bounces summed")
     for _ in range(5):  # every pass sees 100 % bounces, but below the minimum volume
         assert sending(relay)["SendingEnabled"] is True
     assert relay.events("SendingPaused") == []
 
     assert send(relay.smtp_port, "guarded", rcpts=(f"gone{MIN_VOLUME}@example.org",))[0] == 250
-    wait_until(lambda: sending(relay)["SendingEnabled"] is False, what="the set paused")
+    wait_until(lambda: sending(relay)["SendingEnabled"] is False, 60, what="the set paused")
     code, reply = send(relay.smtp_port, "guarded", rcpts=("fine@example.org",))
     assert code == 554, reply
     assert reply.startswith(f"Message rejected: {core.SET_PAUSED} <guarded> Reason: bounce rate 100 %"
@@ -113,7 +118,7 @@ def test_the_guard_waits_for_the_minimum_volume_then_pauses_the_set_and_says_why
     out = cli(relay, "config-set", "resume", "guarded", "--reason", "unknown addresses removed")
     assert out.returncode == 0, out.stderr
     assert send(relay.smtp_port, "guarded", rcpts=("fine@example.org",))[0] == 250
-    wait_until(lambda: summed(relay, "delivered") == 1, what="the delivery summed")
+    wait_until(lambda: summed(relay, "delivered") == 1, 60, what="the delivery summed")
     for _ in range(3):  # the old bounces are before its fresh start: the guard passes over them
         assert sending(relay)["SendingEnabled"] is True
     wait_until(lambda: any(b"SendingResumed" in got[1] for got in hook.got), what="the destination told")
