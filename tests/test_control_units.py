@@ -19,8 +19,10 @@ def test_a_pause_names_its_scope_and_reason():
     assert core.paused(core.ENABLED, "s", core.ENABLED) is None
     assert core.paused(core.ENABLED, None, paused) is None  # no set: only the account's switch applies
     refused = core.paused(core.ENABLED, "s", paused)
-    assert refused.reply == ("554 Message rejected: Sending paused for this configuration set. <s> Reason: bounce"
-                             " rate 9 %")
+    assert refused.reply == ("554 Message rejected: Sending paused for this configuration set. Configuration set"
+                             " <s>: bounce rate 9 %.")
+    assert core.paused(core.ENABLED, "s", SendingState(False)).message == (
+        "Sending paused for this configuration set. Configuration set <s> is paused.")
     assert refused.code == "ConfigurationSetSendingPaused"
     account = core.paused(SendingState(False), "s", paused)  # the account's pause comes first
     assert account.reply == "554 Message rejected: Sending paused for this account."

@@ -99,7 +99,7 @@ def test_the_guard_waits_for_the_minimum_volume_then_pauses_the_set_and_says_why
     wait_until(lambda: sending(relay)["SendingEnabled"] is False, 60, what="the set paused")
     code, reply = send(relay.smtp_port, "guarded", rcpts=("fine@example.org",))
     assert code == 554, reply
-    assert reply.startswith(f"Message rejected: {core.SET_PAUSED} <guarded> Reason: bounce rate 100 %"
+    assert reply.startswith(f"Message rejected: {core.SET_PAUSED} Configuration set <guarded>: bounce rate 100 %"
                             f" ({MIN_VOLUME} permanent bounces of {MIN_VOLUME} messages in 1h) reached the"
                             " threshold of 20 %"), reply
     state = sending(relay)

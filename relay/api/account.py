@@ -79,8 +79,9 @@ def delivery_values(body: dict, where: str) -> dict:
                                                                          f"{where}maxDeliverySeconds")}
 
 
-def options_v2(s: SetDef) -> dict:
-    """SendingOptions, DeliveryOptions and ReputationOptions of GetConfigurationSet."""
+def options_v2(ctx: Context, s: SetDef) -> dict:
+    """SendingOptions, DeliveryOptions and ReputationOptions of GetConfigurationSet, and relay's own Reputation
+    member (the set's rates in its window, what the guard judges; SDKs leave members they do not know out)."""
     data: dict = {"SendingOptions": {"SendingEnabled": s.sending.enabled}}
     o = s.options
     delivery = {k: v for k, v in (("TlsPolicy", o.tls_policy), ("MaxDeliverySeconds", o.max_delivery_seconds))
@@ -94,6 +95,13 @@ def options_v2(s: SetDef) -> dict:
         reputation["LastFreshStart"] = _epoch(s.sending.fresh_start)
     if reputation:
         data["ReputationOptions"] = reputation
+    outcomes, thresholds = control.set_outcomes(ctx.config, ctx.store, s)
+    data["Reputation"] = {"BounceRate": outcomes.bounce_rate, "ComplaintRate": outcomes.complaint_rate,
+                          "Delivered": outcomes.delivered, "Bounced": outcomes.bounced,
+                          "PermanentBounces": outcomes.permanent, "Complaints": outcomes.complaints,
+                          "WindowSeconds": thresholds.window_s, "MinVolume": thresholds.min_volume,
+                          "BounceRateThreshold": thresholds.bounce_rate,
+                          "ComplaintRateThreshold": thresholds.complaint_rate}
     return data
 
 

@@ -227,7 +227,7 @@ def create_set(ctx: Context, call: Call) -> dict:
 
 def get_set(ctx: Context, call: Call) -> dict:
     s = ctx.model_set(call.params[0])
-    return {**set_json(s, ctx.config.tracking.default_host), **account.options_v2(s)}
+    return {**set_json(s, ctx.config.tracking.default_host), **account.options_v2(ctx, s)}
 
 
 def list_sets(ctx: Context, call: Call) -> dict:

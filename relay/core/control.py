@@ -61,16 +61,13 @@ class Refused:
 def paused(account: SendingState, set_name: str | None, set_state: SendingState) -> Refused | None:
     """The refusal of a message while its account or its configuration set is paused; None when it may go."""
     if not account.enabled:
-        return Refused(f"554 Message rejected: {ACCOUNT_PAUSED}{_why(account)}", "AccountSendingPaused",
-                       f"{ACCOUNT_PAUSED}{_why(account)}")
+        text = ACCOUNT_PAUSED + (f" Reason: {account.reason.rstrip('.')}." if account.reason else "")
+        return Refused(f"554 Message rejected: {text}", "AccountSendingPaused", text)
     if set_name is not None and not set_state.enabled:
-        text = f"{SET_PAUSED} <{set_name}>{_why(set_state)}"
+        reason = f": {set_state.reason.rstrip('.')}" if set_state.reason else " is paused"
+        text = f"{SET_PAUSED} Configuration set <{set_name}>{reason}."
         return Refused(f"554 Message rejected: {text}", "ConfigurationSetSendingPaused", text)
     return None
-
-
-def _why(state: SendingState) -> str:
-    return f" Reason: {state.reason}" if state.reason else ""
 
 
 # --- quotas -----------------------------------------------------------------------------------------------------
