@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from relay.config import Config
 from relay.core import control as core
 from relay.core.control import ACCOUNT, Outcomes, QuotaLimits, Refused, SendingState, Thresholds
-from relay.core.events import iso_ms
+from relay.core.events import iso_ms, ms_from_iso
 from relay.core.resolve import SetDef
 from relay.resolve import Resolver
 from relay.sets import no_such_set, writable_set
@@ -190,8 +190,5 @@ def window_start(now_s: int, t: Thresholds, state: SendingState) -> int:
     """The first epoch minute a set's window counts: the window's, or the minute after its fresh start."""
     first = now_s // 60 - int(t.window_s // 60) + 1
     if state.fresh_start:
-        from relay.core.events import ms_from_iso
-
         first = max(first, ms_from_iso(state.fresh_start) // 60000 + 1)
     return first
-

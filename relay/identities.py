@@ -326,8 +326,8 @@ def due(rows: list[IdentityRow], settings: SendingSettings, now_ms: int) -> list
     check_verified_interval; FAILED ones wait for verification to be asked for again (as SES)."""
     out = []
     for r in rows:
-        if r.kind != DOMAIN or r.verification_status == core.FAILED and r.dkim_status in (core.FAILED,
-                                                                                           core.NOT_STARTED):
+        given_up = r.verification_status == core.FAILED and r.dkim_status in (core.FAILED, core.NOT_STARTED)
+        if r.kind != DOMAIN or given_up:
             continue
         settled = r.verification_status == core.SUCCESS and r.dkim_status in (core.SUCCESS, core.NOT_STARTED)
         interval = settings.check_verified_interval if settled else settings.check_pending_interval

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from relay.config import Config
@@ -92,7 +93,8 @@ def describe_set(cfg: Config, store: Store, name: str) -> dict:
     return data
 
 
-def create_set(cfg: Config, store: Store, name: str, also=None) -> None:
+def create_set(cfg: Config, store: Store, name: str, also: Callable[[sqlite3.Connection], None] | None = None
+               ) -> None:
     """`also(conn)`: more of the new set's configuration, written in the same transaction (a set created paused
     never sends, not even for a moment)."""
     try:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 ACCOUNT = ""  # the scope of the account's sending status (a set's scope is its name)
 GUARD = "reputation-guard"  # who paused a set when the reputation guard did
 
-# SES's SMTP replies (its troubleshooting guide). A pause names its reason after SES's sentence, so an operator
-# reading a client's log learns why without looking elsewhere.
+# SES's SMTP replies: the throttling ones are in its troubleshooting guide, the account's pause is what clients
+# quote from it; a set's pause is worded the same way. A pause names its reason after SES's sentence, so whoever
+# reads a client's log learns why without looking elsewhere.
 ACCOUNT_PAUSED = "Sending paused for this account."
 SET_PAUSED = "Sending paused for this configuration set."
 RATE_EXCEEDED = "Maximum sending rate exceeded."
