@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from xml.sax.saxutils import escape
 
 from relay import control
-from relay.api.common import Context, invalid, required
+from relay.api.common import Context, invalid, query_bool, required, structure, v2_bool
 from relay.core.control import TLS_POLICIES, SetOptions, guard_verdict
 from relay.core.events import ms_from_iso
 from relay.core.resolve import SetDef
@@ -36,15 +36,6 @@ def caller(ctx: Context, operation: str) -> tuple[str, str]:
 
 def _epoch(iso: str) -> float:
     return ms_from_iso(iso) / 1000
-
-
-def _bool(value: object, where: str) -> bool:
-    """A v2 boolean; absent is false, as SES's services read an absent boolean."""
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid(value, where, "Member must be a boolean")
-    return value
 
 
 def _set(ctx: Context, name: str) -> SetDef:
@@ -111,15 +102,15 @@ def create_options(body: dict) -> tuple[bool | None, dict]:
     values: dict = {}
     delivery = body.get("DeliveryOptions")
     if delivery is not None:
-        values.update(delivery_values(_obj(delivery, "deliveryOptions"), "deliveryOptions."))
+        values.update(delivery_values(structure(delivery, "deliveryOptions"), "deliveryOptions."))
     reputation = body.get("ReputationOptions")
     if reputation is not None:
-        given = _obj(reputation, "reputationOptions").get("ReputationMetricsEnabled")
-        values["reputation_metrics"] = int(_bool(given, "reputationOptions.reputationMetricsEnabled"))
+        given = structure(reputation, "reputationOptions").get("ReputationMetricsEnabled")
+        values["reputation_metrics"] = int(v2_bool(given, "reputationOptions.reputationMetricsEnabled"))
     sending = body.get("SendingOptions")
     enabled = None
     if sending is not None:
-        enabled = _bool(_obj(sending, "sendingOptions").get("SendingEnabled"), "sendingOptions.sendingEnabled")
+        enabled = v2_bool(structure(sending, "sendingOptions").get("SendingEnabled"), "sendingOptions.sendingEnabled")
     return enabled, {k: v for k, v in values.items() if v is not None}
 
 
@@ -129,16 +120,10 @@ def created(ctx: Context, name: str, enabled: bool | None, options: dict):
     return control.with_new_set(name, enabled, options, who, why)
 
 
-def _obj(value: object, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise invalid(value, where, "Member must be a structure")
-    return value
-
-
 # --- v2 -----------------------------------------------------------------------------------------------------------
 
 def put_sending_options(ctx: Context, call) -> dict:
-    set_sending(ctx, call.params[0], _bool(call.body.get("SendingEnabled"), "sendingEnabled"),
+    set_sending(ctx, call.params[0], v2_bool(call.body.get("SendingEnabled"), "sendingEnabled"),
                 "PutConfigurationSetSendingOptions")
     return {}
 
@@ -151,7 +136,7 @@ def put_delivery_options(ctx: Context, call) -> dict:
 
 def put_reputation_options(ctx: Context, call) -> dict:
     _set(ctx, call.params[0])
-    enabled = _bool(call.body.get("ReputationMetricsEnabled"), "reputationMetricsEnabled")
+    enabled = v2_bool(call.body.get("ReputationMetricsEnabled"), "reputationMetricsEnabled")
     control.put_set_options(ctx.config, ctx.store, call.params[0], {"reputation_metrics": int(enabled)})
     return {}
 
@@ -180,7 +165,7 @@ def get_account(ctx: Context, call) -> dict:
 
 def put_account_sending(ctx: Context, call) -> dict:
     who, why = caller(ctx, "PutAccountSendingAttributes")
-    control.set_account_sending(ctx.store, _bool(call.body.get("SendingEnabled"), "sendingEnabled"), why, who)
+    control.set_account_sending(ctx.store, v2_bool(call.body.get("SendingEnabled"), "sendingEnabled"), why, who)
     return {}
 
 
@@ -208,14 +193,6 @@ def xml(name: str, value: object) -> str:
     return f"<{name}>{escape(text)}</{name}>"
 
 
-def v1_bool(value: object, where: str) -> bool:
-    if value in (None, ""):
-        return False  # SES documents Enabled as false when absent
-    if value not in ("true", "false"):
-        raise invalid(value, where, "Member must be true or false")
-    return value == "true"
-
-
 def describe_v1(s: SetDef, attributes: list[str]) -> str:
     """DescribeConfigurationSet's DeliveryOptions and ReputationOptions blocks, when asked for."""
     parts = []
@@ -237,14 +214,14 @@ def _name(p: dict) -> str:
 
 
 def v1_set_sending(ctx: Context, p: dict) -> str:
-    set_sending(ctx, _name(p), v1_bool(p.get("Enabled"), "enabled"), "UpdateConfigurationSetSendingEnabled")
+    set_sending(ctx, _name(p), query_bool(p.get("Enabled"), "enabled"), "UpdateConfigurationSetSendingEnabled")
     return ""
 
 
 def v1_set_reputation(ctx: Context, p: dict) -> str:
     name = _name(p)
     _set(ctx, name)
-    enabled = v1_bool(p.get("Enabled"), "enabled")
+    enabled = query_bool(p.get("Enabled"), "enabled")
     control.put_set_options(ctx.config, ctx.store, name, {"reputation_metrics": int(enabled)})
     return ""
 
@@ -266,7 +243,7 @@ def v1_account_enabled(ctx: Context, p: dict) -> str:
 
 def v1_update_account(ctx: Context, p: dict) -> str:
     who, why = caller(ctx, "UpdateAccountSendingEnabled")
-    control.set_account_sending(ctx.store, v1_bool(p.get("Enabled"), "enabled"), why, who)
+    control.set_account_sending(ctx.store, query_bool(p.get("Enabled"), "enabled"), why, who)
     return ""
 
 

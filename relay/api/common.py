@@ -57,6 +57,33 @@ def required(value: object, where: str) -> object:
     return value
 
 
+def v2_bool(value: object, where: str) -> bool:
+    """A v2 (JSON) boolean member; absent is false, as SES's services read an absent boolean."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(value, where, "Member must be a boolean")
+    return value
+
+
+def query_bool(value: object, where: str) -> bool:
+    """A v1 (Query) boolean parameter; absent is false, as SES v1 documents its Enabled members."""
+    if value in (None, ""):
+        return False
+    if value not in ("true", "false"):
+        raise invalid(value, where, "Member must be true or false")
+    return value == "true"
+
+
+def structure(value: object, where: str) -> dict:
+    """A v2 structure member; absent is empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(value, where, "Member must be a structure")
+    return value
+
+
 def choice(value: object, allowed: tuple[str, ...], where: str) -> str | None:
     if value is None:
         return None

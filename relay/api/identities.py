@@ -11,8 +11,18 @@ from __future__ import annotations
 import re
 
 from relay import identities
-from relay.api.account import v1_bool, xml
-from relay.api.common import Context, invalid, key_token, page_size, required, token_key
+from relay.api.account import xml
+from relay.api.common import (
+    Context,
+    invalid,
+    key_token,
+    page_size,
+    query_bool,
+    required,
+    structure,
+    token_key,
+    v2_bool,
+)
 from relay.api.errors import enum_constraint
 from relay.core import identities as core
 from relay.core.events import ms_from_iso
@@ -27,22 +37,6 @@ V1_TYPES = {"EmailAddress": core.EMAIL_ADDRESS, "Domain": core.DOMAIN}
 
 def _epoch(iso: str | None) -> float | None:
     return ms_from_iso(iso) / 1000 if iso else None
-
-
-def _bool(value: object, where: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid(value, where, "Member must be a boolean")
-    return value
-
-
-def _obj(value: object, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid(value, where, "Member must be a structure")
-    return value
 
 
 def _origin(value: object, where: str) -> str:
@@ -112,7 +106,7 @@ def file_identity_json(ctx: Context, identity: str) -> dict:
 
 def create_identity(ctx: Context, call) -> dict:
     name = str(required(call.body.get("EmailIdentity"), "emailIdentity"))
-    attrs = _obj(call.body.get("DkimSigningAttributes"), "dkimSigningAttributes")
+    attrs = structure(call.body.get("DkimSigningAttributes"), "dkimSigningAttributes")
     origin = _origin(attrs.get("DomainSigningAttributesOrigin"), "dkimSigningAttributes.domainSigningAttributesOrigin")
     key = attrs.get("DomainSigningPrivateKey")
     if origin == core.EXTERNAL and not key:
@@ -151,14 +145,14 @@ def delete_identity(ctx: Context, call) -> dict:
 
 def put_dkim(ctx: Context, call) -> dict:
     identities.set_dkim_signing(ctx.config, ctx.store, call.params[0],
-                                _bool(call.body.get("SigningEnabled"), "signingEnabled"))
+                                v2_bool(call.body.get("SigningEnabled"), "signingEnabled"))
     return {}
 
 
 def put_dkim_signing(ctx: Context, call) -> dict:
     origin = _origin(required(call.body.get("SigningAttributesOrigin"), "signingAttributesOrigin"),
                      "signingAttributesOrigin")
-    attrs = _obj(call.body.get("SigningAttributes"), "signingAttributes")
+    attrs = structure(call.body.get("SigningAttributes"), "signingAttributes")
     row = identities.set_signing_key(ctx.config, ctx.store, call.params[0], origin,
                                      attrs.get("DomainSigningSelector"), attrs.get("DomainSigningPrivateKey"),
                                      attrs.get("NextSigningKeyLength"))
@@ -300,7 +294,7 @@ def delete_v1(ctx: Context, p: dict) -> str:
 
 def set_dkim_enabled(ctx: Context, p: dict) -> str:
     identities.set_dkim_signing(ctx.config, ctx.store, str(required(p.get("Identity"), "identity")),
-                                v1_bool(p.get("DkimEnabled"), "dkimEnabled"))
+                                query_bool(p.get("DkimEnabled"), "dkimEnabled"))
     return ""
 
 
