@@ -252,9 +252,10 @@ def confirm_address(cfg: Config, store: Store, address: str) -> IdentityRow:
 def listing(cfg: Config, store: Store) -> list[dict]:
     """Every identity, of the file and the database: name, type, verification status, source."""
     own = {r.identity: r for r in store.read(identity_rows)}
+    verified = verified_identities(cfg, store)
     out = [{"IdentityName": i, "IdentityType": kind_of(i), "VerificationStatus": core.SUCCESS, "Source": "config"}
            for i in file_identities(cfg) if i not in own]
-    out += [{"IdentityName": r.identity, "IdentityType": r.kind, "VerificationStatus": address_status(cfg, own, r),
+    out += [{"IdentityName": r.identity, "IdentityType": r.kind, "VerificationStatus": status_of(verified, r),
              "Source": "database"} for r in own.values()]
     return sorted(out, key=lambda d: d["IdentityName"])
 
@@ -263,15 +264,16 @@ def kind_of(identity: str) -> str:
     return EMAIL_ADDRESS if "@" in identity else DOMAIN
 
 
-def address_status(cfg: Config, own: dict[str, IdentityRow], row: IdentityRow) -> str:
-    """An address is verified when it is, or when its domain is (SES)."""
+def verified_identities(cfg: Config, store: Store) -> frozenset[str]:
+    """Every verified identity, as the pipeline judges senders by them (relay.resolve)."""
+    return Resolver(cfg, store).model().verified_identities
+
+
+def status_of(verified: frozenset[str], row: IdentityRow) -> str:
+    """An address is verified when it is, or when its domain (or a parent of it) is, as SES has it."""
     if row.kind == DOMAIN or row.verification_status == core.SUCCESS:
         return row.verification_status
-    domain = core.domain_of(row.identity)
-    parent = own.get(domain)
-    if domain in file_identities(cfg) or (parent is not None and parent.verification_status == core.SUCCESS):
-        return core.SUCCESS
-    return row.verification_status
+    return core.SUCCESS if core.is_verified(verified, row.identity) else row.verification_status
 
 
 def dns_records(cfg: Config, row: IdentityRow) -> list[core.Record]:

@@ -65,11 +65,11 @@ def dkim_json(ctx: Context, row: IdentityRow | None) -> dict:
 
 
 def identity_json(ctx: Context, row: IdentityRow) -> dict:
-    own = {r.identity: r for r in [row, ctx.store.read(identity_row, core.domain_of(row.identity))] if r is not None}
-    status = identities.address_status(ctx.config, own, row)
+    status = identities.status_of(identities.verified_identities(ctx.config, ctx.store), row)
+    domain_row = row if row.kind == core.DOMAIN else ctx.store.read(identity_row, core.domain_of(row.identity))
     data: dict = {"IdentityType": row.kind, "FeedbackForwardingStatus": True,
                   "VerifiedForSendingStatus": status == core.SUCCESS, "VerificationStatus": status,
-                  "DkimAttributes": dkim_json(ctx, own.get(core.domain_of(row.identity))),
+                  "DkimAttributes": dkim_json(ctx, domain_row),
                   "Policies": {}, "Tags": []}
     info = {k: v for k, v in (("LastCheckedTimestamp", _epoch(row.checked_at)),
                               ("LastSuccessTimestamp", _epoch(row.verified_at))) if v is not None}
@@ -250,13 +250,10 @@ def _valid(name: str) -> bool:
 def verification_attributes(ctx: Context, p: dict) -> str:
     entries = []
     files = identities.file_identities(ctx.config)
+    verified = identities.verified_identities(ctx.config, ctx.store)
     for name, row in _rows(ctx, p):
         if row is not None:
-            own = {row.identity: row}
-            parent = ctx.store.read(identity_row, core.domain_of(row.identity))
-            if parent is not None:
-                own[parent.identity] = parent
-            value = xml("VerificationStatus", core.V1_STATUS[identities.address_status(ctx.config, own, row)])
+            value = xml("VerificationStatus", core.V1_STATUS[identities.status_of(verified, row)])
             if row.verification_token:
                 value += xml("VerificationToken", row.verification_token)
         elif _valid(name) and identities.normalised(name)[0] in files:
