@@ -325,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_template(sub)
     sub.choices["template"].set_defaults(func=cmd_template)
+    from relay.control_cli import add_parsers as add_control  # sending control: account
+    from relay.identity_cli import add_parsers as add_identity  # sending identities and their DKIM keys
+
+    add_control(sub)
+    add_identity(sub)
     _config_from_environment(parser, config_module.default_config_path())
     return parser
 

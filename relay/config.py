@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.core.control import TLS_POLICIES, QuotaLimits, Quotas, SetOptions, Thresholds
 from relay.core.domains import InvalidTrackingOptions, validate_tracking_domain
 from relay.core.headers import CONFIG_SET_RE
 from relay.core.resolve import (
@@ -206,6 +207,7 @@ class ConfigurationSet:
     dkim_fallback_domain: str | None = None
     destinations: tuple[Destination, ...] = ()  # [[configuration_sets.NAME.destinations]]
     feedback: FeedbackOptions = field(default_factory=FeedbackOptions)  # verp, list_unsubscribe, suppression
+    delivery: SetOptions = field(default_factory=SetOptions)  # tls_policy, max_delivery_seconds (SES DeliveryOptions)
 
     def tracking_options(self) -> TrackingOptions:
         return TrackingOptions(self.open_tracking, self.click_tracking, self.custom_redirect_domain,
@@ -248,6 +250,10 @@ class Config:
     scan: ScanSettings = field(default_factory=lambda: ScanSettings())  # [scan]: virus scan through clamd
     store: StoreSettings = field(default_factory=StoreSettings)
     console: ConsoleSettings = field(default_factory=lambda: ConsoleSettings())  # [console]: the web console
+    # --- sending control: [quotas], [reputation] ---
+    quotas: Quotas = field(default_factory=Quotas)
+    reputation: ReputationSettings = field(default_factory=lambda: ReputationSettings())
+    sending: SendingSettings = field(default_factory=lambda: SendingSettings())  # identities: [sending]
 
     @property
     def database_path(self) -> Path:
@@ -307,17 +313,18 @@ def check_password(password: str, stored: str) -> bool:
 
 # --- tracking keys -----------------------------------------------------------------------------------------
 
-def load_or_create_keyring(path: Path) -> Keyring:
+def load_or_create_keyring(path: Path, title: str = "relay tracking keys") -> Keyring:
     """Tracking keys, one `kid secret-hex` per line, newest first. Created with one random key when absent.
 
-    Every relay and tracking node that serves the same links must share this file.
+    Every relay and tracking node that serves the same links must share this file. (The DKIM sealing keys of
+    [sending] dkim_keys_file have the same form: `title` names them in the file.)
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         kid = "k" + secrets.token_hex(3)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write("# relay tracking keys: `key-id secret-hex`, newest (signing) key first.\n")
+            f.write(f"# {title}: `key-id secret-hex`, newest (signing) key first.\n")
             f.write(f"{kid} {secrets.token_hex(32)}\n")
     keys = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -453,11 +460,13 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     scan = _parse_scan(top.sub("scan"), problems)  # issue 9: virus scan through clamd
     store = _parse_store(top.sub("store"), problems)
     console = _parse_console(top.sub("console"), problems)
+    control = {"quotas": _parse_quotas(top.sub("quotas")), "reputation": _parse_reputation(top.sub("reputation")),
+               "sending": _parse_sending(top.sub("sending"), data_dir)}
     top.finish()
     cfg = Config(path=path, data_dir=data_dir, smtp=smtp, upstream=upstream, delivery=delivery,
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
                  api=api, feedback=feedback, complaints_addresses=complaints, scan=scan, store=store,
-                 console=console, **relay_kw)
+                 console=console, **control, **relay_kw)
     cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
     problems += _https_problems(cfg)
     problems += sets_problems(cfg)  # issue 6: domain levels
@@ -680,13 +689,14 @@ def _parse_sets(c: _Reader, problems: list[str]) -> dict[str, ConfigurationSet]:
         s = c.sub(name)
         fallback = s.get("dkim_fallback_domain", str, "") or None
         feedback = _parse_feedback_options(s, problems)
+        delivery = _parse_set_delivery(s)
         destinations = _parse_destinations(s, problems)
         o = _parse_options(s, problems)  # the set's tracking options; also reports the table's unknown keys
         sets[name] = ConfigurationSet(
             name=name, open_tracking=o.open_tracking, click_tracking=o.click_tracking,
             custom_redirect_domain=o.custom_redirect_domain, https_policy=o.https_policy,
             pixel_position=o.pixel_position, dkim_fallback_domain=fallback, destinations=destinations,
-            feedback=feedback,
+            feedback=feedback, delivery=delivery,
         )
     return sets
 
@@ -1109,4 +1119,142 @@ def _parse_console(c: _Reader, problems: list[str]) -> ConsoleSettings:
         if getattr(settings, name) <= 0:
             problems.append(f"console.{name}: must be a positive duration")
     c.finish()
+    return settings
+
+
+# --- sending control: [quotas], [reputation] -------------------------------------------------------------------
+
+def _parse_set_delivery(s: _Reader) -> SetOptions:
+    """A set's `tls_policy` (REQUIRE: its copies go out over TLS or wait) and `max_delivery_seconds`."""
+    seconds = s.get("max_delivery_seconds", int, 0) or None
+    if seconds is not None and not 300 <= seconds <= 50400:
+        s.problems.append(f"{s.key('max_delivery_seconds')}: between 300 and 50400 (SES's range)")
+        seconds = None
+    return SetOptions(tls_policy=s.choice("tls_policy", TLS_POLICIES, None), max_delivery_seconds=seconds)
+
+
+def _quota_limits(r: _Reader) -> QuotaLimits:
+    limits = QuotaLimits(max_send_rate=r.get("max_send_rate", int, 0),
+                         max_24_hour_send=r.get("max_24_hour_send", int, 0))
+    for name in ("max_send_rate", "max_24_hour_send"):
+        if getattr(limits, name) < 0:
+            r.problems.append(f"{r.key(name)}: 0 (no limit) or a positive number of recipients")
+    return limits
+
+
+def _parse_quotas(q: _Reader) -> Quotas:
+    """[quotas] (the account's), [quotas.sets.NAME] and [quotas.users.NAME] (SMTP users)."""
+    scoped: dict[str, dict[str, QuotaLimits]] = {}
+    for kind in ("sets", "users"):
+        table = q.sub(kind)
+        scoped[kind] = {}
+        for name in list(table.table):
+            r = table.sub(name)
+            scoped[kind][name] = _quota_limits(r)
+            r.finish()
+        table.finish()
+    account = _quota_limits(q)
+    q.finish()
+    return Quotas(account, scoped["sets"], scoped["users"])
+
+
+@dataclass(frozen=True)
+class ReputationSettings:
+    """[reputation]: the guard that pauses a set whose bounce or complaint rate reaches its threshold."""
+
+    enabled: bool = True
+    defaults: Thresholds = field(default_factory=Thresholds)
+    sets: dict[str, Thresholds] = field(default_factory=dict)  # [reputation.sets.NAME]: a set's own thresholds
+    # How often the guard looks; a minute, as often as Gmail's and SES's dashboards move at all.
+    check_interval: float = 60.0
+    notify_destinations: bool = True  # a set's destinations receive SendingPaused / SendingResumed events
+
+    def thresholds(self, set_name: str) -> Thresholds:
+        return self.sets.get(set_name, self.defaults)
+
+
+def _thresholds(r: _Reader, base: Thresholds) -> Thresholds:
+    t = Thresholds(window_s=r.duration("window", base.window_s), min_volume=r.get("min_volume", int, base.min_volume),
+                   bounce_rate=r.get("bounce_rate", float, base.bounce_rate),
+                   complaint_rate=r.get("complaint_rate", float, base.complaint_rate))
+    if t.window_s < 60:
+        r.problems.append(f"{r.key('window')}: at least 1m (outcomes are counted per minute)")
+    if t.min_volume < 1:
+        r.problems.append(f"{r.key('min_volume')}: at least 1 message")
+    for name in ("bounce_rate", "complaint_rate"):
+        if not 0 < getattr(t, name) <= 1:
+            r.problems.append(f"{r.key(name)}: a fraction between 0 and 1 (0.05 is 5 %)")
+    return t
+
+
+def _parse_reputation(r: _Reader) -> ReputationSettings:
+    defaults = _thresholds(r, Thresholds())
+    table = r.sub("sets")
+    sets = {}
+    for name in list(table.table):
+        sr = table.sub(name)
+        sets[name] = _thresholds(sr, defaults)
+        sr.finish()
+    table.finish()
+    settings = ReputationSettings(enabled=r.get("enabled", bool, True), defaults=defaults, sets=sets,
+                                  check_interval=r.duration("check_interval", 60.0),
+                                  notify_destinations=r.get("notify_destinations", bool, True))
+    if settings.check_interval <= 0:
+        r.problems.append("reputation.check_interval: must be a positive duration")
+    r.finish()
+    return settings
+
+
+@dataclass(frozen=True)
+class SendingSettings:
+    """[sending]: identities made with the CLI or the API, their DNS checks and their DKIM keys."""
+
+    require_verified_identity: bool = False  # refuse mail From an identity not verified (SES's sandbox rule)
+    # DNS servers for identity checks, "host" or "host:port"; empty: the system's resolver (/etc/resolv.conf)
+    nameservers: tuple[tuple[str, int], ...] = ()
+    # SES keeps looking for a pending identity's records for 72 hours; every 5 minutes finds them soon after
+    # they are published without a query storm (one or two lookups per pending identity).
+    check_pending_interval: float = 300.0
+    # A verified identity's records are looked up again daily, so a removed DKIM record stops the signing.
+    check_verified_interval: float = 86400.0
+    dns_timeout: float = 5.0  # per lookup, as `relay dkim check`
+    # Identities' DKIM private keys are stored sealed (AES-256-GCM) under the first key of this file (`kid
+    # secret-hex` lines, created 0600 on first use). Every node sharing the store needs the same file.
+    dkim_keys_file: Path = Path("relay-data/dkim-sealing-keys")
+
+
+def _nameservers(r: _Reader) -> tuple[tuple[str, int], ...]:
+    out = []
+    for i, text in enumerate(str(t) for t in r.get("nameservers", list, [])):
+        if text.startswith("["):  # [IPv6]:port
+            host, _, port = text[1:].partition("]:")
+        elif text.count(":") == 1:  # IPv4:port
+            host, port = text.split(":")
+        else:  # an address alone
+            host, port = text, "53"
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            r.problems.append(f"{r.key('nameservers')}[{i}]: {text!r} is not an IP address (with :port)")
+            continue
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            r.problems.append(f"{r.key('nameservers')}[{i}]: {text!r} has no valid port")
+            continue
+        out.append((host, int(port)))
+    return tuple(out)
+
+
+def _parse_sending(r: _Reader, data_dir: Path) -> SendingSettings:
+    settings = SendingSettings(
+        require_verified_identity=r.get("require_verified_identity", bool, False),
+        nameservers=_nameservers(r),
+        check_pending_interval=r.duration("check_pending_interval", 300.0),
+        check_verified_interval=r.duration("check_verified_interval", 86400.0),
+        dns_timeout=r.duration("dns_timeout", 5.0),
+        dkim_keys_file=r.path("dkim_keys_file", data_dir / "dkim-sealing-keys") or data_dir / "dkim-sealing-keys",
+    )
+    for name in ("check_pending_interval", "check_verified_interval", "dns_timeout"):
+        if getattr(settings, name) <= 0:
+            r.problems.append(f"sending.{name}: must be a positive duration")
+    r.finish()
     return settings

@@ -61,7 +61,9 @@ class CaptureUpstream:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    async def send(self, mail_from: str, recipient: str, data: bytes, message_id: str = "") -> Reply:
+    async def send(self, mail_from: str, recipient: str, data: bytes, message_id: str = "",
+                   require_tls: bool = False) -> Reply:
+        """`require_tls` is met: the copy never crosses a network."""
         return await asyncio.to_thread(self._write, mail_from, recipient, data, message_id)
 
     def _write(self, mail_from: str, recipient: str, data: bytes, message_id: str) -> Reply:
@@ -121,7 +123,9 @@ class SmtpUpstream:
             await client.login(s.username, s.password)
         return client
 
-    async def send(self, mail_from: str, recipient: str, data: bytes, message_id: str = "") -> Reply:
+    async def send(self, mail_from: str, recipient: str, data: bytes, message_id: str = "",
+                   require_tls: bool = False) -> Reply:
+        """`require_tls` (a set's TlsPolicy REQUIRE): the copy goes over an encrypted connection or waits."""
         async with self._slots:
             client = self._idle.pop() if self._idle else None
             for attempt in (1, 2):
@@ -129,6 +133,9 @@ class SmtpUpstream:
                 try:
                     if client is None:
                         client = await self._connect()
+                    if require_tls and not _encrypted(client):
+                        self._idle.append(client)  # good for mail that does not require TLS
+                        return Reply(454, TLS_REQUIRED, CONNECT, _peer_ip(client), connection_failed=True)
                     reply = await self._transaction(client, mail_from, recipient, data)
                 except aiosmtplib.SMTPServerDisconnected as exc:
                     client = await _discard(client)
@@ -223,6 +230,14 @@ def dot_stuffed(data: bytes) -> bytes:
 
 
 _DOT_ATOM = re.compile(DOT_ATOM_ADDRESS)
+# Retried as any temporary failure (then a Transient bounce after the set's MaxDeliverySeconds or max_age): the
+# upstream may offer STARTTLS again later, and a copy must not go out in clear against its set's policy.
+TLS_REQUIRED = ("4.7.10 TLS required: the configuration set's TlsPolicy is REQUIRE and the connection to the"
+                " upstream is not encrypted (it offers no STARTTLS, or upstream.tls is \"none\")")
+
+
+def _encrypted(client: aiosmtplib.SMTP) -> bool:
+    return client.get_transport_info("sslcontext") is not None
 
 
 def _quoted(address: str) -> str:

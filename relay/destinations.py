@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from relay.config import Config
+from relay.control import NOTICE_TYPES
 from relay.core import publish
 from relay.core.events import iso_ms
 from relay.core.resolve import EVENT_TYPES, Destination
@@ -85,6 +86,8 @@ class Worker:
     def __init__(self, publisher: Publisher, set_name: str, dest: Destination):
         self.p, self.set_name, self.dest = publisher, set_name, dest
         self.types = tuple(EVENT_TYPES[t] for t in dest.event_types)
+        if publisher.config.reputation.notify_destinations:  # a pause of the set concerns every destination
+            self.types += NOTICE_TYPES
         self.sink = FileSink(dest.path) if dest.kind == "file" else None
         self.task: asyncio.Task | None = None
         self.cursor = self.saved = (-1, -1)  # position (store.configuration) of the last event delivered / saved

@@ -225,6 +225,16 @@ def stats_command(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: --since {args.since!r}: expected 7d, 24h, 2w or a date like 2026-11-01", file=sys.stderr)
         return 2
+    if args.by == "reputation":  # each set's rates in its own window (the guard's view): --since does not apply
+        from relay.reputation import REPUTATION_COLUMNS, reputation_rows
+
+        store = _open(cfg)
+        try:
+            rows = reputation_rows(cfg, store, args.config_set)
+        finally:
+            store.close()
+        print(json.dumps(rows, indent=2) if args.json else format_table(rows, REPUTATION_COLUMNS))
+        return 0
     rows = stats(cfg, args.by, args.config_set, since, args.limit)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -460,7 +470,7 @@ def add_parsers(sub: argparse._SubParsersAction, funcs: dict[str, Callable]) -> 
     p.add_argument("--config", required=True)
     p.add_argument("--config-set")
     p.add_argument("--since", default="7d", help="7d, 24h, 2w or a date (default 7d)")
-    p.add_argument("--by", choices=("day", "link", "recipient"), default="day")
+    p.add_argument("--by", choices=("day", "link", "recipient", "reputation"), default="day")
     p.add_argument("--limit", type=int, default=100, help="rows of --by recipient (default 100)")
     p.add_argument("--json", action="store_true", help="rows as JSON, for scripts")
     p.set_defaults(func=funcs["stats"])

@@ -43,6 +43,7 @@ EVENT_METRICS = {
     "Reject": ("relay_rejected", "Messages refused (Reject events)"),
     "Open": ("relay_opens", "Open events, by the listener's verdict"),
     "Click": ("relay_clicks", "Click events, by the listener's verdict"),
+    "SendingPaused": ("relay_sets_paused", "Pauses of the set's sending (by the reputation guard, the CLI, the API)"),
 }
 
 
@@ -218,6 +219,9 @@ class Operations:
                                              sets, unrecorded=lambda: relay.queue.unrecorded))
             if relay.tracking is not None:
                 registry.register(RecorderCollector(relay.tracking.recorder))
+            from relay.reputation import ControlCollector  # sending switches and reputation
+
+            registry.register(ControlCollector(lambda: relay.config, relay.store, relay.pipeline.resolver))
             self.server = MetricsServer(registry, cfg.metrics.listen_host, cfg.metrics.listen_port)
             await self.server.start()
         self.retention = asyncio.get_running_loop().create_task(retention_task(relay.store, lambda: relay.config))

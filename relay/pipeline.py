@@ -25,8 +25,10 @@ from email.utils import format_datetime
 
 from relay import offload
 from relay.config import Config
+from relay.control import OverQuota, counted
 from relay.core import clamd
 from relay.core import events as ev
+from relay.core.control import ENABLED, Refused, paused
 from relay.core.headers import (
     CONFIG_SET_HEADER,
     HeaderBlock,
@@ -36,6 +38,7 @@ from relay.core.headers import (
     split_header_block,
     to_crlf,
 )
+from relay.core.identities import is_verified, unverified_reply
 from relay.core.intake import INLINE_BYTES, Intake, heavy, intake, mail_facts
 from relay.core.outcome import BOUNCED, DELIVERED, Outcome, RetryPolicy, decide
 from relay.core.resolve import UnknownSet, sender_identity
@@ -58,11 +61,13 @@ log = logging.getLogger("relay.pipeline")
 
 
 class Refusal(Exception):
-    """An SMTP reply refusing a message; `reply` is the full line, e.g. `554 Configuration Set ...`."""
+    """An SMTP reply refusing a message; `reply` is the full line, e.g. `554 Configuration Set ...`. Sending
+    control's refusals also carry the API's error (`code` as relay/api/errors.py knows it, and its message)."""
 
-    def __init__(self, reply: str):
+    def __init__(self, reply: str, code: str | None = None, message: str | None = None):
         super().__init__(reply)
         self.reply = reply
+        self.code, self.message = code, message
 
 
 class StorageUnavailable(Exception):
@@ -230,6 +235,7 @@ class Pipeline:
             raise _Stale(scanned=False) from None  # perhaps a set created since the cached model was built
         version = self.resolver.version
         set_name, settings = resolved.set_name, resolved.settings
+        self._check_sending(set_name, accepted.identity, fresh)
         item.control.configuration_set = set_name  # a default set shows in mail.tags as SES shows it
         facts = mail_facts(
             item, message_id=message_id, now_ms=now_ms, mail_from=sub.mail_from, recipients=sub.recipients,
@@ -249,9 +255,12 @@ class Pipeline:
                    for r in suppressed]
         final = {r: (BOUNCED, f"not sent: on the suppression list ({reason})") for r, reason in suppressed.items()}
         guard = None if fresh else _unchanged_guard(version, sub.recipients, settings.suppression_reasons)
+        work = Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final, guard, self.lease_for_new())
+        scopes = self.config.quotas.scopes(set_name, sub.auth_user)
         try:
-            written = await self.store.write(Store.accept_work(row, sub.recipients, item.raw, sends + bounces, final,
-                                                               guard, self.lease_for_new()))
+            written = await self.store.write(counted(work, scopes, len(sub.recipients), now_ms // 1000))
+        except OverQuota as exc:  # the whole work was rolled back: nothing of the message is kept
+            raise Refusal(exc.refused.reply, exc.refused.code, exc.refused.message) from None
         except Exception as exc:  # disk full, I/O error, locked database: never answer 250
             log.error("could not queue message from %s: %s", sub.client_ip, exc)
             raise StorageUnavailable(str(exc)) from exc
@@ -259,6 +268,23 @@ class Pipeline:
             raise _Stale(scanned=True)
         return QueuedMessage(message_id, sub.mail_from, item.raw, mail, set_name, settings, now_ms,
                              frozenset(suppressed), mail_text)
+
+    def _check_sending(self, set_name: str | None, identity: str, fresh: bool) -> None:
+        """Refuse a message while its account or set is paused, or its sender identity is not verified (when
+        sending.require_verified_identity). Either read from the cached model may be over already: the message
+        is then prepared again from what the database holds (a change made since the model was cached is caught
+        by the queueing transaction's version check)."""
+        model = self.resolver.model(check=False)
+        refused = paused(model.account_sending, set_name, model.sets[set_name].sending if set_name else ENABLED)
+        if refused is None and self.config.sending.require_verified_identity \
+                and not is_verified(model.verified_identities, identity):
+            reply, text = unverified_reply(identity, self.config.region)
+            refused = Refused(reply, "MessageRejected", text)
+        if refused is None:
+            return
+        if not fresh:
+            raise _Stale(scanned=False)
+        raise Refusal(refused.reply, refused.code, refused.message)
 
     def _suppressed(self, recipients: list[str], settings: TrackingSettings) -> dict[str, str]:
         """The recipients on the suppression list for a reason the message's set applies -> that reason."""
@@ -360,10 +386,11 @@ class Pipeline:
         fallback = self._fallback_domain(msg.configuration_set)
         # signing hashes the whole copy: a big one is signed off the loop, as it was rendered
         data = await offload.run(len(rendered.data) > INLINE_BYTES, self._sign, rendered.data, msg, fallback, warnings)
-        reply: Reply = await self.upstream.send(self._return_path(msg, position), recipient, data, msg.id)
+        reply: Reply = await self.upstream.send(self._return_path(msg, position), recipient, data, msg.id,
+                                                require_tls=msg.settings.require_tls)
         now_ms = self.now_ms()
         outcome = decide(reply.code, reply.message, reply.connection_failed, attempts, msg.received_ms, now_ms,
-                         self.retry_policy(), step=reply.step)
+                         self.retry_policy(msg.settings), step=reply.step)
         mail, mail_text = msg.mail, msg.mail_json
         if outcome.state == DELIVERED:  # SES tags a Delivery with the address it delivered from
             mail, mail_text = ev.with_outgoing_ip(mail, mail_text, reply.local_ip)
@@ -407,9 +434,11 @@ class Pipeline:
         warnings += [("sign", w) for w in signed.warnings]
         return signed.data
 
-    def retry_policy(self) -> RetryPolicy:
+    def retry_policy(self, settings: TrackingSettings | None = None) -> RetryPolicy:
+        """delivery's retries; a set's MaxDeliverySeconds (SES's DeliveryOptions) in place of max_age."""
         d = self.config.delivery
-        return RetryPolicy(d.retry_initial, d.retry_max, d.max_age)
+        own = settings.max_delivery_seconds if settings is not None else None
+        return RetryPolicy(d.retry_initial, d.retry_max, float(own) if own else d.max_age)
 
     def _fallback_domain(self, set_name: str | None) -> str | None:
         """A DKIM fallback domain is a TOML key of a set (sets made with the CLI or the API have none)."""

@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from dataclasses import replace
 
 from relay.config import Config
 from relay.core import resolve as core
+from relay.core.control import ACCOUNT, ENABLED, SendingState, SetOptions
+from relay.core.identities import SUCCESS, IdentityDef
 from relay.core.resolve import (
     Destination,
     FeedbackOptions,
@@ -76,7 +79,7 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
             conflicts.append(f"configuration set {name} is defined in both {cfg.path} and the database;"
                              " the file's definition is used (delete it with `relay config-set delete`)")
         opts = cs.tracking_options()
-        sets[name] = SetDef(name, "config", opts, cs.destinations, not opts.empty, cs.feedback)
+        sets[name] = SetDef(name, "config", opts, cs.destinations, not opts.empty, cs.feedback, options=cs.delivery)
     domains: dict[str, Level] = {}
     for (level, scope), opts in db_tracking.items():
         if level == "domain":
@@ -98,7 +101,40 @@ def build_model(cfg: Config, stored: StoredConfiguration) -> tuple[Model, list[s
     base = Level("[tracking] (config file)", TrackingOptions(
         custom_redirect_domain=t.default_host, https_policy=t.https_policy, pixel_position=t.pixel_position))
     hosts = core.all_tracking_hosts(t.default_host, sets, domains, account)
-    return Model(sets, domains, identities, account, base, hosts, cfg.feedback), conflicts
+    states = sending_states(stored)
+    sets = with_sending_control(sets, states, stored)
+    own = sending_identities(stored)
+    return Model(sets, domains, identities, account, base, hosts, cfg.feedback, states.get(ACCOUNT, ENABLED),
+                 own, verified_identities(cfg, own)), conflicts
+
+
+def sending_identities(stored: StoredConfiguration) -> dict[str, IdentityDef]:
+    return {r.identity: IdentityDef(r.identity, r.kind, r.verification_status == SUCCESS, r.dkim_signing,
+                                    r.dkim_status, r.dkim_selector, r.dkim_algorithm, r.dkim_key)
+            for r in stored.sending_identities}
+
+
+def verified_identities(cfg: Config, own: dict[str, IdentityDef]) -> frozenset[str]:
+    """Who may send under require_verified_identity: the database's verified identities, and the file's."""
+    return frozenset([i for i, d in own.items() if d.verified] + list(cfg.identities)
+                     + [k.domain.lower() for k in cfg.dkim.keys])
+
+
+def sending_states(stored: StoredConfiguration) -> dict[str, SendingState]:
+    """scope ('' = the account, else a set) -> its sending switch, who set it and why."""
+    return {scope: SendingState(bool(enabled), reason, by, at, fresh) for scope, enabled, reason, by, at, fresh
+            in stored.sending}
+
+
+def with_sending_control(sets: dict[str, SetDef], states: dict[str, SendingState],
+                         stored: StoredConfiguration) -> dict[str, SetDef]:
+    """Each set with its switch (a set of the file may be paused too: pausing is operation, not definition) and
+    the delivery and reputation options the CLI or the API gave it (sets of the database only)."""
+    options = {name: SetOptions(tls, seconds, None if metrics is None else bool(metrics))
+               for name, tls, seconds, metrics in stored.set_options}
+    return {name: replace(s, sending=states.get(name, ENABLED),
+                          options=options.get(name, SetOptions()) if s.source == DB else s.options)
+            for name, s in sets.items()}
 
 
 class Resolver:

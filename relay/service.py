@@ -23,11 +23,13 @@ from relay import config as config_module
 from relay.config import Config
 from relay.deliver import make_upstream
 from relay.destinations import Publisher
+from relay.identities import Checker, IdentityKeys
 from relay.inbound import InboundStage
 from relay.instrument import Instrumenter
 from relay.metrics import start_operations, stop_operations  # inspection (issue 8)
 from relay.pipeline import Pipeline
 from relay.queue import DeliveryQueue
+from relay.reputation import Guard
 from relay.resolve import Resolver
 from relay.scan import make_scanner
 from relay.sign import Signer
@@ -131,6 +133,8 @@ class Relay:
     publisher: object | None = None  # relay.destinations.Publisher (issue 6)
     api: object | None = None  # relay.api.server.ApiServer (issue 7)
     console: object | None = None  # relay.console.ConsoleServer: the web console ([console])
+    guard: Guard | None = None  # the reputation guard (relay.reputation)
+    checker: Checker | None = None  # identities' DNS checks (relay.identities)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
 
     @classmethod
@@ -145,6 +149,7 @@ class Relay:
         queue = DeliveryQueue(store, pipeline.deliver_copy, cfg.delivery.concurrency, node=cfg.node_id,
                               lease_s=cfg.store.lease)
         pipeline.lease_for_new = queue.lease_for_new  # an accepted message's copies are this node's to deliver
+        pipeline.signer.identity_keys = IdentityKeys(lambda: pipeline.config, resolver)  # identities' DKIM keys
         handler = Handler(cfg.smtp, pipeline, queue.add, InboundStage(cfg, store, keyring))  # issue 9: reports
         relay = cls(cfg, store, pipeline, queue, handler)
         relay.publisher = Publisher(cfg, store, resolver)  # event destinations
@@ -171,6 +176,10 @@ class Relay:
         await self.console.start()
         tracking_port = self.tracking.port if self.tracking else 0
         self.operations = await start_operations(self)  # inspection (issue 8): /metrics, retention
+        self.guard = Guard(lambda: self.config, self.store, self.pipeline.resolver)  # sending control
+        self.guard.start()
+        self.checker = Checker(lambda: self.config, self.store)  # identities' DNS records, rechecked
+        self.checker.start()
         log.info("relay listening: smtp %s:%d, tracking %s:%d, data %s", self.config.smtp.listen_host,
                  self.config.smtp.listen_port, self.config.tracking.listen_host, tracking_port, self.config.data_dir)
 
@@ -178,6 +187,7 @@ class Relay:
         try:
             cfg = config_module.load(self.config.path) if self.config.path else self.config
             signer = Signer(cfg.dkim)
+            signer.identity_keys = self.pipeline.signer.identity_keys
             keyring = cfg.keyring()  # a key prepended to the keys file signs from now on; all keep verifying
         except config_module.ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", "; ".join(exc.problems))
@@ -224,6 +234,9 @@ class Relay:
         await self.pipeline.upstream.close()
         await self.publisher.stop()  # issue 6: cursors are saved as events go; nothing to flush
         await stop_operations(self)  # inspection (issue 8)
+        for task in (self.guard, self.checker):
+            if task is not None:
+                await task.stop()
         await asyncio.to_thread(self.store.close)
 
 

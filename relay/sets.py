@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from relay.config import Config
@@ -29,6 +30,7 @@ from relay.store import (
     provision_cursor,
     put_set_suppression,
 )
+from relay.store.control import forget_set_control
 
 LEVELS = ("account", "domain", "set")
 HTTPS_REQUIRED = ("REQUIRE", "REQUIRE_OPEN_ONLY")
@@ -91,7 +93,10 @@ def describe_set(cfg: Config, store: Store, name: str) -> dict:
     return data
 
 
-def create_set(cfg: Config, store: Store, name: str) -> None:
+def create_set(cfg: Config, store: Store, name: str, also: Callable[[sqlite3.Connection], None] | None = None
+               ) -> None:
+    """`also(conn)`: more of the new set's configuration, written in the same transaction (a set created paused
+    never sends, not even for a moment)."""
     try:
         core.check_set_name(name)
     except ModelError as exc:
@@ -108,6 +113,8 @@ def create_set(cfg: Config, store: Store, name: str) -> None:
             raise SesError("LimitExceeded", f"Maximum number of configuration sets ({core.MAX_SETS}) reached.")
         conn.execute("INSERT INTO configuration_sets (name, created_at) VALUES (?, ?)",
                      (name, iso_ms(int(time.time() * 1000))))
+        if also is not None:
+            also(conn)
         bump_configuration_version(conn)
 
     _run(store, work)
@@ -124,6 +131,7 @@ def delete_set(cfg: Config, store: Store, name: str) -> None:
         conn.execute("DELETE FROM event_destinations WHERE configuration_set = ?", (name,))
         delete_cursor(conn, name)
         put_set_suppression(conn, name, None)  # issue 9: its SuppressionOptions go with it
+        forget_set_control(conn, name)  # its sending switch and delivery options
         bump_configuration_version(conn)
 
     _run(store, work)

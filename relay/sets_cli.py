@@ -85,7 +85,13 @@ def _config_set_cmd(cfg: Config, store: Store, args: argparse.Namespace):
     if cmd == "list":
         return "\n".join(f"{s['Name']}\t{s['Source']}" for s in sets.list_sets(cfg, store)) or None
     if cmd == "show":
-        return sets.describe_set(cfg, store, args.name)
+        from relay.control_cli import set_report
+
+        return {**sets.describe_set(cfg, store, args.name), **set_report(cfg, store, args.name)}
+    if cmd in ("pause", "resume"):
+        from relay.control_cli import config_set_switch
+
+        return config_set_switch(cfg, store, args)
     if cmd == "create":
         sets.create_set(cfg, store, args.name)
     elif cmd == "delete":
@@ -164,7 +170,7 @@ destination_command = _cli(_destination_cmd)
 
 def add_parsers(sub) -> None:
     """`relay config-set`, `relay tracking`, `relay destination`."""
-    p = sub.add_parser("config-set", help="configuration sets: list, show, create, delete, default")
+    p = sub.add_parser("config-set", help="configuration sets: list, show, create, delete, pause, resume, default")
     s = p.add_subparsers(dest="config_set_command", required=True)
     c = s.add_parser("list", help="every set, from the file and the database")
     c.add_argument("--config", required=True)
@@ -173,6 +179,9 @@ def add_parsers(sub) -> None:
         c = s.add_parser(name, help=help_text)
         c.add_argument("name")
         c.add_argument("--config", required=True)
+    from relay.control_cli import add_config_set_parsers
+
+    add_config_set_parsers(s)  # pause, resume
     c = s.add_parser("default", help="an identity's (address or domain) default configuration set")
     c.add_argument("identity")
     g = c.add_mutually_exclusive_group(required=True)

@@ -38,6 +38,8 @@ class Signer:
             raise ConfigError(problems)
         self._keep_broken = settings.keep_broken_signatures
         self._clock = clock
+        # Keys of identities made with the CLI or the API (relay.identities.IdentityKeys): domain -> keys
+        self.identity_keys: Callable[[], dict[str, list[dkim.SigningKey]]] = dict
         self._by_domain: dict[str, list[dkim.SigningKey]] = {}
         for key in loaded:
             self._by_domain.setdefault(key.domain, []).append(key)
@@ -53,10 +55,11 @@ class Signer:
         warnings: list[str] = []
         if data != original and b"dkim-signature" in data[: _header_end(data)].lower() and not self._keep_broken:
             data = self._drop_broken(data, original)
-        if not self._by_domain:  # signing not configured: said once at start, not once per copy
+        identity_keys = self.identity_keys()
+        if not self._by_domain and not identity_keys:  # signing not configured: said once at start, not per copy
             return SignResult(data, warnings)
         domain = _from_domain(data)
-        keys = self.keys_for(domain) or self.keys_for(fallback_domain)
+        keys = self.keys_for(domain, identity_keys) or self.keys_for(fallback_domain, identity_keys)
         if not keys:
             tried = " or ".join(d for d in dict.fromkeys((domain, fallback_domain)) if d) or "a message without From"
             warnings.append(f"no DKIM key for {tried}: sent unsigned")
@@ -64,12 +67,13 @@ class Signer:
             return SignResult(data, warnings)
         return SignResult(dkim.sign(data, keys, timestamp=int(self._clock())) + data, warnings)
 
-    def keys_for(self, domain: str | None) -> list[dkim.SigningKey]:
+    def keys_for(self, domain: str | None, identity_keys: dict | None = None) -> list[dkim.SigningKey]:
         """Keys for `domain`, else for its closest configured parent domain: d=example.com still aligns with
-        From: news.example.com under DMARC's default relaxed alignment."""
+        From: news.example.com under DMARC's default relaxed alignment. The file's keys before an identity's."""
         labels = (_a_label(domain or "") or "").split(".")
         for i in range(len(labels) - 1):
-            keys = self._by_domain.get(".".join(labels[i:]))
+            name = ".".join(labels[i:])
+            keys = self._by_domain.get(name) or (identity_keys or {}).get(name)
             if keys:
                 return keys
         return []

@@ -37,6 +37,7 @@ NOT_WEBHOOK = ("relay delivers events to webhooks only: use an SnsDestination (o
 class Context:
     config: Config
     store: Store
+    caller: str = ""  # who is asking, as recorded with what they change: "api:<access key id>"
 
     def model_set(self, name: str) -> SetDef:
         s = Resolver(self.config, self.store).model().sets.get(name)
@@ -63,6 +64,24 @@ def required(value: object, where: str) -> object:
         raise SesError("ValidationError", f"1 validation error detected: Value null at '{where}' failed to satisfy"
                        " constraint: Member must not be null")
     return value
+
+
+def v2_bool(value: object, where: str) -> bool:
+    """A v2 (JSON) boolean member; absent is false, as SES's services read an absent boolean."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(value, where, "Member must be a boolean")
+    return value
+
+
+def query_bool(value: object, where: str) -> bool:
+    """A v1 (Query) boolean parameter; absent is false, as SES v1 documents its Enabled members."""
+    if value in (None, ""):
+        return False
+    if value not in ("true", "false"):
+        raise invalid(value, where, "Member must be true or false")
+    return value == "true"
 
 
 def choice(value: object, allowed: tuple[str, ...], where: str) -> str | None:

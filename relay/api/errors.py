@@ -66,3 +66,13 @@ def validation_message(value: object, where: str, constraint: str) -> str:
 
 def enum_constraint(values: tuple[str, ...] | list[str]) -> str:
     return f"Member must satisfy enum value set: [{', '.join(values)}]"
+
+
+# Sending control's codes (relay/core/control.py, relay/api/account.py, relay/api/identities.py): SES v1 names
+# each pause, v2 has one SendingPausedException; throttling is v1's unmodelled `Throttling`, v2's 429.
+V1_CODES.update({"AccountSendingPaused": "AccountSendingPausedException",
+                 "ConfigurationSetSendingPaused": "ConfigurationSetSendingPausedException"})
+V2_SHAPES.update({"AccountSendingPaused": "SendingPausedException",
+                  "ConfigurationSetSendingPaused": "SendingPausedException",
+                  "Throttling": "TooManyRequestsException", "MessageRejected": "MessageRejected"})
+V2_STATUS.update({"SendingPausedException": 400, "MessageRejected": 400})

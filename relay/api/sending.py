@@ -23,8 +23,11 @@ _REPLY = re.compile(r"^(\d{3})(?: \d\.\d{1,3}\.\d{1,3})? ?(.*)$", re.S)
 UNAVAILABLE = "The message could not be stored; try again later."
 
 
-def refusal_error(reply: str) -> SesError:
-    """SES's error for the pipeline's SMTP refusal of a message."""
+def refusal_error(reply: str, code: str | None = None, message: str | None = None) -> SesError:
+    """SES's error for the pipeline's SMTP refusal of a message; sending control's refusals (a paused set or
+    account, a quota) name their own API error."""
+    if code:
+        return SesError(code, message or "")
     unknown = _UNKNOWN_SET.match(reply)
     if unknown:
         return SesError("ConfigurationSetDoesNotExist", unknown.group(1))
@@ -62,7 +65,7 @@ class Sender:
             msg = await self.pipeline.accept(sub)
         except Refusal as exc:
             log.info("api %s from=<%s> refused: %s", operation, out.mail_from, exc.reply)
-            return Result(error=refusal_error(exc.reply))
+            return Result(error=refusal_error(exc.reply, exc.code, exc.message))
         except StorageUnavailable:
             return Result(error=SesError("ServiceUnavailable", UNAVAILABLE))
         self.on_accepted(msg, msg.to_deliver(sub.recipients))

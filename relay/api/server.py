@@ -104,7 +104,7 @@ class ApiServer:
                 else exc.code
             err = WireError(exc.status, code, exc.message)
             return error_response(protocol, err, request_id)
-        ctx = Context(cfg, self.store)
+        ctx = Context(cfg, self.store, f"api:{key_id}")
         client = request.remote or ""
         if protocol == "v2":
             return await self._v2(ctx, request.method, path, query, body, request_id, key_id, client)

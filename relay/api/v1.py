@@ -11,7 +11,7 @@ from collections.abc import Callable
 from xml.sax.saxutils import escape
 
 from relay import sets, templates
-from relay.api import send
+from relay.api import account, identities, send
 from relay.api.common import (
     V1_EVENT_TYPES,
     V2_TO_V1,
@@ -124,11 +124,7 @@ def describe_xml(s: SetDef, attributes: list[str]) -> str:
     if "trackingOptions" in attributes and s.tracking.custom_redirect_domain:
         parts.append(f"<TrackingOptions>{_el('CustomRedirectDomain', s.tracking.custom_redirect_domain)}"
                      "</TrackingOptions>")
-    if "deliveryOptions" in attributes:
-        parts.append("<DeliveryOptions><TlsPolicy>Optional</TlsPolicy></DeliveryOptions>")
-    if "reputationOptions" in attributes:
-        parts.append("<ReputationOptions><SendingEnabled>true</SendingEnabled>"
-                     "<ReputationMetricsEnabled>false</ReputationMetricsEnabled></ReputationOptions>")
+    parts.append(account.describe_v1(s, attributes))  # DeliveryOptions, ReputationOptions: as they are
     return "".join(parts)
 
 
@@ -342,6 +338,9 @@ ACTIONS: dict[str, Callable[[Context, dict], str]] = {
     "CreateTemplate": create_template, "GetTemplate": get_template, "ListTemplates": list_templates,
     "UpdateTemplate": update_template, "DeleteTemplate": delete_template, "TestRenderTemplate": test_render,
 }
+
+
+ACTIONS.update(account.V1_ACTIONS | identities.V1_ACTIONS)  # sending control; identities and DKIM
 
 
 def action_of(params: list[tuple[str, str]]) -> str | None:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qs, parse_qsl, unquote
 
 from relay import sets, suppression, templates
-from relay.api import send
+from relay.api import account, identities, send
 from relay.api.common import (
     FEATURE_STATUS,
     HTTPS_POLICIES,
@@ -212,7 +212,8 @@ def create_set(ctx: Context, call: Call) -> dict:
     engagement = _engagement(call.body.get("VdmOptions"))
     reasons = _suppressed_reasons(_obj(call.body.get("SuppressionOptions"), "suppressionOptions"),
                                   "suppressionOptions.")
-    sets.create_set(ctx.config, ctx.store, name)
+    enabled, sending_options = account.create_options(call.body)
+    sets.create_set(ctx.config, ctx.store, name, account.created(ctx, name, enabled, sending_options))
 
     def configure() -> None:
         if options is not None:
@@ -228,7 +229,8 @@ def create_set(ctx: Context, call: Call) -> dict:
 
 
 def get_set(ctx: Context, call: Call) -> dict:
-    return set_json(ctx.model_set(call.params[0]))
+    s = ctx.model_set(call.params[0])
+    return {**set_json(s), **account.options_v2(ctx, s)}
 
 
 def list_sets(ctx: Context, call: Call) -> dict:
@@ -476,3 +478,9 @@ HANDLERS: dict[str, Handler] = {
     "UpdateEmailTemplate": update_template, "DeleteEmailTemplate": delete_template,
     "TestRenderEmailTemplate": test_render,
 }
+
+
+# Sending control: the account and sets' sending switches, delivery and reputation options (relay/api/account.py),
+# email identities and their DKIM keys (relay/api/identities.py).
+ROUTES += account.V2_ROUTES + identities.V2_ROUTES
+HANDLERS.update(account.V2_HANDLERS | identities.V2_HANDLERS)

@@ -21,7 +21,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from relay.core.control import ENABLED, SendingState, SetOptions
 from relay.core.headers import CONFIG_SET_RE, HeaderBlock, domain_of, from_address
+from relay.core.identities import IdentityDef
 from relay.core.settings import HTTPS_POLICIES, PIXEL_POSITIONS, SUPPRESSION_REASONS, TrackingSettings
 
 MAX_DESTINATIONS = 10  # per configuration set (SES quota)
@@ -147,6 +149,8 @@ class SetDef:
     destinations: tuple[Destination, ...] = ()
     has_tracking: bool = False  # tracking options exist at this level (TrackingOptionsAlreadyExists)
     feedback: FeedbackOptions = field(default_factory=FeedbackOptions)
+    sending: SendingState = ENABLED  # paused or not, by whom and why (relay/core/control.py)
+    options: SetOptions = field(default_factory=SetOptions)  # SES's DeliveryOptions and ReputationOptions
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,11 @@ class Model:
     base: Level  # the [tracking] table (custom_redirect_domain = default_host)
     tracking_hosts: frozenset[str]
     feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
+    account_sending: SendingState = ENABLED  # the account's switch (SES's SendingEnabled)
+    # Identities of the database (with their DKIM keys, sealed), and every identity that may send: those verified
+    # there, and those of the file ([identities], [[dkim.keys]] domains), which the operator vouches for.
+    sending_identities: dict[str, IdentityDef] = field(default_factory=dict)
+    verified_identities: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -334,7 +343,7 @@ def resolve(model: Model, set_name: str | None, identity: str, https_available: 
         open_tracking=bool(values["open_tracking"]), click_tracking=bool(values["click_tracking"]), host=host,
         https_policy=str(values["https_policy"]), pixel_position=str(values["pixel_position"]),
         tracking_hosts=model.tracking_hosts, https_available=https_available(host),
-        **feedback_settings(model, model.sets[set_name]),
+        **feedback_settings(model, model.sets[set_name]), **model.sets[set_name].options.delivery_settings(),
     )
     return Resolution(set_name, settings, provenance, set_reason)
 

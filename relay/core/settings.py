@@ -42,6 +42,10 @@ class TrackingSettings:
     # Which suppression-list reasons apply to this message: an address listed for one of them is not sent
     # to, and this message's permanent bounces, complaints and unsubscribes add its recipients for them.
     suppression_reasons: tuple[str, ...] = SUPPRESSION_REASONS
+    # Delivery options of the set (SES's DeliveryOptions): a copy goes out over TLS or waits for it; a copy is
+    # retried this long (None: delivery.max_age).
+    require_tls: bool = False
+    max_delivery_seconds: int | None = None
 
     @property
     def enabled(self) -> bool:

@@ -19,6 +19,9 @@ class StoredConfiguration:
     destinations: list[tuple]  # (set, name, enabled, event_types JSON, kind, settings JSON)
     version: int
     suppression: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (set, reasons): set_suppression_options
+    sending: tuple[tuple, ...] = ()  # sending switches (store.control.sending_states)
+    set_options: tuple[tuple, ...] = ()  # sets' delivery and reputation options (store.control.set_options)
+    sending_identities: tuple = ()  # store.identities.IdentityRow of every identity made with the CLI or the API
 
 
 def configuration_read(store, helper: Callable[..., T], *args) -> T:
@@ -37,6 +40,8 @@ def bump_configuration_version(conn) -> None:
 
 def load_configuration(conn) -> StoredConfiguration:
     """Everything in one read transaction, so a concurrent change is seen whole or not at all."""
+    from relay.store import control, identities
+
     conn.execute(conn.dialect.begin_snapshot)
     try:
         return StoredConfiguration(
@@ -51,6 +56,9 @@ def load_configuration(conn) -> StoredConfiguration:
                 " ORDER BY configuration_set, name").fetchall(),
             version=configuration_version(conn),
             suppression=set_suppression_options(conn),
+            sending=tuple(control.sending_states(conn)),
+            set_options=tuple(control.set_options(conn)),
+            sending_identities=tuple(identities.identity_rows(conn)),
         )
     finally:
         conn.execute("COMMIT")

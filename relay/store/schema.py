@@ -288,12 +288,91 @@ _TEMPLATES = [
     )""",
 ]
 
+# Sending control: pausing (the account, a set) with who and why, a set's delivery and reputation options,
+# quota counters shared by every node, the per-minute outcomes the reputation guard and GetSendStatistics read
+# (tailed from the events), and identities with their DKIM keys (encrypted, relay.identities).
+_SENDING_CONTROL = [
+    # scope '' = the account, else a configuration set's name (of the file or the database). No row: enabled.
+    """CREATE TABLE sending_status (
+        scope TEXT PRIMARY KEY,
+        enabled INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        changed_by TEXT NOT NULL,
+        changed_at TEXT NOT NULL,
+        fresh_start TEXT
+    )""",
+    # Every pause and resume, kept: who, why, when.
+    """CREATE TABLE sending_history (
+        id INTEGER PRIMARY KEY,
+        time TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        changed_by TEXT NOT NULL
+    )""",
+    "CREATE INDEX sending_history_scope ON sending_history (scope, id)",
+    # SES's DeliveryOptions and ReputationOptions of sets made with the CLI or the API; NULL: never set.
+    """CREATE TABLE set_sending_options (
+        configuration_set TEXT PRIMARY KEY,
+        tls_policy TEXT,
+        max_delivery_seconds INTEGER,
+        reputation_metrics INTEGER
+    )""",
+    # Recipients accepted per quota scope ('account', 'set:NAME', 'user:NAME'), per second (unit 's') and per
+    # minute ('m'), keyed by the epoch second or minute. The accepting transaction adds to them.
+    """CREATE TABLE send_counts (
+        scope TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (scope, unit, bucket)
+    )""",
+    # Outcomes per set ('' = none) and epoch minute of the events' own time, summed from the events.
+    """CREATE TABLE send_statistics (
+        configuration_set TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        delivered INTEGER NOT NULL,
+        bounced INTEGER NOT NULL,
+        permanent INTEGER NOT NULL,
+        complaints INTEGER NOT NULL,
+        rejects INTEGER NOT NULL,
+        PRIMARY KEY (configuration_set, minute)
+    )""",
+    # The last event summed (events are summed once settled: relay.reputation).
+    "CREATE TABLE send_statistics_mark (id INTEGER PRIMARY KEY, last_event_id INTEGER NOT NULL)",
+    "INSERT INTO send_statistics_mark (id, last_event_id) VALUES (1, 0)",
+    # An address or a domain (lower case) created with the CLI or the API; the file's [identities] are not here.
+    """CREATE TABLE email_identities (
+        identity TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        verification_token TEXT,
+        verification_status TEXT NOT NULL,
+        verified_at TEXT,
+        checked_at TEXT,
+        check_detail TEXT NOT NULL DEFAULT '',
+        dkim_signing INTEGER NOT NULL,
+        dkim_status TEXT NOT NULL,
+        dkim_origin TEXT,
+        dkim_selector TEXT,
+        dkim_algorithm TEXT,
+        dkim_key TEXT,
+        dkim_key_created_at TEXT,
+        mail_from_domain TEXT,
+        mail_from_behavior TEXT,
+        mail_from_status TEXT
+    )""",
+]
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "baseline: messages, queue, events, verdicts, configuration, suppression, reports, rollups",
               lambda d: [render(s, d) for s in BASELINE] + (_POSTGRES_EXTRA if d.postgres else [])),
     Migration(2, "several nodes: queue leases, destination positions in commit order",
               lambda d: [render(s, d) for s in _LEASES_AND_POSITIONS] + (_POSTGRES_POSITIONS if d.postgres else [])),
     Migration(3, "email templates (the sending API)", lambda d: [render(s, d) for s in _TEMPLATES]),
+    Migration(4, "sending control: pauses, quotas, reputation statistics, identities and their DKIM keys",
+              lambda d: [render(s, d) for s in _SENDING_CONTROL]),
 ]
 LATEST = MIGRATIONS[-1].version
 

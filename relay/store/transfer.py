@@ -23,9 +23,11 @@ TABLES = ("messages", "spool", "recipients", "message_warnings", "events", "trac
           "configuration_sets", "tracking_options", "identity_sets", "event_destinations", "destination_cursors",
           "destination_failures", "suppressed_destinations", "suppression_options", "inbound_reports",
           "funnel_rollup", "link_rollup", "recipient_rollup", "configuration_version", "funnel_rollup_mark",
-          "recipient_rollup_mark", "email_templates")
-SINGLETONS = ("configuration_version", "funnel_rollup_mark", "recipient_rollup_mark")
-IDENTITIES = ("events", "inbound_reports")  # tables whose ids PostgreSQL assigns: their sequences move on
+          "recipient_rollup_mark", "email_templates", "sending_status", "sending_history", "set_sending_options",
+          "send_counts", "send_statistics", "send_statistics_mark", "email_identities")
+SINGLETONS = ("configuration_version", "funnel_rollup_mark", "recipient_rollup_mark", "send_statistics_mark")
+# tables whose ids PostgreSQL assigns: their sequences move on
+IDENTITIES = ("events", "inbound_reports", "sending_history")
 COPY_BATCH = 5000
 
 
