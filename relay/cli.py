@@ -307,17 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--to", dest="target", required=True, help="postgresql://user@host/dbname")
     p.set_defaults(func=cmd_store)
 
-    from relay.sets_cli import add_parsers  # issue 6: config-set, tracking, destination
+    from relay.sets_cli import add_parsers  # config-set, tracking, destination
 
     before = set(sub.choices)
     add_parsers(sub)
     funcs = {"config-set": cmd_config_set, "tracking": cmd_tracking, "destination": cmd_destination}
     for name in set(sub.choices) - before:
         sub.choices[name].set_defaults(func=funcs[name])
-    from relay.inspect import add_parsers as add_inspection  # issue 8: stats, events tail, purge, forget
+    from relay.inspect import add_parsers as add_inspection  # stats, events tail, purge, forget
 
     add_inspection(sub, {"stats": cmd_stats, "events": cmd_events, "purge": cmd_purge, "forget": cmd_forget})
-    from relay.suppression import add_parser as add_suppression  # issue 9
+    from relay.suppression import add_parser as add_suppression
 
     add_suppression(sub)
     sub.choices["suppression"].set_defaults(func=cmd_suppression)

@@ -139,7 +139,7 @@ class TrackingConfig:
     pixel_position: str = "bottom"
     keys_file: Path = Path("relay-data/tracking-keys")
     max_link_age: float = 0.0  # seconds; 0 = links never expire
-    # --- tracking listener (issue 4) ---
+    # --- tracking listener ---
     # X-Forwarded-For/-Proto are believed only from these peers (a CDN or reverse proxy in front).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     tls_listen_host: str | None = None  # HTTPS listener; None: plain HTTP only
@@ -237,14 +237,14 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     configuration_sets: dict[str, ConfigurationSet] = field(default_factory=dict)
-    # --- sending domains and identities (issue 6): [domains."D".tracking], [identities."X"] ---
+    # --- sending domains and identities: [domains."D".tracking], [identities."X"] ---
     domains: dict[str, TrackingOptions] = field(default_factory=dict)
     identities: dict[str, str] = field(default_factory=dict)  # address or domain -> default configuration set
-    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings())  # inspection (issue 8)
-    retention: RetentionSettings = field(default_factory=lambda: RetentionSettings())  # inspection (issue 8)
-    privacy: PrivacySettings = field(default_factory=lambda: PrivacySettings())  # inspection (issue 8)
-    api: ApiSettings = field(default_factory=lambda: ApiSettings())  # api (issue 7)
-    # --- bounces and feedback (issue 9): [bounces], [suppression] ---
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings())
+    retention: RetentionSettings = field(default_factory=lambda: RetentionSettings())
+    privacy: PrivacySettings = field(default_factory=lambda: PrivacySettings())
+    api: ApiSettings = field(default_factory=lambda: ApiSettings())
+    # --- bounces and feedback: [bounces], [suppression] ---
     feedback: FeedbackDefaults = field(default_factory=FeedbackDefaults)
     complaints_addresses: tuple[str, ...] = ()  # ARF reports are also accepted at these addresses (lower case)
     scan: ScanSettings = field(default_factory=lambda: ScanSettings())  # [scan]: virus scan through clamd
@@ -454,10 +454,10 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
     dkim = _parse_dkim(top.sub("dkim"), problems)
     sets = _parse_sets(top.sub("configuration_sets"), problems)
     domains, identities = _parse_domains(top.sub("domains"), problems), _parse_identities(top.sub("identities"))
-    api = _parse_api(top.sub("api"))  # api (issue 7)
-    inspection = _parse_inspection(top, problems)  # inspection (issue 8)
-    feedback, complaints = _parse_feedback(top, problems)  # issue 9
-    scan = _parse_scan(top.sub("scan"), problems)  # issue 9: virus scan through clamd
+    api = _parse_api(top.sub("api"))
+    inspection = _parse_inspection(top, problems)
+    feedback, complaints = _parse_feedback(top, problems)
+    scan = _parse_scan(top.sub("scan"), problems)  # virus scan through clamd
     store = _parse_store(top.sub("store"), problems)
     console = _parse_console(top.sub("console"), problems)
     control = {"quotas": _parse_quotas(top.sub("quotas")), "reputation": _parse_reputation(top.sub("reputation")),
@@ -467,9 +467,9 @@ def parse(data: dict, base: Path, path: Path | None = None) -> Config:
                  tracking=tracking, dkim=dkim, configuration_sets=sets, domains=domains, identities=identities,
                  api=api, feedback=feedback, complaints_addresses=complaints, scan=scan, store=store,
                  console=console, **control, **relay_kw)
-    cfg = _with_inspection(cfg, inspection)  # inspection (issue 8)
+    cfg = _with_inspection(cfg, inspection)
     problems += _https_problems(cfg)
-    problems += sets_problems(cfg)  # issue 6: domain levels
+    problems += sets_problems(cfg)  # domain levels
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -505,7 +505,7 @@ def warnings(cfg: Config) -> list[str]:
     notes = [f"tracking host {h} has no HTTPS: https links are wrapped with http:// tracking URLs (the redirect"
              " still lands on https); list it in tracking.https_hosts or serve a certificate for it"
              for h in sorted(hosts) if not cfg.https_available(h)]
-    for cs in cfg.configuration_sets.values():  # issue 9: RFC 8058 one-click needs an https URL
+    for cs in cfg.configuration_sets.values():  # RFC 8058 one-click needs an https URL
         own = cs.feedback.list_unsubscribe
         unsubscribe = cfg.feedback.list_unsubscribe if own is None else own
         host = cs.custom_redirect_domain or cfg.tracking.default_host
@@ -712,7 +712,7 @@ def load(path: str | os.PathLike) -> Config:
     return parse(data, p.resolve().parent, p)
 
 
-# --- configuration sets, sending domains and identities (issue 6) ----------------------------------------------
+# --- configuration sets, sending domains and identities ----------------------------------------------
 
 def _parse_destinations(s: _Reader, problems: list[str]) -> tuple[Destination, ...]:
     """`[[configuration_sets.NAME.destinations]]`: webhook or file targets for the set's events."""
@@ -812,7 +812,7 @@ def sets_problems(cfg: Config) -> list[str]:
             if o.https_policy in ("REQUIRE", "REQUIRE_OPEN_ONLY") and not cfg.https_available(host)]
 
 
-# --- api (issue 7): the SES-compatible management API ----------------------------------------------------------
+# --- api: the SES-compatible management API ----------------------------------------------------------
 
 @dataclass(frozen=True)
 class ApiTarget:
@@ -919,7 +919,7 @@ def _parse_api(a: _Reader) -> ApiSettings:
     return settings
 
 
-# --- inspection (issue 8): [metrics], [retention], [privacy] ----------------------------------------------------
+# --- inspection: [metrics], [retention], [privacy] ----------------------------------------------------
 
 @dataclass(frozen=True)
 class MetricsSettings:
@@ -970,7 +970,7 @@ def _with_inspection(cfg: Config, inspection: dict) -> Config:
     return replace(cfg, **inspection)
 
 
-# --- bounces and feedback (issue 9): [bounces], [suppression], per-set verp/list_unsubscribe/suppression_reasons --
+# --- bounces and feedback: [bounces], [suppression], per-set verp/list_unsubscribe/suppression_reasons --
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$|^localhost$")
 
@@ -1011,7 +1011,7 @@ def _parse_feedback(top: _Reader, problems: list[str]) -> tuple[FeedbackDefaults
     return defaults, complaints
 
 
-# --- virus scanning (issue 9): [scan] ------------------------------------------------------------------------------
+# --- virus scanning: [scan] ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ScanSettings:

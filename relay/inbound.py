@@ -1,4 +1,4 @@
-"""The inbound stage (issue 9): reports that come back to relay become events.
+"""The inbound stage: reports that come back to relay become events.
 
     receive (SMTP DATA for the bounce domain or a complaints address) → parse → match → durable with its
     events → 250

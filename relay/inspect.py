@@ -1,4 +1,4 @@
-"""Inspection and operations (issue 8): `relay stats`, `relay events tail`, `relay purge`, `relay forget`,
+"""Inspection and operations: `relay stats`, `relay events tail`, `relay purge`, `relay forget`,
 the retention task, and the privacy scrubbing of Open/Click events.
 
 The pure parts (durations, cut-offs, tables, IP truncation, redaction) are plain functions; the commands are
@@ -345,7 +345,7 @@ def purge(store: store_module.Store, days: int, now: datetime | None = None, bud
         return {"events": 0, "messages": 0}
     return {"events": _chunks(store, store_module.purge_events_chunk, cutoff, budget),
             "messages": _chunks(store, store_module.purge_messages_chunk, cutoff, budget),
-            "inbound_reports": _chunks(store, store_module.purge_inbound_reports_chunk, cutoff, budget)}  # issue 9
+            "inbound_reports": _chunks(store, store_module.purge_inbound_reports_chunk, cutoff, budget)}
 
 
 def first_open_day(now: datetime) -> str:

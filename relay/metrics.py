@@ -1,4 +1,4 @@
-"""Prometheus metrics (issue 8) on their own listener: `[metrics] listen = "127.0.0.1:9108"`, path /metrics.
+"""Prometheus metrics on their own listener: `[metrics] listen = "127.0.0.1:9108"`, path /metrics.
 
 Not on the tracking listener: that one faces the internet, and queue depths and volumes are nobody's business.
 
@@ -196,7 +196,7 @@ class MetricsServer:
 
 
 class Operations:
-    """What `relay serve` runs for issue 8: the metrics listener and the retention task."""
+    """What `relay serve` runs for operations: the metrics listener and the maintenance task (rollups, retention)."""
 
     def __init__(self):
         self.server: MetricsServer | None = None

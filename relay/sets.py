@@ -130,7 +130,7 @@ def delete_set(cfg: Config, store: Store, name: str) -> None:
         conn.execute("DELETE FROM tracking_options WHERE level = 'set' AND scope = ?", (name,))
         conn.execute("DELETE FROM event_destinations WHERE configuration_set = ?", (name,))
         delete_cursor(conn, name)
-        put_set_suppression(conn, name, None)  # issue 9: its SuppressionOptions go with it
+        put_set_suppression(conn, name, None)  # its SuppressionOptions go with it
         forget_set_control(conn, name)  # its sending switch and delivery options
         bump_configuration_version(conn)
 

@@ -1,7 +1,7 @@
 """The accept stage's SMTP server (aiosmtpd): policy, authentication, and DATA handed to the pipeline.
 
 - Never an open relay: a client outside `smtp.trusted_networks` must authenticate to send mail onwards (530 at
-  RCPT). Reports for the bounce domain and the complaints addresses are accepted from anyone (issue 9) and go
+  RCPT). Reports for the bounce domain and the complaints addresses are accepted from anyone and go
   to the inbound stage, not the outbound pipeline; a forged report address is an unknown mailbox (550).
 - AUTH PLAIN/LOGIN against salted scrypt hashes; offered only after STARTTLS, except from
   `smtp.plaintext_auth_networks` (loopback by default). Failed attempts are limited per client address; the
@@ -437,7 +437,7 @@ class Handler:
     def __init__(self, settings: SmtpSettings, pipeline, on_accepted, inbound=None):
         self.settings = settings
         self.pipeline = pipeline
-        self.inbound = inbound  # relay.inbound.InboundStage: reports for the bounce domain (issue 9)
+        self.inbound = inbound  # relay.inbound.InboundStage: reports for the bounce domain
         self.on_accepted = on_accepted  # called with (QueuedMessage, recipients) after a durable accept
         self.sessions: set[RelaySMTP] = set()
         self.busy = 0  # transactions between end of DATA and the reply, or the end of their work

@@ -1,4 +1,4 @@
-"""The account suppression list (issue 9): its operations and `relay suppression list|add|remove|import|export`
+"""The account suppression list: its operations and `relay suppression list|add|remove|import|export`
 (and `options`, a set's reasons).
 
 The operations are SES's (PutSuppressedDestination, GetSuppressedDestination, DeleteSuppressedDestination,

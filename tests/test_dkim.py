@@ -1,4 +1,4 @@
-"""DKIM re-signing (issue 5): relay's signatures checked by dkimpy as the verifier, with keys on disk as relay
+"""DKIM re-signing: relay's signatures checked by dkimpy as the verifier, with keys on disk as relay
 reads them and the public halves served to dkimpy through its dnsfunc hook (no real DNS)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reports coming back (issue 9) end to end: relay (a subprocess) sends with a VERP envelope sender through an
+"""Reports coming back end to end: relay (a subprocess) sends with a VERP envelope sender through an
 aiosmtpd upstream; DSNs, ARF reports and other mail then arrive at relay's own SMTP listener from a client that
 neither authenticates nor is trusted, and become events (or, for anything else, stored reports without one).
 The module runs twice: once with relay on SQLite, once on PostgreSQL."""

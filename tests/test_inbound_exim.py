@@ -1,4 +1,4 @@
-"""A real MTA bounces relay's mail later (issue 9): Exim accepts the message from relay, then fails it and sends
+"""A real MTA bounces relay's mail later: Exim accepts the message from relay, then fails it and sends
 its own RFC 3464 DSN to the VERP envelope sender, i.e. back to relay's SMTP listener, which records the Bounce.
 
 Exim runs from the test as a foreground daemon on 127.0.0.1 with a configuration written here: it accepts

@@ -1,4 +1,4 @@
-"""The pure parts of issue 8: durations, cut-offs, IP truncation, scrubbing, redaction, tables; the store's
+"""The pure parts of inspection and operations: durations, cut-offs, IP truncation, scrubbing, redaction, tables; the store's
 purge and forget helpers on a small real database."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 8 end to end: one running relay sends, delivers, bounces; a person opens and clicks; then the views,
+"""Inspection end to end: one running relay sends, delivers, bounces; a person opens and clicks; then the views,
 `relay stats`, `relay events tail`, /metrics, the logs, privacy, `relay purge` (an old link still redirects)
 and `relay forget` are checked against what happened; on SQLite and on PostgreSQL."""
 

@@ -1,4 +1,4 @@
-"""Virus scanning through clamd (issue 9, "Reject"): a real clamd started here with one test signature.
+"""Virus scanning through clamd ("Reject"): a real clamd started here with one test signature.
 
 clamd loads a database folder holding only `relay-test.ndb` (a signature for TEST_STRING, no official
 databases, no freshclam, no network), listens on a unix socket in a short temporary folder (and on TCP for

@@ -1,4 +1,4 @@
-"""The account suppression list (issue 9): suppressed recipients are not relayed and get SES's Send + Bounce
+"""The account suppression list: suppressed recipients are not relayed and get SES's Send + Bounce
 (OnAccountSuppressionList); a permanent bounce lists the address; per-set reasons; `relay suppression`.
 
 End to end through relay as a subprocess with an aiosmtpd upstream; the store parts on a real database. The

@@ -1,4 +1,4 @@
-"""The SES-compatible management API (issue 7): SES v2 REST-JSON and SES v1 Query/XML on one listener.
+"""The SES-compatible management API: SES v2 REST-JSON and SES v1 Query/XML on one listener.
 
 Pure parts: `sigv4` (request verification), `errors` (SES error codes per protocol), `v1`/`v2` (request
 parsing, response shaping); `server` is the aiohttp shell. Every operation calls relay/sets.py, the same

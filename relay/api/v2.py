@@ -318,7 +318,7 @@ def put_identity_set(ctx: Context, call: Call) -> dict:
     return {}
 
 
-# --- suppression list (issue 9) ---------------------------------------------------------------------------------
+# --- suppression list ---------------------------------------------------------------------------------
 # SES's API knows the reasons BOUNCE and COMPLAINT; relay's UNSUBSCRIBE is accepted and listed too (botocore
 # checks neither enum: it sends and parses any string).
 

@@ -81,7 +81,7 @@ class TrackingOptions:
 
 @dataclass(frozen=True)
 class FeedbackOptions:
-    """A set's bounce and feedback options (issue 9); None = follow the account defaults ([bounces], [suppression])."""
+    """A set's bounce and feedback options; None = follow the account defaults ([bounces], [suppression])."""
 
     verp: bool | None = None
     list_unsubscribe: bool | None = None

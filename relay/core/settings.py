@@ -34,7 +34,7 @@ class TrackingSettings:
     # https link then goes through an http redirect (a downgrade `relay check` warns about) instead of
     # pointing at an https URL nobody answers, which would break the link.
     https_available: bool = True
-    # Bounces and feedback (issue 9). return_path_domain: when set, each copy's envelope sender is a signed
+    # Bounces and feedback. return_path_domain: when set, each copy's envelope sender is a signed
     # VERP address on this domain (bounce+TOKEN@domain), which relay's SMTP listener accepts reports for.
     return_path_domain: str = ""
     # Add List-Unsubscribe (https on `host`, plus mailto on return_path_domain) and List-Unsubscribe-Post.
