@@ -1,5 +1,5 @@
-"""The pure parts of inspection and operations: durations, cut-offs, IP truncation, scrubbing, redaction, tables; the store's
-purge and forget helpers on a small real database."""
+"""The pure parts of inspection and operations: durations, cut-offs, IP truncation, scrubbing, redaction,
+tables; the store's purge and forget helpers on a small real database."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The instrumentation rules (docs/tracking.md) and the applicable pitfalls of tracking-pitfalls.md, one test (or a few) each."""
+"""The instrumentation rules (docs/tracking.md) and the applicable pitfalls of tracking-pitfalls.md, one test
+(or a few) each."""
 
 import base64
 import email
