@@ -18,9 +18,10 @@ from pathlib import Path
 
 from relay.config import HOST_RE, ConfigError, DkimKey, load_or_create_keyring
 from relay.core import dkim
+from relay.core.dkim import new_private_key
 from relay.core.production import is_loopback_host
 from relay.core.setup import DEFAULT_UPSTREAM_PORT, Setup, dns_records, next_steps, render_config
-from relay.sign import load_key_file, new_private_key, write_private_key
+from relay.sign import load_key_file, write_private_key
 
 PRIVATE_FOLDER, PRIVATE_FILE = 0o700, 0o600  # run by anyone: the caller's own
 SHARED_FOLDER, SHARED_FILE = 0o750, 0o640  # run by root for a service user: root's, readable by its group

@@ -169,13 +169,6 @@ def dkim_command(args: argparse.Namespace) -> int:
     return _check(args)
 
 
-def new_private_key(algorithm: str, bits: int = 2048) -> dkim.PrivateKey:
-    """A fresh DKIM signing key: "rsa" with `bits` (at least dkim.MIN_RSA_BITS), or "ed25519"."""
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
-    return rsa.generate_private_key(65537, bits) if algorithm == "rsa" else ed25519.Ed25519PrivateKey.generate()
-
-
 def write_private_key(out: Path, key: dkim.PrivateKey) -> None:
     """The key as PEM at `out`, mode 0600 whatever the umask; never over an existing file (FileExistsError):
     a key in use replaced by a new one breaks every signature until DNS catches up."""
@@ -194,7 +187,7 @@ def _keygen(args: argparse.Namespace) -> int:
         return 2
     domain = args.domain.lower().rstrip(".")
     out = Path(args.out or f"{domain}.{args.selector}.pem")
-    key = new_private_key(args.algorithm, args.bits)
+    key = dkim.new_private_key(args.algorithm, args.bits)
     try:
         write_private_key(out, key)
     except OSError as exc:

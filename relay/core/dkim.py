@@ -51,6 +51,11 @@ _WIDTH = 78  # fold our signature field to lines of at most this many characters
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
+def new_private_key(algorithm: str, bits: int = MIN_RSA_BITS) -> PrivateKey:
+    """A fresh DKIM signing key: "rsa" with `bits` (at least MIN_RSA_BITS), or "ed25519"."""
+    return rsa.generate_private_key(65537, bits) if algorithm == "rsa" else ed25519.Ed25519PrivateKey.generate()
+
+
 @dataclass(frozen=True)
 class SigningKey:
     """A loaded key and where its public half is published: `<selector>._domainkey.<domain>`."""

@@ -107,13 +107,11 @@ def new_token() -> str:
 
 def generate_key(length: str) -> tuple[PrivateKey, str]:
     """A new key and its DKIM algorithm: RSA-2048 (as `relay dkim keygen` and SES), or Ed25519 on request."""
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-
     from relay.core import dkim
 
     if length == ED25519:
-        return ed25519.Ed25519PrivateKey.generate(), dkim.ED25519_SHA256
-    return rsa.generate_private_key(65537, 2048), dkim.RSA_SHA256
+        return dkim.new_private_key("ed25519"), dkim.ED25519_SHA256
+    return dkim.new_private_key("rsa"), dkim.RSA_SHA256
 
 
 def key_from_owner(text: str) -> tuple[PrivateKey, str]:
