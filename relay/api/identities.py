@@ -126,8 +126,9 @@ def get_identity(ctx: Context, call) -> dict:
 
 
 def list_identities(ctx: Context, call) -> dict:
-    size = page_size(call.query.get("PageSize"), "pageSize")
-    token = call.query.get("NextToken")
+    params = {**call.body, **call.query}  # a GET's query, or (botocore 1.44 on) a POST's body
+    size = page_size(params.get("PageSize"), "pageSize")
+    token = params.get("NextToken")
     after = token_key(token) if token else ""
     rows = [r for r in identities.listing(ctx.config, ctx.store) if r["IdentityName"] > after]
     out: dict = {"EmailIdentities": [{"IdentityType": r["IdentityType"], "IdentityName": r["IdentityName"],
@@ -169,6 +170,8 @@ def put_mail_from(ctx: Context, call) -> dict:
 V2_ROUTES = [
     ("POST", re.compile(r"^/v2/email/identities$"), "CreateEmailIdentity"),
     ("GET", re.compile(r"^/v2/email/identities$"), "ListEmailIdentities"),
+    # botocore 1.44 moved the listing to a POST with its parameters in the body; both are in use.
+    ("POST", re.compile(r"^/v2/email/list-identities$"), "ListEmailIdentities"),
     ("GET", re.compile(rf"^/v2/email/identities/{_SEG}$"), "GetEmailIdentity"),
     ("DELETE", re.compile(rf"^/v2/email/identities/{_SEG}$"), "DeleteEmailIdentity"),
     ("PUT", re.compile(rf"^/v2/email/identities/{_SEG}/dkim$"), "PutEmailIdentityDkimAttributes"),
