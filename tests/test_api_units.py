@@ -286,3 +286,22 @@ def test_a_store_fault_is_an_internal_failure_in_each_protocol(tmp_path):
     (s2, t2, _), (s1, _, body1) = asyncio.run(run())
     assert (s2, t2) == (500, "InternalFailure")
     assert s1 == 500 and "<Type>Receiver</Type><Code>InternalFailure</Code>" in body1
+
+
+def test_every_v2_operation_is_routed_where_the_installed_botocore_sends_it():
+    """AWS moves operations between releases (botocore 1.44 made ListEmailIdentities and ListConfigurationSets
+    POSTs): whatever botocore the user has, each operation relay answers must be reachable at its route."""
+    import re
+
+    import botocore.session
+
+    from relay.api import v2
+
+    model = botocore.session.get_session().get_service_model("sesv2")
+    unrouted = []
+    for name in sorted({op for _verb, _pattern, op in v2.ROUTES}):
+        http = model.operation_model(name).http
+        path = re.sub(r"\{[^}]+\}", "x", http["requestUri"].split("?")[0])
+        if not any(verb == http["method"] and pattern.match(path) for verb, pattern, op in v2.ROUTES if op == name):
+            unrouted.append(f"{name}: {http['method']} {path}")
+    assert not unrouted
